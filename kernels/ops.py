@@ -1,0 +1,74 @@
+"""One function per NVFP4 operation for callers: Triton on CUDA, the torch reference elsewhere."""
+
+import torch
+from torch import Tensor
+
+from kernels import numerics as ref
+
+
+def _use_triton(x: Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quantize(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """x [N, K] -> (packed uint8 [N, K/2], scales e4m3 [N, K/16], gscale fp32 scalar)."""
+    if gscale is None:
+        gscale = ref.global_scale(ref.tensor_amax(x))
+    if scales is None and x.dim() == 2 and _use_triton(x):
+        from kernels.triton_nvfp4 import quantize_triton
+
+        packed, scales = quantize_triton(x, gscale)
+        return packed, scales, gscale
+    return ref.quantize_ref(x, gscale, scales)
+
+
+def dequantize(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return ref.dequantize_ref(packed, scales, gscale, dtype)
+
+
+def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
+    if scales is None and x.dim() == 2 and _use_triton(x):
+        from kernels.triton_nvfp4 import fake_quantize_triton
+
+        return fake_quantize_triton(x, gscale)
+    return ref.fake_quantize_ref(x, gscale, scales)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
+        return _fake_quantize_forward(x, gscale, scales)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None  # straight-through: d fq(x) / dx = 1
+
+
+def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Tensor:
+    """dequantize(quantize(x)) exactly in the forward pass, identity gradient in the backward pass.
+
+    With ``scales`` fixed (e.g. from a scale search) only the codes are re-derived.
+    """
+    return _FakeQuantizeSTE.apply(x, gscale, scales)
+
+
+def fake_quantize_activation(x: Tensor, input_gscale: Tensor) -> Tensor:
+    """W4A4 activations: dynamic per-16 block scales under the static global input scale."""
+    return fake_quantize(x, input_gscale)
+
+
+def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W^T with W [N, K] stored as NVFP4; x [..., K] -> [..., N]."""
+    if _use_triton(x):
+        from kernels.triton_nvfp4 import matmul_w4a16_triton
+
+        y = matmul_w4a16_triton(x.reshape(-1, x.shape[-1]), packed, scales, gscale).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    weight = ref.dequantize_ref(packed, scales, gscale, x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,76 @@
+"""Shared fixtures: seeds, SQNR floors, a tiny random Llama and the embedded default model."""
+
+import math
+import os
+
+import pytest
+import torch
+
+# Error budgets (dB), seeded from torchao's NVFP4 floors and raised to measured-minus-margin.
+FLOORS = {
+    "nvfp4_weight_gaussian": 18.0,  # measured ~20.6 dB on N(0,1) weights
+    "nvfp4_roundtrip_any": 8.0,
+    "block_amax": 30.0,
+}
+
+
+def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    noise = (ref - x).norm()
+    return math.inf if noise == 0 else 20 * math.log10(ref.norm() / noise)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded SmolLM2-135M-Instruct as a cached BF16 Hugging Face folder."""
+    from converter.models import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir):
+    """A tiny random Llama (hidden 64, 2 layers) with the default model's tokenizer and chat template."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    torch.manual_seed(1234)
+    config = LlamaConfig(vocab_size=len(tokenizer), **TINY_CONFIG)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out)
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
