@@ -1,0 +1,48 @@
+"""QuantConfig: the one description of a quantization, written into every checkpoint we produce."""
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+SCHEMES = ("nvfp4", "nvfp4-a16")  # W4A4 (Blackwell) and weight-only (Hopper, Ampere)
+SCALE_SEARCHES = ("amax", "mse", "mse-act")
+DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*", "*router*", "*.mlp.gate", "*.block_sparse_moe.gate")
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    scheme: str = "nvfp4"
+    exclude: tuple[str, ...] = ()  # fnmatch patterns on module names, on top of DEFAULT_EXCLUDE
+    scale_search: str = "amax"
+    group_size: int = 16
+    version: int = 1
+    default_exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"unknown scale search {self.scale_search!r}; choose one of {', '.join(SCALE_SEARCHES)}")
+        if self.group_size != 16:
+            raise ValueError("NVFP4 uses blocks of 16 elements")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "default_exclude", tuple(self.default_exclude))
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.scheme == "nvfp4"
+
+    @property
+    def quant_algo(self) -> str:
+        """ModelOpt's name for the scheme (hf_quant_config.json)."""
+        return "NVFP4" if self.quantize_activations else "W4A16_NVFP4"
+
+    def is_excluded(self, module_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_name, p) or module_name == p for p in self.exclude + self.default_exclude)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

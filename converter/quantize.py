@@ -1,0 +1,134 @@
+"""quantize(model, cfg): swap eligible nn.Linear for NVFP4 fake-quant modules, in place.
+
+Fused groups (q/k/v, gate/up) get one shared global scale; W4A4 input scales come from
+`calibrate`, which records input amax on the unquantized model (as ModelOpt's calibration does).
+"""
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from converter.config import FUSED_GROUPS, QuantConfig
+from kernels import numerics
+from kernels.linear import NVFP4FakeQuantLinear, PackedWeight
+
+log = logging.getLogger(__name__)
+
+
+def is_linear(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def eligible_linears(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear) -> dict[str, nn.Linear]:
+    """Linears that will be quantized: not excluded, input size divisible by 16 (else kept with a warning).
+
+    A fused group (q/k/v, gate/up) is quantized whole or not at all: engines fuse its matrices.
+    """
+    linears = {n: m for n, m in model.named_modules() if filter_fn(m, n)}
+    chosen = {}
+    for name, module in linears.items():
+        if cfg.is_excluded(name):
+            continue
+        if module.in_features % cfg.group_size:
+            log.warning("keeping %s unquantized: in_features %d is not a multiple of 16", name, module.in_features)
+            continue
+        chosen[name] = module
+    for group in fused_groups(linears):
+        if any(n in chosen for n in group) and not all(n in chosen for n in group):
+            log.warning("keeping fused group %s unquantized: not every member can be quantized", group)
+            for name in group:
+                chosen.pop(name, None)
+    return chosen
+
+
+def fused_groups(names: Iterable[str]) -> list[list[str]]:
+    """Group sibling linears that engines fuse (q/k/v, gate/up); others are groups of one."""
+    names = list(names)
+    remaining, groups = set(names), []
+    for name in names:
+        if name not in remaining:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        members = [name]
+        for group in FUSED_GROUPS:
+            if leaf in group:
+                siblings = [f"{parent}.{m}" if parent else m for m in group]
+                members = [s for s in siblings if s in remaining]
+        groups.append(members)
+        remaining -= set(members)
+    return groups
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear) -> nn.Module:
+    """Replace every eligible linear with NVFP4FakeQuantLinear (in place); returns the model."""
+    linears = eligible_linears(model, cfg, filter_fn)
+    for group in fused_groups(linears):
+        gscale = numerics.shared_global_scale(linears[n].weight for n in group)
+        for name in group:
+            _set_module(model, name, NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations))
+    if cfg.scale_search != "amax":
+        from kernels.scale_search import search_block_scales
+
+        for module in quantized_modules(model).values():
+            module.block_scales = search_block_scales(module.weight, module.weight_gscale, cfg.scale_search)
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, NVFP4FakeQuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, NVFP4FakeQuantLinear)}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Record each quantized linear's input amax on the unquantized forward; set W4A4 input scales.
+
+    Runs with weight and activation quantization off, so the ranges are the original model's.
+    """
+    modules = {n: m for n, m in quantized_modules(model).items() if m.quantize_input}
+    if not modules:
+        return
+    amax: dict[str, Tensor] = {}
+
+    def record(name: str):
+        def hook(module, inputs):
+            value = inputs[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], value) if name in amax else value
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in modules.items()]
+    saved = {n: (m.quantized_weight, m.quantize_input) for n, m in modules.items()}
+    try:
+        for module in modules.values():
+            module.quantized_weight = lambda m=module: m.weight  # unquantized during calibration
+            module.quantize_input = False
+        for batch in batches:
+            model(batch.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in modules.items():
+            del module.quantized_weight
+            module.quantize_input = saved[name][1]
+    for group in fused_groups(modules):
+        shared = torch.stack([amax[n] for n in group if n in amax]).amax()
+        for name in group:
+            modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
+
+
+def export_weights(model: nn.Module) -> dict[str, PackedWeight]:
+    """Packed bytes, scales and global scales of every quantized linear, keyed by module name."""
+    return {name: module.export() for name, module in quantized_modules(model).items()}
+
+
+def unquantized_linears(model: nn.Module) -> list[str]:
+    """Linears left in high precision: what `exclude_modules` / `ignore` must name."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -1,0 +1,91 @@
+"""NVFP4 linear modules: fake-quantized (QAD student, calibration) and packed (serving)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import numerics
+from kernels.ops import dequantize, fake_quantize, fake_quantize_activation, linear_w4a16
+
+
+@dataclass
+class PackedWeight:
+    """One quantized linear as every target stores it."""
+
+    packed: Tensor  # uint8 [out, in/2], element 2i in the low nibble
+    scales: Tensor  # float8_e4m3fn [out, in/16]
+    gscale: Tensor  # fp32 scalar s2 (ModelOpt's weight_scale_2)
+    input_gscale: Tensor | None = None  # fp32 scalar (W4A4 input_scale), None for weight-only
+
+
+class NVFP4FakeQuantLinear(nn.Module):
+    """Drop-in for nn.Linear whose forward uses dequant(quant(W)) (straight-through gradient).
+
+    `weight_gscale` is fixed at quantize time (shared inside fused groups); `block_scales` is None
+    for ModelOpt's amax rule (recomputed from W each forward) or a fixed e4m3 tensor from a scale
+    search. `input_gscale` set (after calibration) turns on W4A4 activation fake-quantization.
+    """
+
+    def __init__(self, linear: nn.Linear, weight_gscale: Tensor, quantize_input: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.quantize_input = quantize_input
+        self.register_buffer("weight_gscale", weight_gscale.detach().float().reshape(()).to(linear.weight.device))
+        self.register_buffer("block_scales", None)
+        self.register_buffer("input_gscale", None)
+
+    def quantized_weight(self) -> Tensor:
+        return fake_quantize(self.weight, self.weight_gscale, self.block_scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quantize_input and self.input_gscale is not None:
+            x = fake_quantize_activation(x, self.input_gscale)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    @torch.no_grad()
+    def export(self) -> PackedWeight:
+        packed, scales, gscale = numerics.quantize_ref(self.weight.detach(), self.weight_gscale, self.block_scales)
+        input_gscale = self.input_gscale.clone() if self.quantize_input and self.input_gscale is not None else None
+        return PackedWeight(packed, scales, gscale.clone(), input_gscale)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w4a4={self.quantize_input}"
+
+
+class NVFP4PackedLinear(nn.Module):
+    """Serving module: keeps 4-bit codes + scales resident; never holds a dequantized copy.
+
+    On CPU the weight is dequantized per call into a buffer shared by all layers (`workspace`);
+    on CUDA the Triton W4A16 GEMM reads the packed bytes directly.
+    """
+
+    def __init__(self, weight: PackedWeight, bias: Tensor | None = None, workspace: dict | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.packed.shape[0], weight.packed.shape[1] * 2
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("gscale", weight.gscale.float().reshape(()))
+        self.register_buffer("input_gscale", None if weight.input_gscale is None else weight.input_gscale.float().reshape(()))
+        self.register_buffer("bias", bias)
+        self.workspace = workspace if workspace is not None else {}
+
+    def _dequantized_into_workspace(self, dtype: torch.dtype) -> Tensor:
+        numel = self.out_features * self.in_features
+        buffer = self.workspace.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=self.packed.device)
+            self.workspace[dtype] = buffer
+        weight = buffer[:numel].view(self.out_features, self.in_features)
+        weight.copy_(dequantize(self.packed, self.scales, self.gscale, torch.float32))
+        return weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_gscale is not None:
+            x = fake_quantize_activation(x, self.input_gscale)
+        if x.is_cuda:
+            return linear_w4a16(x, self.packed, self.scales, self.gscale, self.bias)
+        return F.linear(x, self._dequantized_into_workspace(x.dtype), self.bias)
