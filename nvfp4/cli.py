@@ -1,7 +1,6 @@
 """`nvfp4` click group: each subcommand lives in its package; this file only stitches them."""
 
 import importlib
-import sys
 
 import click
 
@@ -9,7 +8,7 @@ from converter.errors import UserError
 
 # name -> "module:attribute"; imported lazily so `nvfp4 --help` stays fast.
 SUBCOMMANDS = {
-    "convert": "converter.cli:convert",
+    "convert": "qad.convert:convert",
     "verify": "converter.cli:verify",
     "eval": "qad.cli:eval_command",
     "serve": "serve.cli:serve",
@@ -34,6 +33,13 @@ class LazyGroup(click.Group):
         module, attribute = SUBCOMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attribute)
 
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, HELP[name]) for name in SUBCOMMANDS])
@@ -46,17 +52,7 @@ def cli() -> None:
 
 
 def main() -> None:
-    try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(2 if error.exit_code == 1 else error.exit_code)
-    except UserError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+    cli()
 
 
 if __name__ == "__main__":

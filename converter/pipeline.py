@@ -1,0 +1,210 @@
+"""One-shot convert: load -> quantize -> calibrate -> (QAD stage) -> export every target -> report.
+
+Everything is written into a temporary sibling of OUT and renamed into place at the end, so a
+failure or Ctrl-C leaves no half-written OUT.
+"""
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from converter.calibration import calibration_batches
+from converter.config import QuantConfig
+from converter.errors import UserError
+from converter.models import load_causal_lm, resolve_model
+from converter.quantize import calibrate, quantize, quantized_modules
+from converter.writers import load_all_writers
+
+TARGETS = ("trtllm", "vllm", "llamacpp")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# A training stage between calibration and export (QAD): (student, teacher, tokenizer, workdir, logdir) -> metrics
+TrainStage = Callable[[torch.nn.Module, torch.nn.Module, object, Path, Path], dict]
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    out: Path
+    source: str | None = None  # None: the embedded default model
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    targets: tuple[str, ...] = TARGETS
+    calib_data: str = "self"
+    calib_tokens: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    force: bool = False
+    trust_remote_code: bool = False
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise UserError(f"unknown target(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TARGETS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {self.dtype}; choose from {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"unknown --device {self.device}; choose auto, cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+    @property
+    def workdir(self) -> Path:
+        """Survives an interrupted run (QAD checkpoints for --resume); removed after success."""
+        return self.out.parent / f".{self.out.name}.work"
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        click.echo(f"[{name}]", err=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def _check_out(cfg: ConvertConfig) -> None:
+    if cfg.out.exists() and not cfg.force:
+        raise UserError(f"{cfg.out} exists; pass --force to replace it")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(f"{cfg.out} exists and is not a folder")
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in cfg.out.parent.glob(f".{cfg.out.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_disk_space(folder: Path, model: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    weight_bytes = sum(p.numel() for p in model.parameters()) * 2  # BF16-sized upper bound per target
+    needed = weight_bytes * len(targets)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"not enough disk space in {folder}: {free / 2**20:.0f} MiB free, ~{needed / 2**20:.0f} MiB needed")
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _replace_atomically(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = False) -> dict:
+    """Run the whole conversion; returns the report (also written to OUT/report.json and report.md)."""
+    _check_out(cfg)
+    writers = load_all_writers()
+    timer = Timer()
+    torch.manual_seed(cfg.seed)
+    device = cfg.torch_device
+    compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmul is ~70x slower on CPU
+    with timer.stage("load"):
+        source_dir = resolve_model(cfg.source)
+        teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype, device, cfg.trust_remote_code)
+        teacher.requires_grad_(False)
+    _check_disk_space(cfg.out.parent, teacher, cfg.targets)
+    with timer.stage("quantize"):
+        student = quantize(copy.deepcopy(teacher), cfg.quant)
+        if not quantized_modules(student):
+            raise UserError("no linear layer can be quantized (all excluded or not multiples of 16)")
+    if cfg.quant.quantize_activations:
+        with timer.stage("calibrate"):
+            batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
+            calibrate(student, batches)
+    tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
+    try:
+        ptq_student = None
+        qad_metrics = None
+        if train is not None:
+            ptq_student = copy.deepcopy(student) if cfg.evaluate else None
+            with timer.stage("qad"):
+                cfg.workdir.mkdir(exist_ok=True)
+                qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad")
+        sizes = {}
+        for target in cfg.targets:
+            with timer.stage(f"export-{target}"):
+                folder = tmp / target
+                folder.mkdir()
+                writers[target](cfg.quant, DTYPES[cfg.dtype]).write(student, tokenizer, source_dir, folder)
+                sizes[target] = _folder_bytes(folder)
+        accuracy = None
+        if cfg.evaluate:
+            with timer.stage("evaluate"):
+                accuracy = _evaluate(teacher, student, ptq_student, tokenizer)
+        report = _report(cfg, source_dir, teacher, sizes, timer, accuracy, qad_metrics)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(render_report_md(report))
+        _replace_atomically(tmp, cfg.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(cfg.workdir, ignore_errors=True)
+    return report
+
+
+def _evaluate(teacher, student, ptq_student, tokenizer) -> dict:
+    from converter.evaluate import evaluate, format_table
+
+    students = {"NVFP4": student} if ptq_student is None else {"PTQ": ptq_student, "QAD": student}
+    results = evaluate(teacher, students, tokenizer)
+    return {"results": results, "table": format_table(results)}
+
+
+def _report(cfg, source_dir, teacher, sizes, timer, accuracy, qad_metrics) -> dict:
+    bf16_bytes = sum(p.numel() for p in teacher.parameters()) * 2
+    return {
+        "source": None if cfg.source is None else str(Path(cfg.source).resolve()),
+        "source_dir": str(source_dir),
+        "model": teacher.config.architectures[0] if teacher.config.architectures else type(teacher).__name__,
+        "scheme": cfg.quant.scheme,
+        "quant_config": cfg.quant.to_dict(),
+        "targets": list(cfg.targets),
+        "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if cfg.quant.quantize_activations else None,
+        "seed": cfg.seed,
+        "sizes_bytes": {"bf16": bf16_bytes, **sizes},
+        "size_vs_bf16": {t: round(b / bf16_bytes, 3) for t, b in sizes.items()},
+        "timings_seconds": timer.seconds,
+        "qad": qad_metrics,
+        "accuracy": accuracy,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "quant"},
+    }
+
+
+def render_report_md(report: dict) -> str:
+    lines = [
+        f"# NVFP4 conversion report",
+        "",
+        f"- model: `{report['model']}` from `{report['source'] or 'embedded SmolLM2-135M-Instruct'}`",
+        f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`)",
+        "",
+        "| target | bytes | vs BF16 |",
+        "|---|---:|---:|",
+        f"| bf16 (teacher) | {report['sizes_bytes']['bf16']:,} | 1.000 |",
+    ]
+    lines += [f"| {t} | {report['sizes_bytes'][t]:,} | {report['size_vs_bf16'][t]:.3f} |" for t in report["targets"]]
+    lines += ["", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["timings_seconds"].items()]
+    if report["accuracy"]:
+        lines += ["", "## Accuracy vs the teacher (held-out)", "", "```", report["accuracy"]["table"], "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""`nvfp4 convert`: the converter's stages with the QAD pass plugged in between calibration and export.
+
+It lives in `qad` because dependencies flow kernels <- converter <- qad: this is the one place that
+knows both.
+"""
+
+from pathlib import Path
+
+import click
+
+from converter.config import SCALE_SEARCHES, SCHEMES, QuantConfig
+from converter.errors import UserError
+from converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.command("convert")
+@click.argument("model", required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--scheme", type=click.Choice(SCHEMES), default="nvfp4", show_default=True,
+              help="nvfp4 = W4A4 (Blackwell); nvfp4-a16 = weight-only (Hopper, Ampere).")
+@click.option("--targets", default=",".join(TARGETS), show_default=True, help="Comma-separated export targets.")
+@click.option("--calib-data", default="self", show_default=True, help="self | random | PATH (txt or JSONL).")
+@click.option("--calib-tokens", type=int, default=2048, show_default=True)
+@click.option("--exclude", multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable).")
+@click.option("--scale-search", type=click.Choice(SCALE_SEARCHES), default="amax", show_default=True,
+              help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
+              help="dtype of the tensors left unquantized.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--no-eval", is_flag=True, help="Skip the held-out accuracy section of the report.")
+@click.option("--qad-steps", type=int, default=None, help="0 = PTQ only; default: as many as the budget allows.")
+@click.option("--qad-lr", type=float, default=None, help="Peak learning rate (cosine decay with warmup).")
+@click.option("--qad-batch", type=int, default=None)
+@click.option("--qad-seq-len", type=int, default=None)
+@click.option("--qad-budget-minutes", type=float, default=None)
+@click.option("--qad-data", default=None, help="self | random | PATH (txt or JSONL).")
+@click.option("--loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
+              help="kl = QAD (forward KL to the teacher); ce = plain QAT.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
+def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, seed, device, dtype,
+            force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_batch, qad_seq_len, qad_budget_minutes,
+            qad_data, loss, resume) -> None:
+    """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
+    try:
+        quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    cfg = ConvertConfig(out=out, source=model, quant=quant, targets=_targets(targets), calib_data=calib_data,
+                        calib_tokens=calib_tokens, seed=seed, device=device, dtype=dtype, force=force,
+                        trust_remote_code=trust_remote_code, evaluate=not no_eval)
+    qad_options = dict(steps=qad_steps, lr=qad_lr, batch=qad_batch, seq_len=qad_seq_len,
+                       budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed)
+    stage = _qad_stage(qad_options, resume)
+    report = run_convert(cfg, train=stage)
+    click.echo(f"wrote {out}: " + ", ".join(f"{t} {report['size_vs_bf16'][t]:.2f}x BF16" for t in cfg.targets))
+    if report["accuracy"]:
+        click.echo(report["accuracy"]["table"])
+
+
+def _qad_stage(options: dict, resume: bool):
+    """The QAD training stage for the pipeline, or None for PTQ only (--qad-steps 0)."""
+    from qad.config import QADConfig
+    from qad.distill import run_qad
+
+    if options["steps"] is not None and options["steps"] < 0:
+        raise UserError(f"--qad-steps must be >= 0, got {options['steps']}")
+    if options["steps"] == 0:
+        return None
+    try:
+        qad_cfg = QADConfig(**{k: v for k, v in options.items() if v is not None})
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from error
+
+    def stage(student, teacher, tokenizer, workdir: Path, logdir: Path) -> dict:
+        return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume)
+
+    return stage
