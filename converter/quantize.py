@@ -78,7 +78,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
         from kernels.scale_search import search_block_scales
 
         for module in quantized_modules(model).values():
-            module.block_scales = search_block_scales(module.weight, module.weight_gscale, cfg.scale_search)
+            # mse-act starts from mse; calibrate() re-searches once it has the activation statistics
+            module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse")
+            module.activation_weighted_search = cfg.scale_search == "mse-act"
     return model
 
 
@@ -91,16 +93,24 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
     """Record each quantized linear's input amax on the unquantized forward; set W4A4 input scales.
 
     Runs with weight and activation quantization off, so the ranges are the original model's.
+    Modules quantized with `scale_search="mse-act"` also get their per-input-channel E[x^2] recorded
+    and their block scales re-searched with it.
     """
-    modules = {n: m for n, m in quantized_modules(model).items() if m.quantize_input}
+    modules = {n: m for n, m in quantized_modules(model).items() if m.quantize_input or _wants_act_stats(m)}
     if not modules:
         return
     amax: dict[str, Tensor] = {}
+    square_sum: dict[str, Tensor] = {}
+    rows: dict[str, int] = {}
 
     def record(name: str):
         def hook(module, inputs):
             value = inputs[0].detach().abs().amax().float()
             amax[name] = torch.maximum(amax[name], value) if name in amax else value
+            if _wants_act_stats(module):
+                x = inputs[0].detach().float().reshape(-1, module.in_features)
+                square_sum[name] = square_sum.get(name, 0) + x.square().sum(0)
+                rows[name] = rows.get(name, 0) + x.shape[0]
 
         return hook
 
@@ -118,10 +128,23 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for name, module in modules.items():
             del module.quantized_weight
             module.quantize_input = saved[name][1]
-    for group in fused_groups(modules):
+    for group in fused_groups(n for n, m in modules.items() if m.quantize_input):
         shared = torch.stack([amax[n] for n in group if n in amax]).amax()
         for name in group:
             modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
+    _search_with_activations({n: square_sum[n] / rows[n] for n in square_sum}, modules)
+
+
+def _wants_act_stats(module: nn.Module) -> bool:
+    return getattr(module, "activation_weighted_search", False)
+
+
+def _search_with_activations(mean_square: dict[str, Tensor], modules: dict[str, NVFP4FakeQuantLinear]) -> None:
+    from kernels.scale_search import search_block_scales
+
+    for name, stats in mean_square.items():
+        module = modules[name]
+        module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse-act", stats)
 
 
 def export_weights(model: nn.Module) -> dict[str, PackedWeight]:
