@@ -1,0 +1,111 @@
+"""What every engine (native or adapter) takes and yields: requests, sampling params, token events."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base of the errors an engine raises for a request; the HTTP layer maps each to a status."""
+
+    status = 500
+
+
+class QueueFull(EngineError):
+    status = 429
+
+
+class NotReady(EngineError):
+    status = 503
+
+
+class ContextTooLong(EngineError):
+    status = 400
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16  # new tokens; 0 only scores the prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None = off, k = chosen token + k alternatives
+    prompt_logprobs: int | None = None  # echo scoring: logprob of every prompt token
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class TokenEvent:
+    """One step of one request. `text` is the new, stop-checked text (may be empty while held back)."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last event
+    num_generated: int = 0  # tokens generated so far (exact usage count)
+    queue_seconds: float | None = None  # set on the first event: time spent waiting for a slot
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None  # first event, echo only
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV cache positions in use
+
+
+class Engine(ABC):
+    """The interface the HTTP layer needs; `serve/engines/` adapters implement the same one.
+
+    `generate` raises QueueFull / NotReady / ContextTooLong before yielding; closing the iterator
+    early (client gone) cancels the request.
+    """
+
+    name: str  # the real model name (served under an alias too)
+    tokenizer: object
+    max_model_len: int
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool: ...
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load and warm up; `ready` turns true at the end."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+    @abstractmethod
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting, let running requests finish for up to drain_timeout s, then abort the rest."""
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+
+@dataclass
+class _Channel:
+    """Hands events from the engine thread to the request's asyncio consumer."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def put(self, event: TokenEvent) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
