@@ -36,6 +36,7 @@ from serve.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+_LOAD_LOCK = threading.Lock()  # transformers' from_pretrained is not thread-safe (global meta-device init)
 Loader = Callable[[], tuple[nn.Module, object]]  # -> (HF-architecture model, tokenizer)
 
 
@@ -93,7 +94,7 @@ class NativeEngine(Engine):
         return self._ready and self._accepting
 
     async def start(self) -> None:
-        model, tokenizer = await asyncio.to_thread(self._load)
+        model, tokenizer = await asyncio.to_thread(self._locked_load)
         self.model, self.tokenizer = model.eval(), tokenizer
         limit = getattr(model.config, "max_position_embeddings", 2048)
         self.max_model_len = min(self._requested_len or 2048, limit)
@@ -106,6 +107,10 @@ class NativeEngine(Engine):
         self._thread.start()
         await self._warm_up()
         self._ready = True
+
+    def _locked_load(self):
+        with _LOAD_LOCK:
+            return self._load()
 
     async def _warm_up(self) -> None:
         request = GenerationRequest("warmup", [self.eos_ids[0] if self.eos_ids else 0] * 4, SamplingParams(max_tokens=2))

@@ -1,0 +1,76 @@
+"""`nvfp4 serve OUT`: the NVFP4 student and its BF16 teacher behind one OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from converter.errors import UserError
+
+ENGINES = ("native",)  # real-engine adapters (serve/engines/) add their names here
+
+
+def run_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
+    """uvicorn handles SIGTERM/SIGINT: stop accepting, let requests finish (bounded), then lifespan shutdown."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
+    uvicorn.Server(config).run()
+
+
+def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
+    from converter.models import resolve_model
+    from serve.engine import NativeEngine
+    from serve.engine.loader import load_student, load_teacher, teacher_source
+
+    if not (out / "trtllm" / "config.json").is_file():
+        raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
+    kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
+    student_name = out.name + "-nvfp4"
+    engines = {"student": NativeEngine(student_name, lambda: load_student(out)[:2], **kwargs)}
+    if teacher is None or teacher.lower() != "none":
+        source = teacher_source(out, teacher)
+        resolve_model(source)  # fail now, with one clear line, on a bad path
+        name = Path(source).name if source else "SmolLM2-135M-Instruct"
+        engines["teacher"] = NativeEngine(name, lambda: load_teacher(source)[:2], **kwargs)
+    return engines
+
+
+def mount_ui(app, base_url: str, models: dict, api_key: str | None):
+    try:
+        import gradio as gr
+
+        from ui.app import build_ui
+    except ImportError as error:
+        raise UserError(f"--ui needs the ui extra (pip install 'nvfp4[ui]'): {error}") from error
+    teacher = "teacher" if "teacher" in models else "student"
+    return gr.mount_gradio_app(app, build_ui(base_url, teacher, "student", api_key), path="/ui")
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--teacher", default=None, help="Teacher model (HF folder or .gguf); `none` serves the student only. Default: report.json's source.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--engine", type=click.Choice(ENGINES), default="native", show_default=True)
+@click.option("--api-key", envvar="NVFP4_API_KEY", default=None, help="Require `Authorization: Bearer KEY` on /v1/* (or NVFP4_API_KEY).")
+@click.option("--max-num-seqs", default=16, show_default=True, type=click.IntRange(1, 1024), help="Running batch size (KV slots).")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0), help="Waiting requests before 429.")
+@click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
+@click.option("--ui", is_flag=True, help="Mount the Gradio side-by-side chat at /ui.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, ui, log_level) -> None:
+    """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API."""
+    from serve.app import build_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not out.is_dir():
+        raise UserError(f"not a convert output folder: {out}")
+    models = native_engines(out, teacher, max_num_seqs, max_queue, max_model_len)
+    app = build_app(models, api_key=api_key, drain_timeout=drain_timeout)
+    if ui:
+        app = mount_ui(app, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", models, api_key)
+    run_server(app, host, port, drain_timeout, log_level)
