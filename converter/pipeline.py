@@ -129,7 +129,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         student = quantize(copy.deepcopy(teacher), cfg.quant)
         if not quantized_modules(student):
             raise UserError("no linear layer can be quantized (all excluded or not multiples of 16)")
-    if cfg.quant.quantize_activations:
+    if cfg.quant.quantize_activations or cfg.quant.scale_search == "mse-act":
         with timer.stage("calibrate"):
             batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
             calibrate(student, batches)
@@ -180,7 +180,7 @@ def _report(cfg, source_dir, teacher, sizes, timer, accuracy, qad_metrics) -> di
         "scheme": cfg.quant.scheme,
         "quant_config": cfg.quant.to_dict(),
         "targets": list(cfg.targets),
-        "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if cfg.quant.quantize_activations else None,
+        "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in timer.seconds else None,
         "seed": cfg.seed,
         "sizes_bytes": {"bf16": bf16_bytes, **sizes},
         "size_vs_bf16": {t: round(b / bf16_bytes, 3) for t, b in sizes.items()},
