@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -16,8 +17,14 @@ def run_server(app, host: str, port: int, drain_timeout: float, log_level: str =
     """uvicorn handles SIGTERM/SIGINT: stop accepting, let requests finish (bounded), then lifespan shutdown."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # uvicorn re-raises captured signals at exit; a drained SIGTERM exits 0
+                self._captured_signals.remove(sig)
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:

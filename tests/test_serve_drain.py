@@ -1,0 +1,61 @@
+"""SIGTERM: the server stops accepting, finishes running requests and exits 0 (real subprocess)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from test_serve_helpers import free_port
+
+SCRIPT = """
+import sys
+from serve.app import build_app
+from serve.cli import run_server
+from test_serve_helpers import tiny_engines
+app = build_app(tiny_engines(sys.argv[1]), drain_timeout=30)
+run_server(app, "127.0.0.1", int(sys.argv[2]), drain_timeout=30, log_level="warning")
+"""
+
+
+def _wait_ready(url: str, process: subprocess.Popen, deadline_s: float = 120) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server exited early"
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server not ready")
+
+
+def test_sigterm_drains_running_requests(tiny_model_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)], cwd=__file__.rsplit("/", 1)[0],
+                               env={**__import__("os").environ, "PYTHONPATH": ".."})
+    try:
+        _wait_ready(url, process)
+        body = {"model": "student", "prompt": "Drain", "max_tokens": 300, "stream": True, "ignore_eos": True, "temperature": 0}
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            events.append(next(lines))
+            process.send_signal(signal.SIGTERM)
+            events += [line for line in lines if line]
+        payloads = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        assert events[-1] == "data: [DONE]"
+        assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+        assert process.wait(60) == 0
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            raise AssertionError("still accepting connections after SIGTERM")
+        except httpx.TransportError:
+            pass
+    finally:
+        if process.poll() is None:
+            process.kill()
