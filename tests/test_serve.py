@@ -42,7 +42,7 @@ def test_chat_greedy_equals_transformers_and_stream_joins(client, reference, ali
     prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     expected = tokenizer.decode(_hf_greedy(model, ids, 12), skip_special_tokens=True)
-    kwargs = dict(model=alias, messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(model=alias, messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"min_tokens": 12})
     full = client.chat.completions.create(**kwargs)
     assert full.choices[0].message.content == expected
     assert full.choices[0].finish_reason == "length"
@@ -211,3 +211,29 @@ def test_ready_503_until_loaded(tiny_model_dir):
         gate.set()
         live._poll("/ready", 60)
         assert live.openai().completions.create(model="student", prompt="x", max_tokens=1).choices
+
+
+@pytest.mark.slow
+def test_default_model_served(default_model_dir):
+    """The real default model, teacher and packed student, through HTTP: greedy equals transformers."""
+    from serve.app import build_app
+    from serve.engine import NativeEngine
+    from serve.engine.loader import pack_model
+
+    def load(packed):
+        from converter.models import load_causal_lm
+
+        model, tokenizer, _ = load_causal_lm(default_model_dir)
+        return (pack_model(model) if packed else model), tokenizer
+
+    engines = {"student": NativeEngine("s", lambda: load(True)), "teacher": NativeEngine("t", lambda: load(False))}
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with LiveServer(build_app(engines)) as live:
+        client = live.openai()
+        for alias, engine in engines.items():
+            tokenizer = engine.tokenizer
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+            expected = engine.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+            out = client.chat.completions.create(model=alias, messages=messages, max_tokens=16, temperature=0)
+            assert out.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+            assert out.usage.completion_tokens == len(expected)

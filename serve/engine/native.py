@@ -137,7 +137,8 @@ class NativeEngine(Engine):
             generator=make_generator(request.params.seed),
         )
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            free_slots = self.max_num_seqs - len(self._running)  # these join at the next step: not queued
+            if len(self._waiting) >= self.max_queue + free_slots:
                 raise QueueFull(f"the queue of {self.name} is full ({self.max_queue} waiting requests)")
             self._waiting.append(seq)
             self._cond.notify()

@@ -1,0 +1,104 @@
+"""The native engine without HTTP: continuous batching, greedy parity with transformers, stop strings."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from serve.engine import ContextTooLong, GenerationRequest, NativeEngine, QueueFull, SamplingParams
+from serve.engine.detokenize import TextStream
+from test_serve_helpers import load_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def _generate(engine, ids, n, delay=0.0, **params) -> tuple[list[int], str]:
+    await asyncio.sleep(delay)
+    tokens, text = [], ""
+    # min_tokens masks EOS as transformers' min_new_tokens does
+    request = GenerationRequest("t", ids, SamplingParams(max_tokens=n, temperature=0, min_tokens=n, **params))
+    async for event in engine.generate(request):
+        tokens.append(event.token_id)
+        text += event.text
+    return tokens, text
+
+
+def _greedy_reference(model, ids, n) -> list[int]:
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
+
+
+def _check_parity(model, tokenizer, prompts, n, max_num_seqs=4, prefill_chunk=512):
+    """Requests arriving at staggered times (joining a running batch, long prompts chunked) = HF generate alone."""
+
+    async def run():
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(_generate(engine, p, n, delay=0.02 * i) for i, p in enumerate(prompts)))
+        finally:
+            await engine.close()
+
+    for ids, (tokens, text) in zip(prompts, asyncio.run(run())):
+        expected = _greedy_reference(model, ids, n)
+        assert tokens == expected
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["student", "teacher"])
+def test_continuous_batching_matches_transformers(tiny_model_dir, packed):
+    model, tokenizer = load_tiny(tiny_model_dir, packed)
+    prompts = [tokenizer.encode(t) for t in ["Hi", "A much longer prompt " * 8, "Tell me a story about a cat", "x y z"]]
+    # 3 slots for 4 requests: one waits and joins when a slot frees; chunk 16 splits the long prompt
+    _check_parity(model, tokenizer, prompts, n=20, max_num_seqs=3, prefill_chunk=16)
+
+
+def test_queue_and_context_limits(tiny_model_dir):
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+
+    async def run():
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=1, max_queue=0, max_model_len=64)
+        await engine.start()
+        try:
+            with pytest.raises(ContextTooLong):
+                engine.generate(GenerationRequest("a", [5] * 60, SamplingParams(max_tokens=10)))
+            running = engine.generate(GenerationRequest("b", [5], SamplingParams(max_tokens=40, ignore_eos=True)))
+            with pytest.raises(QueueFull):  # the single slot is taken and no queue is allowed
+                engine.generate(GenerationRequest("c", [5], SamplingParams(max_tokens=1)))
+            assert len([e async for e in running]) == 40
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
+class _CharTokenizer:
+    """One character per token: makes token boundaries explicit."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_string_held_back_across_tokens():
+    stream = TextStream(_CharTokenizer(), [ord(c) for c in "p"], SamplingParams(stop=("END", "XY")))
+    deltas = [stream.add(ord(c)) for c in "abcEN"]
+    assert "".join(d for d, _ in deltas) == "abc"  # "EN" held back: it may start "END"
+    assert not any(hit for _, hit in deltas)
+    delta, hit = stream.add(ord("D"))
+    assert hit and delta == ""
+    other = TextStream(_CharTokenizer(), [], SamplingParams(stop=("END",)))
+    text = "".join(other.add(ord(c))[0] for c in "aEN") + other.flush()
+    assert text == "aEN"  # released at the end when no stop string completed
+
+
+@pytest.mark.slow
+def test_default_model_greedy_matches_transformers(default_model_dir):
+    from converter.models import load_causal_lm
+    from serve.engine.loader import pack_model
+
+    teacher, tokenizer, _ = load_causal_lm(default_model_dir)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    prompts = [tokenizer.encode(chat, add_special_tokens=False), tokenizer.encode("The three primary colours are")]
+    _check_parity(teacher, tokenizer, prompts, n=16)
+    student, _, _ = load_causal_lm(default_model_dir)
+    _check_parity(pack_model(student), tokenizer, prompts, n=16)
