@@ -41,7 +41,8 @@ def search_block_scales(
     if act_weight is not None:
         act_weight = act_weight.detach().float().to(weight.device)
     rows = max(1, chunk_elements // weight.shape[1])
-    return torch.cat([_search_rows(chunk.float(), gscale, act_weight, factors) for chunk in weight.split(rows)])
+    codes = [_search_rows(chunk.float(), gscale, act_weight, factors) for chunk in weight.split(rows)]
+    return torch.cat(codes).view(torch.float8_e4m3fn)
 
 
 def block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Tensor | None = None) -> Tensor:
@@ -54,14 +55,15 @@ def block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Ten
 
 
 def _search_rows(weight: Tensor, gscale: Tensor, act_weight: Tensor | None, factors: tuple[float, float]) -> Tensor:
-    best = numerics.block_scales(weight, gscale)
-    best_error = block_errors(weight, gscale, best, act_weight)
+    """-> uint8 bit patterns of the chosen e4m3 scales (where/cat lack float8 kernels on some devices)."""
+    best = numerics.block_scales(weight, gscale).view(torch.uint8)
+    best_error = block_errors(weight, gscale, best.view(torch.float8_e4m3fn), act_weight)
     amax_scale = weight.unflatten(-1, (-1, numerics.BLOCK)).abs().amax(-1) / (numerics.E2M1_MAX * gscale)
     low, high = (_e4m3_code(amax_scale * f) for f in factors)
     for step in range(int((high - low).max()) + 1):
         # every FP8 value between fp8(0.7 s) and fp8(1.3 s), walked by code; blocks with a shorter range repeat their top
-        candidate = torch.minimum(low + step, high).to(torch.uint8).view(torch.float8_e4m3fn)
-        error = block_errors(weight, gscale, candidate, act_weight)
+        candidate = torch.minimum(low + step, high).to(torch.uint8)
+        error = block_errors(weight, gscale, candidate.view(torch.float8_e4m3fn), act_weight)
         better = error < best_error
         best = torch.where(better, candidate, best)
         best_error = torch.where(better, error, best_error)
