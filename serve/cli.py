@@ -27,6 +27,17 @@ def run_server(app, host: str, port: int, drain_timeout: float, log_level: str =
     Server(config).run()
 
 
+def set_threads(threads: int | None, num_models: int) -> int:
+    """Each model's engine thread computes at the same time as the other's: split the cores between them."""
+    import os
+
+    import torch
+
+    threads = threads or max(1, (os.cpu_count() or 1) // num_models)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
     from converter.models import resolve_model
     from serve.engine import NativeEngine
@@ -67,9 +78,10 @@ def mount_ui(app, base_url: str, models: dict, api_key: str | None):
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0), help="Waiting requests before 429.")
 @click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
 @click.option("--ui", is_flag=True, help="Mount the Gradio side-by-side chat at /ui.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, ui, log_level) -> None:
+def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, threads, ui, log_level) -> None:
     """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API."""
     from serve.app import build_app
 
@@ -77,6 +89,7 @@ def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_que
     if not out.is_dir():
         raise UserError(f"not a convert output folder: {out}")
     models = native_engines(out, teacher, max_num_seqs, max_queue, max_model_len)
+    set_threads(threads, len(models))
     app = build_app(models, api_key=api_key, drain_timeout=drain_timeout)
     if ui:
         app = mount_ui(app, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", models, api_key)

@@ -1,0 +1,161 @@
+"""Load generator for `nvfp4 serve`: concurrency sweep, student and teacher side by side.
+
+    .venv/bin/python bench/serve.py                      # in-process server, default model (PTQ student)
+    .venv/bin/python bench/serve.py --out OUT            # student from OUT/trtllm, teacher from OUT/report.json
+    .venv/bin/python bench/serve.py --url http://HOST:PORT  # an already running server
+
+Every request streams with ignore_eos (fixed output length) from a fixed prompt set; TTFT is the
+time to the first streamed token, ITL the gaps between streamed tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+PROMPTS = [
+    "Explain in simple words why the sky is blue.",
+    "Write a short poem about the sea.",
+    "List three tips for learning a new language.",
+    "What is the difference between a virus and a bacterium?",
+    "Describe a good breakfast.",
+    "How do I make a cup of tea?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Give me a name for a friendly robot.",
+]
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start, stamps, tokens = time.perf_counter(), [], 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - start if stamps else float("nan"), "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+
+
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        queue = list(range(requests))
+        results = []
+
+        async def worker():
+            while queue:
+                i = queue.pop()
+                results.append(await _one(client, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ttft = sorted(r["ttft"] for r in results)
+    itl = sorted(x for r in results for x in r["itl"])
+    tokens = sum(r["tokens"] for r in results)
+    return {"model": model, "concurrency": concurrency, "requests": requests, "req_s": requests / wall, "tok_s": tokens / wall,
+            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "itl_p50": _pct(itl, 50), "itl_p99": _pct(itl, 99)}
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def start_local(out: str | None, max_num_seqs: int):
+    """In-process server: student = OUT/trtllm, or the PTQ-packed default model when no OUT is given."""
+    import torch
+
+    from converter.models import load_causal_lm
+    from serve.app import build_app
+    from serve.engine import NativeEngine
+    from serve.engine.loader import load_student, load_teacher, pack_model, teacher_source
+    from tests.test_serve_helpers import LiveServer
+
+    torch.manual_seed(0)
+    if out:
+        student = lambda: load_student(Path(out))[:2]  # noqa: E731
+        source = teacher_source(Path(out), None)
+    else:
+        student = lambda: (pack_model(load_causal_lm(None)[0]), load_causal_lm(None)[1])  # noqa: E731
+        source = None
+    engines = {"student": NativeEngine("student", student, max_num_seqs=max_num_seqs),
+               "teacher": NativeEngine("teacher", lambda: load_teacher(source)[:2], max_num_seqs=max_num_seqs)}
+    return LiveServer(build_app(engines)), engines
+
+
+def weight_table(engines) -> list[str]:
+    from serve.engine.loader import weight_bytes
+
+    teacher = engines["teacher"].model
+    bf16 = sum(p.numel() for p in teacher.parameters()) * 2
+    rows = ["| model | resident weight bytes | vs teacher BF16 |", "|---|---:|---:|"]
+    for alias, engine in engines.items():
+        size = weight_bytes(engine.model)
+        rows.append(f"| {alias} (as served, {_dtypes(engine.model)}) | {size / 2**20:.1f} MiB | {size / bf16:.2f}x |")
+    rows.append(f"| teacher as BF16 (reference) | {bf16 / 2**20:.1f} MiB | 1.00x |")
+    return rows
+
+
+def _dtypes(model) -> str:
+    import torch
+
+    counts: dict = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() * t.element_size()
+    return ", ".join(f"{str(d).replace('torch.', '')} {b / 2**20:.0f} MiB" for d, b in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url")
+    parser.add_argument("--out")
+    parser.add_argument("--concurrency", default="1,4,8,16,64")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--models", default="student,teacher")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default as `nvfp4 serve`: cores / 2 models)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.url:
+        from serve.cli import set_threads
+
+        print(f"torch threads: {set_threads(args.threads, 2)}")
+    server, engines = (None, None) if args.url else start_local(args.out, args.max_num_seqs)
+    if server:
+        server.__enter__()
+    url = args.url or server.url
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; max_tokens={args.max_tokens}")
+    print("| concurrency | model | requests | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    single: dict[str, float] = {}
+    for level in [int(c) for c in args.concurrency.split(",")]:
+        for model in args.models.split(","):  # interleaved so both see the same machine load
+            r = asyncio.run(run_level(url, model, level, max(level, 4), args.max_tokens))
+            single.setdefault(model, r["tok_s"])
+            print(f"| {level} | {model} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} ({r['tok_s'] / single[model]:.1f}x) | "
+                  f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.0f} ms | {r['itl_p99'] * 1e3:.0f} ms |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if engines:
+        print("\n".join(weight_table(engines)))
+        server.__exit__(None, None, None)
+
+
+if __name__ == "__main__":
+    main()
