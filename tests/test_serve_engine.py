@@ -102,3 +102,14 @@ def test_default_model_greedy_matches_transformers(default_model_dir):
     _check_parity(teacher, tokenizer, prompts, n=16)
     student, _, _ = load_causal_lm(default_model_dir)
     _check_parity(pack_model(student), tokenizer, prompts, n=16)
+
+
+def test_cli_reports_bad_output_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from nvfp4.cli import cli
+
+    missing = CliRunner().invoke(cli, ["serve", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not a convert output folder" in missing.output
+    empty = CliRunner().invoke(cli, ["serve", str(tmp_path), "--teacher", "none"])
+    assert empty.exit_code == 2 and "no student checkpoint" in empty.output
