@@ -47,8 +47,12 @@ def search_block_scales(
 
 def block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Tensor | None = None) -> Tensor:
     """Per-block (weighted) squared error of NVFP4 with the given scales: [out, in] -> fp32 [out, in/16]."""
-    weight = weight.detach().float()
-    error = (weight - numerics.fake_quantize_ref(weight, gscale, scales)).square()
+    return _block_errors(weight.detach().float(), gscale, scales, act_weight, unit=1.0)
+
+
+def _block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Tensor | None, unit: Tensor | float) -> Tensor:
+    # the search measures errors in units of s2 so that fp32 squares neither overflow nor flush to zero
+    error = ((weight - numerics.fake_quantize_ref(weight, gscale, scales)) / unit).square()
     if act_weight is not None:
         error = error * act_weight.float().to(error.device)
     return error.unflatten(-1, (-1, numerics.BLOCK)).sum(-1)
@@ -57,13 +61,13 @@ def block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Ten
 def _search_rows(weight: Tensor, gscale: Tensor, act_weight: Tensor | None, factors: tuple[float, float]) -> Tensor:
     """-> uint8 bit patterns of the chosen e4m3 scales (where/cat lack float8 kernels on some devices)."""
     best = numerics.block_scales(weight, gscale).view(torch.uint8)
-    best_error = block_errors(weight, gscale, best.view(torch.float8_e4m3fn), act_weight)
+    best_error = _block_errors(weight, gscale, best.view(torch.float8_e4m3fn), act_weight, gscale)
     amax_scale = weight.unflatten(-1, (-1, numerics.BLOCK)).abs().amax(-1) / (numerics.E2M1_MAX * gscale)
     low, high = (_e4m3_code(amax_scale * f) for f in factors)
     for step in range(int((high - low).max()) + 1):
         # every FP8 value between fp8(0.7 s) and fp8(1.3 s), walked by code; blocks with a shorter range repeat their top
         candidate = torch.minimum(low + step, high).to(torch.uint8)
-        error = block_errors(weight, gscale, candidate.view(torch.float8_e4m3fn), act_weight)
+        error = _block_errors(weight, gscale, candidate.view(torch.float8_e4m3fn), act_weight, gscale)
         better = error < best_error
         best = torch.where(better, candidate, best)
         best_error = torch.where(better, error, best_error)

@@ -109,6 +109,18 @@ def test_chunking_does_not_change_the_result():
     assert torch.equal(whole.view(torch.uint8), chunked.view(torch.uint8))
 
 
+@pytest.mark.parametrize("exponent", [80, -100], ids=["huge", "tiny"])
+def test_search_is_scale_invariant(exponent):
+    # scaling W and s2 by 2**k leaves every code and block scale unchanged; fp32 squared errors of
+    # 1e24-sized or 1e-30-sized weights would overflow / flush to zero if measured in raw units
+    w = torch.randn(32, 64)
+    gscale = numerics.global_scale(numerics.tensor_amax(w))
+    expected = search_block_scales(w, gscale, "mse")
+    scaled = search_block_scales(w * 2.0**exponent, gscale * 2.0**exponent, "mse")
+    assert torch.equal(scaled.view(torch.uint8), expected.view(torch.uint8))
+    assert not torch.equal(expected.view(torch.uint8), numerics.block_scales(w, gscale).view(torch.uint8))
+
+
 def test_block_errors_agrees_with_float64():
     w = torch.randn(8, 64)
     gscale = numerics.global_scale(numerics.tensor_amax(w))
