@@ -214,3 +214,18 @@ def test_mse_act_uses_calibration_statistics(tiny_teacher, scheme):
         assert_not_worse(errors64(w, g, module.block_scales, stats[name]), errors64(w, g, reference.block_scales, stats[name]))
         assert (module.input_gscale is not None) == (scheme == "nvfp4"), name
     assert changed > 0, "calibration did not re-search any block scale"
+
+
+def test_qad_trains_from_fixed_searched_scales(tiny_teacher):
+    student = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme="nvfp4-a16", scale_search="mse"))
+    before = {n: m.block_scales.view(torch.uint8).clone() for n, m in quantized_modules(student).items()}
+    weights = {n: m.weight.detach().clone() for n, m in quantized_modules(student).items()}
+    optimizer = torch.optim.SGD(student.parameters(), lr=1e-2)
+    ids = torch.randint(0, tiny_teacher.config.vocab_size, (1, 32))
+    student(ids, labels=ids).loss.backward()
+    optimizer.step()
+    exported = export_weights(student)
+    for name, module in quantized_modules(student).items():
+        assert not torch.equal(module.weight, weights[name]), f"{name}: no gradient reached the weight"
+        assert torch.equal(module.block_scales.view(torch.uint8), before[name]), f"{name}: scales moved"
+        assert torch.equal(exported[name].scales.view(torch.uint8), before[name]), name
