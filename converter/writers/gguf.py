@@ -1,0 +1,362 @@
+"""llama.cpp target: one GGUF file (`OUT/llamacpp/model.gguf`) holding NVFP4 tensors (ggml type 40).
+
+The packed weights from `export_weights` are repacked, never requantized:
+  GGUF NVFP4 block = 64 elements of a row in 36 bytes: 4 scale bytes (one per 16-group) then 32
+  code bytes; byte j of a 16-group holds element j (low nibble) and element j+8 (high nibble).
+  llama.cpp's value table is E2M1 doubled and its scale byte decodes as UE4M3 * 0.5, so the
+  ModelOpt scale bytes are copied with only the (always clear) sign bit masked.
+  The per-tensor s2 is a separate F32 [1] tensor `<base>.scale`; W4A4 adds `<base>.input_scale`.
+Llama q/k rows are permuted the way llama.cpp's converter does (its RoPE is interleaved, HF's is
+rotate-half); the permutation moves whole rows, so it applies to codes and block scales alike.
+"""
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from converter.errors import UserError
+from converter.quantize import export_weights
+from converter.writers import Writer
+from kernels import numerics
+from kernels.linear import PackedWeight
+
+log = logging.getLogger(__name__)
+
+GGUF_BLOCK = 64  # elements per NVFP4 block in GGUF (4 sub-blocks of 16)
+GGUF_BLOCK_BYTES = 36
+FILE_NAME = "model.gguf"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool  # HF rotate-half RoPE -> llama.cpp interleaved RoPE
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+}
+
+# BPE pre-tokenizers llama.cpp implements, keyed by the hash its converter computes (facts taken
+# from llama.cpp's convert_hf_to_gguf: sha256 of str(token ids) of CHECK_TEXT).
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+}
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+_PLAIN_TYPES = {
+    torch.bfloat16: gguf.GGMLQuantizationType.BF16,
+    torch.float16: gguf.GGMLQuantizationType.F16,
+    torch.float32: gguf.GGMLQuantizationType.F32,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics: layout only (values come from kernels/)
+
+
+def permute_rows(x: Tensor, n_head: int) -> Tensor:  # [rows, ...] -> same shape
+    """llama.cpp's LlamaModel.permute: per head, interleave the two rotate-half halves of the rows."""
+    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def to_gguf_nvfp4(packed: Tensor, scales: Tensor) -> np.ndarray:  # [N, K/2] u8, [N, K/16] e4m3 -> u8 [N, K/64*36]
+    """Repack ModelOpt NVFP4 bytes into ggml's block_nvfp4 rows."""
+    rows, k = packed.shape[0], packed.shape[1] * 2
+    if k % GGUF_BLOCK:
+        raise ValueError(f"GGUF NVFP4 rows need a multiple of {GGUF_BLOCK} elements, got {k}")
+    codes = numerics.unpack_codes(packed.cpu()).reshape(rows, k // 16, 16)
+    qs = codes[..., :8] | (codes[..., 8:] << 4)  # byte j: element j low, element j+8 high
+    d = scales.cpu().view(torch.uint8) & 0x7F
+    blocks = torch.cat([d.reshape(rows, k // GGUF_BLOCK, 4), qs.reshape(rows, k // GGUF_BLOCK, 32)], dim=-1)
+    return blocks.reshape(rows, k // GGUF_BLOCK * GGUF_BLOCK_BYTES).numpy()
+
+
+def _plain_array(x: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    x = x.detach().cpu()
+    if x.ndim <= 1:  # norms and biases stay F32, as llama.cpp's converter writes them
+        dtype = torch.float32
+    x = x.to(dtype).contiguous()
+    if dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16), _PLAIN_TYPES[dtype]
+    return x.numpy(), _PLAIN_TYPES[dtype]
+
+
+def _scalar(x: Tensor) -> np.ndarray:  # -> F32 [1]
+    return x.detach().float().cpu().reshape(1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# writer
+
+
+class GGUFWriter(Writer, target="llamacpp"):
+    """Writes `out/model.gguf` for llama.cpp (general.file_type 39 = MOSTLY_NVFP4)."""
+
+    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
+        config = student.config
+        spec = _arch_spec(config)
+        if self.dtype not in _PLAIN_TYPES:
+            raise UserError(f"the GGUF writer stores unquantized tensors as bf16, fp16 or fp32, not {self.dtype}")
+        path = Path(out) / FILE_NAME
+        fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{FILE_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            writer = gguf.GGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[spec.arch])
+            _add_hparams(writer, config, Path(source_dir).name)
+            _add_tokenizer(writer, tokenizer, config)
+            a16 = _add_tensors(writer, student, spec, self.dtype)
+            if a16:  # weight-only layers must not get 4-bit activations on backends that could
+                writer.add_array("general.tensor_extra.name", sorted(a16))
+                writer.add_array("general.tensor_extra.prec_a4", [False] * len(a16))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp_name, path)
+        finally:
+            if os.path.exists(tmp_name):
+                os.remove(tmp_name)
+        return path
+
+
+def _arch_spec(config) -> ArchSpec:
+    architectures = getattr(config, "architectures", None) or [type(config).__name__]
+    spec = ARCHITECTURES.get(architectures[0])
+    if spec is None:
+        raise UserError(
+            f"the llama.cpp (GGUF) writer does not support {architectures[0]}; "
+            f"supported: {', '.join(ARCHITECTURES)} (drop llamacpp from --targets)"
+        )
+    return spec
+
+
+def _rope(config) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config, name: str) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_NVFP4)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(_head_dim(config))
+    if getattr(config, "head_dim", None):
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    rope = _rope(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] not in ("default", "llama3"):  # llama3 is the rope_freqs tensor
+        raise UserError(f"the GGUF writer does not support rope type {rope['rope_type']!r}")
+
+
+def llama3_rope_factors(config) -> Tensor:  # -> fp32 [head_dim / 2]
+    """Per-frequency divisors of Llama 3.1's RoPE scaling, which llama.cpp reads as `rope_freqs`."""
+    rope, dim = _rope(config), _head_dim(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+
+
+def _add_tensors(writer: gguf.GGUFWriter, student: nn.Module, spec: ArchSpec, dtype: torch.dtype) -> list[str]:
+    """Add every tensor; returns the NVFP4 tensors that are weight-only (W4A16)."""
+    config = student.config
+    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
+    packed = export_weights(student)
+    weight_only = []
+    for hf_name, param in student.named_parameters():  # tied lm_head appears once, as the embedding
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(f"the GGUF writer cannot map tensor {hf_name} of {config.architectures[0]}")
+        module_name, _, leaf = hf_name.rpartition(".")
+        heads = _permute_heads(config, module_name) if spec.permute_qk else None
+        if leaf == "weight" and module_name in packed:
+            if _add_nvfp4(writer, gguf_name, packed[module_name], heads, student.get_submodule(module_name), dtype):
+                if packed[module_name].input_gscale is None:
+                    weight_only.append(gguf_name)
+            continue
+        data = param.detach()
+        if heads is not None:
+            data = permute_rows(data, heads)
+        array, qtype = _plain_array(data, dtype)
+        writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+    if spec.arch == gguf.MODEL_ARCH.LLAMA and _rope(config)["rope_type"] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config).numpy())
+    return weight_only
+
+
+def _permute_heads(config, module_name: str) -> int | None:
+    if module_name.endswith("q_proj"):
+        return config.num_attention_heads
+    if module_name.endswith("k_proj"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def _add_nvfp4(writer, name: str, weight: PackedWeight, heads: int | None, module: nn.Module, dtype) -> bool:
+    """Add one quantized linear as NVFP4 (+ scale tensors); False when it had to stay unquantized."""
+    packed, scales = weight.packed, weight.scales
+    if packed.shape[1] * 2 % GGUF_BLOCK:
+        # GGUF NVFP4 blocks span 64 elements: store what the student computes with, unquantized.
+        log.warning("%s: in_features %d is not a multiple of %d; written as %s in the GGUF",
+                    name, packed.shape[1] * 2, GGUF_BLOCK, dtype)
+        data = module.quantized_weight().detach()
+        if heads is not None:
+            data = permute_rows(data, heads)
+        array, qtype = _plain_array(data, dtype)
+        writer.add_tensor(name, array, raw_dtype=qtype)
+        return False
+    if heads is not None:
+        packed, scales = permute_rows(packed, heads), permute_rows(scales.view(torch.uint8), heads)
+    writer.add_tensor(name, to_gguf_nvfp4(packed, scales.view(torch.float8_e4m3fn)), raw_dtype=gguf.GGMLQuantizationType.NVFP4)
+    base = name.removesuffix(".weight")
+    writer.add_tensor(f"{base}.scale", _scalar(weight.gscale))
+    if weight.input_gscale is not None:
+        writer.add_tensor(f"{base}.input_scale", _scalar(weight.input_gscale))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def pre_tokenizer_name(tokenizer) -> str:
+    """The name llama.cpp gives this BPE pre-tokenizer (hash of the ids of a fixed check text)."""
+    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    name = PRE_TOKENIZERS.get(digest)
+    if name is None:
+        log.warning("unknown BPE pre-tokenizer (hash %s): writing 'default'; llama.cpp may split text differently", digest)
+        return "default"
+    return name
+
+
+def _looks_special(token: str) -> bool:
+    return token.startswith("<|") and token.endswith("|>") or token in ("<pad>", "<mask>")
+
+
+def vocab_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (gaps are UNUSED pads)."""
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            # llama.cpp expects control / user tokens already normalized
+            if not added[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            special = added[i].special or _looks_special(token)
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _adds_special(tokenizer) -> dict[str, bool]:
+    ids = tokenizer("a")["input_ids"]
+    return {
+        "bos": tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+        "eos": tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id],
+    }
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        raise UserError("the GGUF writer needs a fast (tokenizer.json) tokenizer")
+    backend = tokenizer.backend_tokenizer.to_str()
+    if '"type":"BPE"' not in backend.replace(" ", "") or '"byte_fallback":true' in backend.replace(" ", ""):
+        raise UserError("the GGUF writer supports byte-level BPE (GPT-2 style) tokenizers only, "
+                        "not SentencePiece-style vocabularies")
+    vocab_size = max(config.vocab_size, len(tokenizer))
+    tokens, types = vocab_tokens(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)  # SpecialVocab reads merges, special ids and the chat template from files
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token = _adds_special(tokenizer)
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template
+    if not special.merges:
+        raise UserError("the tokenizer has no BPE merges; the GGUF writer cannot describe it to llama.cpp")
+    special.add_to_gguf(writer)
+
+
+# ---------------------------------------------------------------------------------------------
+# reader (verification oracle)
+
+
+def llamacpp_logits(path: Path, ids: Tensor, n_threads: int = 2) -> Tensor:  # ids [T] -> fp32 [T, vocab]
+    """Logits llama.cpp computes for every position of `ids` (needs llama-cpp-python)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as error:
+        raise UserError("reading GGUF logits needs llama-cpp-python: pip install 'nvfp4[llamacpp]'") from error
+    ids = [int(i) for i in ids.reshape(-1).tolist()]
+    llm = Llama(model_path=str(path), n_ctx=max(len(ids), 64), n_batch=max(len(ids), 64), logits_all=True,
+                n_threads=n_threads, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
