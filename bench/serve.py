@@ -14,7 +14,9 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,17 +80,14 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def start_local(out: str | None, max_num_seqs: int):
-    """In-process server: student = OUT/trtllm, or the PTQ-packed default model when no OUT is given."""
-    import torch
-
+def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
+    """Child process: student = OUT/trtllm (or the PTQ-packed default model), teacher; prints weight bytes."""
     from converter.models import load_causal_lm
     from serve.app import build_app
+    from serve.cli import run_server
     from serve.engine import NativeEngine
     from serve.engine.loader import load_student, load_teacher, pack_model, teacher_source
-    from tests.test_serve_helpers import LiveServer
 
-    torch.manual_seed(0)
     if out:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
         source = teacher_source(Path(out), None)
@@ -97,7 +96,40 @@ def start_local(out: str | None, max_num_seqs: int):
         source = None
     engines = {"student": NativeEngine("student", student, max_num_seqs=max_num_seqs),
                "teacher": NativeEngine("teacher", lambda: load_teacher(source)[:2], max_num_seqs=max_num_seqs)}
-    return LiveServer(build_app(engines)), engines
+    app = build_app(engines)
+
+    @app.get("/bench/weights")
+    async def weights() -> dict:
+        return {"rows": weight_table(engines)}
+
+    run_server(app, "127.0.0.1", port, drain_timeout=5, log_level="warning")
+
+
+def start_child(args) -> tuple[subprocess.Popen, str]:
+    """The server runs in its own process so the load generator does not share its GIL."""
+    port = free_port()
+    command = [sys.executable, __file__, "--serve-only", str(port), "--max-num-seqs", str(args.max_num_seqs)]
+    command += ["--out", args.out] if args.out else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    child = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return child, url
+        except httpx.TransportError:
+            pass
+        if child.poll() is not None:
+            raise SystemExit("server process exited")
+        time.sleep(0.5)
+    child.kill()
+    raise SystemExit("server not ready after 10 minutes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def weight_table(engines) -> list[str]:
@@ -131,16 +163,26 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--models", default="student,teacher")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default as `nvfp4 serve`: cores / 2 models)")
+    parser.add_argument("--serve-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not args.url:
+    if args.serve_only:
         from serve.cli import set_threads
 
-        print(f"torch threads: {set_threads(args.threads, 2)}")
-    server, engines = (None, None) if args.url else start_local(args.out, args.max_num_seqs)
-    if server:
-        server.__enter__()
-    url = args.url or server.url
+        set_threads(args.threads, 2)
+        return serve_local(args.out, args.max_num_seqs, args.serve_only)
+    child, url = (None, args.url) if args.url else start_child(args)
+    try:
+        sweep(url, args)
+        if child:
+            print("\n".join(httpx.get(f"{url}/bench/weights", timeout=60).json()["rows"]))
+    finally:
+        if child:
+            child.send_signal(signal.SIGTERM)
+            child.wait(30)
+
+
+def sweep(url: str, args) -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; max_tokens={args.max_tokens}")
     print("| concurrency | model | requests | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -152,9 +194,6 @@ def main() -> None:
             print(f"| {level} | {model} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} ({r['tok_s'] / single[model]:.1f}x) | "
                   f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.0f} ms | {r['itl_p99'] * 1e3:.0f} ms |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    if engines:
-        print("\n".join(weight_table(engines)))
-        server.__exit__(None, None, None)
 
 
 if __name__ == "__main__":
