@@ -229,3 +229,36 @@ def test_qad_trains_from_fixed_searched_scales(tiny_teacher):
         assert not torch.equal(module.weight, weights[name]), f"{name}: no gradient reached the weight"
         assert torch.equal(module.block_scales.view(torch.uint8), before[name]), f"{name}: scales moved"
         assert torch.equal(exported[name].scales.view(torch.uint8), before[name]), name
+
+
+@pytest.fixture(scope="module")
+def mse_student(tiny_model_dir, tiny_teacher):
+    from converter.calibration import calibration_batches
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    student = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scale_search="mse"))
+    calibrate(student, calibration_batches("random", tiny_teacher, tokenizer, 128, seed=0))
+    return student, tokenizer
+
+
+def test_llamacpp_export_of_mse_scales_reads_back(mse_student, tiny_model_dir, tmp_path):
+    import gguf
+
+    from converter.writers.gguf import GGUFWriter, permute_rows
+
+    student, tokenizer = mse_student
+    path = GGUFWriter(QuantConfig(scale_search="mse")).write(student, tokenizer, tiny_model_dir, tmp_path)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, student.config.num_hidden_layers)
+    for name, module in quantized_modules(student).items():
+        base = names.get_name(f"{name}.weight", try_suffixes=(".weight",)).removesuffix(".weight")
+        t = tensors[f"{base}.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.NVFP4, name
+        values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(module.out_features, -1)
+        got = values * float(tensors[f"{base}.scale"].data[0])
+        expected = module.quantized_weight().detach()
+        if name.endswith(("q_proj", "k_proj")):
+            config = student.config
+            expected = permute_rows(expected, config.num_attention_heads if name.endswith("q_proj") else config.num_key_value_heads)
+        torch.testing.assert_close(got, expected, rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
