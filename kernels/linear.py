@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import numerics
-from kernels.ops import dequantize, fake_quantize, fake_quantize_activation, linear_w4a16
+from kernels.ops import fake_quantize, fake_quantize_activation, linear_w4a16
 
 
 @dataclass
@@ -59,8 +59,8 @@ class NVFP4FakeQuantLinear(nn.Module):
 class NVFP4PackedLinear(nn.Module):
     """Serving module: keeps 4-bit codes + scales resident; never holds a dequantized copy.
 
-    On CPU the weight is dequantized per call into a buffer shared by all layers (`workspace`);
-    on CUDA the Triton W4A16 GEMM reads the packed bytes directly.
+    CPU: a C GEMV reads the packed bytes for decode-sized batches; larger batches dequantize into a
+    buffer shared by all layers (`workspace`). CUDA: the Triton W4A16 GEMM reads the packed bytes.
     """
 
     def __init__(self, weight: PackedWeight, bias: Tensor | None = None, workspace: dict | None = None):
@@ -73,19 +73,7 @@ class NVFP4PackedLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.workspace = workspace if workspace is not None else {}
 
-    def _dequantized_into_workspace(self, dtype: torch.dtype) -> Tensor:
-        numel = self.out_features * self.in_features
-        buffer = self.workspace.get(dtype)
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=self.packed.device)
-            self.workspace[dtype] = buffer
-        weight = buffer[:numel].view(self.out_features, self.in_features)
-        weight.copy_(dequantize(self.packed, self.scales, self.gscale, torch.float32))
-        return weight
-
     def forward(self, x: Tensor) -> Tensor:
         if self.input_gscale is not None:
             x = fake_quantize_activation(x, self.input_gscale)
-        if x.is_cuda:
-            return linear_w4a16(x, self.packed, self.scales, self.gscale, self.bias)
-        return F.linear(x, self._dequantized_into_workspace(x.dtype), self.bias)
+        return linear_w4a16(x, self.packed, self.scales, self.gscale, self.bias, self.workspace)

@@ -63,12 +63,44 @@ def fake_quantize_activation(x: Tensor, input_gscale: Tensor) -> Tensor:
     return fake_quantize(x, input_gscale)
 
 
-def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x @ W^T with W [N, K] stored as NVFP4; x [..., K] -> [..., N]."""
+def _cpu_weight(packed: Tensor, scales: Tensor, gscale: Tensor, workspace: dict | None) -> Tensor:
+    """The dequantized weight in a buffer reused by every layer sharing `workspace` (no resident copy)."""
+    from kernels import cpu
+
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    if not cpu.available():
+        return ref.dequantize_ref(packed, scales, gscale)
+    workspace = {} if workspace is None else workspace
+    buffer = workspace.get("fp32")
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = workspace["fp32"] = torch.empty(rows * cols, dtype=torch.float32)
+    return cpu.dequantize_into(buffer[: rows * cols].view(rows, cols), packed, scales, gscale)
+
+
+def linear_w4a16(
+    x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor, bias: Tensor | None = None, workspace: dict | None = None
+) -> Tensor:
+    """y = x @ W^T with W [N, K] stored as NVFP4; x [..., K] -> [..., N].
+
+    CUDA: Triton GEMM on the packed bytes. CPU: a C GEMV on the packed bytes for small batches
+    (decode), else dequantize into the shared `workspace` buffer and run BLAS (prefill).
+    """
+    x2d = x.reshape(-1, x.shape[-1])
     if _use_triton(x):
         from kernels.triton_nvfp4 import matmul_w4a16_triton
 
-        y = matmul_w4a16_triton(x.reshape(-1, x.shape[-1]), packed, scales, gscale).reshape(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
-    weight = ref.dequantize_ref(packed, scales, gscale, x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
+        y = matmul_w4a16_triton(x2d, packed, scales, gscale)
+    elif x.dtype == torch.float32 and x2d.shape[0] <= _cpu_gemv_max_batch():
+        from kernels import cpu
+
+        y = cpu.gemv(x2d, packed, scales, gscale)
+    else:
+        y = torch.nn.functional.linear(x2d, _cpu_weight(packed, scales, gscale, workspace).to(x.dtype))
+    y = y.reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def _cpu_gemv_max_batch() -> int:
+    from kernels import cpu
+
+    return cpu.GEMV_MAX_BATCH if cpu.available() else 0

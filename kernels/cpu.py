@@ -1,0 +1,82 @@
+"""CPU fast path: the C kernels in cpu_nvfp4.c, built once with the system compiler and loaded via ctypes.
+
+Falls back to the torch reference (kernels.numerics) where no C compiler is available.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("cpu_nvfp4.c")
+GEMV_MAX_BATCH = 16  # beyond this, dequantize once into a buffer and let BLAS do the GEMM
+
+
+def _build_dir() -> Path:
+    return Path(os.environ.get("NVFP4_CACHE", Path.home() / ".cache" / "nvfp4")) / "kernels"
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None or os.environ.get("NVFP4_NO_C_KERNELS"):
+        return None
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    target = _build_dir() / f"cpu_nvfp4-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("C kernels unavailable, using torch: %s", result.stderr.strip()[:500])
+                return None
+            built.rename(target)
+    lib = ctypes.CDLL(str(target))
+    pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.nvfp4_dequantize.argtypes = [pointer, pointer, f32, pointer, i64, i64]
+    lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
+    lib.nvfp4_set_threads.argtypes = [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _sync_threads(lib: ctypes.CDLL) -> None:
+    lib.nvfp4_set_threads(torch.get_num_threads())
+
+
+def dequantize_into(out: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    """Write dequantize(packed, scales, gscale) into the fp32 buffer `out` [N, K]; bit-identical to the reference."""
+    lib = library()
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (rows, cols)
+    _sync_threads(lib)
+    lib.nvfp4_dequantize(packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale), out.data_ptr(), rows, cols)
+    return out
+
+
+def gemv(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    """x fp32 [M <= 16, K] -> x @ W^T [M, N] reading the packed weight directly."""
+    lib = library()
+    x = x.contiguous()
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    assert x.dtype == torch.float32 and x.shape[-1] == cols and x.shape[0] <= GEMV_MAX_BATCH
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    _sync_threads(lib)
+    lib.nvfp4_gemv(x.data_ptr(), x.shape[0], packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale),
+                   y.data_ptr(), rows, cols)
+    return y

@@ -1,0 +1,121 @@
+// NVFP4 CPU kernels: dequantize into a caller's buffer, and a W4A16 GEMV for small batches.
+// Numerics follow kernels/numerics.py exactly: value(code) * (float(e4m3 scale) * s2).
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static const float E2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                               -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+static float E4M3[256];
+
+static float e4m3_decode(uint8_t byte) {  // float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa, no inf
+    int exponent = (byte >> 3) & 0xF, mantissa = byte & 7;
+    float magnitude;
+    if (exponent == 0xF && mantissa == 7) magnitude = NAN;
+    else if (exponent == 0) magnitude = ldexpf((float)mantissa, -9);
+    else magnitude = ldexpf(1.f + mantissa / 8.f, exponent - 7);
+    return (byte & 0x80) ? -magnitude : magnitude;
+}
+
+__attribute__((constructor)) static void init_e4m3_table(void) {
+    for (int i = 0; i < 256; i++) E4M3[i] = e4m3_decode((uint8_t)i);
+}
+
+static inline float e4m3(uint8_t byte) { return E4M3[byte]; }
+
+static void block_table(uint8_t scale, float gscale, float table[16]) {
+    float s = e4m3(scale) * gscale;
+    for (int i = 0; i < 16; i++) table[i] = E2M1[i] * s;
+}
+
+void nvfp4_dequantize(const uint8_t *packed, const uint8_t *scales, float gscale, float *out,
+                      int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float table[16];
+        for (int64_t b = 0; b < blocks; b++) {
+            block_table(scales[r * blocks + b], gscale, table);
+            const uint8_t *p = packed + r * (cols / 2) + b * 8;
+            float *o = out + r * cols + b * 16;
+            for (int j = 0; j < 8; j++) {
+                o[2 * j] = table[p[j] & 0xF];
+                o[2 * j + 1] = table[p[j] >> 4];
+            }
+        }
+    }
+}
+
+#ifdef __AVX2__
+// 4 packed bytes -> 8 codes in element order (low nibble first) as int32 lanes.
+static inline __m256i codes8(const uint8_t *p) {
+    int32_t word;
+    memcpy(&word, p, 4);
+    __m128i bytes = _mm_cvtsi32_si128(word);
+    __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+    return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+}
+
+static inline __m256 values8(__m256 magnitudes, __m256i codes) {
+    __m256 v = _mm256_permutevar8x32_ps(magnitudes, _mm256_and_si256(codes, _mm256_set1_epi32(7)));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes, _mm256_set1_epi32(8)), 28);
+    return _mm256_xor_ps(v, _mm256_castsi256_ps(sign));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// y[m, r] = sum_k x[m, k] * W[r, k] for m < batch (batch <= 16), W given as NVFP4.
+void nvfp4_gemv(const float *x, int64_t batch, const uint8_t *packed, const uint8_t *scales, float gscale,
+                float *y, int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row_codes = packed + r * (cols / 2);
+        const uint8_t *row_scales = scales + r * blocks;
+#ifdef __AVX2__
+        __m256 acc[16];
+        for (int64_t m = 0; m < batch; m++) acc[m] = _mm256_setzero_ps();
+        const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
+        for (int64_t b = 0; b < blocks; b++) {
+            __m256 magnitudes = _mm256_mul_ps(grid, _mm256_set1_ps(e4m3(row_scales[b]) * gscale));
+            __m256 w0 = values8(magnitudes, codes8(row_codes + b * 8));
+            __m256 w1 = values8(magnitudes, codes8(row_codes + b * 8 + 4));
+            for (int64_t m = 0; m < batch; m++) {
+                const float *xb = x + m * cols + b * 16;
+                acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[m]);
+                acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[m]);
+            }
+        }
+        for (int64_t m = 0; m < batch; m++) y[m * rows + r] = hsum(acc[m]);
+#else
+        float acc[16] = {0}, table[16];
+        for (int64_t b = 0; b < blocks; b++) {
+            block_table(row_scales[b], gscale, table);
+            for (int64_t m = 0; m < batch; m++) {
+                const float *xb = x + m * cols + b * 16;
+                for (int j = 0; j < 8; j++)
+                    acc[m] += xb[2 * j] * table[row_codes[b * 8 + j] & 0xF] + xb[2 * j + 1] * table[row_codes[b * 8 + j] >> 4];
+            }
+        }
+        for (int64_t m = 0; m < batch; m++) y[m * rows + r] = acc[m];
+#endif
+    }
+}
+
+void nvfp4_set_threads(int threads) {
+#ifdef _OPENMP
+    extern void omp_set_num_threads(int);
+    omp_set_num_threads(threads);
+#endif
+}
