@@ -1,0 +1,146 @@
+"""Hugging Face safetensors targets: ModelOpt's unified checkpoint (TensorRT-LLM, vLLM modelopt_fp4)
+and compressed-tensors `nvfp4-pack-quantized` (vLLM, transformers)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from converter.quantize import export_weights
+from converter.writers import Writer
+from kernels.linear import NVFP4FakeQuantLinear, PackedWeight
+
+PRODUCER = {"name": "nvfp4", "version": "0.1.0"}
+_QUANT_BUFFERS = ("weight_gscale", "block_scales", "input_gscale")
+_SIDE_FILES = ("generation_config.json",)
+
+
+def unquantized_tensors(student: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every tensor of the student except the quantized linears' weights and our quantizer buffers.
+
+    A tied lm_head is left out, as ModelOpt and transformers do.
+    """
+    quantized = {n for n, m in student.named_modules() if isinstance(m, NVFP4FakeQuantLinear)}
+    tied = getattr(student.config, "tie_word_embeddings", False)
+    tensors = {}
+    for name, tensor in student.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and (leaf == "weight" or leaf in _QUANT_BUFFERS):
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        tensors[name] = tensor.detach().to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+    return tensors
+
+
+def excluded_modules(student: nn.Module) -> list[str]:
+    """Linears and embeddings left in high precision (ModelOpt's `exclude_modules`)."""
+    return sorted(n for n, m in student.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)))
+
+
+def _write_config(student: nn.Module, out: Path, dtype: torch.dtype, quantization_config: dict) -> None:
+    config = student.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _copy_side_files(tokenizer, source_dir: Path, out: Path) -> None:
+    tokenizer.save_pretrained(out)
+    for name in _SIDE_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out / name)
+
+
+class TRTLLMWriter(Writer, target="trtllm"):
+    """ModelOpt unified HF checkpoint: weight u8 [out, in/2], weight_scale e4m3 [out, in/16],
+    weight_scale_2 fp32 scalar, input_scale fp32 scalar (W4A4)."""
+
+    def quantized_tensors(self, packed: dict[str, PackedWeight]) -> dict[str, Tensor]:
+        tensors = {}
+        for name, weight in packed.items():
+            tensors[f"{name}.weight"] = weight.packed.contiguous()
+            tensors[f"{name}.weight_scale"] = weight.scales.contiguous()
+            tensors[f"{name}.weight_scale_2"] = weight.gscale.float().reshape(())
+            if weight.input_gscale is not None:
+                tensors[f"{name}.input_scale"] = weight.input_gscale.float().reshape(())
+        return tensors
+
+    def quantization(self, student: nn.Module) -> dict:
+        return {
+            "quant_algo": self.cfg.quant_algo,
+            "kv_cache_quant_algo": None,
+            "group_size": self.cfg.group_size,
+            "exclude_modules": excluded_modules(student),
+        }
+
+    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
+        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(export_weights(student))
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        quantization = self.quantization(student)
+        (out / "hf_quant_config.json").write_text(
+            json.dumps({"producer": PRODUCER, "quantization": quantization}, indent=4) + "\n"
+        )
+        _write_config(student, out, self.dtype, self._config_json_quantization(quantization))
+        _copy_side_files(tokenizer, source_dir, out)
+        return out
+
+    def _config_json_quantization(self, quantization: dict) -> dict:
+        args = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": self.cfg.group_size}
+        group = {"weights": args, "targets": ["Linear"]}
+        if self.cfg.quantize_activations:
+            group = {"input_activations": args, **group}
+        return {
+            "config_groups": {"group_0": group},
+            "ignore": quantization["exclude_modules"],
+            "quant_algo": quantization["quant_algo"],
+            "kv_cache_quant_algo": None,
+            "producer": PRODUCER,
+            "quant_method": "modelopt",
+        }
+
+
+class VLLMWriter(Writer, target="vllm"):
+    """compressed-tensors `nvfp4-pack-quantized`: weight_packed, weight_scale, and the reciprocal
+    global scales weight_global_scale = 1 / s2 and input_global_scale = 1 / input_scale, fp32 [1].
+
+    The reciprocal is taken of the student's own s2, so the engine dequantizes to the weights QAD
+    trained (compressed-tensors' calibration would compute 448 * 6 / amax, equal up to one ulp).
+    """
+
+    def quantized_tensors(self, packed: dict[str, PackedWeight]) -> dict[str, Tensor]:
+        tensors = {}
+        for name, weight in packed.items():
+            tensors[f"{name}.weight_packed"] = weight.packed.contiguous()
+            tensors[f"{name}.weight_scale"] = weight.scales.contiguous()
+            tensors[f"{name}.weight_global_scale"] = (1 / weight.gscale.float()).reshape(1)
+            if weight.input_gscale is not None:
+                tensors[f"{name}.input_global_scale"] = (1 / weight.input_gscale.float()).reshape(1)
+        return tensors
+
+    def quantization_config(self, student: nn.Module) -> dict:
+        args = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": self.cfg.group_size,
+                "strategy": "tensor_group", "dynamic": False, "observer": "minmax"}
+        group = {"targets": ["Linear"], "weights": args}
+        if self.cfg.quantize_activations:
+            group["input_activations"] = {**args, "dynamic": "local"}
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "nvfp4-pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": group},
+            "ignore": [n for n, m in student.named_modules() if isinstance(m, nn.Linear)],
+            "kv_cache_scheme": None,
+            "producer": PRODUCER,
+        }
+
+    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
+        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(export_weights(student))
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        _write_config(student, out, self.dtype, self.quantization_config(student))
+        _copy_side_files(tokenizer, source_dir, out)
+        return out

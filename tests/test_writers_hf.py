@@ -1,0 +1,142 @@
+"""trtllm (ModelOpt unified) and vllm (compressed-tensors) targets against the reference producers."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converter.config import QuantConfig
+from converter.checkpoint import load_nvfp4_checkpoint
+from converter.models import load_causal_lm
+from converter.quantize import calibrate, quantize
+from converter.writers import Writer, load_all_writers
+
+SCHEMES = ["nvfp4", "nvfp4-a16"]
+
+
+def calibration_batch(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
+
+
+def our_export(model_dir, scheme, tmp_path, target):
+    teacher, tokenizer, _ = load_causal_lm(model_dir)
+    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=scheme))
+    calibrate(student, [calibration_batch(teacher.config.vocab_size)])
+    out = tmp_path / target
+    out.mkdir()
+    load_all_writers()[target](QuantConfig(scheme=scheme), torch.float32).write(student, tokenizer, model_dir, out)
+    return student, out
+
+
+def modelopt_export(model_dir, scheme, out):
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = calibration_batch(model.config.vocab_size)
+    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG if scheme == "nvfp4" else mtq.W4A16_NVFP4_CFG, forward_loop=lambda m: m(batch))
+    with torch.inference_mode():
+        export_hf_checkpoint(model, export_dir=out)
+    return out
+
+
+def assert_same_quantized_tensors(ours: dict, theirs: dict) -> None:
+    quantized = [k for k in theirs if k.endswith(("weight_scale", "weight_scale_2", "input_scale"))]
+    quantized += [k.removesuffix("_scale_2") for k in quantized if k.endswith("weight_scale_2")]
+    assert quantized, "the reference export holds no NVFP4 tensor"
+    assert sorted(k for k in ours if k in quantized) == sorted(quantized)
+    for key in quantized:
+        a, b = ours[key], theirs[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        equal = torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn else torch.equal(a, b)
+        assert equal, f"{key}: differs from ModelOpt's export"
+
+
+def check_against_modelopt(model_dir, scheme, tmp_path):
+    _, ours = our_export(model_dir, scheme, tmp_path, "trtllm")
+    theirs = modelopt_export(model_dir, scheme, tmp_path / "modelopt")
+    assert_same_quantized_tensors(load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors"))
+    our_quant = json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
+    their_quant = json.loads((theirs / "hf_quant_config.json").read_text())["quantization"]
+    assert our_quant == their_quant
+    our_config = json.loads((ours / "config.json").read_text())["quantization_config"]
+    their_config = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    assert our_config["config_groups"] == their_config["config_groups"]
+    assert our_config["ignore"] == their_config["ignore"] and our_config["quant_method"] == "modelopt"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_trtllm_bytes_equal_modelopt_export_tiny(tiny_model_dir, scheme, tmp_path):
+    check_against_modelopt(tiny_model_dir, scheme, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_trtllm_bytes_equal_modelopt_export_default_model(default_model_dir, scheme, tmp_path):
+    check_against_modelopt(default_model_dir, scheme, tmp_path)
+
+
+def student_logits(student, ids):
+    with torch.no_grad():
+        return student(ids).logits
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_checkpoint_loader_reproduces_student(tiny_model_dir, scheme, tmp_path):
+    student, out = our_export(tiny_model_dir, scheme, tmp_path, "trtllm")
+    model, _ = load_nvfp4_checkpoint(out)
+    ids = torch.randint(0, 1000, (2, 24))
+    torch.testing.assert_close(student_logits(model, ids), student_logits(student, ids), rtol=1e-4, atol=1e-4)
+    packed = sum(b.numel() for n, b in model.named_buffers() if n.endswith(".packed"))
+    assert packed * 2 == sum(m.weight.numel() for m in student.modules() if hasattr(m, "weight_gscale"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_vllm_target_loads_in_transformers_and_matches_student(tiny_model_dir, scheme, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    student, out = our_export(tiny_model_dir, scheme, tmp_path, "vllm")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized" and "scale_dtype" not in json.dumps(config)
+    assert config["ignore"] == ["lm_head"]
+    tensors = load_file(out / "model.safetensors")
+    q, k = tensors["model.layers.0.self_attn.q_proj.weight_global_scale"], tensors["model.layers.0.self_attn.k_proj.weight_global_scale"]
+    assert torch.equal(q, k), "fused q/k/v must share one global scale"
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    for name, module in student.named_modules():
+        if hasattr(module, "weight_gscale") and module.quantize_input:
+            assert torch.equal(tensors[f"{name}.input_global_scale"], (1 / module.input_gscale).reshape(1)), name
+            module.quantize_input = False  # transformers' decompressed model runs activations unquantized
+    ids = torch.randint(0, 1000, (2, 24))
+    ours, theirs = student_logits(student, ids), student_logits(reloaded, ids)
+    # compressed-tensors dequantizes through bf16 (scale / global_scale rounded to 8 mantissa bits)
+    assert (ours - theirs).abs().max() < 5e-3 * ours.abs().max(), "compressed-tensors reload differs from the student"
+
+
+def test_vllm_packed_equals_compressed_tensors_compressor_except_exact_ties(tiny_model_dir, tmp_path):
+    """compressed-tensors' own packer, given our scales and global scale, writes our weight_packed, except
+    on exact rounding ties where its x / (scale / global) rounds differently from x / (scale * s2)."""
+    from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
+
+    from kernels.numerics import unpack_codes
+    from tests.test_numerics import _near_rounding_boundary
+
+    student, out = our_export(tiny_model_dir, "nvfp4-a16", tmp_path, "vllm")
+    tensors = load_file(out / "model.safetensors")
+    checked = 0
+    for name, module in student.named_modules():
+        if hasattr(module, "weight_gscale"):
+            w, scales = module.weight.detach(), tensors[f"{name}.weight_scale"]
+            theirs = quantize_and_pack_fp4(w, scales.float(), global_scale=tensors[f"{name}.weight_global_scale"])
+            differs = unpack_codes(theirs) != unpack_codes(tensors[f"{name}.weight_packed"])
+            scaled = (w.unflatten(-1, (-1, 16)) / (scales.float() * module.weight_gscale).unsqueeze(-1)).flatten(-2)
+            assert bool(_near_rounding_boundary(scaled[differs]).all()), f"{name}: a non-tie code differs"
+            assert differs.float().mean() < 0.01, name
+            checked += 1
+    assert checked == 14
