@@ -262,3 +262,38 @@ def test_llamacpp_export_of_mse_scales_reads_back(mse_student, tiny_model_dir, t
             config = student.config
             expected = permute_rows(expected, config.num_attention_heads if name.endswith("q_proj") else config.num_key_value_heads)
         torch.testing.assert_close(got, expected, rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("target", ["trtllm", "vllm"])
+def test_hf_export_of_mse_scales_carries_them(mse_student, tiny_model_dir, tmp_path, target):
+    from safetensors.torch import load_file
+
+    from converter.writers import load_all_writers
+
+    student, tokenizer = mse_student
+    load_all_writers()[target](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    packed_key, gscale = ("weight", "weight_scale_2") if target == "trtllm" else ("weight_packed", "weight_global_scale")
+    for name, module in quantized_modules(student).items():
+        assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), module.block_scales.view(torch.uint8)), name
+        s2 = tensors[f"{name}.{gscale}"].reshape(())
+        s2 = s2 if target == "trtllm" else 1 / s2  # compressed-tensors stores the reciprocal
+        stored = numerics.dequantize_ref(tensors[f"{name}.{packed_key}"], tensors[f"{name}.weight_scale"], s2)
+        torch.testing.assert_close(stored, module.quantized_weight().detach(), rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_vllm_export_of_mse_scales_reloads_in_transformers(mse_student, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from converter.writers import load_all_writers
+
+    student, tokenizer = mse_student
+    load_all_writers()["vllm"](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    for name, module in quantized_modules(student).items():
+        theirs = reloaded.get_submodule(name).weight.detach().float()
+        # compressed-tensors dequantizes through bf16; a different block scale would move values by >= 6%
+        torch.testing.assert_close(theirs, module.quantized_weight().detach(), rtol=1e-2, atol=1e-6, msg=lambda m: f"{name}: {m}")
