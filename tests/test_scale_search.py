@@ -297,3 +297,28 @@ def test_vllm_export_of_mse_scales_reloads_in_transformers(mse_student, tiny_mod
         theirs = reloaded.get_submodule(name).weight.detach().float()
         # compressed-tensors dequantizes through bf16; a different block scale would move values by >= 6%
         torch.testing.assert_close(theirs, module.quantized_weight().detach(), rtol=1e-2, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from converter.calibration import calibration_batches
+    from converter.pipeline import ConvertConfig, convert
+
+    out = tmp_path / "out"
+    cfg = QuantConfig(scheme="nvfp4-a16", scale_search="mse-act")
+    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=cfg, targets=("trtllm",), calib_data="random",
+                          calib_tokens=128, evaluate=False))
+    report = json.loads((out / "report.json").read_text())
+    assert report["quant_config"]["scale_search"] == "mse-act" and report["calibration"] is not None
+    expected = quantize(copy.deepcopy(tiny_teacher), cfg)
+    calibrate(expected, calibration_batches("random", tiny_teacher, None, 128, seed=0))
+    tensors = load_file(out / "trtllm" / "model.safetensors")
+    differs_from_amax = 0
+    for name, module in quantized_modules(expected).items():
+        written = tensors[f"{name}.weight_scale"].view(torch.uint8)
+        assert torch.equal(written, module.block_scales.view(torch.uint8)), name
+        differs_from_amax += not torch.equal(written, numerics.block_scales(module.weight, module.weight_gscale).view(torch.uint8))
+    assert differs_from_amax == len(quantized_modules(expected))
