@@ -115,7 +115,7 @@ class GGUFWriter(Writer, target="llamacpp"):
 
     def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
         config = student.config
-        spec = _arch_spec(config)
+        spec = _arch_spec(student)
         if self.dtype not in _PLAIN_TYPES:
             raise UserError(f"the GGUF writer stores unquantized tensors as bf16, fp16 or fp32, not {self.dtype}")
         path = Path(out) / FILE_NAME
@@ -140,12 +140,12 @@ class GGUFWriter(Writer, target="llamacpp"):
         return path
 
 
-def _arch_spec(config) -> ArchSpec:
-    architectures = getattr(config, "architectures", None) or [type(config).__name__]
-    spec = ARCHITECTURES.get(architectures[0])
+def _arch_spec(student: nn.Module) -> ArchSpec:
+    architecture = (getattr(student.config, "architectures", None) or [type(student).__name__])[0]
+    spec = ARCHITECTURES.get(architecture)
     if spec is None:
         raise UserError(
-            f"the llama.cpp (GGUF) writer does not support {architectures[0]}; "
+            f"the llama.cpp (GGUF) writer does not support {architecture}; "
             f"supported: {', '.join(ARCHITECTURES)} (drop llamacpp from --targets)"
         )
     return spec
@@ -220,7 +220,7 @@ def _add_tensors(writer: gguf.GGUFWriter, student: nn.Module, spec: ArchSpec, dt
     for hf_name, param in student.named_parameters():  # tied lm_head appears once, as the embedding
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UserError(f"the GGUF writer cannot map tensor {hf_name} of {config.architectures[0]}")
+            raise UserError(f"the GGUF writer cannot map tensor {hf_name} of {type(student).__name__}")
         module_name, _, leaf = hf_name.rpartition(".")
         heads = _permute_heads(config, module_name) if spec.permute_qk else None
         if leaf == "weight" and module_name in packed:
