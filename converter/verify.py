@@ -1,0 +1,190 @@
+"""`nvfp4 verify OUT`: reload every exported target through a reader independent of ours and compare
+its logits with the student's (the student = OUT/trtllm loaded by `converter.checkpoint`).
+
+Readers form a small registry, `READERS[target] = Reader(fn, quantizes_activations, rel_tol)` with
+`fn(folder, ids [T]) -> logits [T, vocab]`. The llama.cpp reader lives with the GGUF writer and is
+imported lazily.
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from converter.errors import UserError
+
+DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+@dataclass(frozen=True)
+class Reader:
+    logits: Callable[[Path, Tensor], Tensor]
+    quantizes_activations: bool  # False: compare with the student's weight-only (A16) forward
+    rel_tol: float  # max |logit difference| allowed, relative to max |student logit|
+
+
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(target: str, quantizes_activations: bool = True, rel_tol: float = 1e-3):
+    def decorate(fn: Callable[[Path, Tensor], Tensor]) -> Callable[[Path, Tensor], Tensor]:
+        READERS[target] = Reader(fn, quantizes_activations, rel_tol)
+        return fn
+
+    return decorate
+
+
+def _config_without_quantization(folder: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _modelopt_activation_hook(input_scale: Tensor):
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        q, scale, scale_2 = NVFP4QTensor.quantize(x, 16, weights_scaling_factor_2=input_scale)
+        return (q.dequantize(dtype=x.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: 16}), *args[1:])
+
+    return hook
+
+
+@register_reader("trtllm", quantizes_activations=True, rel_tol=1e-3)
+def trtllm_logits(folder: Path, ids: Tensor) -> Tensor:
+    """ModelOpt's own NVFP4QTensor dequantizes the weights (and fake-quantizes W4A4 inputs) into a
+    plain transformers model."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tensors = load_file(folder / "model.safetensors")
+    model = AutoModelForCausalLM.from_config(_config_without_quantization(folder), dtype=torch.float32)
+    hooks = {}
+    for key in [k for k in tensors if k.endswith(".weight_scale_2")]:
+        name = key.removesuffix(".weight_scale_2")
+        packed = tensors.pop(f"{name}.weight")
+        qtensor = NVFP4QTensor(torch.Size((packed.shape[0], packed.shape[1] * 2)), torch.float32, packed)
+        scale, scale_2 = tensors.pop(f"{name}.weight_scale"), tensors.pop(key)
+        tensors[f"{name}.weight"] = qtensor.dequantize(scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+        if f"{name}.input_scale" in tensors:
+            hooks[name] = tensors.pop(f"{name}.input_scale")
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise UserError(f"{folder}: tensors do not fit the architecture ({(unexpected + missing)[:3]})")
+    for name, input_scale in hooks.items():
+        model.get_submodule(name).register_forward_pre_hook(_modelopt_activation_hook(input_scale.float()))
+    with torch.no_grad():
+        return model.eval()(ids[None]).logits[0]
+
+
+@register_reader("vllm", quantizes_activations=False, rel_tol=1e-2)
+def vllm_logits(folder: Path, ids: Tensor) -> Tensor:
+    """transformers + compressed-tensors decompress the checkpoint (activations run unquantized;
+    its dequantization rounds scale / global_scale through bf16, hence the looser tolerance)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    with torch.no_grad():
+        return model.eval()(ids[None]).logits[0]
+
+
+def load_readers() -> dict[str, Reader]:
+    """The registry, with the GGUF module's reader when that module (and gguf) can be imported."""
+    try:
+        from converter.writers import gguf
+    except ImportError:
+        return READERS
+    if "llamacpp" not in READERS and hasattr(gguf, "llamacpp_logits"):
+        # llama.cpp's CPU kernels round activations to 8 bits per block: compare loosely
+        READERS["llamacpp"] = Reader(lambda folder, ids: gguf.llamacpp_logits(folder / gguf.FILE_NAME, ids), True, 0.15)
+    return READERS
+
+
+@dataclass
+class Row:
+    target: str
+    max_abs_diff: float
+    rel_diff: float
+    top1_agreement: float
+    rel_tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_diff <= self.rel_tol
+
+
+def prompt_ids(tokenizer, prompt: str) -> Tensor:  # -> [T]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt")["input_ids"][0]
+
+
+def _student_logits(student: nn.Module, ids: Tensor, quantize_activations: bool) -> Tensor:
+    saved = {}
+    if not quantize_activations:
+        for name, module in student.named_modules():
+            if getattr(module, "input_gscale", None) is not None:
+                saved[name], module.input_gscale = module.input_gscale, None
+    try:
+        with torch.no_grad():
+            return student(ids[None]).logits[0].float()
+    finally:
+        for name, scale in saved.items():
+            student.get_submodule(name).input_gscale = scale
+
+
+def present_targets(out: Path, readers: dict[str, Reader]) -> list[str]:
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder")
+    if not (out / "trtllm" / "hf_quant_config.json").is_file():
+        raise UserError(f"{out} has no trtllm/hf_quant_config.json: the student is read from OUT/trtllm")
+    targets = [t for t in readers if (out / t).is_dir()]
+    unknown = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in readers)
+    if unknown:
+        raise UserError(f"{out}: no reader for {', '.join(unknown)} (known: {', '.join(sorted(readers))})")
+    return targets
+
+
+def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None) -> list[Row]:
+    """One row per target present in `out`: logits of the independent reader against the student's."""
+    from converter.checkpoint import load_nvfp4_checkpoint
+
+    out = Path(out)
+    readers = load_readers()
+    targets = present_targets(out, readers)
+    student, tokenizer = load_nvfp4_checkpoint(out / "trtllm")
+    ids = prompt_ids(tokenizer, prompt)
+    rows = []
+    for target in targets:
+        reader = readers[target]
+        ours = _student_logits(student, ids, reader.quantizes_activations)
+        theirs = reader.logits(out / target, ids).float()
+        if theirs.shape != ours.shape:
+            raise UserError(f"{out / target}: logits of shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+        diff = (theirs - ours).abs().max().item()
+        top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+        tol = reader.rel_tol if rel_tol is None else rel_tol
+        rows.append(Row(target, diff, diff / ours.abs().max().item(), top1, tol))
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    lines = ["| target | max abs logit diff | relative | top-1 agreement | tolerance | result |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.target} | {r.max_abs_diff:.3e} | {r.rel_diff:.3e} | {r.top1_agreement:.3f} | "
+                     f"{r.rel_tol:.0e} | {'ok' if r.ok else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[Row], path: Path) -> None:
+    path.write_text(json.dumps([{**r.__dict__, "ok": r.ok} for r in rows], indent=2))

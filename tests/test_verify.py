@@ -1,0 +1,98 @@
+"""`nvfp4 verify`: independent readers agree with the student; tampered or bad OUT folders fail."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from converter.config import QuantConfig
+from converter.models import load_causal_lm
+from converter.quantize import calibrate, quantize
+from converter.verify import READERS, load_readers, prompt_ids, verify
+from converter.writers import Writer, load_all_writers
+from nvfp4.cli import cli
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def export(model_dir, scheme, out, targets=("trtllm", "vllm")):
+    teacher, tokenizer, _ = load_causal_lm(model_dir)
+    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=scheme))
+    calibrate(student, [prompt_ids(tokenizer, "Calibrate on this question, please.")[None]])
+    writers = load_all_writers()
+    for target in targets:
+        (out / target).mkdir(parents=True)
+        writers[target](QuantConfig(scheme=scheme), torch.bfloat16).write(student, tokenizer, model_dir, out / target)
+    return student, tokenizer
+
+
+@pytest.fixture(scope="module")
+def w4a4_out(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "OUT"
+    export(tiny_model_dir, "nvfp4", out)
+    return out
+
+
+def test_trtllm_and_vllm_readers_agree_with_the_student(w4a4_out):
+    rows = {r.target: r for r in verify(w4a4_out)}
+    assert sorted(rows) == ["trtllm", "vllm"]
+    assert rows["trtllm"].rel_diff < 1e-4, rows["trtllm"]  # same bf16 tensors, same NVFP4 numerics
+    assert all(r.ok and r.top1_agreement > 0.9 for r in rows.values()), rows
+
+
+def test_trtllm_reader_matches_the_in_memory_student_w4a16(tiny_model_dir, tmp_path):
+    student, tokenizer = export(tiny_model_dir, "nvfp4-a16", tmp_path, targets=("trtllm",))
+    ids = prompt_ids(tokenizer, "Hello there")
+    theirs = READERS["trtllm"].logits(tmp_path / "trtllm", ids)
+    with torch.no_grad():
+        ours = student.float()(ids[None]).logits[0]
+    # the checkpoint holds the unquantized tensors in bf16; the in-memory student keeps fp32
+    assert (theirs - ours).abs().max() < 2e-2 * ours.abs().max()
+
+
+def test_cli_prints_table_and_fails_on_a_tampered_target(w4a4_out, tmp_path):
+    import shutil
+
+    out = tmp_path / "OUT"
+    shutil.copytree(w4a4_out, out)
+    ok = CliRunner().invoke(cli, ["verify", str(out), "--json", str(tmp_path / "rows.json")])
+    assert ok.exit_code == 0, ok.output
+    assert "| trtllm |" in ok.output and "| vllm |" in ok.output
+    assert all(row["ok"] for row in json.loads((tmp_path / "rows.json").read_text()))
+
+    path = out / "vllm" / "model.safetensors"
+    tensors = load_file(path)
+    for key in [k for k in tensors if k.endswith("mlp.down_proj.weight_global_scale")]:
+        tensors[key] = tensors[key] / 4  # dequantized down_proj weights 4x too large
+    save_file(tensors, path, metadata={"format": "pt"})
+    bad = CliRunner().invoke(cli, ["verify", str(out)])
+    assert bad.exit_code == 1, bad.output
+    assert "FAIL" in bad.output and "vllm" in bad.output
+
+
+@pytest.mark.parametrize("layout", ["missing", "no-trtllm", "unknown-target", "corrupt"])
+def test_bad_out_is_one_line_exit_2(w4a4_out, tmp_path, layout):
+    import shutil
+
+    out = tmp_path / "OUT"
+    if layout != "missing":
+        shutil.copytree(w4a4_out, out)
+    if layout == "no-trtllm":
+        shutil.rmtree(out / "trtllm")
+    if layout == "unknown-target":
+        (out / "onnx").mkdir()
+    if layout == "corrupt":
+        (out / "trtllm" / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+
+
+def test_llamacpp_reader_registers_lazily_from_the_gguf_module():
+    pytest.importorskip("gguf")
+    readers = load_readers()
+    assert "llamacpp" in readers and readers["llamacpp"].rel_tol > READERS["trtllm"].rel_tol
