@@ -111,7 +111,8 @@ def test_vllm_target_loads_in_transformers_and_matches_student(tiny_model_dir, s
     )
     for name, module in student.named_modules():
         if hasattr(module, "weight_gscale") and module.quantize_input:
-            assert torch.equal(tensors[f"{name}.input_global_scale"], (1 / module.input_gscale).reshape(1)), name
+            ulp = torch.finfo(torch.float32).eps * (1 / module.input_gscale)
+            assert (tensors[f"{name}.input_global_scale"] - 1 / module.input_gscale).abs() <= ulp, name
             module.quantize_input = False  # transformers' decompressed model runs activations unquantized
     ids = torch.randint(0, 1000, (2, 24))
     ours, theirs = student_logits(student, ids), student_logits(reloaded, ids)
@@ -140,3 +141,24 @@ def test_vllm_packed_equals_compressed_tensors_compressor_except_exact_ties(tiny
             assert differs.float().mean() < 0.01, name
             checked += 1
     assert checked == 14
+
+
+def test_vllm_global_scales_are_compressed_tensors_gparam_of_the_group_amax(tiny_model_dir, tmp_path):
+    """weight_global_scale = compressed-tensors' generate_gparam(group amax), one value per fused group."""
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    from converter.quantize import fused_groups, quantized_modules
+
+    student, out = our_export(tiny_model_dir, "nvfp4-a16", tmp_path, "vllm")
+    tensors = load_file(out / "model.safetensors")
+    modules = quantized_modules(student)
+    exact = 0
+    for group in fused_groups(modules):
+        amax = torch.stack([modules[n].weight.detach().abs().amax() for n in group]).amax().float().reshape(1)
+        theirs = generate_gparam(-amax, amax)
+        ours = [tensors[f"{n}.weight_global_scale"] for n in group]
+        assert all(torch.equal(o, ours[0]) for o in ours), group
+        assert ours[0].dtype == torch.float32 and ours[0].shape == (1,)
+        assert (ours[0] - theirs).abs() <= 2 * torch.finfo(torch.float32).eps * theirs, group  # two roundings apart
+        exact += int(torch.equal(ours[0], theirs))
+    assert exact >= len(fused_groups(modules)) // 2, "most groups should match generate_gparam exactly"

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from converter.quantize import export_weights
 from converter.writers import Writer
+from kernels import numerics
 from kernels.linear import NVFP4FakeQuantLinear, PackedWeight
 
 PRODUCER = {"name": "nvfp4", "version": "0.1.0"}
@@ -104,12 +105,20 @@ class TRTLLMWriter(Writer, target="trtllm"):
         }
 
 
+def _reciprocal(gscale: Tensor) -> Tensor:  # s2 -> fp32 [1], compressed-tensors' 448 * 6 / amax
+    amax = gscale.float().reshape(1) * (numerics.E2M1_MAX * numerics.E4M3_MAX)
+    return numerics.reciprocal_global_scale(amax)
+
+
 class VLLMWriter(Writer, target="vllm"):
     """compressed-tensors `nvfp4-pack-quantized`: weight_packed, weight_scale, and the reciprocal
-    global scales weight_global_scale = 1 / s2 and input_global_scale = 1 / input_scale, fp32 [1].
+    global scales weight_global_scale and input_global_scale, fp32 [1].
 
-    The reciprocal is taken of the student's own s2, so the engine dequantizes to the weights QAD
-    trained (compressed-tensors' calibration would compute 448 * 6 / amax, equal up to one ulp).
+    They follow compressed-tensors' own rule, 448 * 6 / amax (`numerics.reciprocal_global_scale`),
+    with amax recovered from the student's s2 as s2 * 448 * 6. The student's s2 is the one truth
+    (QAD trained against it; a fused group's s2 comes from the group max), so every member of a
+    group gets the same value, equal to what compressed-tensors derives from the group amax up to
+    two ulps (exact unless s2 * 2688 does not round back to amax).
     """
 
     def quantized_tensors(self, packed: dict[str, PackedWeight]) -> dict[str, Tensor]:
@@ -117,9 +126,9 @@ class VLLMWriter(Writer, target="vllm"):
         for name, weight in packed.items():
             tensors[f"{name}.weight_packed"] = weight.packed.contiguous()
             tensors[f"{name}.weight_scale"] = weight.scales.contiguous()
-            tensors[f"{name}.weight_global_scale"] = (1 / weight.gscale.float()).reshape(1)
+            tensors[f"{name}.weight_global_scale"] = _reciprocal(weight.gscale)
             if weight.input_gscale is not None:
-                tensors[f"{name}.input_global_scale"] = (1 / weight.input_gscale.float()).reshape(1)
+                tensors[f"{name}.input_global_scale"] = _reciprocal(weight.input_gscale)
         return tensors
 
     def quantization_config(self, student: nn.Module) -> dict:
