@@ -1,0 +1,109 @@
+"""converter/quantize.py: fused groups share scales, exclusion, the in_features % 16 rule, calibration."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from converter.config import QuantConfig
+from converter.models import load_causal_lm
+from converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
+from kernels import numerics
+from kernels.linear import NVFP4FakeQuantLinear
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir):
+    model, _, _ = load_causal_lm(tiny_model_dir)
+    return model
+
+
+def batches(vocab: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, 24), generator=generator) for _ in range(2)]
+
+
+def test_fused_groups_share_the_group_max_global_scale(teacher):
+    original = {n: m.weight.detach().clone() for n, m in teacher.named_modules() if isinstance(m, nn.Linear)}
+    modules = quantized_modules(quantize(copy.deepcopy(teacher), QuantConfig()))
+    for layer in range(teacher.config.num_hidden_layers):
+        for parent, group in [("self_attn", GROUPS[0]), ("mlp", GROUPS[1])]:
+            names = [f"model.layers.{layer}.{parent}.{leaf}" for leaf in group]
+            group_amax = max(original[n].abs().max().item() for n in names)
+            for name in names:
+                assert modules[name].weight_gscale.item() == numerics.global_scale(group_amax).item(), name
+        for alone in (f"model.layers.{layer}.self_attn.o_proj", f"model.layers.{layer}.mlp.down_proj"):
+            assert modules[alone].weight_gscale.item() == numerics.global_scale(original[alone].abs().max()).item()
+    # a shared s2 differs from at least one member's own s2 (else the test proves nothing)
+    q, k = (original[f"model.layers.0.self_attn.{p}"].abs().max() for p in ("q_proj", "k_proj"))
+    assert q != k
+
+
+def test_default_exclusion_keeps_lm_head_and_quantizes_every_other_linear(teacher):
+    student = quantize(copy.deepcopy(teacher), QuantConfig())
+    kinds = {n: type(m) for n, m in student.named_modules() if isinstance(m, (nn.Linear, NVFP4FakeQuantLinear))}
+    assert kinds.pop("lm_head") is nn.Linear
+    assert kinds and all(kind is NVFP4FakeQuantLinear for kind in kinds.values())
+
+
+def test_user_exclusion_patterns_and_whole_fused_groups(teacher, caplog):
+    cfg = QuantConfig(exclude=("model.layers.1.*", "model.layers.0.self_attn.k_proj"))
+    with caplog.at_level(logging.WARNING, logger="converter.quantize"):
+        chosen = set(eligible_linears(teacher, cfg))
+    assert not any(n.startswith("model.layers.1.") for n in chosen)
+    # excluding k_proj alone keeps the whole q/k/v group unquantized: engines fuse it
+    assert not any(f"layers.0.self_attn.{p}" in n for n in chosen for p in GROUPS[0])
+    assert {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj"} <= chosen
+    assert "fused group" in caplog.text
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Linear(32, 16)
+        self.odd = nn.Linear(20, 16)
+
+    def forward(self, x):
+        return self.odd(self.fine(x)[..., :4].repeat(1, 5))
+
+
+def test_in_features_not_multiple_of_16_stays_unquantized_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="converter.quantize"):
+        model = quantize(Odd(), QuantConfig(scheme="nvfp4-a16"))
+    assert isinstance(model.fine, NVFP4FakeQuantLinear) and type(model.odd) is nn.Linear
+    assert "odd" in caplog.text and "16" in caplog.text
+    assert model(torch.randn(3, 32)).shape == (3, 16)
+
+
+def test_calibration_matches_modelopt_input_amax(teacher):
+    import modelopt.torch.quantization as mtq
+
+    calibration = batches(teacher.config.vocab_size)
+    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4"))
+    calibrate(student, calibration)
+    reference = copy.deepcopy(teacher)
+
+    def forward_loop(model):
+        for batch in calibration:
+            model(batch)
+
+    mtq.quantize(reference, mtq.NVFP4_DEFAULT_CFG, forward_loop=forward_loop)
+    theirs = {n: m.input_quantizer.amax.float().reshape(()) for n, m in reference.named_modules()
+              if hasattr(m, "input_quantizer") and m.input_quantizer.is_enabled and m.input_quantizer.amax is not None}
+    ours = quantized_modules(student)
+    assert set(theirs) == set(ours)
+    for name, module in ours.items():
+        parent, _, leaf = name.rpartition(".")
+        group = next((g for g in GROUPS if leaf in g), (leaf,))
+        amax = torch.stack([theirs[f"{parent}.{member}"] for member in group]).amax()  # export unifies fused inputs
+        assert torch.equal(module.input_gscale, numerics.activation_global_scale(amax)), name
+
+
+def test_weight_only_scheme_never_quantizes_activations(teacher):
+    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4-a16"))
+    calibrate(student, batches(teacher.config.vocab_size))
+    assert all(not m.quantize_input and m.input_gscale is None for m in quantized_modules(student).values())
