@@ -6,7 +6,7 @@ NVFP4 := $(VENV)/bin/nvfp4
 DEMO_OUT ?= out/demo
 PORT ?= 8000
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast clean test-tools
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,10 +28,15 @@ $(VENV)/.ui: $(VENV)/.base
 	$(PIP) install -q -e '.[ui]'
 	touch $@
 
-test: $(VENV)/.dev
+# Debian tools for tests/test_docker.py (docker-compose config, promtool); skipped when present.
+test-tools:
+	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose prometheus; }
+
+test: $(VENV)/.dev test-tools
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.dev
+test-fast: $(VENV)/.dev test-tools
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(VENV)/.ui
