@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from converter.errors import UserError
+from converter.generate import generate_batch
 
 _PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
 
@@ -56,23 +57,13 @@ def _pack(documents: list[list[int]], seq_len: int, total_tokens: int) -> list[T
     return [torch.tensor(stream[i : i + seq_len]).unsqueeze(0) for i in range(0, total_tokens, seq_len)]
 
 
-@torch.no_grad()
 def _teacher_answers(model, tokenizer, total_tokens: int, seed: int) -> list[list[int]]:
     prompts = chat_prompt_ids(tokenizer, _PROMPTS.read_text().splitlines())
     new_tokens = max(16, total_tokens // len(prompts))
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-    torch.manual_seed(seed)
-    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.9,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    answers = []
-    for row, prompt in zip(out.tolist(), prompts):
-        row = row[batch["input_ids"].shape[1] - len(prompt) :]  # drop the left padding
-        answer = row[len(prompt) :]
-        if tokenizer.eos_token_id in answer:
-            answer = answer[: answer.index(tokenizer.eos_token_id) + 1]
-        answers.append(prompt + answer)
-    return answers
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    answers = generate_batch(model, prompts, new_tokens, pad, eos, torch.Generator().manual_seed(seed), temperature=0.7)
+    return [p + a for p, a in zip(prompts, answers)]
 
 
 def calibration_batches(source: str, model, tokenizer, total_tokens: int, seed: int, seq_len: int = 256) -> list[Tensor]:

@@ -4,6 +4,7 @@ It lives in `qad` because dependencies flow kernels <- converter <- qad: this is
 knows both.
 """
 
+import time
 from pathlib import Path
 
 import click
@@ -48,6 +49,7 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
             force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_batch, qad_seq_len, qad_budget_minutes,
             qad_data, loss, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
+    started = time.monotonic()
     try:
         quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search)
     except ValueError as error:
@@ -57,15 +59,22 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
                         trust_remote_code=trust_remote_code, evaluate=not no_eval)
     qad_options = dict(steps=qad_steps, lr=qad_lr, batch=qad_batch, seq_len=qad_seq_len,
                        budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed)
-    stage = _qad_stage(qad_options, resume)
+    stage = _qad_stage(qad_options, resume, started)
     report = run_convert(cfg, train=stage)
     click.echo(f"wrote {out}: " + ", ".join(f"{t} {report['size_vs_bf16'][t]:.2f}x BF16" for t in cfg.targets))
     if report["accuracy"]:
         click.echo(report["accuracy"]["table"])
 
 
-def _qad_stage(options: dict, resume: bool):
-    """The QAD training stage for the pipeline, or None for PTQ only (--qad-steps 0)."""
+EXPORT_RESERVE_SECONDS = 20  # the exports after QAD, inside the budget; the held-out evaluation is not
+
+
+def _qad_stage(options: dict, resume: bool, started: float):
+    """The QAD training stage for the pipeline, or None for PTQ only (--qad-steps 0).
+
+    A budgeted pass (no --qad-steps) ends early enough that the whole convert, from this command's
+    start to the last export, fits --qad-budget-minutes.
+    """
     from qad.config import QADConfig
     from qad.distill import run_qad
 
@@ -78,7 +87,9 @@ def _qad_stage(options: dict, resume: bool):
     except (TypeError, ValueError) as error:
         raise UserError(str(error)) from error
 
+    deadline = started + qad_cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS
+
     def stage(student, teacher, tokenizer, workdir: Path, logdir: Path) -> dict:
-        return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume)
+        return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume, deadline=deadline)
 
     return stage

@@ -1,0 +1,38 @@
+"""QADConfig: the recipe of one QAD (or QAT) pass, checked up front and written into the log."""
+
+from dataclasses import asdict, dataclass
+
+LOSSES = ("kl", "ce")
+
+
+@dataclass(frozen=True)
+class QADConfig:
+    steps: int | None = None  # None: as many as `budget_minutes` allows; 0: no training
+    lr: float = 1e-5  # peak; 1e-6 is the recommendation for SFT-only models on long runs
+    batch: int = 8
+    seq_len: int = 128
+    budget_minutes: float = 8.0  # end to end, the whole convert included
+    data: str = "self"  # self | random | PATH
+    loss: str = "kl"  # kl = QAD (forward KL to the teacher, T=1); ce = plain QAT
+    seed: int = 0
+    warmup_fraction: float = 0.1
+    min_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak
+    grad_clip: float = 1.0
+    reuse: int = 2  # each generated sequence is trained on this many times (in different batches)
+    checkpoint_every: int = 10
+    kl_chunk_tokens: int = 256
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"--qad-steps must be >= 0, got {self.steps}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        for name in ("lr", "batch", "seq_len", "budget_minutes", "reuse", "checkpoint_every", "kl_chunk_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--qad-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 8:
+            raise ValueError(f"--qad-seq-len must be at least 8, got {self.seq_len}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,51 @@
+"""Token sequences for QAD: the teacher's own sampled answers (`self`), uniform random tokens, or a file."""
+
+import random
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from converter.calibration import chat_prompt_ids, read_text_file
+from converter.generate import generate_batch
+from converter.errors import UserError
+
+PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
+
+
+def _fixed_length(sequences: list[list[int]], seq_len: int, pad_id: int) -> Tensor:
+    """Concatenate and cut into rows of seq_len (no padding inside a row)."""
+    stream = [t for s in sequences for t in s]
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise UserError(f"QAD data holds {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(stream[: rows * seq_len]).view(rows, seq_len)
+
+
+class TeacherSamples:
+    """Fresh teacher answers to the shipped chat prompts, generated in rounds as training needs them."""
+
+    def __init__(self, teacher: nn.Module, tokenizer, seq_len: int, seed: int, batch: int = 16):
+        self.teacher, self.tokenizer, self.seq_len, self.batch = teacher, tokenizer, seq_len, batch
+        self.prompts = chat_prompt_ids(tokenizer, [p for p in PROMPTS.read_text().splitlines() if p.strip()])
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def rows(self) -> Tensor:
+        """One round: `batch` prompts, each answered up to seq_len tokens; -> [n, seq_len] rows."""
+        chosen = [self.rng.choice(self.prompts) for _ in range(self.batch)]
+        new_tokens = max(8, self.seq_len - min(len(p) for p in chosen))
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        answers = generate_batch(self.teacher, chosen, new_tokens, pad, eos, self.generator)
+        return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len, pad)
+
+
+def random_rows(vocab_size: int, count: int, seq_len: int, seed: int) -> Tensor:
+    return torch.randint(0, vocab_size, (count, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def file_rows(path: Path, tokenizer, seq_len: int) -> Tensor:
+    documents = read_text_file(Path(path), tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _fixed_length(documents, seq_len, pad)

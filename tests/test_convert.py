@@ -1,0 +1,90 @@
+"""`nvfp4 convert`: output layout, report, atomic writes and one-line errors for bad input."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from converter.writers import Writer, load_all_writers
+from nvfp4.cli import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("convert") / "out"
+    result = run("convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0", "--calib-data", "random",
+                 "--calib-tokens", "256")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_layout_and_report(tiny_out, tiny_model_dir):
+    assert (tiny_out / "trtllm" / "hf_quant_config.json").is_file()
+    assert (tiny_out / "vllm" / "config.json").is_file()
+    assert (tiny_out / "llamacpp" / "model.gguf").is_file()
+    report = json.loads((tiny_out / "report.json").read_text())
+    assert report["scheme"] == "nvfp4" and report["source"] == str(tiny_model_dir.resolve())
+    assert set(report["sizes_bytes"]) == {"bf16", "trtllm", "vllm", "llamacpp"}
+    assert {"load", "quantize", "calibrate", "export-trtllm", "export-vllm", "export-llamacpp"} <= set(report["timings_seconds"])
+    assert report["accuracy"]["results"], "accuracy vs the teacher is missing"
+    assert "trtllm" in (tiny_out / "report.md").read_text()
+    assert not list(tiny_out.parent.glob(".out.*")), "temporary folders were left behind"
+
+
+def test_existing_out_needs_force(tiny_out, tiny_model_dir):
+    assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tiny_out), "--qad-steps", "0"), "--force")
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(run("convert", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "does not exist")
+
+
+def test_not_a_causal_lm(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    assert_one_line_error(run("convert", str(tmp_path / "bert"), "-o", str(tmp_path / "o")), "not a causal LM")
+
+
+def test_corrupt_safetensors(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_one_line_error(run("convert", str(broken), "-o", str(tmp_path / "o"), "--qad-steps", "0"), "cannot load model")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--targets", "trtllm,onnx"], "unknown target"),
+    (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
+    (["--calib-tokens", "0"], "--calib-tokens must be positive"),
+])
+def test_bad_options(tiny_model_dir, tmp_path, args, fragment):
+    assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), *args), fragment)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_failure_leaves_no_half_written_out(tiny_model_dir, tmp_path, monkeypatch, failure):
+    load_all_writers()
+
+    def explode(self, *args):
+        raise failure
+
+    monkeypatch.setattr(Writer.targets["vllm"], "write", explode)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
+                                      "--scheme", "nvfp4-a16", "--no-eval"])
+    assert result.exit_code != 0
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
