@@ -162,3 +162,23 @@ def test_vllm_global_scales_are_compressed_tensors_gparam_of_the_group_amax(tiny
         assert (ours[0] - theirs).abs() <= 2 * torch.finfo(torch.float32).eps * theirs, group  # two roundings apart
         exact += int(torch.equal(ours[0], theirs))
     assert exact >= len(fused_groups(modules)) // 2, "most groups should match generate_gparam exactly"
+
+
+def test_packed_weights_are_shared_between_targets_until_the_student_changes(tiny_model_dir):
+    from converter.quantize import export_weights
+    from converter.writers.hf import packed_weights
+
+    teacher, _, _ = load_causal_lm(tiny_model_dir)
+    student = quantize(teacher, QuantConfig(scheme="nvfp4"))
+    first = packed_weights(student)
+    assert packed_weights(student) is first
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(-1)  # in place, as an optimizer step would
+    after_edit = packed_weights(student)
+    assert after_edit is not first
+    assert not torch.equal(after_edit["model.layers.0.mlp.down_proj"].packed, first["model.layers.0.mlp.down_proj"].packed)
+    calibrate(student, [calibration_batch(teacher.config.vocab_size)])  # sets input scales
+    calibrated = packed_weights(student)
+    assert calibrated is not after_edit and calibrated["model.layers.0.mlp.down_proj"].input_gscale is not None
+    fresh = export_weights(student)
+    assert all(torch.equal(fresh[n].packed, calibrated[n].packed) for n in fresh)

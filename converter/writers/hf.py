@@ -3,6 +3,7 @@ and compressed-tensors `nvfp4-pack-quantized` (vLLM, transformers)."""
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -40,6 +41,28 @@ def unquantized_tensors(student: nn.Module, dtype: torch.dtype) -> dict[str, Ten
 def excluded_modules(student: nn.Module) -> list[str]:
     """Linears and embeddings left in high precision (ModelOpt's `exclude_modules`)."""
     return sorted(n for n, m in student.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)))
+
+
+_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, PackedWeight]]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(student: nn.Module) -> tuple:
+    """Changes whenever a quantized weight, block scale or input scale is replaced or edited in place."""
+    state = []
+    for name, module in student.named_modules():
+        if isinstance(module, NVFP4FakeQuantLinear):
+            tensors = (module.weight, module.weight_gscale, module.block_scales, module.input_gscale)
+            state.append((name, module.quantize_input, *((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors)))
+    return tuple(state)
+
+
+def packed_weights(student: nn.Module) -> dict[str, PackedWeight]:
+    """`export_weights(student)`, computed once for all the targets written from the same student state."""
+    key = _fingerprint(student)
+    cached = _EXPORTS.get(student)
+    if cached is None or cached[0] != key:
+        cached = _EXPORTS[student] = (key, export_weights(student))
+    return cached[1]
 
 
 def _write_config(student: nn.Module, out: Path, dtype: torch.dtype, quantization_config: dict) -> None:
@@ -80,7 +103,7 @@ class TRTLLMWriter(Writer, target="trtllm"):
         }
 
     def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(export_weights(student))
+        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(packed_weights(student))
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         quantization = self.quantization(student)
         (out / "hf_quant_config.json").write_text(
@@ -148,7 +171,7 @@ class VLLMWriter(Writer, target="vllm"):
         }
 
     def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(export_weights(student))
+        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(packed_weights(student))
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         _write_config(student, out, self.dtype, self.quantization_config(student))
         _copy_side_files(tokenizer, source_dir, out)
