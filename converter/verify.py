@@ -148,11 +148,17 @@ def present_targets(out: Path, readers: dict[str, Reader]) -> list[str]:
         raise UserError(f"{out} is not a folder")
     if not (out / "trtllm" / "hf_quant_config.json").is_file():
         raise UserError(f"{out} has no trtllm/hf_quant_config.json: the student is read from OUT/trtllm")
-    targets = [t for t in readers if (out / t).is_dir()]
-    unknown = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in readers)
-    if unknown:
-        raise UserError(f"{out}: no reader for {', '.join(unknown)} (known: {', '.join(sorted(readers))})")
-    return targets
+    from converter.writers import Writer, load_all_writers
+
+    try:
+        load_all_writers()
+    except ImportError:  # an optional writer's dependency is missing; its folder is reported below
+        pass
+    exported = set(Writer.targets) | {"trtllm", "vllm", "llamacpp"}
+    unreadable = sorted(t for t in exported - set(readers) if (out / t).is_dir())
+    if unreadable:
+        raise UserError(f"{out}: no reader for {', '.join(unreadable)} (known: {', '.join(sorted(readers))})")
+    return [t for t in readers if (out / t).is_dir()]  # other folders (qad/, ...) are not exports
 
 
 def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None) -> list[Row]:

@@ -74,8 +74,8 @@ def test_cli_prints_table_and_fails_on_a_tampered_target(w4a4_out, tmp_path):
     assert "FAIL" in bad.output and "vllm" in bad.output
 
 
-@pytest.mark.parametrize("layout", ["missing", "no-trtllm", "unknown-target", "corrupt"])
-def test_bad_out_is_one_line_exit_2(w4a4_out, tmp_path, layout):
+@pytest.mark.parametrize("layout", ["missing", "no-trtllm", "unreadable-target", "corrupt"])
+def test_bad_out_is_one_line_exit_2(w4a4_out, tmp_path, layout, monkeypatch):
     import shutil
 
     out = tmp_path / "OUT"
@@ -83,13 +83,23 @@ def test_bad_out_is_one_line_exit_2(w4a4_out, tmp_path, layout):
         shutil.copytree(w4a4_out, out)
     if layout == "no-trtllm":
         shutil.rmtree(out / "trtllm")
-    if layout == "unknown-target":
+    if layout == "unreadable-target":
         (out / "onnx").mkdir()
+        monkeypatch.setitem(Writer.targets, "onnx", Writer)  # a writer whose format no reader checks
     if layout == "corrupt":
         (out / "trtllm" / "model.safetensors").write_bytes(b"not a safetensors file")
     result = CliRunner().invoke(cli, ["verify", str(out)])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+
+
+def test_folders_that_are_not_exports_are_ignored(w4a4_out, tmp_path):
+    import shutil
+
+    out = tmp_path / "OUT"
+    shutil.copytree(w4a4_out, out)
+    (out / "qad").mkdir()  # the convert pipeline's QAD logs
+    assert [r.target for r in verify(out)] == ["trtllm", "vllm"]
 
 
 def test_llamacpp_reader_registers_lazily_from_the_gguf_module():
