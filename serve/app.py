@@ -309,8 +309,30 @@ def _completion_logprobs(job: Job, events: list[TokenEvent], prompt: list[int] |
 async def _serve(job: Job, request: Request):
     streams = job.start()
     if job.body.stream:
+        if getattr(job.engine, "fails_after_submit", False):  # proxied engines (serve/engines/)
+            streams = await _primed(streams)
         return StreamingResponse(_sse(job, streams), media_type="text/event-stream")
     return await _until_disconnect(request, _complete(job, streams))
+
+
+async def _primed(streams: list[AsyncIterator[TokenEvent]]) -> list[AsyncIterator[TokenEvent]]:
+    """Wait for every choice's first event before the 200 goes out: an engine whose errors surface on
+    the first await (a proxied engine's HTTP error) then still answers with an OpenAI error status."""
+    firsts = await asyncio.gather(*(anext(s, None) for s in streams), return_exceptions=True)
+    if any(isinstance(f, BaseException) for f in firsts):
+        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+        raise next(f for f in firsts if isinstance(f, BaseException))
+
+    async def replay(first: TokenEvent | None, stream: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+        try:
+            if first is not None:
+                yield first
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+    return [replay(f, s) for f, s in zip(firsts, streams)]
 
 
 async def _until_disconnect(request: Request, work):

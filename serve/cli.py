@@ -10,7 +10,7 @@ import click
 
 from converter.errors import UserError
 
-ENGINES = ("native",)  # real-engine adapters (serve/engines/) add their names here
+ENGINES = ("native", "vllm", "trtllm", "llamacpp")  # all but native: serve/engines/ adapters
 
 
 def run_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
@@ -56,6 +56,24 @@ def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue:
     return engines
 
 
+def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_queue, max_model_len, threads,
+                    vllm_bin, trtllm_bin, engine_timeout) -> dict:
+    import os
+
+    from serve.engine import NativeEngine
+    from serve.engine.loader import load_teacher
+    from serve.engines import EngineOptions, adapter_models
+
+    opts = EngineOptions(engine, max_model_len, tuple(engine_args), vllm_bin, trtllm_bin,
+                         threads or max(1, (os.cpu_count() or 1) // 2), engine_timeout)
+
+    def native_teacher(source, name):
+        kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
+        return NativeEngine(name, lambda: load_teacher(source)[:2], **kwargs)
+
+    return adapter_models(out, teacher, opts, native_teacher)
+
+
 def mount_ui(app, base_url: str, models: dict, api_key: str | None):
     try:
         import gradio as gr
@@ -81,16 +99,33 @@ def mount_ui(app, base_url: str, models: dict, api_key: str | None):
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
 @click.option("--ui", is_flag=True, help="Mount the Gradio side-by-side chat at /ui.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, threads, ui, log_level) -> None:
-    """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API."""
+@click.option("--vllm-bin", default=None, help="--engine vllm: the `vllm` executable, or a Python with vllm (default: $NVFP4_VLLM_BIN, PATH).")
+@click.option("--trtllm-bin", default=None, help="--engine trtllm: the `trtllm-serve` executable (default: $NVFP4_TRTLLM_BIN, PATH).")
+@click.option("--engine-timeout", default=900.0, show_default=True, type=click.FloatRange(1), help="Seconds an engine process may take to become ready.")
+@click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
+def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, threads, ui, log_level,
+          vllm_bin, trtllm_bin, engine_timeout, engine_args) -> None:
+    """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API.
+
+    With --engine vllm|trtllm|llamacpp, arguments after `--` go to the engine's own server."""
     from serve.app import build_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not out.is_dir():
         raise UserError(f"not a convert output folder: {out}")
-    models = native_engines(out, teacher, max_num_seqs, max_queue, max_model_len)
+    if engine == "native" and engine_args:
+        raise UserError(f"arguments after `--` ({' '.join(engine_args)}) go to --engine vllm|trtllm|llamacpp, not native")
+    if engine == "native":
+        models = native_engines(out, teacher, max_num_seqs, max_queue, max_model_len)
+    else:
+        models = adapter_engines(out, teacher, engine, engine_args, max_num_seqs, max_queue, max_model_len, threads,
+                                 vllm_bin, trtllm_bin, engine_timeout)
     set_threads(threads, len(models))
     app = build_app(models, api_key=api_key, drain_timeout=drain_timeout)
+    if engine != "native":
+        from serve.engines import mount_engine_metrics
+
+        mount_engine_metrics(app, models)
     if ui:
         app = mount_ui(app, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", models, api_key)
     run_server(app, host, port, drain_timeout, log_level)

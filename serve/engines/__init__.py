@@ -1,0 +1,145 @@
+"""Real-engine adapters (`nvfp4 serve OUT --engine vllm|trtllm|llamacpp`).
+
+Each adapter runs the engine's own OpenAI server as a child process and implements our Engine
+interface over it, so routes, `student`/`teacher` aliases and our Prometheus series are the same
+as with the native engine. The teacher runs on the same engine where it fits (an HF folder on vLLM
+or TensorRT-LLM, a .gguf on llama.cpp), otherwise on the native engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from converter.errors import UserError
+from serve.engine.types import Engine
+from serve.engines.base import ProxyEngine
+
+ADAPTERS = ("vllm", "trtllm", "llamacpp")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    engine: str
+    max_model_len: int = 2048
+    extra_args: tuple[str, ...] = ()  # passed through to the engine after `--`
+    vllm_bin: str | None = None
+    trtllm_bin: str | None = None
+    threads: int | None = None
+    ready_timeout: float = 600.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _student_tokenizer_dir(out: Path) -> Path:
+    for target in ("trtllm", "vllm"):
+        if (out / target / "tokenizer_config.json").is_file():
+            return out / target
+    raise UserError(f"no tokenizer in {out}/trtllm or {out}/vllm (run `nvfp4 convert ... -o {out}`)")
+
+
+def student_engine(out: Path, name: str, opts: EngineOptions) -> ProxyEngine:
+    common = dict(extra_args=opts.extra_args, ready_timeout=opts.ready_timeout, env=opts.env)
+    if opts.engine == "llamacpp":
+        from serve.engines import llamacpp
+
+        llamacpp.check_installed()
+        gguf = llamacpp.student_gguf(out)
+        return llamacpp.LlamaCppEngine(name, str(gguf), _tokenizer(_student_tokenizer_dir(out)), opts.max_model_len,
+                                       threads=opts.threads, **common)
+    if opts.engine == "vllm":
+        from serve.engines import vllm
+
+        folder, model_args = vllm.student_checkpoint(out)
+        return vllm.VLLMEngine(name, str(folder), _tokenizer(_student_tokenizer_dir(out)), opts.max_model_len,
+                               vllm.find_vllm(opts.vllm_bin), model_args=tuple(model_args), **common)
+    if opts.engine == "trtllm":
+        from serve.engines import trtllm
+
+        folder = trtllm.student_checkpoint(out)
+        return trtllm.TRTLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, trtllm.find_trtllm(opts.trtllm_bin), **common)
+    raise UserError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ADAPTERS)}")
+
+
+def teacher_engine(source: str | None, name: str, opts: EngineOptions, native: Callable[[], Engine]) -> Engine:
+    """The teacher on the student's engine where that engine reads its format, else `native()`."""
+    from converter.models import embedded_gguf, resolve_model
+
+    common = dict(extra_args=opts.extra_args, ready_timeout=opts.ready_timeout, env=opts.env)
+    gguf = embedded_gguf() if source is None else Path(source) if str(source).endswith(".gguf") else None
+    if opts.engine == "llamacpp" and gguf is not None:
+        from serve.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(name, str(gguf), _tokenizer(resolve_model(source)), opts.max_model_len, threads=opts.threads, **common)
+    folder = resolve_model(source)
+    if opts.engine == "vllm":
+        from serve.engines import vllm
+
+        return vllm.VLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, vllm.find_vllm(opts.vllm_bin), **common)
+    if opts.engine == "trtllm":
+        from serve.engines import trtllm
+
+        return trtllm.TRTLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, trtllm.find_trtllm(opts.trtllm_bin), **common)
+    return native()
+
+
+def adapter_models(out: Path, teacher: str | None, opts: EngineOptions,
+                   native_teacher: Callable[[str | None, str], Engine]) -> dict[str, Engine]:
+    """{"student": adapter, "teacher": adapter or native} as `nvfp4 serve --engine ADAPTER` serves them."""
+    from converter.models import resolve_model
+    from serve.engine.loader import teacher_source
+
+    models: dict[str, Engine] = {"student": student_engine(out, out.name + "-nvfp4", opts)}
+    if teacher is None or teacher.lower() != "none":
+        source = teacher_source(out, teacher)
+        resolve_model(source)  # fail now, with one clear line, on a bad path
+        name = Path(source).name if source else "SmolLM2-135M-Instruct"
+        models["teacher"] = teacher_engine(source, name, opts, lambda: native_teacher(source, name))
+    return models
+
+
+async def engine_metrics_text(models: dict[str, Engine]) -> str:
+    """The engines' own expositions, merged: each sample gets a `served_model` label with our alias."""
+    families: dict[str, list[str]] = {}  # a family's samples must stay together in the text format
+    for alias, engine in models.items():
+        if not isinstance(engine, ProxyEngine):
+            continue
+        for family in text_string_to_metric_families(await engine.engine_metrics()):
+            lines = families.setdefault(family.name, [f"# HELP {family.name} {_escape(family.documentation)}",
+                                                      f"# TYPE {family.name} {family.type}"])
+            for sample in family.samples:
+                labels = {**sample.labels, "served_model": alias}
+                body = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+                lines.append(f"{sample.name}{{{body}}} {_number(sample.value)}")
+    return "".join(line + "\n" for lines in families.values() for line in lines)
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def mount_engine_metrics(app, models: dict[str, Engine]) -> None:
+    """GET /metrics/engine: the wrapped engines' own Prometheus series (ours stay at /metrics)."""
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    async def engine_metrics() -> Response:
+        return Response(await engine_metrics_text(models), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/metrics/engine", engine_metrics, methods=["GET"], include_in_schema=False)

@@ -1,0 +1,58 @@
+"""`--engine llamacpp`: OUT/llamacpp/model.gguf on llama.cpp through llama-cpp-python's OpenAI server.
+
+llama-cpp-python's server takes text prompts only, so the prompt ids our routes built (chat template
+applied) are decoded with special tokens kept; llama.cpp re-tokenizes them with special-token parsing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from converter.errors import UserError
+from serve.engine.types import SamplingParams
+from serve.engines.base import ProxyEngine, UpstreamError
+
+
+def check_installed() -> None:
+    for module in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings"):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--engine llamacpp needs llama-cpp-python's server (pip install 'llama-cpp-python[server]'): no {module}")
+
+
+def student_gguf(out: Path) -> Path:
+    gguf = out / "llamacpp" / "model.gguf"
+    if not gguf.is_file():
+        raise UserError(f"no GGUF at {gguf} (run `nvfp4 convert ... -o {out}` with the llamacpp target)")
+    return gguf
+
+
+class LlamaCppEngine(ProxyEngine):
+    kind = "llamacpp"
+    health_path = "/v1/models"  # the server loads the model before it listens
+    metrics_path = None  # llama-cpp-python's server has no Prometheus endpoint
+
+    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, threads: int | None = None, **kwargs):
+        super().__init__(name, model, tokenizer, max_model_len, **kwargs)
+        self.threads = threads or max(1, os.cpu_count() or 1)
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.name,
+                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(self.max_model_len),
+                "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
+                "--interrupt_requests", "False", *self.extra_args]
+
+    def request_body(self, prompt_ids: list[int], params: SamplingParams) -> dict:
+        if params.logprobs is not None:
+            raise UpstreamError(400, f"logprobs are not supported on --engine {self.kind}")
+        if params.stop_token_ids:
+            raise UpstreamError(400, f"stop_token_ids are not supported on --engine {self.kind}; use stop strings")
+        body = {"model": self.name, "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+                "max_tokens": params.max_tokens, "min_tokens": params.min_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "top_k": max(params.top_k, 0), "min_p": 0.0, "seed": params.seed,
+                "stop": list(params.stop), "repeat_penalty": params.repetition_penalty}
+        if params.ignore_eos and self.tokenizer.eos_token_id is not None:
+            body.update(logit_bias={str(self.tokenizer.eos_token_id): -1e9}, logit_bias_type="input_ids")
+        return body

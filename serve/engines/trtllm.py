@@ -1,0 +1,44 @@
+"""`--engine trtllm`: `trtllm-serve OUT/trtllm --backend pytorch` (ModelOpt unified NVFP4 checkpoint).
+
+TensorRT-LLM needs CUDA (NVFP4 needs Blackwell): the command line is tested here, the process only on
+a GPU machine. Its OpenAI server speaks vLLM's request dialect (token-id prompts, top_k, min_tokens,
+ignore_eos, stop_token_ids, stream_options), so requests are phrased as for vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from converter.errors import UserError
+from serve.engines.vllm import VLLMEngine
+
+
+def find_trtllm(trtllm_bin: str | None) -> str:
+    candidate = trtllm_bin or os.environ.get("NVFP4_TRTLLM_BIN") or shutil.which("trtllm-serve")
+    if not candidate:
+        raise UserError("--engine trtllm needs TensorRT-LLM (CUDA only): put `trtllm-serve` on PATH or pass --trtllm-bin")
+    path = shutil.which(candidate) or candidate
+    if not Path(path).is_file():
+        raise UserError(f"--trtllm-bin {candidate}: no such executable")
+    return path
+
+
+def student_checkpoint(out: Path) -> Path:
+    if not (out / "trtllm" / "hf_quant_config.json").is_file():
+        raise UserError(f"no ModelOpt checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` with the trtllm target)")
+    return out / "trtllm"
+
+
+class TRTLLMEngine(VLLMEngine):
+    kind = "trtllm"
+    health_path = "/health"
+    metrics_path = "/prometheus/metrics"
+
+    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, trtllm_bin: str, **kwargs):
+        super().__init__(name, model, tokenizer, max_model_len, vllm_bin=trtllm_bin, **kwargs)
+
+    def command(self, port: int) -> list[str]:
+        return [self.vllm_bin, self.model, "--backend", "pytorch", "--host", "127.0.0.1", "--port", str(port),
+                "--tokenizer", self.model, "--max_seq_len", str(self.max_model_len), *self.model_args, *self.extra_args]

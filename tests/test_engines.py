@@ -1,0 +1,255 @@
+"""Engine adapters against real processes: llama.cpp (llama-cpp-python's server) on a tiny converted
+model for command line, readiness, proxying, errors, restart and orphans; vLLM / TensorRT-LLM
+command lines (their processes: tests/test_engines_vllm.py, and GPU machines for TensorRT-LLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from converter.errors import UserError
+from serve.app import build_app
+from serve.engines import EngineOptions, engine_metrics_text, mount_engine_metrics, student_engine
+from serve.engines.base import ProxyEngine
+from serve.engines.llamacpp import LlamaCppEngine
+from serve.engines.trtllm import TRTLLMEngine
+from serve.engines.vllm import VLLMEngine, find_vllm, vllm_argv
+from test_engines_helpers import ServerProcess, alive, cmdline, descendants, wait_gone
+from test_serve_helpers import LiveServer, metric
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tiny_model_dir, tmp_path_factory):
+    """`nvfp4 convert` output of the tiny Llama with the trtllm and llamacpp targets (W4A16)."""
+    from converter.config import QuantConfig
+    from converter.pipeline import ConvertConfig, convert
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=QuantConfig(scheme="nvfp4-a16"), targets=("trtllm", "llamacpp"),
+                          calib_data="random", calib_tokens=128, evaluate=False))
+    return out
+
+
+def llamacpp_engine(out, **kwargs) -> LlamaCppEngine:
+    opts = EngineOptions("llamacpp", max_model_len=512, threads=1, ready_timeout=120, **kwargs)
+    engine = student_engine(out, "tiny-nvfp4", opts)
+    assert isinstance(engine, LlamaCppEngine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def live(tiny_out):
+    engine = llamacpp_engine(tiny_out)
+    app = build_app({"student": engine})
+    mount_engine_metrics(app, {"student": engine})
+    with LiveServer(app) as server:
+        server.engine = engine
+        yield server
+
+
+def llama_direct(out, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from llama.cpp itself (in process, same GGUF): what the proxy must pass through."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(out / "llamacpp" / "model.gguf"), n_ctx=512, n_threads=1, verbose=False)
+    try:
+        tokens = []
+        for token in llm.generate(prompt_ids, temp=0.0, top_k=1):
+            tokens.append(token)
+            if len(tokens) == n:
+                return tokens
+    finally:
+        llm.close()
+
+
+# --- command lines ------------------------------------------------------------------------------
+
+
+def test_llamacpp_command_line(tiny_out):
+    engine = llamacpp_engine(tiny_out, extra_args=("--n_batch", "64"))
+    argv = engine.command(4321)
+    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    assert argv[argv.index("--model") + 1] == str(tiny_out / "llamacpp" / "model.gguf")
+    assert argv[argv.index("--port") + 1] == "4321" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--model_alias") + 1] == "tiny-nvfp4" and argv[argv.index("--n_ctx") + 1] == "512"
+    assert argv[-2:] == ["--n_batch", "64"], "pass-through arguments come last, so they win"
+
+
+def test_vllm_command_lines(tiny_out, tmp_path):
+    fake_bin = tmp_path / "vllm"
+    fake_bin.write_text("#!/bin/sh\n")
+    fake_bin.chmod(0o755)
+    opts = EngineOptions("vllm", max_model_len=1024, vllm_bin=str(fake_bin), extra_args=("--enforce-eager",))
+    engine = student_engine(tiny_out, "tiny-nvfp4", opts)  # no OUT/vllm: the ModelOpt checkpoint
+    argv = engine.command(5555)
+    assert argv[:3] == [str(fake_bin), "serve", str(tiny_out / "trtllm")]
+    assert argv[argv.index("--quantization") + 1] == "modelopt_fp4"
+    assert argv[argv.index("--port") + 1] == "5555" and argv[argv.index("--max-model-len") + 1] == "1024"
+    assert argv[argv.index("--served-model-name") + 1] == "tiny-nvfp4" and argv[-1] == "--enforce-eager"
+    assert vllm_argv("/x/bin/python3", "/m") == ["/x/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
+    (tiny_out / "vllm").mkdir()
+    try:
+        (tiny_out / "vllm" / "config.json").write_text("{}")
+        argv = student_engine(tiny_out, "s", opts).command(1)
+        assert argv[2] == str(tiny_out / "vllm") and "--quantization" not in argv  # compressed-tensors: detected by vLLM
+    finally:
+        (tiny_out / "vllm" / "config.json").unlink()
+        (tiny_out / "vllm").rmdir()
+
+
+def test_trtllm_command_line(tiny_out, tmp_path):
+    fake_bin = tmp_path / "trtllm-serve"
+    fake_bin.write_text("#!/bin/sh\n")
+    fake_bin.chmod(0o755)
+    engine = student_engine(tiny_out, "tiny-nvfp4", EngineOptions("trtllm", max_model_len=4096, trtllm_bin=str(fake_bin),
+                                                                  extra_args=("--kv_cache_free_gpu_memory_fraction", "0.5")))
+    assert isinstance(engine, TRTLLMEngine)
+    argv = engine.command(7777)
+    assert argv[:4] == [str(fake_bin), str(tiny_out / "trtllm"), "--backend", "pytorch"]
+    assert argv[argv.index("--port") + 1] == "7777" and argv[argv.index("--max_seq_len") + 1] == "4096"
+    assert argv[-2:] == ["--kv_cache_free_gpu_memory_fraction", "0.5"]
+    assert engine.metrics_path == "/prometheus/metrics"
+
+
+def test_missing_engine_binaries_are_user_errors(tiny_out, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("NVFP4_VLLM_BIN", raising=False)
+    with pytest.raises(UserError, match="--vllm-bin"):
+        find_vllm(None)
+    with pytest.raises(UserError, match="no such executable"):
+        find_vllm(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="trtllm-serve"):
+        student_engine(tiny_out, "s", EngineOptions("trtllm"))
+    with pytest.raises(UserError, match="no GGUF"):
+        student_engine(tmp_path, "s", EngineOptions("llamacpp"))
+
+
+def test_cli_rejects_engine_args_for_native(tiny_out):
+    result = subprocess.run([sys.executable, "-m", "nvfp4.cli", "serve", str(tiny_out), "--", "--n_ctx", "8"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not native" in result.stderr
+
+
+# --- the real llama.cpp server behind our app -------------------------------------------------------
+
+
+def test_proxy_greedy_equals_llama_cpp_and_stream_joins(live, tiny_out):
+    tokenizer = live.engine.tokenizer
+    client = live.openai()
+    prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    expected = tokenizer.decode(llama_direct(tiny_out, ids, 10), skip_special_tokens=True)
+    kwargs = dict(model="student", messages=MESSAGES, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kwargs)
+    assert full.choices[0].message.content == expected
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 10
+    assert full.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == expected and len(deltas) > 1, "streaming must pass chunks through, not one blob"
+    by_name = client.completions.create(model="tiny-nvfp4", prompt="Once upon", max_tokens=4, temperature=0)
+    assert by_name.choices[0].finish_reason == "length"
+
+
+def test_engine_errors_keep_the_openai_shape(live):
+    body = {"model": "student", "prompt": "hello", "max_tokens": 4, "logprobs": 2}
+    for stream in (False, True):
+        response = httpx.post(f"{live.url}/v1/completions", json={**body, "stream": stream}, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert "logprobs are not supported" in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_failed_engine_generation_is_an_openai_error(tiny_out):
+    """llama.cpp cannot fit a prompt longer than its --n_ctx (passed through after `--`): its server
+    answers 200 and an empty stream; our answer is a 502 in the OpenAI error shape, streaming or not."""
+    engine = llamacpp_engine(tiny_out, extra_args=("--n_ctx", "32"))
+    with LiveServer(build_app({"student": engine})) as server:
+        prompt = "word " * 60
+        for stream in (False, True):
+            response = httpx.post(f"{server.url}/v1/completions",
+                                  json={"model": "student", "prompt": prompt, "max_tokens": 4, "stream": stream}, timeout=60)
+            assert response.status_code == 502, response.text
+            assert "ended the stream without finishing" in response.json()["error"]["message"]
+        ok = server.openai().completions.create(model="student", prompt="short", max_tokens=2, temperature=0)
+        assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_metrics_measured_at_the_proxy(live):
+    client = live.openai()
+    before = httpx.get(f"{live.url}/metrics").text
+    client.completions.create(model="student", prompt="Count:", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    after = httpx.get(f"{live.url}/metrics").text
+    assert metric(after, "nvfp4_generation_tokens_total", model="student") - metric(before, "nvfp4_generation_tokens_total", model="student") == 5
+    assert metric(after, "nvfp4_time_to_first_token_seconds_count", model="student") > metric(before, "nvfp4_time_to_first_token_seconds_count", model="student")
+    engine_metrics = httpx.get(f"{live.url}/metrics/engine")
+    assert engine_metrics.status_code == 200 and engine_metrics.text == ""  # llama-cpp-python's server has none
+
+
+def test_engine_metrics_are_relabelled_and_merged():
+    class Fake(ProxyEngine):
+        def __init__(self, text):
+            self.text = text
+
+        async def engine_metrics(self):
+            return self.text
+
+    text = '# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} 3.0\n'
+    merged = asyncio.run(engine_metrics_text({"student": Fake(text), "teacher": Fake(text.replace("3.0", "1.0"))}))
+    assert merged.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert 'vllm:num_requests_running{model_name="m",served_model="student"} 3.0' in merged
+    assert 'vllm:num_requests_running{model_name="m",served_model="teacher"} 1.0' in merged
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert len(list(text_string_to_metric_families(merged))[0].samples) == 2
+
+
+def test_dead_engine_is_reported_and_restarted(live):
+    reaper = live.engine.process.pid
+    server = [p for p in descendants(reaper) if "llama_cpp.server" in cmdline(p)]
+    assert len(server) == 1
+    os.kill(server[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{live.url}/ready").status_code == 200:
+        assert time.monotonic() < deadline, "/ready kept answering 200 after the engine died"
+        time.sleep(0.05)
+    ready = httpx.get(f"{live.url}/ready")
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+    down = httpx.post(f"{live.url}/v1/completions", json={"model": "student", "prompt": "x", "max_tokens": 2})
+    assert down.status_code == 503 and "not ready" in down.json()["error"]["message"]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{live.url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the engine was not restarted"
+        time.sleep(0.2)
+    assert live.engine.restarts == 1 and live.engine.process.pid != reaper
+    again = live.openai().completions.create(model="student", prompt="Back", max_tokens=3, temperature=0)
+    assert again.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_no_orphans_when_our_server_dies(tiny_out, sig):
+    server = ServerProcess([str(tiny_out), "--engine", "llamacpp", "--teacher", "none", "--threads", "1", "--max-model-len", "256"])
+    try:
+        server.wait_ready(120)
+        children = descendants(server.process.pid)
+        assert any("llama_cpp.server" in cmdline(p) for p in children), "no engine process found"
+        text = server.openai().completions.create(model="student", prompt="Hi", max_tokens=2, temperature=0)
+        assert text.choices[0].finish_reason in ("length", "stop")
+        server.process.send_signal(sig)
+        server.process.wait(60)
+        left = wait_gone(children, 20)
+        assert not left, f"orphans after {sig.name}: {[cmdline(p) for p in left]}"
+    finally:
+        server.stop()
+        for pid in alive(descendants(server.process.pid)):
+            os.kill(pid, signal.SIGKILL)
