@@ -1,0 +1,171 @@
+"""QAD: STE training of the fake-quantized student against its teacher (KL at T=1), data, resume."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from converter.config import QuantConfig
+from converter.errors import UserError
+from converter.models import load_causal_lm
+from converter.quantize import quantize, quantized_modules
+from qad import distill
+from qad.config import QADConfig
+from qad.data import TeacherSamples, file_rows, random_rows
+from qad.distill import chunked_loss, run_qad, trainable_parameters
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    """A tiny teacher with confident predictions (weights scaled up) and its NVFP4 student."""
+    teacher, tokenizer, _ = load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        for name, param in teacher.named_parameters():
+            if "norm" not in name:
+                param.mul_(8.0)
+    return teacher, tokenizer
+
+
+def fresh_student(teacher, scheme="nvfp4-a16"):
+    return quantize(copy.deepcopy(teacher), QuantConfig(scheme=scheme))
+
+
+def held_out_kl(teacher, student, ids) -> float:
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher(ids).logits, -1)
+        log_q = F.log_softmax(student(ids).logits, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+def test_only_quantized_weights_train(models):
+    teacher, _ = models
+    student = fresh_student(teacher)
+    params = trainable_parameters(student)
+    assert {id(p) for p in params} == {id(m.weight) for m in quantized_modules(student).values()}
+    assert all(not p.requires_grad for n, p in student.named_parameters() if "embed" in n or "norm" in n)
+
+
+def test_chunked_kl_equals_unchunked_kl_and_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, teacher_hidden = torch.randn(37, 16), torch.randn(37, 16)
+    loss, grad = chunked_loss(hidden, head, teacher_hidden, head, None, chunk=5)
+    full_hidden = hidden.clone().requires_grad_(True)
+    log_p, log_q = F.log_softmax(head(teacher_hidden), -1), F.log_softmax(head(full_hidden), -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, full_hidden.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_ce_equals_cross_entropy():
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, targets = torch.randn(23, 16), torch.randint(0, 50, (23,))
+    loss, _ = chunked_loss(hidden, head, None, None, targets, chunk=4)
+    torch.testing.assert_close(loss, F.cross_entropy(head(hidden), targets).detach(), rtol=1e-5, atol=1e-6)
+
+
+def train(models, tmp_path, loss: str):
+    """12 steps on a 4-row random pool (each row seen 6 times); returns (student, KL before, KL after, log)."""
+    teacher, tokenizer = models
+    cfg = QADConfig(steps=12, lr=3e-4, batch=2, seq_len=16, data="random", loss=loss, reuse=6, checkpoint_every=100)
+    pool = random_rows(teacher.config.vocab_size, 4, 16, cfg.seed)  # the rows run_qad trains on
+    student = fresh_student(teacher)
+    before = held_out_kl(teacher, student, pool)
+    metrics = run_qad(student, teacher, tokenizer, cfg, tmp_path / loss / "work", tmp_path / loss / "log")
+    log = [json.loads(line) for line in (tmp_path / loss / "log" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 12 and metrics["steps"] == 12 and metrics["pool_rows"] == 4
+    assert (tmp_path / loss / "log" / "loss.png").stat().st_size > 1000
+    return before, held_out_kl(teacher, student, pool), log
+
+
+def test_qad_lowers_kl_and_beats_qat_on_the_same_data(models, tmp_path):
+    before, qad_after, qad_log = train(models, tmp_path, "kl")
+    assert qad_after < 0.5 * before, f"KL {before:.4f} -> {qad_after:.4f}"
+    assert sum(r["loss"] for r in qad_log[-3:]) < sum(r["loss"] for r in qad_log[:3])
+    _, qat_after, qat_log = train(models, tmp_path, "ce")
+    assert sum(r["loss"] for r in qat_log[-3:]) < sum(r["loss"] for r in qat_log[:3]), "QAT's own loss must fall"
+    assert qad_after < qat_after, f"QAD {qad_after:.4f} should beat QAT {qat_after:.4f}"
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, monkeypatch):
+    teacher, tokenizer = models
+    cfg = QADConfig(steps=6, lr=1e-3, batch=2, seq_len=16, data="random", checkpoint_every=2)
+    straight = fresh_student(teacher)
+    run_qad(straight, teacher, tokenizer, cfg, tmp_path / "a", tmp_path / "a-log")
+
+    interrupted = fresh_student(teacher)
+    real_step, calls = distill.train_step, []
+
+    def crash_at_step_five(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(distill, "train_step", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_qad(interrupted, teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b-log")
+    monkeypatch.setattr(distill, "train_step", real_step)
+    resumed = fresh_student(teacher)  # a new process starts from the PTQ student again
+    run_qad(resumed, teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b-log", resume=True)
+    for (name, a), b in zip(quantized_modules(straight).items(), quantized_modules(resumed).values()):
+        assert torch.equal(a.weight, b.weight), name
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b-log" / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5]
+
+
+def test_w4a4_student_trains_with_activation_quantization(models, tmp_path):
+    from converter.quantize import calibrate
+
+    teacher, tokenizer = models
+    student = fresh_student(teacher, "nvfp4")
+    calibrate(student, [torch.randint(0, 2000, (1, 32))])
+    assert all(m.input_gscale is not None for m in quantized_modules(student).values())
+    metrics = run_qad(student, teacher, tokenizer, QADConfig(steps=2, batch=2, seq_len=16, data="random"),
+                      tmp_path / "w", tmp_path / "l")
+    assert metrics["last_loss"] > 0
+
+
+def test_self_data_is_teacher_chat(models):
+    teacher, tokenizer = models
+    rows = TeacherSamples(teacher, tokenizer, seq_len=24, seed=0, batch=3).rows()
+    assert rows.shape[1] == 24 and rows.shape[0] >= 3
+    text = tokenizer.decode(rows.flatten())
+    assert "<|im_start|>user" in text and "<|im_start|>assistant" in text
+
+
+def test_file_data_text_and_jsonl(models, tmp_path):
+    _, tokenizer = models
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert file_rows(text, tokenizer, 16).shape[1] == 16
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there, friend"}]}) + "\n"
+                     + json.dumps({"text": "plain text line " * 10}) + "\n")
+    rows = file_rows(jsonl, tokenizer, 8)
+    assert "<|im_start|>assistant" in tokenizer.decode(rows.flatten())
+
+
+@pytest.mark.parametrize("content,fragment", [("", "empty"), ("{not json}\n", "not valid JSON"), ('{"x": 1}\n', "`text`")])
+def test_bad_data_files(models, tmp_path, content, fragment):
+    _, tokenizer = models
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=fragment):
+        file_rows(path, tokenizer, 8)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="--qad-steps must be >= 0"):
+        QADConfig(steps=-1)
+    with pytest.raises(ValueError, match="--loss"):
+        QADConfig(loss="mse")
+
+
+def test_sequence_longer_than_context_is_rejected(models, tmp_path):
+    teacher, tokenizer = models
+    with pytest.raises(UserError, match="longer than the model's context"):
+        run_qad(fresh_student(teacher), teacher, tokenizer, QADConfig(steps=1, seq_len=100_000), tmp_path / "w", tmp_path / "l")
