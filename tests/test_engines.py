@@ -253,3 +253,51 @@ def test_no_orphans_when_our_server_dies(tiny_out, sig):
         server.stop()
         for pid in alive(descendants(server.process.pid)):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- the default model: llama.cpp's greedy text = the native engine's --------------------------------
+
+# llama.cpp's CPU NVFP4 kernels quantize activations to Q8_0 before the dot product (see
+# tests/test_writer_gguf.py): a greedy step whose top-2 student logits are closer than this may flip,
+# so texts must agree up to the first such near-tie.
+NEAR_TIE = 0.5
+CHAT_PROMPTS = ["What is the capital of France?", "Give me a tip for learning to cook.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def default_out(tmp_path_factory):
+    from converter.config import QuantConfig
+    from converter.pipeline import ConvertConfig, convert
+
+    out = tmp_path_factory.mktemp("engines-default") / "smollm2"
+    convert(ConvertConfig(out=out, quant=QuantConfig(scheme="nvfp4-a16"), targets=("trtllm", "llamacpp"),
+                          calib_data="random", calib_tokens=256, evaluate=False))
+    return out
+
+
+@pytest.mark.slow
+def test_llamacpp_default_model_greedy_equals_native(default_out):
+    import torch
+
+    from serve.engine import NativeEngine
+    from serve.engine.loader import load_student
+
+    student, tokenizer, _ = load_student(default_out)
+    native = NativeEngine("native", lambda: load_student(default_out)[:2], max_model_len=512)
+    llama = llamacpp_engine(default_out)
+    checked = 0
+    with LiveServer(build_app({"student": native})) as ours, LiveServer(build_app({"student": llama})) as theirs:
+        for prompt in CHAT_PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = student.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+            margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+            sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
+            prefix = tokenizer.decode(out.sequences[0, ids.shape[1]:][:sure], skip_special_tokens=True)
+            kwargs = dict(model="student", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+            native_text = ours.openai().chat.completions.create(**kwargs).choices[0].message.content
+            llama_text = theirs.openai().chat.completions.create(**kwargs).choices[0].message.content
+            assert native_text.startswith(prefix) and llama_text.startswith(prefix), (prompt, native_text, llama_text, sure)
+            checked += sure
+    assert checked >= 8, f"only {checked} greedy tokens were clear of near-ties; pick other prompts"

@@ -64,6 +64,7 @@ class ProxyEngine(Engine):
     kind = "engine"  # engine name in logs and errors
     health_path = "/health"
     metrics_path: str | None = "/metrics"
+    stats_series: dict[str, str] = {}  # EngineStats field -> the engine's own gauge, polled from metrics_path
     fails_after_submit = True  # errors arrive with the engine's answer: the app waits for it before a 200
 
     def __init__(self, name: str, model: str, tokenizer, max_model_len: int, extra_args: tuple[str, ...] = (),
@@ -77,7 +78,9 @@ class ProxyEngine(Engine):
         self._closing = False
         self._inflight = 0
         self._watcher: asyncio.Task | None = None
+        self._poller: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
+        self._stats = EngineStats()
         self.log_path = Path(tempfile.gettempdir()) / f"nvfp4-{self.kind}-{os.getpid()}-{id(self):x}.log"
 
     # --- what an engine subclass provides -------------------------------------------------------
@@ -100,6 +103,7 @@ class ProxyEngine(Engine):
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
         await self._launch()
         self._watcher = asyncio.create_task(self._watch())
+        self._poller = asyncio.create_task(self._poll_stats()) if self.stats_series else None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if not self.ready:
@@ -109,15 +113,17 @@ class ProxyEngine(Engine):
         return self._stream(request)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=self._inflight)
+        """Running = our in-flight requests; waiting and KV use come from the engine where it exports them."""
+        return EngineStats(running=self._inflight, waiting=self._stats.waiting, kv_cache_usage=self._stats.kv_cache_usage)
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         self._closing = True
         deadline = time.monotonic() + drain_timeout
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._poller):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self._stop_process)
         if self._client is not None:
             await self._client.aclose()
@@ -131,6 +137,17 @@ class ProxyEngine(Engine):
         except httpx.HTTPError:
             return ""
         return response.text if response.status_code == 200 else ""
+
+    async def _poll_stats(self, period_s: float = 2.0) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        while not self._closing:
+            await asyncio.sleep(period_s)
+            text = await self.engine_metrics()
+            values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            for field, series in self.stats_series.items():
+                if series in values:
+                    setattr(self._stats, field, values[series])
 
     # --- process lifecycle ----------------------------------------------------------------------
     def _spawn(self) -> None:

@@ -35,6 +35,7 @@ class TRTLLMEngine(VLLMEngine):
     kind = "trtllm"
     health_path = "/health"
     metrics_path = "/prometheus/metrics"
+    stats_series: dict[str, str] = {}  # its gauge names are unverified here (no GPU): our gauges only
 
     def __init__(self, name: str, model: str, tokenizer, max_model_len: int, trtllm_bin: str, **kwargs):
         super().__init__(name, model, tokenizer, max_model_len, vllm_bin=trtllm_bin, **kwargs)

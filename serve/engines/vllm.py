@@ -49,6 +49,7 @@ class VLLMEngine(ProxyEngine):
     kind = "vllm"
     health_path = "/health"
     metrics_path = "/metrics"
+    stats_series = {"waiting": "vllm:num_requests_waiting", "kv_cache_usage": "vllm:kv_cache_usage_perc"}
 
     def __init__(self, name: str, model: str, tokenizer, max_model_len: int, vllm_bin: str,
                  model_args: tuple[str, ...] = (), **kwargs):
