@@ -52,6 +52,8 @@ class ConvertConfig:
             raise UserError(f"unknown target(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TARGETS)}")
         if self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {self.dtype}; choose from {', '.join(DTYPES)}")
+        if self.calib_tokens <= 0:
+            raise UserError(f"--calib-tokens must be positive, got {self.calib_tokens}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown --device {self.device}; choose auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -120,8 +122,8 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
     torch.manual_seed(cfg.seed)
     device = cfg.torch_device
     compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmul is ~70x slower on CPU
+    source_dir = resolve_model(cfg.source)
     with timer.stage("load"):
-        source_dir = resolve_model(cfg.source)
         teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype, device, cfg.trust_remote_code)
         teacher.requires_grad_(False)
     _check_disk_space(cfg.out.parent, teacher, cfg.targets)
