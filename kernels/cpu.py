@@ -48,6 +48,7 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_dequantize.argtypes = [pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_set_threads.argtypes = [ctypes.c_int]
+    lib.nvfp4_quantize.argtypes = [pointer, f32, pointer, pointer, ctypes.c_int, i64, i64]
     return lib
 
 
@@ -80,3 +81,15 @@ def gemv(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
     lib.nvfp4_gemv(x.data_ptr(), x.shape[0], packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale),
                    y.data_ptr(), rows, cols)
     return y
+
+
+def quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [N, K] -> (packed u8 [N, K/2], scales e4m3 [N, K/16]); bit-identical to numerics.quantize_ref."""
+    lib = library()
+    x32 = x.detach().float().contiguous()
+    rows, cols = x32.shape
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    out_scales = torch.empty(rows, cols // 16, dtype=torch.uint8) if scales is None else scales.view(torch.uint8).clone()
+    _sync_threads(lib)
+    lib.nvfp4_quantize(x32.data_ptr(), float(gscale), packed.data_ptr(), out_scales.data_ptr(), int(scales is not None), rows, cols)
+    return packed, out_scales.view(torch.float8_e4m3fn)

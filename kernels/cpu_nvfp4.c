@@ -113,6 +113,52 @@ void nvfp4_gemv(const float *x, int64_t batch, const uint8_t *packed, const uint
     }
 }
 
+// float -> float8_e4m3fn byte, round to nearest even; v is already clamped to [2^-9, 448] (> 0).
+static uint8_t e4m3_encode(float v) {
+    int exponent;
+    frexpf(v, &exponent);  // v = f * 2^exponent, f in [0.5, 1)
+    int e = exponent - 1;  // v in [2^e, 2^(e+1))
+    if (e < -6) e = -6;     // subnormals share the step of the smallest normal binade
+    float step = ldexpf(1.f, e - 3);
+    int q = (int)nearbyintf(v / step);  // exact division by a power of two; ties to even
+    if (q == 16) { q = 8; e += 1; }     // rounded up into the next binade
+    if (q < 8) return (uint8_t)q;       // subnormal: exponent field 0
+    return (uint8_t)(((e + 7) << 3) | (q - 8));
+}
+
+// Codes of x / m for m = float(scale) * s2, as kernels/numerics.py encode_e2m1 does it.
+static inline uint8_t e2m1_encode(float scaled) {
+    float a = fabsf(scaled);
+    uint8_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
+    return code | ((scaled < 0.f) << 3);  // -0.0 < 0 is false: no sign bit, as ModelOpt
+}
+
+// ModelOpt's NVFP4QTensor.quantize for a [rows, cols] fp32 matrix with a given s2; writes packed codes
+// and e4m3 block scales. With `fixed_scales` set, the given scales are used instead of the amax rule.
+void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scales, int fixed_scales,
+                    int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + r * cols + b * 16;
+            uint8_t *scale = scales + r * blocks + b;
+            if (!fixed_scales) {
+                float amax = 0.f;
+                for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(xb[i]));
+                float s = amax / (6.f * gscale);
+                if (s == 0.f) s = 1.f;
+                s = fminf(fmaxf(s, 0x1p-9f), 448.f);
+                *scale = e4m3_encode(s);
+            }
+            float m = E4M3[*scale] * gscale;
+            uint8_t *out = packed + r * (cols / 2) + b * 8;
+            for (int j = 0; j < 8; j++)
+                out[j] = e2m1_encode(xb[2 * j] / m) | (e2m1_encode(xb[2 * j + 1] / m) << 4);
+        }
+    }
+}
+
 void nvfp4_set_threads(int threads) {
 #ifdef _OPENMP
     extern void omp_set_num_threads(int);

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import numerics
-from kernels.ops import fake_quantize, fake_quantize_activation, linear_w4a16
+from kernels.ops import fake_quantize, fake_quantize_activation, linear_w4a16, quantize
 
 
 @dataclass
@@ -48,7 +48,7 @@ class NVFP4FakeQuantLinear(nn.Module):
 
     @torch.no_grad()
     def export(self) -> PackedWeight:
-        packed, scales, gscale = numerics.quantize_ref(self.weight.detach(), self.weight_gscale, self.block_scales)
+        packed, scales, gscale = quantize(self.weight.detach(), self.weight_gscale, self.block_scales)
         input_gscale = self.input_gscale.clone() if self.quantize_input and self.input_gscale is not None else None
         return PackedWeight(packed, scales, gscale.clone(), input_gscale)
 

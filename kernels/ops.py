@@ -6,6 +6,12 @@ from torch import Tensor
 from kernels import numerics as ref
 
 
+def _use_c(x: Tensor) -> bool:
+    from kernels import cpu
+
+    return x.device.type == "cpu" and x.dim() >= 1 and cpu.available()
+
+
 def _use_triton(x: Tensor) -> bool:
     if not x.is_cuda:
         return False
@@ -25,6 +31,11 @@ def quantize(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = No
 
         packed, scales = quantize_triton(x, gscale)
         return packed, scales, gscale
+    if x.dim() == 2 and _use_c(x):
+        from kernels import cpu
+
+        packed, scales = cpu.quantize(x, gscale, scales)
+        return packed, scales, gscale
     return ref.quantize_ref(x, gscale, scales)
 
 
@@ -37,6 +48,13 @@ def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> 
         from kernels.triton_nvfp4 import fake_quantize_triton
 
         return fake_quantize_triton(x, gscale)
+    if _use_c(x) and x.shape[-1] % ref.BLOCK == 0:
+        from kernels import cpu
+
+        flat = x.detach().reshape(-1, x.shape[-1])
+        packed, block_scales = cpu.quantize(flat, gscale, None if scales is None else scales.reshape(-1, scales.shape[-1]))
+        out = cpu.dequantize_into(torch.empty(flat.shape, dtype=torch.float32), packed, block_scales, gscale)
+        return out.reshape(x.shape).to(x.dtype)
     return ref.fake_quantize_ref(x, gscale, scales)
 
 

@@ -58,3 +58,35 @@ def test_workspace_is_shared_not_grown_per_layer():
 def test_linear_w4a16_keeps_leading_dims():
     packed, scales, gscale = nv.quantize_ref(torch.randn(32, 64))
     assert linear_w4a16(torch.randn(2, 3, 64), packed, scales, gscale).shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_c_quantize_is_bit_identical(shape, magnitude, dtype):
+    w = (torch.randn(shape) * magnitude).to(dtype)
+    w[0, :16] = 0.0
+    w[-1, :16] = -0.0
+    w[0, 16:] *= 1e-7  # blocks whose scale underflows FP8
+    packed, scales, gscale = nv.quantize_ref(w)
+    ours = cpu.quantize(w, gscale)
+    assert torch.equal(ours[0], packed) and torch.equal(ours[1].view(torch.uint8), scales.view(torch.uint8))
+    assert torch.equal(cpu.quantize(w, gscale, scales)[0], packed), "fixed-scale path"
+
+
+def test_c_e4m3_rounding_matches_torch_over_the_whole_range():
+    values = torch.logspace(-9 * 0.30103, 2.6513, 100_000).clamp(2**-9, 448)  # 2^-9 .. 448
+    blocks = torch.zeros(len(values), 16)
+    blocks[:, 0] = values * 6  # block amax 6 v with s2 = 1 -> block scale v
+    _, scales = cpu.quantize(blocks, torch.tensor(1.0))
+    assert torch.equal(scales.view(torch.uint8)[:, 0], (values * 6 / 6).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_c_exact_ties_round_to_even():
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    w = torch.zeros(len(ties), 16)
+    w[:, 0], w[:, 1], w[:, 2] = 6.0, ties, -ties
+    packed, _ = cpu.quantize(w, torch.tensor(1.0))
+    codes = nv.unpack_codes(packed)
+    assert codes[:, 1].tolist() == [0, 2, 2, 4, 4, 6, 6]
+    assert codes[:, 2].tolist() == [8, 10, 10, 12, 12, 14, 14]
