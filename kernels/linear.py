@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import numerics
 from kernels.ops import fake_quantize, fake_quantize_activation, linear_w4a16, quantize
 
 
