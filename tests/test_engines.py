@@ -212,6 +212,7 @@ def test_engine_metrics_are_relabelled_and_merged():
     from prometheus_client.parser import text_string_to_metric_families
 
     assert len(list(text_string_to_metric_families(merged))[0].samples) == 2
+    assert asyncio.run(engine_metrics_text({"student": Fake('{"iterations": []}')})) == ""  # JSON, not Prometheus
 
 
 def test_dead_engine_is_reported_and_restarted(live):

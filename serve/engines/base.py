@@ -143,8 +143,11 @@ class ProxyEngine(Engine):
 
         while not self._closing:
             await asyncio.sleep(period_s)
-            text = await self.engine_metrics()
-            values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            try:
+                text = await self.engine_metrics()
+                values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            except ValueError:  # not Prometheus text: keep the last values
+                continue
             for field, series in self.stats_series.items():
                 if series in values:
                     setattr(self._stats, field, values[series])
