@@ -1,0 +1,27 @@
+"""`nvfp4 ui --url URL`: the side-by-side Gradio page for a running OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import click
+
+from converter.errors import UserError
+
+
+@click.command()
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The OpenAI-compatible endpoint (root or .../v1).")
+@click.option("--teacher-model", default="teacher", show_default=True, help="Model id shown in the left pane.")
+@click.option("--student-model", default="student", show_default=True, help="Model id shown in the right pane.")
+@click.option("--api-key", envvar="NVFP4_API_KEY", default=None, help="Bearer key for the endpoint (or NVFP4_API_KEY).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface the page binds (0.0.0.0 exposes it).")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+def ui(url: str, teacher_model: str, student_model: str, api_key: str | None, host: str, port: int) -> None:
+    """Chat with the teacher and the NVFP4 student of one endpoint side by side."""
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"--url must start with http:// or https:// (got {url!r})")
+    if teacher_model == student_model:
+        raise UserError(f"--teacher-model and --student-model are both `{teacher_model}`: choose two models")
+    try:
+        from ui.app import build_ui
+    except ImportError as error:
+        raise UserError(f"the UI needs the ui extra (pip install 'nvfp4[ui]'): {error}") from error
+    build_ui(url, teacher_model, student_model, api_key).queue().launch(server_name=host, server_port=port, show_error=True)
