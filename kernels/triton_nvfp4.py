@@ -1,0 +1,172 @@
+"""Triton NVFP4 kernels: quantize+pack, fake-quantize (QAD forward) and the W4A16 GEMM.
+
+Bit-identical to kernels/numerics.py for quantize and fake-quantize: the FP8 block scale is rounded
+arithmetically (no reliance on a hardware cvt's rounding mode) and divisions use `tl.div_rn`
+(IEEE round-to-nearest, like torch). Runs natively on CUDA and on CPU tensors under TRITON_INTERPRET=1.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCKS_PER_PROGRAM = 64
+
+
+@triton.jit
+def _e4m3_round(s):
+    """s in [2^-9, 448] (fp32) -> (value exactly representable in e4m3, its byte), ties to even."""
+    bits = s.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    v = s / step  # exact: division by a power of two
+    q = tl.floor(v)
+    frac = v - q
+    odd = (q.to(tl.int32) & 1) == 1
+    q = tl.where((frac > 0.5) | ((frac == 0.5) & odd), q + 1.0, q)
+    value = q * step
+    qi = q.to(tl.int32)
+    byte = tl.where(qi == 16, ((exponent + 8) << 3), tl.where(qi < 8, qi, ((exponent + 7) << 3) | (qi - 8)))
+    return value, byte.to(tl.uint8)
+
+
+@triton.jit
+def _e2m1_codes(scaled):
+    a = tl.abs(scaled)
+    code = ((a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8) + (a >= 1.75).to(tl.uint8)
+            + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8))
+    return code | ((scaled < 0).to(tl.uint8) << 3)
+
+
+@triton.jit
+def _e2m1_values(code):
+    c = (code & 7).to(tl.float32)
+    magnitude = tl.where(c < 4, c * 0.5, tl.where(c < 6, c - 2.0, tl.where(c == 6, 4.0, 6.0)))
+    return tl.where((code & 8) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _block_scales(x, gscale):
+    """x [B, 16] fp32 -> (block multiplier float(scale) * s2 [B], scale bytes [B])."""
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.div_rn(amax, 6.0 * gscale)
+    s = tl.where(s == 0, 1.0, s)
+    s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
+    value, byte = _e4m3_round(s)
+    return value * gscale, byte
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, n_blocks, BLOCKS: tl.constexpr):
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    live = blocks < n_blocks
+    x = tl.load(x_ptr + blocks[:, None] * 16 + tl.arange(0, 16)[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    multiplier, byte = _block_scales(x, tl.load(gscale_ptr))
+    codes = _e2m1_codes(tl.div_rn(x, multiplier[:, None]))
+    even, odd = tl.split(tl.reshape(codes, (BLOCKS, 8, 2)))
+    tl.store(packed_ptr + blocks[:, None] * 8 + tl.arange(0, 8)[None, :], even | (odd << 4), mask=live[:, None])
+    tl.store(scales_ptr + blocks, byte, mask=live)
+
+
+@triton.jit
+def _fake_quantize_kernel(x_ptr, out_ptr, gscale_ptr, n_blocks, BLOCKS: tl.constexpr):
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    live = blocks < n_blocks
+    offsets = blocks[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+    multiplier, _ = _block_scales(x, tl.load(gscale_ptr))
+    values = _e2m1_values(_e2m1_codes(tl.div_rn(x, multiplier[:, None])))
+    tl.store(out_ptr + offsets, values * multiplier[:, None], mask=live[:, None])
+
+
+def _grid_blocks(x: Tensor) -> tuple[Tensor, int]:
+    if x.shape[-1] % 16:
+        raise ValueError(f"NVFP4 needs the last dimension divisible by 16, got shape {tuple(x.shape)}")
+    flat = x.contiguous()
+    return flat, flat.numel() // 16
+
+
+def quantize_triton(x: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    """x [N, K] -> (packed uint8 [N, K/2], scales float8_e4m3fn [N, K/16])."""
+    flat, n_blocks = _grid_blocks(x)
+    packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(*x.shape[:-1], x.shape[-1] // 16, dtype=torch.uint8, device=x.device)
+    gscale = gscale.float().reshape(1).to(x.device)
+    _quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, packed, scales, gscale, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM)
+    return packed, scales.view(torch.float8_e4m3fn)
+
+
+def fake_quantize_triton(x: Tensor, gscale: Tensor) -> Tensor:
+    """dequantize(quantize(x)) in x.dtype, without materialising codes.
+
+    The kernel writes fp32 and torch casts, so bf16/fp16 rounding is torch's own (the reference's).
+    """
+    flat, n_blocks = _grid_blocks(x)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=x.device)
+    gscale = gscale.float().reshape(1).to(x.device)
+    _fake_quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, out, gscale, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM)
+    return out.to(x.dtype)
+
+
+@triton.jit
+def _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] as fp32 [BLOCK_N, BLOCK_K], dequantized in registers."""
+    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    live = (offs_n[:, None] < N) & (half[None, :] < K // 2)
+    byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + half[None, :], mask=live, other=0)
+    codes = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K))
+    groups = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    scale_live = (offs_n[:, None] < N) & (groups[None, :] < K // 16)
+    scale = tl.load(scales_ptr + offs_n[:, None] * (K // 16) + groups[None, :], mask=scale_live, other=0.0).to(tl.float32)
+    multiplier = tl.reshape(tl.broadcast_to((scale * gscale)[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
+    return _e2m1_values(codes) * multiplier
+
+
+@triton.jit
+def _matmul_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gscale = tl.load(gscale_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        acc += tl.dot(x.to(tl.float32), tl.trans(w))
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode (small M): one row of x per program, no tensor-core padding; weights stream once per row."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gscale = tl.load(gscale_ptr)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        acc += tl.sum(w * x[None, :], axis=1)
+    tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def matmul_w4a16_triton(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    """x [M, K] (bf16/fp16/fp32) @ W^T, W [N, K] as NVFP4 -> [M, N] in x.dtype; fp32 accumulation."""
+    M, K = x.shape
+    N = packed.shape[0]
+    if K % 16 or packed.shape[1] * 2 != K:
+        raise ValueError(f"x [M, K={K}] does not match packed weight {tuple(packed.shape)} (K must be a multiple of 16)")
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    gscale = gscale.float().reshape(1).to(x.device)
+    scales = scales.contiguous()
+    block_k = 64 if K % 64 == 0 else 16
+    if M <= 8:
+        grid = (M, triton.cdiv(N, 64))
+        _gemv_kernel[grid](x, packed, scales, gscale, y, M, N, K, BLOCK_N=64, BLOCK_K=block_k)
+    else:
+        grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
+        _matmul_kernel[grid](x, packed, scales, gscale, y, M, N, K, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k)
+    return y

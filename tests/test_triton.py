@@ -1,0 +1,91 @@
+"""Triton kernels against the torch reference: under TRITON_INTERPRET=1 on CPU (CI), natively on CUDA.
+
+The interpreter must be switched on before triton is first imported, and other test modules import
+it earlier (compressed-tensors does), so the CPU checks run in a fresh interpreter process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECKS = r"""
+import json, sys, torch
+from kernels import numerics as nv
+from kernels.triton_nvfp4 import fake_quantize_triton, matmul_w4a16_triton, quantize_triton
+
+device = sys.argv[1]
+results = []
+torch.manual_seed(0)
+cases = [((2, 32), 1.0), ((3, 48), 1e-4), ((17, 96), 1e3), ((16, 160), 1.0), ((5, 32), 1e-30)]
+for (rows, cols), magnitude in cases:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = (torch.randn(rows, cols) * magnitude).clamp(-6e4, 6e4).to(dtype)
+        w[0, :16] = 0.0
+        w[-1, -16:] = -0.0
+        if w.abs().max() == 0:  # underflowed to an all-zero tensor: no global scale exists
+            continue
+        packed, scales, gscale = nv.quantize_ref(w)
+        tp, ts = quantize_triton(w.to(device), gscale)
+        fq = fake_quantize_triton(w.to(device), gscale).cpu()
+        results.append({"case": f"{rows}x{cols} {magnitude} {dtype}",
+                        "packed": torch.equal(tp.cpu(), packed),
+                        "scales": torch.equal(ts.cpu().view(torch.uint8), scales.view(torch.uint8)),
+                        "fake_quant": torch.equal(fq, nv.fake_quantize_ref(w, gscale))})
+ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+w = torch.zeros(7, 16); w[:, 0] = 6.0; w[:, 1] = ties; w[:, 2] = -ties
+tp, _ = quantize_triton(w.to(device), torch.tensor(1.0))
+results.append({"case": "ties", "packed": torch.equal(tp.cpu(), nv.quantize_ref(w, torch.tensor(1.0))[0]), "scales": True, "fake_quant": True})
+gemm = []
+for m, n, k in [(1, 16, 16), (3, 48, 96), (17, 100, 160), (9, 64, 48)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, scales, gscale = nv.quantize_ref(torch.randn(n, k))
+        x = torch.randn(m, k).to(dtype)
+        y = matmul_w4a16_triton(x.to(device), packed.to(device), scales.to(device), gscale).cpu().double()
+        ref = x.double() @ nv.dequantize_ref(packed, scales, gscale).double().T
+        sqnr = float(20 * torch.log10(ref.norm() / (ref - y).norm().clamp(min=1e-30)))
+        gemm.append({"case": f"{m}x{n}x{k} {dtype}", "dtype": str(dtype), "sqnr": sqnr, "out_dtype": str(y.dtype)})
+print(json.dumps({"quant": results, "gemm": gemm}))
+"""
+
+
+def run_checks(device: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHECKS, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def assert_results(results: dict, gemm_floor_fp32: float, gemm_floor_bf16: float) -> None:
+    for row in results["quant"]:
+        assert row["packed"] and row["scales"] and row["fake_quant"], row
+    assert len(results["quant"]) == 15  # 5 shapes x 3 dtypes, one all-underflowed case skipped, + ties
+    for row in results["gemm"]:
+        floor = gemm_floor_fp32 if row["dtype"] == "torch.float32" else gemm_floor_bf16
+        assert row["sqnr"] >= floor, row
+
+
+def test_triton_kernels_match_reference_under_interpreter():
+    assert_results(run_checks("cpu"), gemm_floor_fp32=100.0, gemm_floor_bf16=40.0)
+
+
+@pytest.mark.gpu
+def test_triton_kernels_match_reference_on_cuda():
+    assert_results(run_checks("cuda"), gemm_floor_fp32=60.0, gemm_floor_bf16=40.0)
+
+
+@pytest.mark.gpu
+def test_dispatch_uses_triton_on_cuda():
+    from kernels import numerics as nv
+    from kernels.ops import fake_quantize, quantize
+
+    w = torch.randn(64, 128, device="cuda")
+    gscale = nv.global_scale(nv.tensor_amax(w))
+    assert torch.equal(quantize(w, gscale)[0].cpu(), nv.quantize_ref(w.cpu(), gscale.cpu())[0])
+    assert torch.equal(fake_quantize(w, gscale).cpu(), nv.fake_quantize_ref(w.cpu(), gscale.cpu()))
