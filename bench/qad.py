@@ -1,0 +1,76 @@
+"""QAD step throughput on this machine vs the fp32 matmul-FLOP bound, side by side in one run.
+
+    .venv/bin/python bench/qad.py                    # default model, batch 8 x 128, 3 timed steps
+    .venv/bin/python bench/qad.py --batch 4 --seq-len 256
+
+FLOPs per step count the matmuls only: teacher forward 2*P, student forward 2*P, student backward
+2*P_body (weight gradients) + 2*P (input gradients), where P = body linears + lm_head and the
+lm_head has no weight gradient; attention-score FLOPs (seq_len^2) are added for both models.
+"""
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converter.config import QuantConfig  # noqa: E402
+from converter.models import load_causal_lm  # noqa: E402
+from converter.quantize import quantize, quantized_modules  # noqa: E402
+from qad.config import QADConfig  # noqa: E402
+from qad.distill import train_step, trainable_parameters  # noqa: E402
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def step_flops(model, tokens: int, seq_len: int) -> float:
+    body = sum(m.weight.numel() for m in quantized_modules(model).values())
+    head = model.get_output_embeddings().weight.numel()
+    config = model.config
+    attention = 4 * config.num_hidden_layers * seq_len * config.hidden_size  # QK^T and PV per token
+    forward = 2 * (body + head) * tokens + attention * tokens
+    backward = 2 * body * tokens + 2 * (body + head) * tokens + 2 * attention * tokens
+    return 2 * forward + backward  # teacher forward + student forward + student backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--scheme", default="nvfp4-a16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    teacher, tokenizer, _ = load_causal_lm(args.model)
+    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme))
+    trainable_parameters(student)
+    cfg = QADConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, data="random")
+    batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len))
+    train_step(student, teacher, batch, cfg)  # warm-up discarded
+    peak_before = matmul_gflops()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        student.zero_grad(set_to_none=True)
+        train_step(student, teacher, batch, cfg)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = max(peak_before, matmul_gflops())
+    flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
+    achieved = flops / seconds / 1e9
+    print(f"threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}")
+    print(f"{'fp32 matmul GFLOP/s':>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
+    print(f"{peak:>22.1f} {seconds:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
