@@ -349,3 +349,18 @@ def test_llama_cpp_logits_close_to_student(default_w4a16):
     kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
     assert kl.mean().item() < 0.05 and top1 > 0.85, f"mean KL {kl.mean().item():.4f}, top-1 agreement {top1:.3f}"
+
+
+def test_verify_reader_reads_the_tiny_gguf(tiny_model_dir, tmp_path):
+    from converter.verify import load_readers
+
+    student, tokenizer, path = build_gguf(tiny_model_dir, "nvfp4-a16", tmp_path / "llamacpp")
+    reader = load_readers()["llamacpp"]
+    assert reader.quantizes_activations is False, "llama.cpp's CPU path runs 8-bit activations"
+    ids = chat_ids(tokenizer, CHAT_PROMPTS[0])[0]
+    with torch.no_grad():
+        ours = frozen(student)(ids[None]).logits[0]
+    theirs = reader.logits(path.parent, ids)
+    assert theirs.shape == ours.shape
+    rel = ((theirs - ours).abs().max() / ours.abs().max()).item()
+    assert rel < reader.rel_tol, f"relative logit difference {rel:.3f}"
