@@ -119,8 +119,7 @@ class GGUFWriter(Writer, target="llamacpp"):
         if self.dtype not in _PLAIN_TYPES:
             raise UserError(f"the GGUF writer stores unquantized tensors as bf16, fp16 or fp32, not {self.dtype}")
         path = Path(out) / FILE_NAME
-        fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{FILE_NAME}.", suffix=".tmp")
-        os.close(fd)
+        tmp_name = str(Path(out) / f".{FILE_NAME}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's file mode
         try:
             writer = gguf.GGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[spec.arch])
             _add_hparams(writer, config, Path(source_dir).name)
