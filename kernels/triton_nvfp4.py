@@ -109,8 +109,12 @@ def fake_quantize_triton(x: Tensor, gscale: Tensor) -> Tensor:
 
 
 @triton.jit
-def _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[offs_n, k0:k0+BLOCK_K] as fp32 [BLOCK_N, BLOCK_K], dequantized in registers."""
+def _dequantized_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] / s2 as fp32 [BLOCK_N, BLOCK_K], dequantized in registers.
+
+    code value x block scale has at most 5 significant bits in [2^-10, 2688], so it is exact in
+    bf16 and fp16 too: tensor-core dots lose nothing, and s2 is applied once to the accumulator.
+    """
     half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     live = (offs_n[:, None] < N) & (half[None, :] < K // 2)
     byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + half[None, :], mask=live, other=0)
@@ -118,13 +122,13 @@ def _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N:
     groups = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     scale_live = (offs_n[:, None] < N) & (groups[None, :] < K // 16)
     scale = tl.load(scales_ptr + offs_n[:, None] * (K // 16) + groups[None, :], mask=scale_live, other=0.0).to(tl.float32)
-    multiplier = tl.reshape(tl.broadcast_to((scale * gscale)[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
+    multiplier = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
     return _e2m1_values(codes) * multiplier
 
 
 @triton.jit
 def _matmul_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gscale = tl.load(gscale_ptr)
@@ -132,8 +136,12 @@ def _matmul_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
-        acc += tl.dot(x.to(tl.float32), tl.trans(w))
+        w = _dequantized_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        if HALF_DOT:  # tensor cores in x's 16-bit dtype; w is exact in it
+            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+        else:  # fp32 products of 16-bit x and w are exact too; "ieee": no silent TF32 for fp32 x
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+    acc = acc * gscale
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -147,8 +155,9 @@ def _gemv_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K, BLOC
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = _dequantized_tile(packed_ptr, scales_ptr, gscale, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        w = _dequantized_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
         acc += tl.sum(w * x[None, :], axis=1)
+    acc = acc * gscale
     tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -161,12 +170,15 @@ def matmul_w4a16_triton(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tenso
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     gscale = gscale.float().reshape(1).to(x.device)
-    scales = scales.contiguous()
-    block_k = 64 if K % 64 == 0 else 16
-    if M <= 8:
-        grid = (M, triton.cdiv(N, 64))
-        _gemv_kernel[grid](x, packed, scales, gscale, y, M, N, K, BLOCK_N=64, BLOCK_K=block_k)
+    packed, scales = packed.contiguous(), scales.contiguous()
+    # K tails (K % BLOCK_K != 0) are masked, so any K divisible by 16 works with any tile.
+    if M == 1:  # decode GEMV: narrow N tiles so K=N=4096 still gives 256 programs to stream weights
+        _gemv_kernel[(M, triton.cdiv(N, 16))](x, packed, scales, gscale, y, M, N, K, BLOCK_N=16, BLOCK_K=256)
     else:
-        grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
-        _matmul_kernel[grid](x, packed, scales, gscale, y, M, N, K, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k)
+        block_m = 16 if M <= 16 else 64
+        block_n = 32 if M <= 16 else 64
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        # the interpreter's bf16 tl.dot returns garbage (triton 3.9), so CPU tensors take the fp32 dot
+        half_dot = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        _matmul_kernel[grid](x, packed, scales, gscale, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, HALF_DOT=half_dot)
     return y
