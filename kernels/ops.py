@@ -44,7 +44,7 @@ def dequantize(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtyp
 
 
 def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
-    if scales is None and x.dim() == 2 and _use_triton(x):
+    if scales is None and x.dim() >= 1 and x.shape[-1] % ref.BLOCK == 0 and _use_triton(x):  # any [..., K] activation
         from kernels.triton_nvfp4 import fake_quantize_triton
 
         return fake_quantize_triton(x, gscale)
