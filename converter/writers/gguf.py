@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from converter.errors import UserError
-from converter.quantize import export_weights
 from converter.writers import Writer
+from converter.writers.hf import packed_weights
 from kernels import numerics
 from kernels.linear import PackedWeight
 
@@ -214,7 +214,7 @@ def _add_tensors(writer: gguf.GGUFWriter, student: nn.Module, spec: ArchSpec, dt
     """Add every tensor; returns the NVFP4 tensors that are weight-only (W4A16)."""
     config = student.config
     names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
-    packed = export_weights(student)
+    packed = packed_weights(student)  # shared with the other writers of the same student state
     weight_only = []
     for hf_name, param in student.named_parameters():  # tied lm_head appears once, as the embedding
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
