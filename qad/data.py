@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from converter.calibration import chat_prompt_ids, read_text_file
-from converter.generate import generate_batch
 from converter.errors import UserError
+from qad.sample import sample
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 
@@ -25,7 +25,7 @@ def _fixed_length(sequences: list[list[int]], seq_len: int, pad_id: int) -> Tens
 class TeacherSamples:
     """Fresh teacher answers to the shipped chat prompts, generated in rounds as training needs them."""
 
-    def __init__(self, teacher: nn.Module, tokenizer, seq_len: int, seed: int, batch: int = 16):
+    def __init__(self, teacher: nn.Module, tokenizer, seq_len: int, seed: int, batch: int = 32):
         self.teacher, self.tokenizer, self.seq_len, self.batch = teacher, tokenizer, seq_len, batch
         self.prompts = chat_prompt_ids(tokenizer, [p for p in PROMPTS.read_text().splitlines() if p.strip()])
         self.rng = random.Random(seed)
@@ -37,7 +37,7 @@ class TeacherSamples:
         new_tokens = max(8, self.seq_len - min(len(p) for p in chosen))
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        answers = generate_batch(self.teacher, chosen, new_tokens, pad, eos, self.generator)
+        answers = sample(self.teacher, chosen, new_tokens, pad, eos, self.generator)
         return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len, pad)
 
 

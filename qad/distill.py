@@ -3,14 +3,19 @@
 Only the quantized linears' weights train (what the export keeps). The vocabulary-sized logits are
 never materialised for a whole batch: the loss runs over chunks of tokens on detached hidden
 states, and the body receives their gradient in one backward.
+
+Under torchrun (WORLD_SIZE > 1) the decoder layers of student and teacher are sharded with FSDP2
+and each rank trains on its slice of the global batch; a single process is the world-size-1 case.
 """
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -20,9 +25,59 @@ from converter.quantize import quantized_modules
 from qad.config import QADConfig
 from qad.data import TeacherSamples, file_rows, random_rows
 
-_STATE = "qad_state.pt"
 _POOL = "qad_pool.pt"
 
+
+# ---------------------------------------------------------------- distributed (torchrun + FSDP2)
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment (once); -> (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank0(obj):
+    """Rank 0's value on every rank: decisions taken from the clock must agree."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_layers(model: nn.Module, device: torch.device) -> list[nn.Module]:
+    """FSDP2-shard each decoder layer; embeddings, final norm and head stay whole (frozen, small)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world()[1],))
+    layers = list(model.get_decoder().layers)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    return layers
+
+
+def unshard_layers(layers: list[nn.Module]) -> None:
+    """Leave full weights on every rank, so export and evaluation see a plain model."""
+    for layer in layers:
+        layer.set_reshard_after_forward(False)
+        layer.unshard()
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------- loss and step
 
 def trainable_parameters(student: nn.Module) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the quantized linears' weights."""
@@ -31,10 +86,6 @@ def trainable_parameters(student: nn.Module) -> list[nn.Parameter]:
     for weight in weights:
         weight.requires_grad_(True)
     return weights
-
-
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return model.get_decoder(), model.get_output_embeddings()
 
 
 def chunked_loss(hidden: Tensor, head: nn.Module, teacher_hidden: Tensor | None, teacher_head: nn.Module | None,
@@ -62,13 +113,13 @@ def chunked_loss(hidden: Tensor, head: nn.Module, teacher_hidden: Tensor | None,
 
 def train_step(student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: QADConfig) -> float:
     """Forward both models, backward the chunked loss through the student; returns the loss."""
-    body, head = _body_and_head(student)
+    body, head = student.get_decoder(), student.get_output_embeddings()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if batch.is_cuda else torch.autocast("cpu", enabled=False)
     with autocast:
         hidden = body(input_ids=batch).last_hidden_state
         hidden_flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         if cfg.loss == "kl":
-            with torch.no_grad():
+            with torch.no_grad():  # the teacher's logits are recomputed per chunk, never stored for the run
                 teacher_hidden = teacher.get_decoder()(input_ids=batch).last_hidden_state[:, :-1]
             loss, grad = chunked_loss(hidden_flat, head, teacher_hidden.reshape(hidden_flat.shape),
                                       teacher.get_output_embeddings(), None, cfg.kl_chunk_tokens)
@@ -76,6 +127,18 @@ def train_step(student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: QADCo
             loss, grad = chunked_loss(hidden_flat, head, None, None, batch[:, 1:].reshape(-1), cfg.kl_chunk_tokens)
     hidden_flat.backward(grad)
     return loss.item()
+
+
+def _global_step(student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: QADConfig) -> float:
+    """This rank's slice of the global batch; the mean loss over all ranks (FSDP averages the gradients)."""
+    rank, size = world()
+    rows = batch.shape[0] // size
+    loss = train_step(student, teacher, batch[rank * rows : (rank + 1) * rows], cfg)
+    if size == 1:
+        return loss
+    total = torch.tensor(loss, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / size
 
 
 def lr_at(step: int, total: int, cfg: QADConfig) -> float:
@@ -87,6 +150,8 @@ def lr_at(step: int, total: int, cfg: QADConfig) -> float:
     floor = cfg.min_lr_fraction
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+
+# ---------------------------------------------------------------- data plan
 
 class _Plan:
     """How many steps, over which rows of the data pool, in which order (all fixed before step 0)."""
@@ -104,43 +169,120 @@ class _Plan:
         return self.pool[self.order[step * self.cfg.batch : (step + 1) * self.cfg.batch]]
 
 
-def _data_pool(student, teacher, tokenizer, cfg: QADConfig, rows_needed: int | None, deadline: float | None,
+def _data_pool(teacher, tokenizer, cfg: QADConfig, rows_needed: int | None, deadline: float | None,
                step_seconds: float | None) -> Tensor:
     """Rows [n, seq_len] to train on; for `self`, sampled until enough rows or the budget is spent."""
-    vocab = teacher.config.vocab_size
     if cfg.data == "random":
-        return random_rows(vocab, rows_needed, cfg.seq_len, cfg.seed)
+        return random_rows(teacher.config.vocab_size, rows_needed, cfg.seq_len, cfg.seed)
     if cfg.data != "self":
         return file_rows(Path(cfg.data), tokenizer, cfg.seq_len)
     sampler = TeacherSamples(teacher, tokenizer, cfg.seq_len, cfg.seed)
     pool, started = [], time.monotonic()
-    with tqdm(desc="QAD data: teacher samples", unit="row", total=rows_needed) as bar:
+    with tqdm(desc="QAD data: teacher samples", unit="row", total=rows_needed, disable=world()[0] != 0) as bar:
         while rows_needed is None or sum(len(p) for p in pool) < rows_needed:
             pool.append(sampler.rows())
             bar.update(len(pool[-1]))
-            if rows_needed is None:  # budgeted: stop when sampling more would leave too few steps
-                rows = sum(len(p) for p in pool)
-                per_row = (time.monotonic() - started) / rows
-                steps_affordable = (deadline - time.monotonic()) / (step_seconds + per_row * cfg.batch / cfg.reuse)
-                if rows * cfg.reuse >= steps_affordable * cfg.batch:
-                    break
-    return torch.cat(pool)[: rows_needed] if rows_needed else torch.cat(pool)
+            if rows_needed is None and _from_rank0(_spent(pool, started, deadline, step_seconds, cfg)):
+                break
+    return torch.cat(pool)[:rows_needed] if rows_needed else torch.cat(pool)
+
+
+def _spent(pool: list[Tensor], started: float, deadline: float, step_seconds: float, cfg: QADConfig) -> bool:
+    """Budgeted sampling stops when more rows would leave too few steps to train on each `reuse` times."""
+    rows = sum(len(p) for p in pool)
+    per_row = (time.monotonic() - started) / rows
+    steps_affordable = (deadline - time.monotonic()) / (step_seconds + per_row * cfg.batch / cfg.reuse)
+    return rows * cfg.reuse >= steps_affordable * cfg.batch
 
 
 def _probe_step_seconds(student, teacher, cfg: QADConfig, device) -> float:
     """Time one forward/backward at the training shape (its gradients are discarded)."""
     batch = random_rows(teacher.config.vocab_size, cfg.batch, cfg.seq_len, cfg.seed).to(device)
     start = time.monotonic()
-    train_step(student, teacher, batch, cfg)
+    _global_step(student, teacher, batch, cfg)
     student.zero_grad(set_to_none=True)
-    return time.monotonic() - start
+    return _from_rank0(time.monotonic() - start)
 
+
+def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | None, device) -> tuple[Tensor, int]:
+    """(data pool, number of steps): fixed by --qad-steps, or by what the budget allows; rank 0's on all ranks."""
+    if cfg.steps is not None:
+        rows = math.ceil(cfg.steps * cfg.batch / cfg.reuse)
+        return _from_rank0(_data_pool(teacher, tokenizer, cfg, rows, None, None)), cfg.steps
+    deadline = deadline if deadline is not None else time.monotonic() + cfg.budget_minutes * 60
+    step_seconds = _probe_step_seconds(student, teacher, cfg, device)
+    if cfg.data == "self":
+        pool = _data_pool(teacher, tokenizer, cfg, None, deadline, step_seconds)
+        return _from_rank0((pool, max(1, int((deadline - time.monotonic()) / step_seconds))))
+    total = _from_rank0(max(1, int((deadline - time.monotonic()) / step_seconds)))
+    return _from_rank0(_data_pool(teacher, tokenizer, cfg, total * cfg.batch, None, None)), total
+
+
+# ---------------------------------------------------------------- checkpoints
 
 def _save_atomically(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
+
+def _state_files(workdir: Path, rank: int) -> tuple[Path, Path]:
+    return workdir / f"qad_state.rank{rank}.pt", workdir / f"qad_state.rank{rank}.prev.pt"
+
+
+def _save_checkpoint(workdir: Path, params: list[Tensor], optimizer, step: int, total: int, losses: list[dict],
+                     cfg: QADConfig) -> None:
+    """This rank's shards, optimizer state and RNG; the previous checkpoint is kept until this one lands."""
+    from torch.utils._pytree import tree_map
+
+    current, previous = _state_files(workdir, world()[0])
+    state = {"step": step, "total": total, "losses": losses, "world_size": world()[1], "config": cfg.to_dict(),
+             "weights": [_local(p.detach()).clone() for p in params],
+             "optimizer": tree_map(_local, optimizer.state_dict()), "rng": torch.get_rng_state()}
+    if current.exists():
+        os.replace(current, previous)
+    _save_atomically(state, current)
+
+
+def _load_checkpoint(workdir: Path, cfg: QADConfig) -> dict | None:
+    """The newest checkpoint step every rank holds (a kill -9 may land between two ranks' saves)."""
+    rank, size = world()
+    found = {}
+    for path in _state_files(workdir, rank):
+        if path.is_file():
+            state = torch.load(path, weights_only=True)
+            found[state["step"]] = state
+    common = set(found)
+    if size > 1:
+        gathered = [None] * size
+        dist.all_gather_object(gathered, sorted(found))
+        common = set.intersection(*(set(g) for g in gathered))
+    if not common:
+        return None
+    state = found[max(common)]
+    if state["world_size"] != size:
+        raise UserError(f"the QAD checkpoint in {workdir} was written by {state['world_size']} ranks; resume with as many")
+    if state["config"] != cfg.to_dict():
+        raise UserError(f"the QAD checkpoint in {workdir} was made with other QAD options; rerun them or drop --resume")
+    return state
+
+
+def _restore(state: dict, params: list[Tensor], optimizer) -> None:
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for param, saved in zip(params, state["weights"]):
+            _local(param).copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    for param in params:  # moments go back to the parameter's sharding
+        if isinstance(param, DTensor):
+            slot = optimizer.state[param]
+            for key in ("exp_avg", "exp_avg_sq"):
+                slot[key] = DTensor.from_local(slot[key], param.device_mesh, param.placements)
+    torch.set_rng_state(state["rng"])
+
+
+# ---------------------------------------------------------------- the pass
 
 def _plot(losses: list[dict], path: Path) -> None:
     import matplotlib
@@ -159,15 +301,23 @@ def _plot(losses: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _check(cfg: QADConfig, teacher: nn.Module) -> None:
+    max_len = getattr(teacher.config, "max_position_embeddings", None)
+    if max_len is not None and cfg.seq_len > max_len:
+        raise UserError(f"--qad-seq-len {cfg.seq_len} is longer than the model's context ({max_len})")
+    if cfg.batch % world()[1]:
+        raise UserError(f"--qad-batch {cfg.batch} must be a multiple of the number of ranks ({world()[1]})")
+
+
 def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, workdir: Path, log_dir: Path,
             resume: bool = False, deadline: float | None = None) -> dict:
     """Train `student` in place; checkpoints in `workdir` (for resume), loss.png + log.jsonl in `log_dir`.
 
     `deadline` (time.monotonic) bounds a budgeted run (cfg.steps None): data sampling plus training.
+    Under torchrun every rank calls this with the same arguments; all end with the full trained weights.
     """
-    max_len = getattr(teacher.config, "max_position_embeddings", None)
-    if max_len is not None and cfg.seq_len > max_len:
-        raise UserError(f"--qad-seq-len {cfg.seq_len} is longer than the model's context ({max_len})")
+    rank, size = init_distributed()
+    _check(cfg, teacher)
     workdir, log_dir = Path(workdir), Path(log_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -175,66 +325,68 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout: the student must match its own inference behaviour
     params = trainable_parameters(student)
+    sharded = shard_layers(student, device) + shard_layers(teacher, device) if size > 1 else []
+    params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaced them with DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    state_file, pool_file = workdir / _STATE, workdir / _POOL
     started = time.monotonic()
-    if resume and state_file.is_file() and pool_file.is_file():
-        state = torch.load(state_file, weights_only=True)
-        pool, total, first_step, losses = torch.load(pool_file, weights_only=True), state["total"], state["step"], state["losses"]
-        with torch.no_grad():
-            for param, saved in zip(params, state["weights"]):
-                param.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
+    state = _load_checkpoint(workdir, cfg) if resume else None
+    if state is not None:
+        _restore(state, params, optimizer)
+        pool = _from_rank0(torch.load(workdir / _POOL, weights_only=True) if rank == 0 else None)
+        total, first_step, losses = state["total"], state["step"], state["losses"]
     else:
         pool, total = _plan_pool(student, teacher, tokenizer, cfg, deadline, device)
         first_step, losses = 0, []
-        torch.save(pool, pool_file)
+        if rank == 0:
+            _save_atomically(pool, workdir / _POOL)
     plan = _Plan(pool, total, cfg)
-    log_file = log_dir / "log.jsonl"
-    tokens_per_step = cfg.batch * (cfg.seq_len - 1)
-    with open(log_file, "a" if first_step else "w") as log, tqdm(total=total, initial=first_step, desc=f"QAD ({cfg.loss})", unit="step") as bar:
-        for step in range(first_step, total):
-            tick = time.monotonic()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss = train_step(student, teacher, plan.batch(step).to(device), cfg)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            seconds = time.monotonic() - tick
-            record = {"step": step, "loss": loss, "loss_kind": cfg.loss, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_step / seconds, 1)}
-            losses.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-                _save_atomically({"step": step + 1, "total": total, "losses": losses, "optimizer": optimizer.state_dict(),
-                                  "weights": [p.detach().clone() for p in params], "config": cfg.to_dict()}, state_file)
+    _train(student, teacher, optimizer, params, plan, cfg, first_step, losses, workdir, log_dir)
+    unshard_layers(sharded)
     student.requires_grad_(False)
-    if losses:
+    if losses and rank == 0:
         _plot(losses, log_dir / "loss.png")
     return {
         "config": cfg.to_dict(),
+        "world_size": size,
         "steps": total,
         "pool_rows": int(pool.shape[0]),
-        "tokens_trained": total * tokens_per_step,
+        "tokens_trained": total * cfg.batch * (cfg.seq_len - 1),
         "seconds": round(time.monotonic() - started, 1),
         "first_loss": losses[0]["loss"] if losses else None,
         "last_loss": losses[-1]["loss"] if losses else None,
     }
 
 
-def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | None, device) -> tuple[Tensor, int]:
-    """(data pool, number of steps): fixed by --qad-steps, or by what the budget allows."""
-    if cfg.steps is not None:
-        rows = math.ceil(cfg.steps * cfg.batch / cfg.reuse)
-        return _data_pool(student, teacher, tokenizer, cfg, rows, None, None), cfg.steps
-    deadline = deadline if deadline is not None else time.monotonic() + cfg.budget_minutes * 60
-    step_seconds = _probe_step_seconds(student, teacher, cfg, device)
-    if cfg.data == "self":
-        pool = _data_pool(student, teacher, tokenizer, cfg, None, deadline, step_seconds)
-        return pool, max(1, int((deadline - time.monotonic()) / step_seconds))
-    total = max(1, int((deadline - time.monotonic()) / step_seconds))
-    return _data_pool(student, teacher, tokenizer, cfg, total * cfg.batch, None, None), total
+def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, first_step: int, losses: list[dict],
+           workdir: Path, log_dir: Path) -> None:
+    rank = world()[0]
+    device = params[0].device
+    tokens_per_step = cfg.batch * (cfg.seq_len - 1)
+    log = open(log_dir / "log.jsonl", "w") if rank == 0 else None
+    if log:  # steps a crash logged past the checkpoint are dropped: they run again
+        log.writelines(json.dumps(record) + "\n" for record in losses)
+    bar = tqdm(total=plan.total, initial=first_step, desc=f"QAD ({cfg.loss})", unit="step", disable=rank != 0)
+    try:
+        for step in range(first_step, plan.total):
+            tick = time.monotonic()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, plan.total, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _global_step(student, teacher, plan.batch(step).to(device), cfg)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            seconds = time.monotonic() - tick
+            record = {"step": step, "loss": loss, "loss_kind": cfg.loss, "lr": optimizer.param_groups[0]["lr"],
+                      "seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_step / seconds, 1)}
+            losses.append(record)
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix({cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+            bar.update(1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total:
+                _save_checkpoint(workdir, params, optimizer, step + 1, plan.total, losses, cfg)
+    finally:
+        bar.close()
+        if log:
+            log.close()

@@ -2,6 +2,10 @@
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +25,15 @@ from qad.distill import chunked_loss, run_qad, trainable_parameters
 def models(tiny_model_dir):
     """A tiny teacher with confident predictions (weights scaled up) and its NVFP4 student."""
     teacher, tokenizer, _ = load_causal_lm(tiny_model_dir)
+    return confident(teacher), tokenizer
+
+
+def confident(teacher):
     with torch.no_grad():
         for name, param in teacher.named_parameters():
             if "norm" not in name:
                 param.mul_(8.0)
-    return teacher, tokenizer
+    return teacher
 
 
 def fresh_student(teacher, scheme="nvfp4-a16"):
@@ -90,7 +98,8 @@ def test_qad_lowers_kl_and_beats_qat_on_the_same_data(models, tmp_path):
     assert qad_after < qat_after, f"QAD {qad_after:.4f} should beat QAT {qat_after:.4f}"
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lose_latest", [False, True], ids=["checkpoint", "killed-while-saving"])
+def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, monkeypatch, lose_latest):
     teacher, tokenizer = models
     cfg = QADConfig(steps=6, lr=1e-3, batch=2, seq_len=16, data="random", checkpoint_every=2)
     straight = fresh_student(teacher)
@@ -109,6 +118,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run_qad(interrupted, teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b-log")
     monkeypatch.setattr(distill, "train_step", real_step)
+    if lose_latest:  # a kill -9 between setting the last checkpoint aside and writing the new one
+        (tmp_path / "b" / "qad_state.rank0.pt").unlink()
     resumed = fresh_student(teacher)  # a new process starts from the PTQ student again
     run_qad(resumed, teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b-log", resume=True)
     for (name, a), b in zip(quantized_modules(straight).items(), quantized_modules(resumed).values()):
@@ -169,3 +180,76 @@ def test_sequence_longer_than_context_is_rejected(models, tmp_path):
     teacher, tokenizer = models
     with pytest.raises(UserError, match="longer than the model's context"):
         run_qad(fresh_student(teacher), teacher, tokenizer, QADConfig(steps=1, seq_len=100_000), tmp_path / "w", tmp_path / "l")
+
+
+def test_resume_with_other_options_is_refused(models, tmp_path):
+    teacher, tokenizer = models
+    cfg = QADConfig(steps=2, batch=2, seq_len=16, data="random", checkpoint_every=1)
+    run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
+    other = QADConfig(steps=2, batch=2, seq_len=16, data="random", checkpoint_every=1, lr=1e-3)
+    with pytest.raises(UserError, match="other QAD options"):
+        run_qad(fresh_student(teacher), teacher, tokenizer, other, tmp_path / "w", tmp_path / "l", resume=True)
+
+
+def test_sampler_at_low_temperature_equals_greedy_generation(models):
+    from converter.calibration import chat_prompt_ids
+    from converter.generate import generate_batch
+    from qad.sample import sample
+
+    teacher, tokenizer = models
+    prompts = chat_prompt_ids(tokenizer, ["Hi there", "What is the tallest mountain on Earth?", "Name a color."])
+    eos = tokenizer.eos_token_id
+    greedy = generate_batch(teacher, prompts, 12, eos, eos)
+    sampled = sample(teacher, prompts, 12, eos, eos, torch.Generator().manual_seed(0), temperature=1e-6)
+    assert sampled == greedy
+
+
+def test_sampler_is_seeded_and_stops_at_eos(models):
+    from qad.sample import sample
+
+    teacher, tokenizer = models
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a = sample(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(1))
+    assert a == sample(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(1))
+    assert [len(r) for r in a] == [10, 10]
+    eos = a[0][3]  # pretend the fourth token of row 0 is EOS: row 0 ends there
+    b = sample(teacher, prompts, 10, 0, eos, torch.Generator().manual_seed(1))
+    assert b[0] == a[0][: a[0].index(eos) + 1]
+
+
+def _two_rank_worker(model_dir: str, out: str) -> None:
+    """Run under torchrun: QAD of the tiny student with FSDP2 over gloo (rank 0 logs)."""
+    teacher, tokenizer, _ = load_causal_lm(model_dir)
+    teacher = confident(teacher)
+    student = fresh_student(teacher)
+    cfg = QADConfig(steps=4, lr=1e-3, batch=4, seq_len=16, data="random", checkpoint_every=2)
+    run_qad(student, teacher, tokenizer, cfg, Path(out) / "work", Path(out) / "log")
+    if distill.world()[0] == 0:
+        torch.save({n: m.weight.detach().clone() for n, m in quantized_modules(student).items()}, Path(out) / "weights.pt")
+
+
+def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp_path):
+    teacher, tokenizer, _ = load_causal_lm(tiny_model_dir)
+    teacher = confident(teacher)
+    student = fresh_student(teacher)
+    cfg = QADConfig(steps=4, lr=1e-3, batch=4, seq_len=16, data="random", checkpoint_every=2)
+    run_qad(student, teacher, tokenizer, cfg, tmp_path / "one" / "work", tmp_path / "one" / "log")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           __file__, str(tiny_model_dir), str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "log" / "log.jsonl").read_text().splitlines()]
+    one, two = read("one"), read("two")
+    assert len(one) == len(two) == 4
+    assert one[-1] < one[0]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
+    weights = torch.load(tmp_path / "two" / "weights.pt")
+    for name, module in quantized_modules(student).items():
+        torch.testing.assert_close(weights[name], module.weight, rtol=1e-4, atol=1e-6, msg=name)
+    assert sorted(p.name for p in (tmp_path / "two" / "work").glob("qad_state.rank?.pt")) == [
+        "qad_state.rank0.pt", "qad_state.rank1.pt"]
+
+
+if __name__ == "__main__":  # the two-rank test's torchrun entry point
+    _two_rank_worker(*sys.argv[1:3])

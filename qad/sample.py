@@ -1,0 +1,49 @@
+"""Batched KV-cache sampling of the teacher's answers: QAD's `self` data, at many rows per forward.
+
+Compared with `converter.generate.generate_batch` (the shared greedy/sampling loop) this one
+projects only the last position through the vocabulary head (the prefill does not build
+[batch, prompt, vocab] logits), grows no mask or id tensors per token, samples on the device and
+stops only when every row has ended. `bench/qad.py` prints both side by side.
+"""
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int, eos_id: int | None,
+           generator: torch.Generator, temperature: float = 1.0) -> list[list[int]]:
+    """Sampled answers (without the prompts, cut after EOS) to every prompt."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    width, rows = max(len(p) for p in prompts), len(prompts)
+    ids = torch.full((rows, width + new_tokens), pad_id, dtype=torch.long)
+    mask = torch.zeros(rows, width + new_tokens, dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding: every row's next token lands in one column
+        ids[row, width - len(prompt) : width] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, done = DynamicCache(), torch.zeros(rows, dtype=torch.bool, device=device)
+    start, end = 0, width
+    for column in range(width, width + new_tokens):
+        logits = model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        ids[:, column] = _draw(logits, temperature, generator).to(device)
+        if eos_id is not None:
+            done |= ids[:, column] == eos_id
+            if bool(done.all()):
+                break
+        start, end = column, column + 1
+    return [_cut(row[width : end + 1].tolist(), eos_id) for row in ids.cpu()]
+
+
+def _draw(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
+    """One token per row; the generator lives on the CPU so a seed gives the same data on any device."""
+    probs = torch.softmax(logits.float() / temperature, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _cut(tokens: list[int], eos_id: int | None) -> list[int]:
+    return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens
