@@ -1,5 +1,6 @@
 """The side-by-side page driven by gradio_client against the real server (tiny random Llama), /ui mounted."""
 
+import asyncio
 import os
 import re
 
@@ -12,7 +13,7 @@ from nvfp4.cli import cli
 from test_serve_helpers import free_port, load_tiny, tiny_engines
 from test_ui_helpers import live_on, serve_tiny_with_ui, text_of
 from serve.app import build_app
-from ui.app import Answer, Conversation, _close_turn, build_ui, first_divergence, transcript
+from ui.app import Answer, Conversation, Endpoint, _close_turn, build_ui, first_divergence, render_chat, scoring_context, transcript
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SYSTEM = "You are terse."
@@ -86,7 +87,7 @@ def test_score_with_teacher_matches_transformers(server, page, tiny_model_dir):
     html = page.predict(system=SYSTEM, api_name="/score")
     shown = [float(v) for v in re.findall(r"title='log p = (-?[\d.]+)'", html)]
     model, tokenizer = load_tiny(tiny_model_dir, packed=False)
-    context = transcript(messages) + " "
+    context = transcript(messages)
     ids = tokenizer.encode(context + answer)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
@@ -95,7 +96,41 @@ def test_score_with_teacher_matches_transformers(server, page, tiny_model_dir):
     assert "".join(tokenizer.decode([t]) for t in ids[len(ids) - len(shown):]).endswith(answer)
     mean = float(re.search(r"KL proxy\) <b>([\d.]+)</b>", html).group(1))
     assert mean == pytest.approx(-sum(expected) / len(expected), abs=2e-3)
-    assert "perplexity" in html and "teacher's own answer" in html
+    assert "perplexity" in html and "teacher's own answer" in html and "plain-text transcript" in html
+
+
+@pytest.mark.parametrize("turns", [1, 2], ids=["one-turn", "two-turns"])
+@pytest.mark.parametrize("system", [SYSTEM, None], ids=["system", "no-system"])
+def test_render_chat_equals_transformers_template(tiny_model_dir, turns, system):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
+    if turns == 2:
+        messages += [{"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "And then?"}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    entry = {"nvfp4": {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}}
+    assert render_chat(tokenizer.chat_template, messages, tokenizer.bos_token, tokenizer.eos_token) == expected
+    assert scoring_context(entry, messages) == (expected, True)
+    assert scoring_context({"id": "teacher"}, messages) == (transcript(messages), False)
+    broken = {"nvfp4": {"chat_template": "{{ raise_exception('no system role') }}"}}
+    assert scoring_context(broken, messages) == (transcript(messages), False)
+
+
+def test_score_in_chat_template_matches_transformers(server, tiny_model_dir):
+    """With the template exposed, the scoring prompt is token for token what the chat route feeds the teacher."""
+    model, tokenizer = load_tiny(tiny_model_dir, packed=False)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}]
+    answer = greedy_tokens(server, "student", messages, 24)[0]
+    context = render_chat(tokenizer.chat_template, messages)
+    assert tokenizer.encode(context) == tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    score = asyncio.run(Endpoint(server.url).score("teacher", context, answer))
+    ids = tokenizer.encode(context + answer)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    k = len(score.tokens)
+    assert score.logprobs == pytest.approx([float(logp[i - 1, ids[i]]) for i in range(len(ids) - k, len(ids))], abs=1e-3)
+    assert "".join(score.tokens).endswith(answer) and not "".join(score.tokens[1:]).endswith(answer)  # no extra token
 
 
 def test_multi_turn_history_per_pane_and_clear(server, page):

@@ -20,8 +20,10 @@ EXAMPLES = [
     "List three tips for a good night's sleep.",
 ]
 DEFAULT_SYSTEM = "You are a helpful assistant."
-# Scoring prompt: the chat template is applied by the server on /v1/chat/completions only, and
-# /v1/completions takes raw text, so the teacher scores the answer after this plain transcript.
+# Scoring prompt: the server applies chat templates on /v1/chat/completions only and /v1/completions
+# takes raw text. When the teacher's /v1/models entry carries `nvfp4.chat_template` the page renders
+# the conversation exactly as the chat route would; otherwise the teacher scores the answer after a
+# plain "Role: text" transcript (a proxy: the teacher never saw that format in chat).
 ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -159,15 +161,47 @@ def first_divergence(teacher: list[str], student: list[str]) -> int | None:
 
 
 def transcript(messages: list[dict]) -> str:
-    """Plain-text conversation ending with the assistant cue: the scoring context (see ROLE_LABELS)."""
+    """Plain-text conversation ending with the assistant cue (the fallback scoring context)."""
     lines = [f"{ROLE_LABELS.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+    return "\n".join(lines) + "\nAssistant: "
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
+    """A Hugging Face chat template rendered as transformers does (sandboxed jinja, trim/lstrip blocks)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=bos_token, eos_token=eos_token)
+
+
+def scoring_context(entry: dict | None, messages: list[dict]) -> tuple[str, bool]:
+    """(text the answer is appended to, whether it is the model's own chat template)."""
+    meta = (entry or {}).get("nvfp4") or {}
+    if meta.get("chat_template"):
+        try:
+            return render_chat(meta["chat_template"], messages, meta.get("bos_token") or "", meta.get("eos_token") or ""), True
+        except Exception:  # a template this renderer cannot run: fall back to the transcript
+            pass
+    return transcript(messages), False
 
 
 # ----------------------------------------------------------------------------------- rendering
 
 def _esc(text: str) -> str:
-    return html.escape(text).replace("\n", "↵<br>")
+    return html.escape(text).replace("\n", "↵")  # strips stay one flowing line per answer
+
+
+def _window(tokens: list[str], keep: int, tail: bool) -> str:
+    """At most `keep` tokens (the last ones when tail), with an ellipsis for the rest."""
+    if len(tokens) <= keep:
+        return "".join(tokens)
+    return "…" + "".join(tokens[-keep:]) if tail else "".join(tokens[:keep]) + "…"
 
 
 def _size(n: float) -> str:
@@ -212,10 +246,10 @@ def agreement_html(teacher: Answer | None, student: Answer | None) -> str:
     if at is None:
         return (f"<div class='nv-agree'><b>Agreement:</b> the student's answer equals the teacher's "
                 f"({len(student.tokens)} tokens).</div>")
-    same = "".join(student.tokens[:at])
+    same = _window(student.tokens[:at], 60, tail=True)
     left = student.tokens[at] if at < len(student.tokens) else "⟨end⟩"
     wanted = teacher.tokens[at] if at < len(teacher.tokens) else "⟨end⟩"
-    rest = "".join(student.tokens[at + 1:])
+    rest = _window(student.tokens[at + 1:], 60, tail=False)
     return (f"<div class='nv-agree'><b>Agreement:</b> the student leaves the teacher at token {at} "
             f"(teacher: <code>{html.escape(repr(wanted))}</code>, student: <code>{html.escape(repr(left))}</code>)"
             f"<div class='nv-strip'><span class='nv-same'>{_esc(same)}</span>"
@@ -229,7 +263,7 @@ def _colour(logprob: float) -> str:
     return f"hsl({120 * (1 - x):.0f}, 75%, {88 - 10 * x:.0f}%)"
 
 
-def score_html(student: Score, teacher: Score | None) -> str:
+def score_html(student: Score, teacher: Score | None, templated: bool = False) -> str:
     if not student.tokens:
         return "<div class='nv-score'>The student's answer is empty: nothing to score.</div>"
     spans = "".join(
@@ -239,8 +273,11 @@ def score_html(student: Score, teacher: Score | None) -> str:
                f"<b>{student.perplexity:.2f}</b> · {len(student.tokens)} tokens")
     if teacher is not None and teacher.tokens:
         summary += f" · teacher's own answer: {teacher.mean_nll:.3f} nats/token, perplexity {teacher.perplexity:.2f}"
+    how = ("conversation in the teacher's chat template" if templated else
+           "after a plain-text transcript: the server does not expose its chat template, so values are a proxy")
     return (f"<div class='nv-score'><b>Student's answer under the teacher</b> (green: the teacher agrees, red: it "
-            f"would not have said it)<div class='nv-strip'>{spans}</div><div>{summary}</div></div>")
+            f"would not have said it)<div class='nv-strip'>{spans}</div><div>{summary}</div>"
+            f"<div class='nv-note'>Scored {how}.</div></div>")
 
 
 def status_html(message: str | None) -> str:
@@ -258,10 +295,11 @@ STYLE = """<style>
 .nv-bad {color:#c0392b; font-weight:600}
 .nv-banner {padding:10px 14px; border-radius:8px; background:#fdecea; color:#8a1c12; border:1px solid #f5c2bd; font-weight:600}
 .nv-agree, .nv-score {padding:8px 12px; border-radius:8px; border:1px solid var(--border-color-primary)}
-.nv-strip {margin-top:6px; line-height:1.9; font-family:var(--font-mono); font-size:.9em; white-space:pre-wrap}
+.nv-strip {margin-top:6px; line-height:1.9; font-family:var(--font-mono); font-size:.9em; white-space:pre-wrap; max-height:9.5em; overflow-y:auto}
 .nv-same {background:#e3f6e5; color:#1d4d24}
 .nv-diverge {background:#ffb3a7; color:#000; outline:2px solid #c0392b; border-radius:3px}
 .nv-rest {opacity:.6}
+.nv-note {opacity:.65; font-size:.85em}
 .nv-tok {border-radius:3px; padding:1px 0; margin-right:1px; color:#111}
 </style>"""
 
@@ -371,16 +409,18 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         student = conv.last.get("student")
         if student is None or student.error:
             return "<div class='nv-score'>Send a message first: the student's last answer is scored.</div>"
-        context = transcript(_with_system(system, conv.student[:-1])) + " "
         teacher = conv.last.get("teacher")
         try:
+            entry = (await endpoint.models()).get(teacher_model)
+            context, templated = scoring_context(entry, _with_system(system, conv.student[:-1]))
             jobs = [endpoint.score(teacher_model, context, student.text)]
             if teacher is not None and teacher.text and not teacher.error:
-                jobs.append(endpoint.score(teacher_model, transcript(_with_system(system, conv.teacher[:-1])) + " ", teacher.text))
+                own, _ = scoring_context(entry, _with_system(system, conv.teacher[:-1]))
+                jobs.append(endpoint.score(teacher_model, own, teacher.text))
             scores = await asyncio.gather(*jobs)
         except Exception as error:
             return status_html(describe_error(error, endpoint.url, teacher_model))
-        return score_html(scores[0], scores[1] if len(scores) > 1 else None)
+        return score_html(scores[0], scores[1] if len(scores) > 1 else None, templated)
 
     def clear():
         conv = Conversation()
@@ -401,15 +441,14 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
                 head_s = gr.HTML(header_html("Student", student_model, {}), elem_id="student-header")
                 chat_s = gr.Chatbot(label=f"Student · {student_model}", height=380, elem_id="student-chat")
                 metrics_s = gr.HTML(metrics_html(None), elem_id="student-metrics")
-        agreement = gr.HTML(elem_id="agreement")
-        with gr.Row():
+        with gr.Row(equal_height=True):
             box = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=6, elem_id="prompt", autofocus=True)
             send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
             clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
-        with gr.Row():
-            score_btn = gr.Button("Score with teacher", scale=1, elem_id="score")
-            gr.Examples(EXAMPLES, inputs=[box], label="Examples")
+        gr.Examples(EXAMPLES, inputs=[box], label="Examples")
+        agreement = gr.HTML(elem_id="agreement")
+        score_btn = gr.Button("Score the student's answer with the teacher", elem_id="score")
         scored = gr.HTML(elem_id="score-strip")
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
@@ -417,7 +456,7 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
                 greedy = gr.Checkbox(True, label="Greedy (exact comparison)")
                 temperature = gr.Slider(0.0, 2.0, 0.7, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(1, 2048, 256, step=1, label="Max tokens")
+                max_tokens = gr.Slider(1, 2048, 256, step=1, label="Max tokens", elem_id="max-tokens")
                 seed = gr.Number(None, label="Seed", precision=0)
 
         inputs = [box, system, conv, temperature, top_p, max_tokens, seed, greedy]
