@@ -13,7 +13,8 @@ from nvfp4.cli import cli
 from test_serve_helpers import free_port, load_tiny, tiny_engines
 from test_ui_helpers import live_on, serve_tiny_with_ui, text_of
 from serve.app import build_app
-from ui.app import Answer, Conversation, Endpoint, _close_turn, build_ui, first_divergence, render_chat, scoring_context, transcript
+from ui.app import (Answer, Conversation, Endpoint, _close_turn, build_ui, first_divergence, header_html, render_chat,
+                    scoring_context, transcript)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SYSTEM = "You are terse."
@@ -52,6 +53,15 @@ def test_first_divergence():
     assert first_divergence(["a", "b"], ["a", "b", "c"]) == 2  # the student runs on past the teacher's end
     assert first_divergence(["a", "b", "c"], ["a"]) == 1
     assert first_divergence([], ["a"]) == 0
+
+
+def test_header_reads_nvfp4_fields_when_served():
+    entry = {"id": "student", "root": "smol-nvfp4", "nvfp4": {"scheme": "nvfp4-a16", "weight_bytes": 104_857_600, "heldout_kl": 0.1234}}
+    head = header_html("Student", "student", entry)
+    assert "smol-nvfp4" in head and "nvfp4-a16" in head and "weights 104.9 MB" in head and "held-out KL 0.123" in head
+    plain = header_html("Teacher", "teacher", {"id": "teacher", "root": "smol"})
+    assert "smol" in plain and "KL" not in plain and "weights" not in plain
+    assert "not served" in header_html("Teacher", "teacher", None)
 
 
 def test_stopped_turn_keeps_partial_answer_and_failed_turn_is_dropped():
