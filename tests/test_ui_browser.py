@@ -69,6 +69,41 @@ def test_page_streams_both_panes(browser, tiny_model_dir, tmp_path):
         page.close()
 
 
+def set_max_tokens(page: Page, n: int) -> None:
+    page.get_by_text("System prompt and sampling").first.click()
+    page.locator("#max-tokens input[type=number]").fill(str(n))
+    page.locator("#max-tokens input[type=number]").press("Enter")
+    page.get_by_text("System prompt and sampling").first.click()  # folded again
+
+
+def bot_texts(page: Page, pane: str) -> list[str]:
+    return page.locator(f"{pane} {BOT}").all_inner_texts()
+
+
+def test_stop_keeps_partial_answers_then_clear(browser, tiny_model_dir):
+    with serve_tiny_with_ui(tiny_model_dir) as live:
+        page = browser.new_page()
+        page.goto(live.url + "/ui/")
+        set_max_tokens(page, 480)  # the tiny model's context is 512: seconds of tokens, Stop lands mid-answer
+        page.locator("#prompt textarea").fill("Hello there")
+        page.locator("#send").click()
+        page.wait_for_function("() => (document.querySelector('#teacher-chat [data-testid=bot]')?.innerText.length ?? 0) > 20")
+        page.locator("#stop").click()
+        page.wait_for_timeout(1500)
+        partial = bot_texts(page, "#teacher-chat")
+        page.wait_for_timeout(1000)
+        assert bot_texts(page, "#teacher-chat") == partial, "the answer kept streaming after Stop"
+        assert "…" in page.locator("#teacher-metrics").inner_text()  # no finish reason: it was cut
+        set_max_tokens(page, 8)
+        ask(page, "And then?")
+        texts = bot_texts(page, "#teacher-chat")
+        assert len(texts) == 2 and texts[0] == partial[0]  # the stopped turn stays in the history
+        page.locator("#clear").click()
+        expect(page.locator(f"#teacher-chat {BOT}")).to_have_count(0)
+        expect(page.locator(f"#student-chat {BOT}")).to_have_count(0)
+        page.close()
+
+
 def test_page_shows_endpoint_down_and_recovers(browser, tiny_model_dir):
     port = free_port()
     demo = build_ui(f"http://127.0.0.1:{port}")
@@ -95,10 +130,7 @@ def test_default_model_screenshot(browser, default_model_dir, tmp_path):
     with serve_with_ui(engines) as live:
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         page.goto(live.url + "/ui/")
-        page.get_by_text("System prompt and sampling").first.click()
-        page.locator("#max-tokens input[type=number]").fill("96")
-        page.locator("#max-tokens input[type=number]").press("Enter")
-        page.get_by_text("System prompt and sampling").first.click()  # folded again for the picture
+        set_max_tokens(page, 96)
         ask(page, "Explain in two sentences why the sky is blue.", timeout_ms=180_000)
         page.locator("#score").click()
         expect(page.locator("#score-strip")).to_contain_text("perplexity", timeout=120_000)

@@ -8,7 +8,7 @@ import html
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gradio as gr
 import openai
@@ -62,6 +62,10 @@ class Answer:
         if self.num_tokens < 2 or self.decode_seconds <= 0:
             return None
         return (self.num_tokens - 1) / self.decode_seconds  # decode rate: tokens after the first
+
+    def snapshot(self) -> Answer:
+        """A copy that later chunks do not change: what the page shows is what the history keeps."""
+        return replace(self, tokens=list(self.tokens))
 
 
 @dataclass
@@ -117,21 +121,22 @@ class Endpoint:
             stream = await self.client.chat.completions.create(
                 model=model, messages=messages, stream=True, logprobs=True,
                 stream_options={"include_usage": True}, **sampling.kwargs())
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    answer.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices[:1]:
-                    delta = choice.delta.content or ""
-                    if delta and first is None:
-                        first = time.perf_counter()
-                        answer.ttft = first - start
-                    answer.text += delta
-                    entries = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
-                    answer.tokens += [e.token for e in entries] if entries else ([delta] if delta else [])
-                    answer.finish_reason = choice.finish_reason or answer.finish_reason
-                if first is not None:
-                    answer.decode_seconds = time.perf_counter() - first
-                yield answer
+            async with stream:  # Stop cancels this task: closing the response makes the server abort the request
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        answer.completion_tokens = chunk.usage.completion_tokens
+                    for choice in chunk.choices[:1]:
+                        delta = choice.delta.content or ""
+                        if delta and first is None:
+                            first = time.perf_counter()
+                            answer.ttft = first - start
+                        answer.text += delta
+                        entries = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
+                        answer.tokens += [e.token for e in entries] if entries else ([delta] if delta else [])
+                        answer.finish_reason = choice.finish_reason or answer.finish_reason
+                    if first is not None:
+                        answer.decode_seconds = time.perf_counter() - first
+                    yield answer
         except Exception as error:  # shown in the pane's status line
             answer.error = describe_error(error, self.url, model)
             yield answer
@@ -313,6 +318,7 @@ class Conversation:
     teacher: list[dict] = field(default_factory=list)
     student: list[dict] = field(default_factory=list)
     last: dict[str, Answer] = field(default_factory=dict)
+    stopped: bool = False
 
 
 def _with_system(system: str, history: list[dict]) -> list[dict]:
@@ -345,7 +351,7 @@ async def _merge(streams: dict[str, AsyncIterator[Answer]]) -> AsyncIterator[tup
     async def pump(name: str, stream: AsyncIterator[Answer]) -> None:
         try:
             async for answer in stream:
-                await queue.put((name, answer))
+                await queue.put((name, answer.snapshot()))
         finally:
             await queue.put((name, None))
 
@@ -388,12 +394,14 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         status, head_t, head_s = await headers()
         _close_turn(conv)
         sampling = Sampling(float(temperature), float(top_p), int(max_tokens), None if seed in (None, "") else int(seed), bool(greedy))
-        conv.last = {}
+        conv.last, conv.stopped = {}, False
         conv.teacher.append({"role": "user", "content": message})
         conv.student.append({"role": "user", "content": message})
         streams = {role: endpoint.chat(names[role], _with_system(system, getattr(conv, role)), sampling) for role in names}
         yield _outputs(conv, "", status, head_t, head_s)
         async for role, answer in _merge(streams):
+            if conv.stopped:
+                break
             conv.last[role] = answer
             yield _outputs(conv, "", status, head_t, head_s)
         _close_turn(conv)
@@ -422,11 +430,19 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
             return status_html(describe_error(error, endpoint.url, teacher_model))
         return score_html(scores[0], scores[1] if len(scores) > 1 else None, templated)
 
+    def stop(conv: Conversation) -> tuple:
+        """Freeze the answers where they are and show exactly what the history keeps."""
+        conv.stopped = True
+        _close_turn(conv)
+        t, s = conv.last.get("teacher"), conv.last.get("student")
+        return (_chat_view(conv.teacher, t), _chat_view(conv.student, s), metrics_html(t), metrics_html(s),
+                agreement_html(t, s), conv)
+
     def clear():
         conv = Conversation()
         return ("", [], [], metrics_html(None), metrics_html(None), "", "", conv)
 
-    with gr.Blocks(title="nvfp4 · teacher vs student") as demo:
+    with gr.Blocks(title="nvfp4 · teacher vs student", analytics_enabled=False) as demo:
         gr.HTML(STYLE + "<div class='nv-title'><h1>Teacher vs NVFP4 student</h1>"
                 f"<p>Every message goes to both models of <code>{html.escape(endpoint.url)}</code>. "
                 "Greedy decoding compares them token for token.</p></div>")
@@ -463,7 +479,8 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         outputs = [box, chat_t, chat_s, metrics_t, metrics_s, agreement, status, head_t, head_s, conv]
         sent = send_btn.click(send, inputs, outputs, api_name="send")
         submitted = box.submit(send, inputs, outputs, api_name=False)
-        stop_btn.click(None, cancels=[sent, submitted], api_name=False)
+        stop_btn.click(stop, conv, [chat_t, chat_s, metrics_t, metrics_s, agreement, conv],
+                       cancels=[sent, submitted], api_name=False)
         clear_btn.click(clear, None, [box, chat_t, chat_s, metrics_t, metrics_s, agreement, scored, conv], api_name="clear")
         score_btn.click(score, [system, conv], scored, api_name="score")
         demo.load(headers, None, [status, head_t, head_s], api_name="models")
