@@ -1,38 +1,51 @@
-"""Batched KV-cache decoding for the tool's own data (calibration, QAD samples, evaluation).
+"""Batched KV-cache decoding for the tool's own data (calibration, QAD `self` samples, evaluation).
 
 Left-padded prompts advance together, one forward per new token for the whole batch: several times
-faster on CPU than calling transformers' `generate` per prompt.
+faster on CPU than transformers' `generate` per prompt. Only the last position goes through the
+vocabulary head (the prefill builds no [batch, prompt, vocab] logits), and the id and mask tensors
+are allocated once.
 """
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int, eos_id: int | None,
                    generator: torch.Generator | None = None, temperature: float = 1.0) -> list[list[int]]:
-    """Answers (without the prompts) to every prompt: greedy when `generator` is None, else sampled."""
+    """Answers (without the prompts, cut after EOS) to every prompt: greedy when `generator` is None, else sampled."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    step_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache, answers = DynamicCache(), [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        logits = model(step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
-        if generator is None:
-            tokens = logits.argmax(-1).cpu()
-        else:
-            tokens = torch.multinomial(torch.softmax(logits.float() / temperature, -1).cpu(), 1, generator=generator).squeeze(1)
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                answers[row].append(token)
-                done[row] = token == eos_id
-        if all(done):
-            break
-        step_ids = tokens.unsqueeze(1).to(device)
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
-    return answers
+    width, rows = max(len(p) for p in prompts), len(prompts)
+    ids = torch.full((rows, width + new_tokens), pad_id, dtype=torch.long)
+    mask = torch.zeros(rows, width + new_tokens, dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding: every row's next token lands in one column
+        ids[row, width - len(prompt) : width] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, done = DynamicCache(), torch.zeros(rows, dtype=torch.bool, device=device)
+    start, end = 0, width
+    for column in range(width, width + new_tokens):
+        logits = model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        ids[:, column] = _next_tokens(logits, generator, temperature).to(device)
+        if eos_id is not None:
+            done |= ids[:, column] == eos_id
+            if bool(done.all()):
+                break
+        start, end = column, column + 1
+    return [_cut(row[width : end + 1].tolist(), eos_id) for row in ids.cpu()]
+
+
+def _next_tokens(logits: Tensor, generator: torch.Generator | None, temperature: float) -> Tensor:
+    """Greedy, or one draw per row; the generator lives on the CPU so a seed gives the same data on any device."""
+    if generator is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _cut(tokens: list[int], eos_id: int | None) -> list[int]:
+    return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens

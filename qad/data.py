@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from converter.calibration import chat_prompt_ids, read_text_file
 from converter.errors import UserError
-from qad.sample import sample
+from converter.generate import generate_batch
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 
@@ -37,7 +37,7 @@ class TeacherSamples:
         new_tokens = max(8, self.seq_len - min(len(p) for p in chosen))
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        answers = sample(self.teacher, chosen, new_tokens, pad, eos, self.generator)
+        answers = generate_batch(self.teacher, chosen, new_tokens, pad, eos, self.generator)
         return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len, pad)
 
 

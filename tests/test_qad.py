@@ -191,29 +191,33 @@ def test_resume_with_other_options_is_refused(models, tmp_path):
         run_qad(fresh_student(teacher), teacher, tokenizer, other, tmp_path / "w", tmp_path / "l", resume=True)
 
 
-def test_sampler_at_low_temperature_equals_greedy_generation(models):
+def test_batched_greedy_equals_transformers_generate_per_prompt(models):
     from converter.calibration import chat_prompt_ids
     from converter.generate import generate_batch
-    from qad.sample import sample
 
     teacher, tokenizer = models
     prompts = chat_prompt_ids(tokenizer, ["Hi there", "What is the tallest mountain on Earth?", "Name a color."])
     eos = tokenizer.eos_token_id
-    greedy = generate_batch(teacher, prompts, 12, eos, eos)
-    sampled = sample(teacher, prompts, 12, eos, eos, torch.Generator().manual_seed(0), temperature=1e-6)
-    assert sampled == greedy
+    batched = generate_batch(teacher, prompts, 12, eos, eos)
+    for prompt, answer in zip(prompts, batched):  # left padding and the shared cache change nothing
+        alone = teacher.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos)[0, len(prompt):].tolist()
+        assert answer == alone
+    cold = generate_batch(teacher, prompts, 12, eos, eos, torch.Generator().manual_seed(0), temperature=1e-6)
+    assert cold == batched  # sampling at a vanishing temperature is greedy
 
 
-def test_sampler_is_seeded_and_stops_at_eos(models):
-    from qad.sample import sample
+def test_sampling_is_seeded_and_stops_at_eos(models):
+    from converter.generate import generate_batch
 
     teacher, tokenizer = models
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    a = sample(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(1))
-    assert a == sample(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(1))
+    a = generate_batch(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(1))
+    assert a == generate_batch(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(1))
+    assert a != generate_batch(teacher, prompts, 10, 0, None, torch.Generator().manual_seed(2))
     assert [len(r) for r in a] == [10, 10]
     eos = a[0][3]  # pretend the fourth token of row 0 is EOS: row 0 ends there
-    b = sample(teacher, prompts, 10, 0, eos, torch.Generator().manual_seed(1))
+    b = generate_batch(teacher, prompts, 10, 0, eos, torch.Generator().manual_seed(1))
     assert b[0] == a[0][: a[0].index(eos) + 1]
 
 
