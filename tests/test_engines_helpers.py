@@ -8,9 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from test_serve_helpers import free_port
+from test_serve_helpers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,16 +73,7 @@ class ServerProcess:
         self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
     def wait_ready(self, deadline_s: float = 180.0) -> None:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"server exited early with {self.process.returncode}"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"server not ready after {deadline_s} s")
+        wait_ready(self.url, self.process, deadline_s)
 
     def openai(self):
         from openai import OpenAI

@@ -4,11 +4,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
-from test_serve_helpers import free_port
+from test_serve_helpers import free_port, wait_ready
 
 SCRIPT = """
 import sys
@@ -20,26 +19,13 @@ run_server(app, "127.0.0.1", int(sys.argv[2]), drain_timeout=30, log_level="warn
 """
 
 
-def _wait_ready(url: str, process: subprocess.Popen, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "server exited early"
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server not ready")
-
-
 def test_sigterm_drains_running_requests(tiny_model_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)], cwd=__file__.rsplit("/", 1)[0],
                                env={**__import__("os").environ, "PYTHONPATH": ".."})
     try:
-        _wait_ready(url, process)
+        wait_ready(url, process)
         body = {"model": "student", "prompt": "Drain", "max_tokens": 300, "stream": True, "ignore_eos": True, "temperature": 0}
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:

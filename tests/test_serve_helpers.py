@@ -19,6 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, process, deadline_s: float = 180.0) -> None:
+    """Poll url/ready until 200; fail at once when the server process (a Popen) has exited."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited early with {process.returncode}"
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready after {deadline_s} s")
+
+
 def load_tiny(model_dir, packed: bool):
     from converter.models import load_causal_lm
     from serve.engine.loader import pack_model
