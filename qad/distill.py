@@ -196,11 +196,13 @@ def _spent(pool: list[Tensor], started: float, deadline: float, step_seconds: fl
 
 
 def _probe_step_seconds(student, teacher, cfg: QADConfig, device) -> float:
-    """Time one forward/backward at the training shape (its gradients are discarded)."""
+    """Time a forward/backward at the training shape (gradients discarded); the first call pays one-off
+    warm-up costs (allocator, kernel builds, thread pools) several times a step, so the second is timed."""
     batch = random_rows(teacher.config.vocab_size, cfg.batch, cfg.seq_len, cfg.seed).to(device)
-    start = time.monotonic()
-    _global_step(student, teacher, batch, cfg)
-    student.zero_grad(set_to_none=True)
+    for _ in range(2):
+        start = time.monotonic()
+        _global_step(student, teacher, batch, cfg)
+        student.zero_grad(set_to_none=True)
     return _from_rank0(time.monotonic() - start)
 
 
@@ -209,7 +211,6 @@ def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | No
     if cfg.steps is not None:
         rows = math.ceil(cfg.steps * cfg.batch / cfg.reuse)
         return _from_rank0(_data_pool(teacher, tokenizer, cfg, rows, None, None)), cfg.steps
-    deadline = deadline if deadline is not None else time.monotonic() + cfg.budget_minutes * 60
     step_seconds = _probe_step_seconds(student, teacher, cfg, device)
     if cfg.data == "self":
         pool = _data_pool(teacher, tokenizer, cfg, None, deadline, step_seconds)
@@ -335,12 +336,15 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
         pool = _from_rank0(torch.load(workdir / _POOL, weights_only=True) if rank == 0 else None)
         total, first_step, losses = state["total"], state["step"], state["losses"]
     else:
+        if cfg.steps is None and deadline is None:
+            deadline = time.monotonic() + cfg.budget_minutes * 60
         pool, total = _plan_pool(student, teacher, tokenizer, cfg, deadline, device)
         first_step, losses = 0, []
         if rank == 0:
             _save_atomically(pool, workdir / _POOL)
     plan = _Plan(pool, total, cfg)
-    _train(student, teacher, optimizer, params, plan, cfg, first_step, losses, workdir, log_dir)
+    _train(student, teacher, optimizer, params, plan, cfg, first_step, losses, workdir, log_dir,
+           deadline if cfg.steps is None else None)
     unshard_layers(sharded)
     student.requires_grad_(False)
     if losses and rank == 0:
@@ -348,7 +352,8 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     return {
         "config": cfg.to_dict(),
         "world_size": size,
-        "steps": total,
+        "steps": len(losses),
+        "planned_steps": total,
         "pool_rows": int(pool.shape[0]),
         "tokens_trained": total * cfg.batch * (cfg.seq_len - 1),
         "seconds": round(time.monotonic() - started, 1),
@@ -357,8 +362,14 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     }
 
 
+def _mean_step_seconds(losses: list[dict], last: int = 5) -> float:
+    recent = losses[-last:]
+    return sum(r["seconds"] for r in recent) / len(recent)
+
+
 def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, first_step: int, losses: list[dict],
-           workdir: Path, log_dir: Path) -> None:
+           workdir: Path, log_dir: Path, deadline: float | None = None) -> None:
+    """Steps first_step..plan.total; a budgeted run (deadline set) also stops before a step would end past it."""
     rank = world()[0]
     device = params[0].device
     tokens_per_step = cfg.batch * (cfg.seq_len - 1)
@@ -369,6 +380,9 @@ def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, fir
     try:
         for step in range(first_step, plan.total):
             tick = time.monotonic()
+            if deadline is not None and losses and _from_rank0(tick + _mean_step_seconds(losses) > deadline):
+                tqdm.write(f"QAD: the budget ends here, after {step} of {plan.total} planned steps")
+                break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.total, cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -384,7 +398,7 @@ def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, fir
                 log.flush()
             bar.set_postfix({cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
             bar.update(1)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total:  # (not inside a budget cut)
                 _save_checkpoint(workdir, params, optimizer, step + 1, plan.total, losses, cfg)
     finally:
         bar.close()

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,22 @@ def test_sequence_longer_than_context_is_rejected(models, tmp_path):
     teacher, tokenizer = models
     with pytest.raises(UserError, match="longer than the model's context"):
         run_qad(fresh_student(teacher), teacher, tokenizer, QADConfig(steps=1, seq_len=100_000), tmp_path / "w", tmp_path / "l")
+
+
+def test_budgeted_run_plans_from_a_warm_step_and_stops_at_the_deadline(models, tmp_path, monkeypatch):
+    teacher, tokenizer = models
+    cfg = QADConfig(budget_minutes=0.1, batch=2, seq_len=16, data="random", checkpoint_every=1000)
+    start = time.monotonic()
+    planned = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "a", tmp_path / "a")
+    assert planned["planned_steps"] > 1 and planned["steps"] >= planned["planned_steps"] // 2  # a warm probe plans close
+    assert time.monotonic() - start < 6 + 2  # 0.1 minutes, plus one step and the final checkpoint
+
+    monkeypatch.setattr(distill, "_probe_step_seconds", lambda *args: 1e-4)  # a probe far too optimistic
+    start = time.monotonic()
+    cut = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b")
+    assert cut["planned_steps"] > 10_000 and 1 <= cut["steps"] < cut["planned_steps"]
+    assert time.monotonic() - start < 6 + 2
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == cut["steps"]
 
 
 def test_resume_with_other_options_is_refused(models, tmp_path):
