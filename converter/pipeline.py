@@ -154,7 +154,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         accuracy = None
         if cfg.evaluate:
             with timer.stage("evaluate"):
-                accuracy = _evaluate(teacher, student, ptq_student, tokenizer)
+                accuracy = _evaluate(teacher, student, ptq_student, tokenizer, _trained_name(qad_metrics))
         report = _report(cfg, source_dir, teacher, sizes, timer, accuracy, qad_metrics)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_report_md(report))
@@ -165,10 +165,15 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
     return report
 
 
-def _evaluate(teacher, student, ptq_student, tokenizer) -> dict:
+def _trained_name(qad_metrics: dict | None) -> str:
+    """The trained student's row: QAT when it learned from labels (--loss ce), else QAD."""
+    return "QAT" if qad_metrics and qad_metrics["config"]["loss"] == "ce" else "QAD"
+
+
+def _evaluate(teacher, student, ptq_student, tokenizer, trained_name: str) -> dict:
     from converter.evaluate import evaluate, format_table
 
-    students = {"NVFP4": student} if ptq_student is None else {"PTQ": ptq_student, "QAD": student}
+    students = {"NVFP4": student} if ptq_student is None else {"PTQ": ptq_student, trained_name: student}
     results = evaluate(teacher, students, tokenizer)
     return {"results": results, "table": format_table(results)}
 

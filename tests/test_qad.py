@@ -274,3 +274,22 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp
 
 if __name__ == "__main__":  # the two-rank test's torchrun entry point
     _two_rank_worker(*sys.argv[1:3])
+
+
+@pytest.mark.parametrize("loss, row", [("kl", "QAD"), ("ce", "QAT")])
+def test_convert_with_training_writes_log_plot_and_the_paper_rows(tiny_model_dir, tmp_path, loss, row):
+    from click.testing import CliRunner
+
+    from nvfp4.cli import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16",
+                                      "--targets", "trtllm", "--qad-steps", "3", "--qad-batch", "2", "--qad-seq-len", "16",
+                                      "--qad-data", "random", "--loss", loss])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["accuracy"]["results"]) == ["BF16", "PTQ", row]
+    assert report["qad"]["steps"] == 3 and report["qad"]["config"]["loss"] == loss
+    assert len((out / "qad" / "log.jsonl").read_text().splitlines()) == 3
+    assert (out / "qad" / "loss.png").stat().st_size > 1000
+    assert f"\n{row} " in (out / "report.md").read_text()

@@ -1,0 +1,69 @@
+"""QAD results table (and bar chart) from the reports of `nvfp4 convert` runs.
+
+    .venv/bin/python bench/qad_table.py OUT1 OUT2 ... [--plot docs/qad.png]
+
+One row per output folder: scheme, scale search, loss (QAD = kl, QAT = ce), data, lr, steps run,
+seconds up to the last export, and the held-out metrics of PTQ and of the trained student, with
+the trained chat KL as a fraction of PTQ's (the "halve it" target is <= 0.50).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def row(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    results, qad = report["accuracy"]["results"], report["qad"]
+    trained = next(name for name in results if name not in ("BF16", "PTQ"))
+    seconds = sum(v for k, v in report["timings_seconds"].items() if k != "evaluate")
+    return {
+        "run": out.name, "scheme": report["scheme"], "scales": report["quant_config"]["scale_search"],
+        "loss": qad["config"]["loss"], "data": Path(qad["config"]["data"]).name, "lr": qad["config"]["lr"],
+        "steps": qad["steps"], "seconds": seconds, "ptq": results["PTQ"], "trained": results[trained],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | scheme | scales | loss | data | lr | steps | s to export | PTQ chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t = r["trained"]
+        lines.append(f"| {r['run']} | {r['scheme']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['steps']} "
+                     f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
+                     f"| {t['prose_kl']:.4f} | {t['chat_top1']:.3f} | {t['greedy_agreement']:.3f} | {t['prose_ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["run"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["ptq"]["chat_kl"] for r in rows], 0.4, label="PTQ", color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], [r["trained"]["chat_kl"] for r in rows], 0.4, label="after training", color="#76b900")
+    ax.set_xticks(list(xs), labels, rotation=30, ha="right")
+    ax.set_ylabel("held-out chat KL(teacher || student)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outs", nargs="+", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    rows = [row(out) for out in args.outs]
+    print(markdown(rows))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
