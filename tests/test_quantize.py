@@ -84,7 +84,10 @@ def test_calibration_matches_modelopt_input_amax(teacher):
 
     calibration = batches(teacher.config.vocab_size)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4"))
+    head_calls = []
+    student.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
     calibrate(student, calibration)
+    assert not head_calls, "calibration ran the vocabulary head, which feeds no quantizer"
     reference = copy.deepcopy(teacher)
 
     def forward_loop(model):
