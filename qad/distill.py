@@ -355,7 +355,7 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
         "steps": len(losses),
         "planned_steps": total,
         "pool_rows": int(pool.shape[0]),
-        "tokens_trained": total * cfg.batch * (cfg.seq_len - 1),
+        "tokens_trained": len(losses) * cfg.batch * (cfg.seq_len - 1),
         "seconds": round(time.monotonic() - started, 1),
         "first_loss": losses[0]["loss"] if losses else None,
         "last_loss": losses[-1]["loss"] if losses else None,

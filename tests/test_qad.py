@@ -195,6 +195,7 @@ def test_budgeted_run_plans_from_a_warm_step_and_stops_at_the_deadline(models, t
     start = time.monotonic()
     cut = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b")
     assert cut["planned_steps"] > 10_000 and 1 <= cut["steps"] < cut["planned_steps"]
+    assert cut["tokens_trained"] == cut["steps"] * 2 * 15
     assert time.monotonic() - start < 6 + 2
     assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == cut["steps"]
 
