@@ -86,8 +86,6 @@ def _cpu_weight(packed: Tensor, scales: Tensor, gscale: Tensor, workspace: dict 
     from kernels import cpu
 
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    if not cpu.available():
-        return ref.dequantize_ref(packed, scales, gscale)
     workspace = {} if workspace is None else workspace
     buffer = workspace.get("fp32")
     if buffer is None or buffer.numel() < rows * cols:
@@ -108,17 +106,14 @@ def linear_w4a16(
         from kernels.triton_nvfp4 import matmul_w4a16_triton
 
         y = matmul_w4a16_triton(x2d, packed, scales, gscale)
-    elif x.dtype == torch.float32 and x2d.shape[0] <= _cpu_gemv_max_batch():
+    elif _use_c(x):
         from kernels import cpu
 
-        y = cpu.gemv(x2d, packed, scales, gscale)
-    else:
-        y = torch.nn.functional.linear(x2d, _cpu_weight(packed, scales, gscale, workspace).to(x.dtype))
+        if x.dtype == torch.float32 and x2d.shape[0] <= cpu.GEMV_MAX_BATCH:
+            y = cpu.gemv(x2d, packed, scales, gscale)
+        else:
+            y = torch.nn.functional.linear(x2d, _cpu_weight(packed, scales, gscale, workspace).to(x.dtype))
+    else:  # no C compiler, or a device without Triton: the torch reference
+        y = torch.nn.functional.linear(x2d, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
     y = y.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
-
-
-def _cpu_gemv_max_batch() -> int:
-    from kernels import cpu
-
-    return cpu.GEMV_MAX_BATCH if cpu.available() else 0
