@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from converter.errors import UserError
+from converter.evaluate import token_kl
 from converter.quantize import quantized_modules
 from qad.config import QADConfig
 from qad.data import TeacherSamples, file_rows, random_rows
@@ -99,13 +100,13 @@ def chunked_loss(hidden: Tensor, head: nn.Module, teacher_hidden: Tensor | None,
     count = hidden.shape[0]
     for start in range(0, count, chunk):
         part = slice(start, start + chunk)
-        log_q = F.log_softmax(head(hidden[part]).float(), -1)
+        logits = head(hidden[part])
         if teacher_hidden is not None:
             with torch.no_grad():
-                log_p = F.log_softmax(teacher_head(teacher_hidden[part]).float(), -1)
-            loss = (log_p.exp() * (log_p - log_q)).sum() / count
+                teacher_logits = teacher_head(teacher_hidden[part])
+            loss = token_kl(teacher_logits, logits).sum() / count
         else:
-            loss = F.nll_loss(log_q, targets[part], reduction="sum") / count
+            loss = F.cross_entropy(logits.float(), targets[part], reduction="sum") / count
         loss.backward()
         total += loss.detach()
     return total, hidden.grad
@@ -325,7 +326,7 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout: the student must match its own inference behaviour
-    params = trainable_parameters(student)
+    trainable_parameters(student)
     sharded = shard_layers(student, device) + shard_layers(teacher, device) if size > 1 else []
     params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaced them with DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
