@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from converter.errors import UserError
-from converter.generate import generate_batch
+from converter.generate import generate_batch, pad_and_eos
 
 _PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
 
@@ -60,9 +60,7 @@ def _pack(documents: list[list[int]], seq_len: int, total_tokens: int) -> list[T
 def _teacher_answers(model, tokenizer, total_tokens: int, seed: int) -> list[list[int]]:
     prompts = chat_prompt_ids(tokenizer, _PROMPTS.read_text().splitlines())
     new_tokens = max(16, total_tokens // len(prompts))
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    answers = generate_batch(model, prompts, new_tokens, pad, eos, torch.Generator().manual_seed(seed), temperature=0.7)
+    answers = generate_batch(model, prompts, new_tokens, *pad_and_eos(tokenizer), torch.Generator().manual_seed(seed), temperature=0.7)
     return [p + a for p, a in zip(prompts, answers)]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from converter.calibration import chat_prompt_ids
-from converter.generate import generate_batch
+from converter.generate import generate_batch, pad_and_eos
 
 _DATA = Path(__file__).parent / "data"
 METRICS = ("chat_kl", "prose_kl", "chat_top1", "prose_top1", "greedy_agreement", "prose_ppl")
@@ -36,9 +36,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _greedy_answers(model: nn.Module, prompts: list[list[int]], new_tokens: int, tokenizer) -> list[list[int]]:
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return generate_batch(model, prompts, new_tokens, pad, eos)
+    return generate_batch(model, prompts, new_tokens, *pad_and_eos(tokenizer))
 
 
 def build_eval_set(teacher: nn.Module, tokenizer, answer_tokens: int = 64, greedy_tokens: int = 32,

@@ -10,6 +10,12 @@ import torch
 from torch import Tensor, nn
 
 
+def pad_and_eos(tokenizer) -> tuple[int, int | None]:
+    """The ids generate_batch pads with and stops at (EOS pads when the tokenizer has no pad token)."""
+    eos = tokenizer.eos_token_id
+    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos), eos
+
+
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int, eos_id: int | None,
                    generator: torch.Generator | None = None, temperature: float = 1.0) -> list[list[int]]:

@@ -8,12 +8,12 @@ from torch import Tensor, nn
 
 from converter.calibration import chat_prompt_ids, read_text_file
 from converter.errors import UserError
-from converter.generate import generate_batch
+from converter.generate import generate_batch, pad_and_eos
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 
 
-def _fixed_length(sequences: list[list[int]], seq_len: int, pad_id: int) -> Tensor:
+def _fixed_length(sequences: list[list[int]], seq_len: int) -> Tensor:
     """Concatenate and cut into rows of seq_len (no padding inside a row)."""
     stream = [t for s in sequences for t in s]
     rows = len(stream) // seq_len
@@ -35,10 +35,8 @@ class TeacherSamples:
         """One round: `batch` prompts, each answered up to seq_len tokens; -> [n, seq_len] rows."""
         chosen = [self.rng.choice(self.prompts) for _ in range(self.batch)]
         new_tokens = max(8, self.seq_len - min(len(p) for p in chosen))
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        answers = generate_batch(self.teacher, chosen, new_tokens, pad, eos, self.generator)
-        return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len, pad)
+        answers = generate_batch(self.teacher, chosen, new_tokens, *pad_and_eos(self.tokenizer), self.generator)
+        return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len)
 
 
 def random_rows(vocab_size: int, count: int, seq_len: int, seed: int) -> Tensor:
@@ -47,5 +45,4 @@ def random_rows(vocab_size: int, count: int, seq_len: int, seed: int) -> Tensor:
 
 def file_rows(path: Path, tokenizer, seq_len: int) -> Tensor:
     documents = read_text_file(Path(path), tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _fixed_length(documents, seq_len, pad)
+    return _fixed_length(documents, seq_len)
