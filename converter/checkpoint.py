@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from converter.errors import UserError
+from converter.quantize import set_module
 from kernels.linear import NVFP4PackedLinear, PackedWeight
 
 
@@ -24,11 +25,6 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     except (SafetensorError, OSError) as error:
         raise UserError(f"corrupt checkpoint {folder}: {error}") from error
     return tensors
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _reinitialise_rotary(model: nn.Module) -> None:
@@ -67,7 +63,7 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
             input_gscale=tensors.pop(f"{name}.input_scale", None),
         )
         bias = tensors.pop(f"{name}.bias", None)
-        _set_module(model, name, NVFP4PackedLinear(weight, None if bias is None else bias.to(dtype), workspace))
+        set_module(model, name, NVFP4PackedLinear(weight, None if bias is None else bias.to(dtype), workspace))
         packed_modules.add(name)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

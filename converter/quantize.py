@@ -61,7 +61,8 @@ def fused_groups(names: Iterable[str]) -> list[list[str]]:
     return groups
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name`."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
@@ -73,7 +74,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
     for group in fused_groups(linears):
         gscale = numerics.shared_global_scale(linears[n].weight for n in group)
         for name in group:
-            _set_module(model, name, NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations))
+            set_module(model, name, NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations))
     if cfg.scale_search != "amax":
         from kernels.scale_search import search_block_scales
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from converter.config import QuantConfig
 from converter.errors import UserError
-from converter.quantize import export_weights, quantize, quantized_modules
+from converter.quantize import export_weights, quantize, quantized_modules, set_module
 from kernels.linear import NVFP4PackedLinear
 
 
@@ -23,9 +23,7 @@ def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
     quantize(model, cfg or QuantConfig())
     packed, workspace = export_weights(model), {}
     for name, module in quantized_modules(model).items():
-        parent, _, leaf = name.rpartition(".")
-        replacement = NVFP4PackedLinear(packed[name], module.bias, workspace)
-        setattr(model.get_submodule(parent) if parent else model, leaf, replacement)
+        set_module(model, name, NVFP4PackedLinear(packed[name], module.bias, workspace))
     return model
 
 
