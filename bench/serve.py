@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -92,7 +91,9 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
         source = teacher_source(Path(out), None)
     else:
-        student = lambda: (pack_model(load_causal_lm(None)[0]), load_causal_lm(None)[1])  # noqa: E731
+        def student():
+            model, tokenizer, _ = load_causal_lm(None)
+            return pack_model(model), tokenizer
         source = None
     engines = {"student": NativeEngine("student", student, max_num_seqs=max_num_seqs),
                "teacher": NativeEngine("teacher", lambda: load_teacher(source)[:2], max_num_seqs=max_num_seqs)}
@@ -107,6 +108,8 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
 
 def start_child(args) -> tuple[subprocess.Popen, str]:
     """The server runs in its own process so the load generator does not share its GIL."""
+    from serve.engines.base import free_port
+
     port = free_port()
     command = [sys.executable, __file__, "--serve-only", str(port), "--max-num-seqs", str(args.max_num_seqs)]
     command += ["--out", args.out] if args.out else []
@@ -124,12 +127,6 @@ def start_child(args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
     child.kill()
     raise SystemExit("server not ready after 10 minutes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weight_table(engines) -> list[str]:

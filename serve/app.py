@@ -168,12 +168,12 @@ def _openai_router(served: Served, metrics: ServerMetrics) -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request):
         alias, engine = _model(served, body.model, request)
         prompt = _chat_prompt(engine, body)
-        return await _serve(Job(served, metrics, engine, alias, body, [prompt], chat=True), request)
+        return await _serve(Job(metrics, engine, alias, body, [prompt], chat=True), request)
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         alias, engine = _model(served, body.model, request)
-        return await _serve(Job(served, metrics, engine, alias, body, _completion_prompts(engine, body), chat=False), request)
+        return await _serve(Job(metrics, engine, alias, body, _completion_prompts(engine, body), chat=False), request)
 
     return router
 
@@ -218,7 +218,7 @@ def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[in
 class Job:
     """One HTTP request: n choices per prompt, each a generation on the engine."""
 
-    def __init__(self, served, metrics, engine: Engine, alias: str, body, prompts: list[list[int]], chat: bool):
+    def __init__(self, metrics, engine: Engine, alias: str, body, prompts: list[list[int]], chat: bool):
         self.metrics, self.engine, self.alias, self.body, self.prompts, self.chat = metrics, engine, alias, body, prompts, chat
         self.id = make_id("chatcmpl" if chat else "cmpl")
         self.created, self.arrival = now(), time.perf_counter()

@@ -19,17 +19,6 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata...)
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
@@ -117,12 +106,6 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 def make_id(prefix: str) -> str:

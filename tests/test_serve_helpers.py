@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -10,13 +9,8 @@ import httpx
 import uvicorn
 
 from serve.app import build_app
+from serve.engines.base import free_port  # noqa: F401 (re-exported for the tests)
 from serve.engine import NativeEngine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, process, deadline_s: float = 180.0) -> None:
