@@ -32,24 +32,6 @@ static void block_table(uint8_t scale, float gscale, float table[16]) {
     for (int i = 0; i < 16; i++) table[i] = E2M1[i] * s;
 }
 
-void nvfp4_dequantize(const uint8_t *packed, const uint8_t *scales, float gscale, float *out,
-                      int64_t rows, int64_t cols) {
-    int64_t blocks = cols / 16;
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        float table[16];
-        for (int64_t b = 0; b < blocks; b++) {
-            block_table(scales[r * blocks + b], gscale, table);
-            const uint8_t *p = packed + r * (cols / 2) + b * 8;
-            float *o = out + r * cols + b * 16;
-            for (int j = 0; j < 8; j++) {
-                o[2 * j] = table[p[j] & 0xF];
-                o[2 * j + 1] = table[p[j] >> 4];
-            }
-        }
-    }
-}
-
 #ifdef __AVX2__
 // 4 packed bytes -> 8 codes in element order (low nibble first) as int32 lanes.
 static inline __m256i codes8(const uint8_t *p) {
@@ -74,6 +56,31 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 #endif
+
+void nvfp4_dequantize(const uint8_t *packed, const uint8_t *scales, float gscale, float *out,
+                      int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *p = packed + r * (cols / 2) + b * 8;
+            float *o = out + r * cols + b * 16;
+#ifdef __AVX2__
+            const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
+            __m256 magnitudes = _mm256_mul_ps(grid, _mm256_set1_ps(e4m3(scales[r * blocks + b]) * gscale));
+            _mm256_storeu_ps(o, values8(magnitudes, codes8(p)));
+            _mm256_storeu_ps(o + 8, values8(magnitudes, codes8(p + 4)));
+#else
+            float table[16];
+            block_table(scales[r * blocks + b], gscale, table);
+            for (int j = 0; j < 8; j++) {
+                o[2 * j] = table[p[j] & 0xF];
+                o[2 * j + 1] = table[p[j] >> 4];
+            }
+#endif
+        }
+    }
+}
 
 // y[m, r] = sum_k x[m, k] * W[r, k] for m < batch (batch <= 16), W given as NVFP4.
 void nvfp4_gemv(const float *x, int64_t batch, const uint8_t *packed, const uint8_t *scales, float gscale,
@@ -133,6 +140,41 @@ static inline uint8_t e2m1_encode(float scaled) {
     return code | ((scaled < 0.f) << 3);  // -0.0 < 0 is false: no sign bit, as ModelOpt
 }
 
+static inline uint8_t block_scale(float amax, float gscale) {  // ModelOpt's rule, e4m3-encoded
+    float s = amax / (6.f * gscale);
+    if (s == 0.f) s = 1.f;
+    return e4m3_encode(fminf(fmaxf(s, 0x1p-9f), 448.f));
+}
+
+#ifdef __AVX2__
+// e2m1_encode on 8 lanes (the same comparisons, so the same codes), as int32 lanes.
+static inline __m256i e2m1_codes8(__m256 scaled) {
+    __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), scaled);
+    __m256i count = _mm256_setzero_si256();  // each true comparison is -1
+#define NVFP4_STEP(op, bound) count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(bound), op)))
+    NVFP4_STEP(_CMP_GT_OQ, 0.25f); NVFP4_STEP(_CMP_GE_OQ, 0.75f); NVFP4_STEP(_CMP_GT_OQ, 1.25f);
+    NVFP4_STEP(_CMP_GE_OQ, 1.75f); NVFP4_STEP(_CMP_GT_OQ, 2.5f); NVFP4_STEP(_CMP_GE_OQ, 3.5f);
+    NVFP4_STEP(_CMP_GT_OQ, 5.f);
+#undef NVFP4_STEP
+    __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(scaled, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_or_si256(count, _mm256_and_si256(negative, _mm256_set1_epi32(8)));
+}
+
+// 8 codes (int32 lanes, element order) -> 4 bytes, even element in the low nibble.
+static inline void pack8(__m256i codes, uint8_t *out) {
+    int64_t pairs[4];  // each 64-bit lane holds (even, odd): even | odd << 4 in its low byte
+    _mm256_storeu_si256((__m256i *)pairs, _mm256_or_si256(codes, _mm256_srli_epi64(codes, 28)));
+    for (int j = 0; j < 4; j++) out[j] = (uint8_t)pairs[j];
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+#endif
+
 // ModelOpt's NVFP4QTensor.quantize for a [rows, cols] fp32 matrix with a given s2; writes packed codes
 // and e4m3 block scales. With `fixed_scales` set, the given scales are used instead of the amax rule.
 void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scales, int fixed_scales,
@@ -143,18 +185,26 @@ void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scal
         for (int64_t b = 0; b < blocks; b++) {
             const float *xb = x + r * cols + b * 16;
             uint8_t *scale = scales + r * blocks + b;
+            uint8_t *out = packed + r * (cols / 2) + b * 8;
+#ifdef __AVX2__
+            __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+            if (!fixed_scales) {
+                __m256 sign = _mm256_set1_ps(-0.f);
+                *scale = block_scale(hmax(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1))), gscale);
+            }
+            __m256 m = _mm256_set1_ps(E4M3[*scale] * gscale);
+            pack8(e2m1_codes8(_mm256_div_ps(x0, m)), out);
+            pack8(e2m1_codes8(_mm256_div_ps(x1, m)), out + 4);
+#else
             if (!fixed_scales) {
                 float amax = 0.f;
                 for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(xb[i]));
-                float s = amax / (6.f * gscale);
-                if (s == 0.f) s = 1.f;
-                s = fminf(fmaxf(s, 0x1p-9f), 448.f);
-                *scale = e4m3_encode(s);
+                *scale = block_scale(amax, gscale);
             }
             float m = E4M3[*scale] * gscale;
-            uint8_t *out = packed + r * (cols / 2) + b * 8;
             for (int j = 0; j < 8; j++)
                 out[j] = e2m1_encode(xb[2 * j] / m) | (e2m1_encode(xb[2 * j + 1] / m) << 4);
+#endif
         }
     }
 }
