@@ -132,7 +132,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
             module.quantized_weight = lambda m=module: m.weight  # unquantized during calibration
             module.quantize_input = False
         forward = _calibration_forward(model, modules.values())
-        for batch in batches:
+        for batch in _stacked(batches):
             forward(batch.to(next(model.parameters()).device))
     finally:
         for handle in handles:
@@ -145,6 +145,19 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for name in group:
             modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
     _search_with_activations({n: square_sum[n] / rows[n] for n in square_sum}, modules)
+
+
+def _stacked(batches: Iterable[Tensor], max_tokens: int = 4096) -> Iterable[Tensor]:
+    """Consecutive batches of one sequence length stacked into one forward: fewer, larger matmuls
+    (faster on CPU), the same rows, so the same ranges."""
+    group: list[Tensor] = []
+    for batch in batches:
+        if group and (batch.shape[1:] != group[0].shape[1:] or sum(map(len, group)) * batch.shape[1] >= max_tokens):
+            yield torch.cat(group)
+            group = []
+        group.append(batch)
+    if group:
+        yield torch.cat(group)
 
 
 def _wants_act_stats(module: nn.Module) -> bool:

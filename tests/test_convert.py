@@ -37,7 +37,8 @@ def test_layout_and_report(tiny_out, tiny_model_dir):
     report = json.loads((tiny_out / "report.json").read_text())
     assert report["scheme"] == "nvfp4" and report["source"] == str(tiny_model_dir.resolve())
     assert set(report["sizes_bytes"]) == {"bf16", "trtllm", "vllm", "llamacpp"}
-    assert {"load", "quantize", "calibrate", "export-trtllm", "export-vllm", "export-llamacpp"} <= set(report["timings_seconds"])
+    assert {"load", "quantize", "calibrate", "export"} <= set(report["timings_seconds"])
+    assert set(report["export_seconds"]) == {"trtllm", "vllm", "llamacpp"}
     assert report["accuracy"]["results"], "accuracy vs the teacher is missing"
     assert "trtllm" in (tiny_out / "report.md").read_text()
     assert not list(tiny_out.parent.glob(".out.*")), "temporary folders were left behind"

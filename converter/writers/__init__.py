@@ -1,5 +1,6 @@
 """Export targets: one Writer class per format, registered by name (`Writer.targets["gguf"]`)."""
 
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -7,6 +8,11 @@ import torch
 from torch import nn
 
 from converter.config import QuantConfig
+
+
+# Writers may run in parallel threads on one student and one tokenizer; a fast tokenizer's backend
+# is not safe to use from two threads at once (encode() reconfigures truncation/padding).
+TOKENIZER_LOCK = threading.Lock()
 
 
 class Writer:

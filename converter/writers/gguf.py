@@ -13,6 +13,7 @@ rotate-half); the permutation moves whole rows, so it applies to codes and block
 import logging
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from converter.errors import UserError
-from converter.writers import Writer
+from converter.writers import TOKENIZER_LOCK, Writer
 from converter.writers.hf import packed_weights
 from kernels import numerics
 from kernels.linear import PackedWeight
@@ -110,6 +111,29 @@ def _scalar(x: Tensor) -> np.ndarray:  # -> F32 [1]
 # writer
 
 
+class _BulkArrayGGUFWriter(gguf.GGUFWriter):
+    """gguf.GGUFWriter that packs string and integer arrays (the vocabulary, its merges and token
+    types: ~150k items on the default model) in bulk; the bytes are the same."""
+
+    _INTEGERS = {gguf.GGUFValueType.INT32: "i4", gguf.GGUFValueType.UINT32: "u4",
+                 gguf.GGUFValueType.INT64: "i8", gguf.GGUFValueType.UINT64: "u8"}
+
+    def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+        if vtype != gguf.GGUFValueType.ARRAY or isinstance(val, bytes) or not val:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        kind = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val[0])
+        order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
+        if kind == gguf.GGUFValueType.STRING and all(isinstance(v, str) for v in val):
+            length = struct.Struct(order + "Q").pack
+            body = b"".join(length(len(e)) + e for e in (v.encode("utf-8") for v in val))
+        elif kind in self._INTEGERS and all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+            body = np.asarray(val, dtype=order + self._INTEGERS[kind]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = struct.pack(order + "I", vtype) if add_vtype else b""
+        return head + struct.pack(order + "IQ", kind, len(val)) + body
+
+
 class GGUFWriter(Writer, target="llamacpp"):
     """Writes `out/model.gguf` for llama.cpp (general.file_type 39 = MOSTLY_NVFP4)."""
 
@@ -121,9 +145,10 @@ class GGUFWriter(Writer, target="llamacpp"):
         path = Path(out) / FILE_NAME
         tmp_name = str(Path(out) / f".{FILE_NAME}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's file mode
         try:
-            writer = gguf.GGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[spec.arch])
+            writer = _BulkArrayGGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[spec.arch])
             _add_hparams(writer, config, Path(source_dir).name)
-            _add_tokenizer(writer, tokenizer, config)
+            with TOKENIZER_LOCK:
+                _add_tokenizer(writer, tokenizer, config)
             a16 = _add_tensors(writer, student, spec, self.dtype)
             if a16:  # weight-only layers must not get 4-bit activations on backends that could
                 writer.add_array("general.tensor_extra.name", sorted(a16))

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from converter.quantize import export_weights
-from converter.writers import Writer
+from converter.writers import TOKENIZER_LOCK, Writer
 from kernels import numerics
 from kernels.linear import NVFP4FakeQuantLinear, PackedWeight
 
@@ -74,7 +74,8 @@ def _write_config(student: nn.Module, out: Path, dtype: torch.dtype, quantizatio
 
 
 def _copy_side_files(tokenizer, source_dir: Path, out: Path) -> None:
-    tokenizer.save_pretrained(out)
+    with TOKENIZER_LOCK:
+        tokenizer.save_pretrained(out)
     for name in _SIDE_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out / name)
