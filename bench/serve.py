@@ -85,7 +85,7 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
     from serve.app import build_app
     from serve.cli import run_server
     from serve.engine import NativeEngine
-    from serve.engine.loader import load_student, load_teacher, pack_model, teacher_source
+    from serve.engine.loader import SharedTensors, load_student, load_teacher, pack_model, teacher_source
 
     if out:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
@@ -95,8 +95,9 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
             model, tokenizer, _ = load_causal_lm(None)
             return pack_model(model), tokenizer
         source = None
-    engines = {"student": NativeEngine("student", student, max_num_seqs=max_num_seqs),
-               "teacher": NativeEngine("teacher", lambda: load_teacher(source)[:2], max_num_seqs=max_num_seqs)}
+    shared = SharedTensors()  # as `nvfp4 serve` does
+    engines = {"student": NativeEngine("student", shared.loader(student), max_num_seqs=max_num_seqs),
+               "teacher": NativeEngine("teacher", shared.loader(lambda: load_teacher(source)), max_num_seqs=max_num_seqs)}
     app = build_app(engines)
 
     @app.get("/bench/weights")
@@ -138,6 +139,8 @@ def weight_table(engines) -> list[str]:
     for alias, engine in engines.items():
         size = weight_bytes(engine.model)
         rows.append(f"| {alias} (as served, {_dtypes(engine.model)}) | {size / 2**20:.1f} MiB | {size / bf16:.2f}x |")
+    own = weight_bytes(engines["student"].model, beside=teacher)
+    rows.append(f"| student beyond the tensors it shares with the teacher | {own / 2**20:.1f} MiB | {own / bf16:.2f}x |")
     rows.append(f"| teacher as BF16 (reference) | {bf16 / 2**20:.1f} MiB | 1.00x |")
     return rows
 

@@ -41,18 +41,19 @@ def set_threads(threads: int | None, num_models: int) -> int:
 def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
     from converter.models import resolve_model
     from serve.engine import NativeEngine
-    from serve.engine.loader import load_student, load_teacher, teacher_source
+    from serve.engine.loader import SharedTensors, load_student, load_teacher, teacher_source
 
     if not (out / "trtllm" / "config.json").is_file():
         raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
     kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
     student_name = out.name + "-nvfp4"
-    engines = {"student": NativeEngine(student_name, lambda: load_student(out)[:2], **kwargs)}
+    shared = SharedTensors()  # the student's unquantized tensors are the teacher's: held once
+    engines = {"student": NativeEngine(student_name, shared.loader(lambda: load_student(out)), **kwargs)}
     if teacher is None or teacher.lower() != "none":
         source = teacher_source(out, teacher)
         resolve_model(source)  # fail now, with one clear line, on a bad path
         name = Path(source).name if source else "SmolLM2-135M-Instruct"
-        engines["teacher"] = NativeEngine(name, lambda: load_teacher(source)[:2], **kwargs)
+        engines["teacher"] = NativeEngine(name, shared.loader(lambda: load_teacher(source)), **kwargs)
     return engines
 
 

@@ -113,3 +113,27 @@ def test_cli_reports_bad_output_folder(tmp_path):
     assert missing.exit_code == 2 and "not a convert output folder" in missing.output
     empty = CliRunner().invoke(cli, ["serve", str(tmp_path), "--teacher", "none"])
     assert empty.exit_code == 2 and "no student checkpoint" in empty.output
+
+
+def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
+    from serve.engine.loader import SharedTensors, weight_bytes
+
+    shared = SharedTensors()
+    teacher, tokenizer = shared.loader(lambda: load_tiny(tiny_model_dir, packed=False))()
+    student, _ = shared.loader(lambda: load_tiny(tiny_model_dir, packed=True))()
+    reference, _ = load_tiny(tiny_model_dir, packed=True)
+    embed = student.get_input_embeddings().weight
+    assert embed.data_ptr() == teacher.get_input_embeddings().weight.data_ptr()
+    assert student.model.norm.weight.data_ptr() == teacher.model.norm.weight.data_ptr()
+    embed_bytes = embed.numel() * embed.element_size()
+    assert weight_bytes(student, beside=teacher) <= weight_bytes(reference) - embed_bytes
+    assert weight_bytes(student) <= weight_bytes(reference)  # (the tiny model's all-ones norms merge too)
+    ids = torch.tensor([tokenizer.encode("Tell me a story")])
+    with torch.no_grad():  # sharing changes no number
+        assert torch.equal(student(ids).logits, reference(ids).logits)
+    other, _ = load_tiny(tiny_model_dir, packed=False)
+    with torch.no_grad():
+        other.model.norm.weight.add_(1.0)
+    shared.adopt(other)  # different bytes are never merged
+    assert other.model.norm.weight.data_ptr() != teacher.model.norm.weight.data_ptr()
+    assert other.get_input_embeddings().weight.data_ptr() == embed.data_ptr()

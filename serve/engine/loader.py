@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,12 +72,47 @@ def _model_name(folder: Path, fallback: str) -> str:
     return Path(name).name if name else fallback
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Resident bytes of parameters and buffers (tied tensors counted once)."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        key = (tensor.untyped_storage().data_ptr(), tensor.data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
+class SharedTensors:
+    """Holds each distinct unquantized tensor once across the models one server loads.
+
+    The student's embeddings, norms and (tied) head are exported unchanged from the teacher (QAD
+    trains only the quantized linears), so serving both keeps one copy: `adopt` swaps a model's
+    parameters for bit-identical ones already held (same dtype, shape and bytes).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple, nn.Parameter] = {}
+        self._lock = threading.Lock()
+
+    def adopt(self, model: nn.Module) -> nn.Module:
+        with self._lock:
+            for module in model.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is not None:
+                        module._parameters[name] = self._held.setdefault(_content_key(param), param)
+        return model
+
+    def loader(self, load: Callable[[], tuple]) -> Callable[[], tuple]:
+        """Wrap an engine's loader ((model, tokenizer, ...) -> (model, tokenizer)) to adopt its model."""
+        def adopted() -> tuple:
+            model, tokenizer = load()[:2]
+            return self.adopt(model), tokenizer
+
+        return adopted
+
+
+def _content_key(tensor: torch.Tensor) -> tuple:
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return tensor.dtype, tuple(tensor.shape), tensor.device.type, hashlib.blake2b(data, digest_size=32).digest()
+
+
+def _storages(model: nn.Module) -> dict[tuple, int]:
+    tensors = [*model.parameters(), *model.buffers()]
+    return {(t.untyped_storage().data_ptr(), t.data_ptr()): t.numel() * t.element_size() for t in tensors}
+
+
+def weight_bytes(model: nn.Module, beside: nn.Module | None = None) -> int:
+    """Resident bytes of parameters and buffers (tied tensors counted once); with `beside`, only
+    the bytes this model does not share with that one."""
+    shared = _storages(beside) if beside is not None else {}
+    return sum(size for key, size in _storages(model).items() if key not in shared)
