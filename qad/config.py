@@ -9,7 +9,7 @@ LOSSES = ("kl", "ce")
 class QADConfig:
     steps: int | None = None  # None: as many as `budget_minutes` allows; 0: no training
     lr: float = 1e-5  # peak; 1e-6 is the recommendation for SFT-only models on long runs
-    batch: int = 8
+    batch: int = 1  # at a fixed LR, more (noisier) steps per budget recover more (docs/BENCHMARKS.md)
     seq_len: int = 128
     budget_minutes: float = 8.0  # end to end, the whole convert included
     data: str = "self"  # self | random | PATH
@@ -19,7 +19,8 @@ class QADConfig:
     min_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak
     grad_clip: float = 1.0
     reuse: int = 2  # each generated sequence is trained on this many times (in different batches)
-    checkpoint_every: int = 10
+    checkpoint_every: int | None = None  # steps between checkpoints; None: by time, every checkpoint_seconds
+    checkpoint_seconds: float = 60.0  # a checkpoint is ~3x the trained weights: not every small CPU step
     kl_chunk_tokens: int = 256
     version: int = 1
 
@@ -28,8 +29,9 @@ class QADConfig:
             raise ValueError(f"--qad-steps must be >= 0, got {self.steps}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("lr", "batch", "seq_len", "budget_minutes", "reuse", "checkpoint_every", "kl_chunk_tokens"):
-            if getattr(self, name) <= 0:
+        for name in ("lr", "batch", "seq_len", "budget_minutes", "reuse", "checkpoint_every", "checkpoint_seconds",
+                     "kl_chunk_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--qad-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 8:
             raise ValueError(f"--qad-seq-len must be at least 8, got {self.seq_len}")

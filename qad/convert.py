@@ -44,10 +44,12 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--qad-data", default=None, help="self | random | PATH (txt or JSONL).")
 @click.option("--loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
               help="kl = QAD (forward KL to the teacher); ce = plain QAT.")
+@click.option("--qad-checkpoint-every", type=int, default=None,
+              help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
 def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, seed, device, dtype,
             force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_batch, qad_seq_len, qad_budget_minutes,
-            qad_data, loss, resume) -> None:
+            qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
     try:
@@ -58,7 +60,8 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
                         calib_tokens=calib_tokens, seed=seed, device=device, dtype=dtype, force=force,
                         trust_remote_code=trust_remote_code, evaluate=not no_eval)
     qad_options = dict(steps=qad_steps, lr=qad_lr, batch=qad_batch, seq_len=qad_seq_len,
-                       budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed)
+                       budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed,
+                       checkpoint_every=qad_checkpoint_every)
     stage = _qad_stage(qad_options, resume, started)
     report = run_convert(cfg, train=stage)
     click.echo(f"wrote {out}: " + ", ".join(f"{t} {report['size_vs_bf16'][t]:.2f}x BF16" for t in cfg.targets))

@@ -368,6 +368,12 @@ def _mean_step_seconds(losses: list[dict], last: int = 5) -> float:
     return sum(r["seconds"] for r in recent) / len(recent)
 
 
+def _checkpoint_due(step: int, last_save: float, cfg: QADConfig) -> bool:
+    if cfg.checkpoint_every:
+        return (step + 1) % cfg.checkpoint_every == 0
+    return _from_rank0(time.monotonic() - last_save >= cfg.checkpoint_seconds)
+
+
 def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, first_step: int, losses: list[dict],
            workdir: Path, log_dir: Path, deadline: float | None = None) -> None:
     """Steps first_step..plan.total; a budgeted run (deadline set) also stops before a step would end past it."""
@@ -378,6 +384,7 @@ def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, fir
     if log:  # steps a crash logged past the checkpoint are dropped: they run again
         log.writelines(json.dumps(record) + "\n" for record in losses)
     bar = tqdm(total=plan.total, initial=first_step, desc=f"QAD ({cfg.loss})", unit="step", disable=rank != 0)
+    last_save = time.monotonic()
     try:
         for step in range(first_step, plan.total):
             tick = time.monotonic()
@@ -399,8 +406,9 @@ def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, fir
                 log.flush()
             bar.set_postfix({cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
             bar.update(1)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total:  # (not inside a budget cut)
+            if step + 1 == plan.total or _checkpoint_due(step, last_save, cfg):  # (not inside a budget cut)
                 _save_checkpoint(workdir, params, optimizer, step + 1, plan.total, losses, cfg)
+                last_save = time.monotonic()
     finally:
         bar.close()
         if log:

@@ -294,3 +294,13 @@ def test_convert_with_training_writes_log_plot_and_the_paper_rows(tiny_model_dir
     assert len((out / "qad" / "log.jsonl").read_text().splitlines()) == 3
     assert (out / "qad" / "loss.png").stat().st_size > 1000
     assert f"\n{row} " in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("seconds, saves", [(1e-9, 3), (3600.0, 1)], ids=["every-step", "only-the-last"])
+def test_checkpoints_by_time_without_a_step_interval(models, tmp_path, monkeypatch, seconds, saves):
+    teacher, tokenizer = models
+    written = []
+    monkeypatch.setattr(distill, "_save_atomically", lambda obj, path: written.append(obj["step"] if isinstance(obj, dict) else None))
+    cfg = QADConfig(steps=3, lr=1e-3, batch=2, seq_len=16, data="random", checkpoint_seconds=seconds)
+    run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
+    assert [s for s in written if s is not None] == [1, 2, 3][-saves:]
