@@ -49,6 +49,7 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_set_threads.argtypes = [ctypes.c_int]
     lib.nvfp4_quantize.argtypes = [pointer, f32, pointer, pointer, ctypes.c_int, i64, i64]
+    lib.bf16_gemv.argtypes = [pointer, i64, pointer, pointer, i64, i64]
     return lib
 
 
@@ -80,6 +81,17 @@ def gemv(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
     _sync_threads(lib)
     lib.nvfp4_gemv(x.data_ptr(), x.shape[0], packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale),
                    y.data_ptr(), rows, cols)
+    return y
+
+
+def bf16_gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x fp32 [M <= 16, K] -> x @ W^T [M, N] for a bf16 W [N, K], read as bf16 (half an fp32 copy's bytes)."""
+    lib = library()
+    x, weight = x.contiguous(), weight.contiguous()
+    assert x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and x.shape[0] <= GEMV_MAX_BATCH
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _sync_threads(lib)
+    lib.bf16_gemv(x.data_ptr(), x.shape[0], weight.data_ptr(), y.data_ptr(), weight.shape[0], weight.shape[1])
     return y
 
 

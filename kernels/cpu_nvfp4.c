@@ -120,6 +120,37 @@ void nvfp4_gemv(const float *x, int64_t batch, const uint8_t *packed, const uint
     }
 }
 
+// y[m, r] = sum_k x[m, k] * W[r, k] for m < batch (batch <= 16), W bf16 (raw bits). Every bf16 value
+// is exact in fp32, so this is an fp32 product over weights held at half the bytes.
+static inline float bf16_value(uint16_t bits) {
+    uint32_t word = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &word, 4);
+    return value;
+}
+
+void bf16_gemv(const float *x, int64_t batch, const uint16_t *w, float *y, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = w + r * cols;
+        int64_t k = 0;
+        float sums[16] = {0};
+#ifdef __AVX2__
+        __m256 acc[16];
+        for (int64_t m = 0; m < batch; m++) acc[m] = _mm256_setzero_ps();
+        for (; k + 8 <= cols; k += 8) {
+            __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+            __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+            for (int64_t m = 0; m < batch; m++) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * cols + k), acc[m]);
+        }
+        for (int64_t m = 0; m < batch; m++) sums[m] = hsum(acc[m]);
+#endif
+        for (; k < cols; k++)
+            for (int64_t m = 0; m < batch; m++) sums[m] += x[m * cols + k] * bf16_value(row[k]);
+        for (int64_t m = 0; m < batch; m++) y[m * rows + r] = sums[m];
+    }
+}
+
 // float -> float8_e4m3fn byte, round to nearest even; v is already clamped to [2^-9, 448] (> 0).
 static uint8_t e4m3_encode(float v) {
     int exponent;

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.ops import fake_quantize, fake_quantize_activation, linear_w4a16, quantize
+from kernels.ops import fake_quantize, fake_quantize_activation, linear_bf16_weight, linear_w4a16, quantize
 
 
 @dataclass
@@ -76,3 +76,31 @@ class NVFP4PackedLinear(nn.Module):
         if self.input_gscale is not None:
             x = fake_quantize_activation(x, self.input_gscale)
         return linear_w4a16(x, self.packed, self.scales, self.gscale, self.bias, self.workspace)
+
+
+class BF16HeldEmbedding(nn.Module):
+    """An embedding whose table is held in bf16 and looked up into fp32 (exact: bf16 is a subset)."""
+
+    def __init__(self, weight: Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+class BF16HeldLinear(nn.Module):
+    """A bias-free linear whose weight is held in bf16 and multiplied in fp32 (the vocabulary head)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = _frozen(weight)  # a tied head passes the embedding's own parameter
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_bf16_weight(x, self.weight)
+
+
+def _frozen(weight: Tensor) -> nn.Parameter:
+    return weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)

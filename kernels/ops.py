@@ -117,3 +117,16 @@ def linear_w4a16(
         y = torch.nn.functional.linear(x2d, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
     y = y.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
+
+
+def linear_bf16_weight(x: Tensor, weight: Tensor, max_gemv_rows: int = 64) -> Tensor:
+    """y = x @ W^T for a weight held in bf16 and fp32 activations: on CPU a C GEMV reads the bf16
+    bytes (16 rows of x per pass, up to `max_gemv_rows`); otherwise W is upcast for the call."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if _use_c(x) and x.dtype == torch.float32 and x2d.shape[0] <= max_gemv_rows:
+        from kernels import cpu
+
+        y = torch.cat([cpu.bf16_gemv(part, weight) for part in x2d.split(cpu.GEMV_MAX_BATCH)])
+    else:
+        y = torch.nn.functional.linear(x2d, weight.to(x.dtype))
+    return y.reshape(*x.shape[:-1], -1)

@@ -36,6 +36,18 @@ def test_gemv_matches_dense_matmul(shape, batch):
     assert sqnr(expected, got) > 120, f"{shape=} {batch=}"  # only fp32 summation order differs
 
 
+@pytest.mark.parametrize("cols", [64, 576, 100], ids=lambda c: f"K{c}")  # 100: a tail past the last 8
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 90], ids=lambda r: f"M{r}")
+def test_bf16_weight_linear_matches_fp32_matmul(rows, cols):
+    from kernels.ops import linear_bf16_weight
+
+    weight = torch.randn(300, cols).bfloat16()
+    x = torch.randn(rows, cols)
+    expected = (x.double() @ weight.double().T).float()
+    got = linear_bf16_weight(x, weight)  # C GEMV up to 64 rows, 16 at a time; beyond, an fp32 upcast
+    assert got.shape == expected.shape and sqnr(expected, got) > 120, f"{rows=} {cols=}"
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 40], ids=["decode", "small-batch", "prefill"])
 def test_packed_linear_equals_dense_linear_on_dequantized_weight(tokens):
     w, bias = torch.randn(96, 160), torch.randn(96)

@@ -1,6 +1,7 @@
 """The native engine without HTTP: continuous batching, greedy parity with transformers, stop strings."""
 
 import asyncio
+import copy
 import os
 
 import pytest
@@ -137,3 +138,36 @@ def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
     shared.adopt(other)  # different bytes are never merged
     assert other.model.norm.weight.data_ptr() != teacher.model.norm.weight.data_ptr()
     assert other.get_input_embeddings().weight.data_ptr() == embed.data_ptr()
+
+
+def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_dir):
+    from converter.models import load_causal_lm
+    from kernels.linear import BF16HeldEmbedding, BF16HeldLinear
+    from serve.engine.loader import hold_vocab_in_bf16, pack_model, weight_bytes
+
+    model, tokenizer, _ = load_causal_lm(tiny_model_dir)
+    reference = pack_model(copy.deepcopy(model))
+    held = hold_vocab_in_bf16(pack_model(model))
+    assert isinstance(held.get_input_embeddings(), BF16HeldEmbedding)
+    assert isinstance(held.get_output_embeddings(), BF16HeldLinear)
+    assert held.get_output_embeddings().weight is held.get_input_embeddings().weight  # still tied
+    vocab_bytes = reference.get_input_embeddings().weight.numel() * 2
+    assert weight_bytes(held) == weight_bytes(reference) - vocab_bytes
+    ids = torch.tensor([tokenizer.encode("Tell me a story about a cat")])
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):  # one row (the C GEMV) and several
+            a, b = held(rows).logits, reference(rows).logits
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    prompts = [tokenizer.encode(t) for t in ["Hi", "Tell me a story about a cat"]]
+    _check_parity(held, tokenizer, prompts, n=12)  # the engine on it = transformers' generate on it
+    # fp32 values that are not bf16 numbers would change: such a model keeps its fp32 tensors
+    assert isinstance(hold_vocab_in_bf16(_fp32_with_noise(tiny_model_dir)).get_input_embeddings(), torch.nn.Embedding)
+
+
+def _fp32_with_noise(model_dir):
+    from converter.models import load_causal_lm
+
+    model = load_causal_lm(model_dir)[0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1e-7 * torch.randn_like(model.get_input_embeddings().weight))
+    return model

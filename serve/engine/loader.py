@@ -14,7 +14,7 @@ from torch import nn
 from converter.config import QuantConfig
 from converter.errors import UserError
 from converter.quantize import export_weights, quantize, quantized_modules, set_module
-from kernels.linear import NVFP4PackedLinear
+from kernels.linear import BF16HeldEmbedding, BF16HeldLinear, NVFP4PackedLinear
 
 
 def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
@@ -40,7 +40,7 @@ def load_student(out: Path):
     except ImportError as error:
         raise UserError(f"this build cannot read NVFP4 checkpoints yet: {error}") from error
     model, tokenizer = load_nvfp4_checkpoint(folder)
-    return model, tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
+    return hold_vocab_in_bf16(model), tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
 
 
 def teacher_source(out: Path, teacher: str | None) -> str | None:
@@ -61,7 +61,27 @@ def load_teacher(source: str | None):
     from converter.models import DEFAULT_MODEL_NAME, load_causal_lm
 
     model, tokenizer, folder = load_causal_lm(source, dtype=torch.float32)
-    return model, tokenizer, DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)
+    return hold_vocab_in_bf16(model), tokenizer, DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)
+
+
+def hold_vocab_in_bf16(model: nn.Module) -> nn.Module:
+    """Hold the vocabulary-sized embedding and head in bf16 where that loses nothing (every value is
+    a bf16 number, as from a BF16 checkpoint): half their fp32 bytes, the same fp32 results; the
+    head is read by a bf16 GEMV on CPU. Tied tensors stay one tensor. A no-op otherwise."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    held: dict[int, nn.Parameter | None] = {}
+
+    def as_bf16(weight: torch.Tensor) -> nn.Parameter | None:
+        if id(weight) not in held and weight.dtype == torch.float32 and weight.device.type == "cpu":
+            compact = weight.detach().bfloat16()
+            held[id(weight)] = nn.Parameter(compact, requires_grad=False) if torch.equal(compact.float(), weight) else None
+        return held.get(id(weight))
+
+    if isinstance(embed, nn.Embedding) and (weight := as_bf16(embed.weight)) is not None:
+        model.set_input_embeddings(BF16HeldEmbedding(weight, embed.padding_idx))
+    if isinstance(head, nn.Linear) and head.bias is None and (weight := as_bf16(head.weight)) is not None:
+        model.set_output_embeddings(BF16HeldLinear(weight))
+    return model
 
 
 def _model_name(folder: Path, fallback: str) -> str:

@@ -99,7 +99,8 @@ class NativeEngine(Engine):
         limit = getattr(model.config, "max_position_embeddings", 2048)
         self.max_model_len = min(self._requested_len or 2048, limit)
         num_layers, kv_heads, head_dim = BatchedCausalLM.kv_shape(model)
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        embed = model.get_input_embeddings()
+        dtype = embed(torch.zeros(1, dtype=torch.long, device=embed.weight.device)).dtype  # the hidden states' dtype
         self.cache = KVCache(num_layers, self.max_num_seqs, kv_heads, self.max_model_len, head_dim, dtype)
         self.runner = BatchedCausalLM(model, self.cache)
         self.eos_ids = _eos_ids(model, tokenizer)
