@@ -23,7 +23,13 @@ def _fixed_length(sequences: list[list[int]], seq_len: int) -> Tensor:
 
 
 class TeacherSamples:
-    """Fresh teacher answers to the shipped chat prompts, generated in rounds as training needs them."""
+    """Fresh teacher answers to the shipped chat prompts, generated in rounds as training needs them.
+
+    Sampled at temperature 0.7 (as the calibration answers are): closer to the answers the model
+    gives in use than T=1 draws (held-out chat KL after the default pass 0.138 vs 0.146 of 0.249).
+    """
+
+    TEMPERATURE = 0.7
 
     def __init__(self, teacher: nn.Module, tokenizer, seq_len: int, seed: int, batch: int = 32):
         self.teacher, self.tokenizer, self.seq_len, self.batch = teacher, tokenizer, seq_len, batch
@@ -35,7 +41,8 @@ class TeacherSamples:
         """One round: `batch` prompts, each answered up to seq_len tokens; -> [n, seq_len] rows."""
         chosen = [self.rng.choice(self.prompts) for _ in range(self.batch)]
         new_tokens = max(8, self.seq_len - min(len(p) for p in chosen))
-        answers = generate_batch(self.teacher, chosen, new_tokens, *pad_and_eos(self.tokenizer), self.generator)
+        answers = generate_batch(self.teacher, chosen, new_tokens, *pad_and_eos(self.tokenizer), self.generator,
+                                 temperature=self.TEMPERATURE)
         return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len)
 
 
