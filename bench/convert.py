@@ -30,10 +30,8 @@ from converter.calibration import calibration_batches  # noqa: E402
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm, resolve_model  # noqa: E402
 from converter.quantize import calibrate, quantize  # noqa: E402
-from converter.pipeline import TARGETS, export_targets  # noqa: E402
+from converter.pipeline import DTYPES, TARGETS, export_targets  # noqa: E402
 from converter.writers import hf  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Timer:
