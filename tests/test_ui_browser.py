@@ -5,6 +5,7 @@ NVFP4_UI_SCREENSHOT=docs/ui.png keeps the default-model screenshot (the README's
 import io
 import os
 import shutil
+import time
 
 import pytest
 from PIL import Image, ImageStat
@@ -80,11 +81,22 @@ def bot_texts(page: Page, pane: str) -> list[str]:
     return page.locator(f"{pane} {BOT}").all_inner_texts()
 
 
+class ThrottledEngine(NativeEngine):
+    """25 ms per engine step: a 480-token answer lasts 12 s, so Stop lands mid-answer however slowly the page
+    renders (unthrottled, the tiny model finished 480 tokens in 3.6 s on CI before the page showed 20 characters)."""
+
+    def _step(self) -> None:
+        time.sleep(0.025)
+        super()._step()
+
+
 def test_stop_keeps_partial_answers_then_clear(browser, tiny_model_dir):
-    with serve_tiny_with_ui(tiny_model_dir) as live:
+    engines = {"student": ThrottledEngine("tiny-nvfp4", lambda: load_tiny(tiny_model_dir, packed=True)),
+               "teacher": ThrottledEngine("tiny-bf16", lambda: load_tiny(tiny_model_dir, packed=False))}
+    with serve_with_ui(engines) as live:
         page = browser.new_page()
         page.goto(live.url + "/ui/")
-        set_max_tokens(page, 480)  # the tiny model's context is 512: seconds of tokens, Stop lands mid-answer
+        set_max_tokens(page, 480)  # the tiny model's context is 512
         page.locator("#prompt textarea").fill("Hello there")
         page.locator("#send").click()
         page.wait_for_function("() => (document.querySelector('#teacher-chat [data-testid=bot]')?.innerText.length ?? 0) > 20")
