@@ -49,6 +49,7 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_set_threads.argtypes = [ctypes.c_int]
     lib.nvfp4_quantize.argtypes = [pointer, f32, pointer, pointer, ctypes.c_int, i64, i64]
+    lib.nvfp4_fake_quantize.argtypes = [pointer, f32, pointer, ctypes.c_int, pointer, i64, i64]
     lib.bf16_gemv.argtypes = [pointer, i64, pointer, pointer, i64, i64]
     return lib
 
@@ -105,3 +106,16 @@ def quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> tuple[T
     _sync_threads(lib)
     lib.nvfp4_quantize(x32.data_ptr(), float(gscale), packed.data_ptr(), out_scales.data_ptr(), int(scales is not None), rows, cols)
     return packed, out_scales.view(torch.float8_e4m3fn)
+
+
+def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Tensor:
+    """x [N, K] -> dequantize(quantize(x)) fp32 in one pass; bit-identical to the two C kernels in a row."""
+    lib = library()
+    x32 = x.detach().float().contiguous()
+    rows, cols = x32.shape
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    fixed = None if scales is None else scales.view(torch.uint8).contiguous()
+    _sync_threads(lib)
+    lib.nvfp4_fake_quantize(x32.data_ptr(), float(gscale), None if fixed is None else fixed.data_ptr(),
+                            int(fixed is not None), out.data_ptr(), rows, cols)
+    return out

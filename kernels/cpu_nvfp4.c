@@ -240,6 +240,50 @@ void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scal
     }
 }
 
+// dequantize(quantize(x)) in one pass, without the packed intermediate: the same scale and code rules
+// and the same products as nvfp4_quantize followed by nvfp4_dequantize, so the same bits. `scales`
+// (rows x cols/16 e4m3 bytes) is read when `fixed_scales` is set, else left untouched (may be NULL).
+void nvfp4_fake_quantize(const float *x, float gscale, const uint8_t *scales, int fixed_scales, float *out,
+                         int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + r * cols + b * 16;
+            float *o = out + r * cols + b * 16;
+#ifdef __AVX2__
+            __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+            uint8_t scale;
+            if (fixed_scales) {
+                scale = scales[r * blocks + b];
+            } else {
+                __m256 sign = _mm256_set1_ps(-0.f);
+                scale = block_scale(hmax(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1))), gscale);
+            }
+            float s = E4M3[scale] * gscale;
+            __m256 m = _mm256_set1_ps(s);
+            const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
+            __m256 magnitudes = _mm256_mul_ps(grid, m);
+            _mm256_storeu_ps(o, values8(magnitudes, e2m1_codes8(_mm256_div_ps(x0, m))));
+            _mm256_storeu_ps(o + 8, values8(magnitudes, e2m1_codes8(_mm256_div_ps(x1, m))));
+#else
+            uint8_t scale;
+            if (fixed_scales) {
+                scale = scales[r * blocks + b];
+            } else {
+                float amax = 0.f;
+                for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(xb[i]));
+                scale = block_scale(amax, gscale);
+            }
+            float table[16];
+            block_table(scale, gscale, table);
+            float m = E4M3[scale] * gscale;
+            for (int i = 0; i < 16; i++) o[i] = table[e2m1_encode(xb[i] / m)];
+#endif
+        }
+    }
+}
+
 void nvfp4_set_threads(int threads) {
 #ifdef _OPENMP
     extern void omp_set_num_threads(int);

@@ -52,8 +52,7 @@ def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> 
         from kernels import cpu
 
         flat = x.detach().reshape(-1, x.shape[-1])
-        packed, block_scales = cpu.quantize(flat, gscale, None if scales is None else scales.reshape(-1, scales.shape[-1]))
-        out = cpu.dequantize_into(torch.empty(flat.shape, dtype=torch.float32), packed, block_scales, gscale)
+        out = cpu.fake_quantize(flat, gscale, None if scales is None else scales.reshape(-1, scales.shape[-1]))
         return out.reshape(x.shape).to(x.dtype)
     return ref.fake_quantize_ref(x, gscale, scales)
 

@@ -86,6 +86,19 @@ def test_c_quantize_is_bit_identical(shape, magnitude, dtype):
     assert torch.equal(cpu.quantize(w, gscale, scales)[0], packed), "fixed-scale path"
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e4])
+def test_c_fake_quantize_is_bit_identical(shape, magnitude):
+    w = torch.randn(shape) * magnitude
+    w[0, :16] = 0.0
+    w[-1, :16] = -0.0
+    w[0, 16:] *= 1e-7  # blocks whose scale underflows FP8
+    packed, scales, gscale = nv.quantize_ref(w)
+    assert torch.equal(cpu.fake_quantize(w, gscale), nv.dequantize_ref(packed, scales, gscale))
+    fixed = (scales.float() * 2).clamp(max=448).to(torch.float8_e4m3fn)  # other scales than the amax rule's
+    assert torch.equal(cpu.fake_quantize(w, gscale, fixed), nv.fake_quantize_ref(w, gscale, fixed)), "fixed-scale path"
+
+
 def test_c_e4m3_rounding_matches_torch_over_the_whole_range():
     values = torch.logspace(-9 * 0.30103, 2.6513, 100_000).clamp(2**-9, 448)  # 2^-9 .. 448
     blocks = torch.zeros(len(values), 16)
