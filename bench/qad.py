@@ -1,7 +1,10 @@
 """QAD step throughput on this machine vs the fp32 matmul-FLOP bound, side by side in one run.
 
-    .venv/bin/python bench/qad.py                    # default model, batch 8 x 128, 3 timed steps
-    .venv/bin/python bench/qad.py --batch 4 --seq-len 256
+    .venv/bin/python bench/qad.py                    # default model, convert's default step (batch 1 x 128), 3 timed steps
+    .venv/bin/python bench/qad.py --batch 8 --seq-len 256
+
+A timed step is what convert's training loop runs: forward both models, backward, gradient clipping
+and the AdamW update (convert's process memory settings included).
 
 FLOPs per step count the matmuls only: teacher forward 2*P, student forward 2*P, student backward
 2*P_body (weight gradients) + 2*P (input gradients), where P = body linears + lm_head and the
@@ -20,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm  # noqa: E402
+from converter.pipeline import keep_freed_memory  # noqa: E402
 from converter.quantize import quantize, quantized_modules  # noqa: E402
 from qad.config import QADConfig  # noqa: E402
-from qad.distill import train_step, trainable_parameters  # noqa: E402
+from qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -48,21 +52,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--scheme", default="nvfp4-a16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=QADConfig.batch)
+    parser.add_argument("--seq-len", type=int, default=QADConfig.seq_len)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
+    keep_freed_memory()
     teacher, tokenizer, _ = load_causal_lm(args.model)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme))
-    trainable_parameters(student)
+    params = trainable_parameters(student)
     cfg = QADConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, data="random")
+    optimizer = make_optimizer(params, cfg)
     batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len))
-    train_step(student, teacher, batch, cfg)  # warm-up discarded
+
+    def step() -> None:  # what the training loop does per step, logging aside
+        optimizer.zero_grad(set_to_none=True)
+        train_step(student, teacher, batch, cfg)
+        update(optimizer, params, cfg)
+
+    step()  # warm-up discarded
     peak_before = matmul_gflops()
     start = time.perf_counter()
     for _ in range(args.steps):
-        student.zero_grad(set_to_none=True)
-        train_step(student, teacher, batch, cfg)
+        step()
     seconds = (time.perf_counter() - start) / args.steps
     peak = max(peak_before, matmul_gflops())
     flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
