@@ -30,7 +30,7 @@ from converter.calibration import calibration_batches  # noqa: E402
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm, resolve_model  # noqa: E402
 from converter.quantize import calibrate, quantize  # noqa: E402
-from converter.pipeline import DTYPES, TARGETS, export_targets  # noqa: E402
+from converter.pipeline import DTYPES, TARGETS, export_targets, keep_freed_memory  # noqa: E402
 from converter.writers import hf  # noqa: E402
 
 
@@ -64,6 +64,7 @@ def warm_up(source: Path) -> None:
 
 
 def run_ours(source: Path, scheme: str, batches, out: Path, dtype: torch.dtype) -> dict[str, float]:
+    keep_freed_memory()  # as `nvfp4 convert` does
     warm_up(source)
     timer = Timer("ours")
     with timer.stage("load"):

@@ -5,6 +5,7 @@ failure or Ctrl-C leaves no half-written OUT.
 """
 
 import copy
+import ctypes
 import json
 import shutil
 import tempfile
@@ -32,6 +33,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # A training stage between calibration and export (QAD): (student, teacher, tokenizer, workdir, logdir) -> metrics
 TrainStage = Callable[[torch.nn.Module, torch.nn.Module, object, Path, Path], dict]
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed blocks for reuse instead of handing them back to the OS.
+
+    By default every activation over a few MiB is a fresh mmap that the kernel must fault in and
+    zero again on the next forward (slow on VMs); the calibration forward measured ~6% faster with
+    this. The process keeps its peak memory instead of shrinking after it, which a one-shot convert
+    does not need. Returns False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
     timer = Timer()
     torch.manual_seed(cfg.seed)
     device = cfg.torch_device
+    keep_freed_memory()
     compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmul is ~70x slower on CPU
     source_dir = resolve_model(cfg.source)
     with timer.stage("load"):
