@@ -2,6 +2,7 @@
 dequantizer, llama.cpp's own convert_hf_to_gguf.py (byte parity on a ModelOpt export) and
 llama.cpp itself through llama-cpp-python (greedy tokens and logits vs the in-memory student)."""
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from converter.errors import UserError
 from converter.models import cache_dir, load_causal_lm
 from converter.quantize import calibrate, export_weights, quantize, quantized_modules
 from converter.writers import Writer
-from converter.writers.gguf import GGUFWriter, llamacpp_logits, permute_rows
+from converter.writers.gguf import GGUFWriter, bpe_merges, llamacpp_logits, permute_rows
 from kernels.numerics import dequantize_ref
 from tests.conftest import TINY_CONFIG
 
@@ -134,6 +135,12 @@ def test_metadata(tiny_w4a4):
     assert len(field(reader, "tokenizer.ggml.merges")) > 1000
     assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert "general.tensor_extra.prec_a4" not in reader.fields, "W4A4 tensors must not be marked weight-only"
+
+
+@pytest.mark.parametrize("merges", [[["Ġ", "t"], ["a b", "c"], [" ", "x "]], ["Ġ t", "h e"]])
+def test_bpe_merges_as_gguf_special_vocab_reads_them(tmp_path, merges):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": merges}}))
+    assert bpe_merges(merges) == gguf.SpecialVocab(tmp_path, load_merges=True).merges
 
 
 def test_embedding_stays_high_precision_and_norms_f32(tiny_w4a4):
@@ -261,8 +268,9 @@ def test_byte_parity_with_llama_cpp_converter_tiny(tiny_model_dir, llama_cpp_con
     theirs = reference_gguf(llama_cpp_converter, tmp_path / "modelopt", tmp_path / "theirs.gguf")
     assert assert_quantized_tensors_byte_equal(ours, theirs) == 14
     mine, ref = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
-    for key in ("general.file_type", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.rope.freq_base"):
+    tokenizer_keys = {k for k in ref.fields if k.startswith("tokenizer.")}
+    assert tokenizer_keys == {k for k in mine.fields if k.startswith("tokenizer.")}
+    for key in sorted(tokenizer_keys) + ["general.file_type", "llama.rope.freq_base"]:
         assert field(mine, key) == field(ref, key), key
     if scheme == "nvfp4-a16":
         assert field(mine, "general.tensor_extra.prec_a4") == field(ref, "general.tensor_extra.prec_a4")
