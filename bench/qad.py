@@ -69,7 +69,8 @@ def main() -> None:
         train_step(student, teacher, batch, cfg)
         update(optimizer, params, cfg)
 
-    step()  # warm-up discarded
+    for _ in range(2):  # warm-up discarded: the first two steps pay one-off allocator and thread-pool costs
+        step()
     peak_before = matmul_gflops()
     start = time.perf_counter()
     for _ in range(args.steps):
