@@ -27,7 +27,7 @@ __attribute__((constructor)) static void init_e4m3_table(void) {
 
 static inline float e4m3(uint8_t byte) { return E4M3[byte]; }
 
-static void block_table(uint8_t scale, float gscale, float table[16]) {
+static inline void block_table(uint8_t scale, float gscale, float table[16]) {
     float s = e4m3(scale) * gscale;
     for (int i = 0; i < 16; i++) table[i] = E2M1[i] * s;
 }
@@ -206,6 +206,19 @@ static inline float hmax(__m256 v) {
 }
 #endif
 
+// ModelOpt's e4m3 block scale of the 16 values at xb.
+static inline uint8_t block_scale16(const float *xb, float gscale) {
+#ifdef __AVX2__
+    __m256 sign = _mm256_set1_ps(-0.f);
+    return block_scale(hmax(_mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb)),
+                                          _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8)))), gscale);
+#else
+    float amax = 0.f;
+    for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(xb[i]));
+    return block_scale(amax, gscale);
+#endif
+}
+
 // ModelOpt's NVFP4QTensor.quantize for a [rows, cols] fp32 matrix with a given s2; writes packed codes
 // and e4m3 block scales. With `fixed_scales` set, the given scales are used instead of the amax rule.
 void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scales, int fixed_scales,
@@ -217,21 +230,12 @@ void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scal
             const float *xb = x + r * cols + b * 16;
             uint8_t *scale = scales + r * blocks + b;
             uint8_t *out = packed + r * (cols / 2) + b * 8;
+            if (!fixed_scales) *scale = block_scale16(xb, gscale);
 #ifdef __AVX2__
-            __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
-            if (!fixed_scales) {
-                __m256 sign = _mm256_set1_ps(-0.f);
-                *scale = block_scale(hmax(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1))), gscale);
-            }
             __m256 m = _mm256_set1_ps(E4M3[*scale] * gscale);
-            pack8(e2m1_codes8(_mm256_div_ps(x0, m)), out);
-            pack8(e2m1_codes8(_mm256_div_ps(x1, m)), out + 4);
+            pack8(e2m1_codes8(_mm256_div_ps(_mm256_loadu_ps(xb), m)), out);
+            pack8(e2m1_codes8(_mm256_div_ps(_mm256_loadu_ps(xb + 8), m)), out + 4);
 #else
-            if (!fixed_scales) {
-                float amax = 0.f;
-                for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(xb[i]));
-                *scale = block_scale(amax, gscale);
-            }
             float m = E4M3[*scale] * gscale;
             for (int j = 0; j < 8; j++)
                 out[j] = e2m1_encode(xb[2 * j] / m) | (e2m1_encode(xb[2 * j + 1] / m) << 4);
@@ -251,30 +255,13 @@ void nvfp4_fake_quantize(const float *x, float gscale, const uint8_t *scales, in
         for (int64_t b = 0; b < blocks; b++) {
             const float *xb = x + r * cols + b * 16;
             float *o = out + r * cols + b * 16;
+            uint8_t scale = fixed_scales ? scales[r * blocks + b] : block_scale16(xb, gscale);
 #ifdef __AVX2__
-            __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
-            uint8_t scale;
-            if (fixed_scales) {
-                scale = scales[r * blocks + b];
-            } else {
-                __m256 sign = _mm256_set1_ps(-0.f);
-                scale = block_scale(hmax(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1))), gscale);
-            }
-            float s = E4M3[scale] * gscale;
-            __m256 m = _mm256_set1_ps(s);
-            const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
-            __m256 magnitudes = _mm256_mul_ps(grid, m);
-            _mm256_storeu_ps(o, values8(magnitudes, e2m1_codes8(_mm256_div_ps(x0, m))));
-            _mm256_storeu_ps(o + 8, values8(magnitudes, e2m1_codes8(_mm256_div_ps(x1, m))));
+            __m256 m = _mm256_set1_ps(E4M3[scale] * gscale);
+            __m256 magnitudes = _mm256_mul_ps(_mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f), m);
+            _mm256_storeu_ps(o, values8(magnitudes, e2m1_codes8(_mm256_div_ps(_mm256_loadu_ps(xb), m))));
+            _mm256_storeu_ps(o + 8, values8(magnitudes, e2m1_codes8(_mm256_div_ps(_mm256_loadu_ps(xb + 8), m))));
 #else
-            uint8_t scale;
-            if (fixed_scales) {
-                scale = scales[r * blocks + b];
-            } else {
-                float amax = 0.f;
-                for (int i = 0; i < 16; i++) amax = fmaxf(amax, fabsf(xb[i]));
-                scale = block_scale(amax, gscale);
-            }
             float table[16];
             block_table(scale, gscale, table);
             float m = E4M3[scale] * gscale;
