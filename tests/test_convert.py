@@ -89,3 +89,12 @@ def test_failure_leaves_no_half_written_out(tiny_model_dir, tmp_path, monkeypatc
     assert result.exit_code != 0
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from converter.pipeline import keep_freed_memory
+
+    assert platform.libc_ver()[0] == "glibc", "Linux with glibc is what convert is tuned for"
+    assert keep_freed_memory() is True
