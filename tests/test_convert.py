@@ -1,11 +1,13 @@
 """`nvfp4 convert`: output layout, report, atomic writes and one-line errors for bad input."""
 
 import json
+import platform
 import shutil
 
 import pytest
 from click.testing import CliRunner
 
+from converter.pipeline import keep_freed_memory
 from converter.writers import Writer, load_all_writers
 from nvfp4.cli import cli
 
@@ -92,9 +94,5 @@ def test_failure_leaves_no_half_written_out(tiny_model_dir, tmp_path, monkeypatc
 
 
 def test_keep_freed_memory_takes_effect_on_glibc():
-    import platform
-
-    from converter.pipeline import keep_freed_memory
-
     assert platform.libc_ver()[0] == "glibc", "Linux with glibc is what convert is tuned for"
     assert keep_freed_memory() is True
