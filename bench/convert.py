@@ -1,9 +1,9 @@
 """Convert benchmark: our PTQ + every registered export next to ModelOpt's mtq.quantize +
 export_hf_checkpoint, in the same run, on the same calibration batches.
 
-Each side runs in a process of its own. Prints one row per stage (seconds, ours / ModelOpt's, speed-up) and the end-to-end totals: ours with
-every target (trtllm, vllm, llamacpp, written at once as `convert` does) and ours with trtllm only
-(ModelOpt's one format).
+Each side runs in a process of its own. Prints one row per stage (seconds, ours / ModelOpt's,
+speed-up) and the end-to-end totals: ours with every target (trtllm, vllm, llamacpp, written at
+once as `convert` does) and ours with trtllm only (ModelOpt's one format).
 
     .venv/bin/python bench/convert.py                       # default model, W4A4 (nvfp4)
     .venv/bin/python bench/convert.py --scheme nvfp4-a16 --calib-tokens 1024 --repeats 2

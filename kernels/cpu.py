@@ -49,7 +49,7 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_set_threads.argtypes = [ctypes.c_int]
     lib.nvfp4_quantize.argtypes = [pointer, f32, pointer, pointer, ctypes.c_int, i64, i64]
-    lib.nvfp4_fake_quantize.argtypes = [pointer, f32, pointer, ctypes.c_int, pointer, i64, i64]
+    lib.nvfp4_fake_quantize.argtypes = [pointer, f32, pointer, pointer, i64, i64]
     lib.bf16_gemv.argtypes = [pointer, i64, pointer, pointer, i64, i64]
     return lib
 
@@ -117,5 +117,5 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
     fixed = None if scales is None else scales.view(torch.uint8).contiguous()
     _sync_threads(lib)
     lib.nvfp4_fake_quantize(x32.data_ptr(), float(gscale), None if fixed is None else fixed.data_ptr(),
-                            int(fixed is not None), out.data_ptr(), rows, cols)
+                            out.data_ptr(), rows, cols)
     return out

@@ -245,17 +245,16 @@ void nvfp4_quantize(const float *x, float gscale, uint8_t *packed, uint8_t *scal
 }
 
 // dequantize(quantize(x)) in one pass, without the packed intermediate: the same scale and code rules
-// and the same products as nvfp4_quantize followed by nvfp4_dequantize, so the same bits. `scales`
-// (rows x cols/16 e4m3 bytes) is read when `fixed_scales` is set, else left untouched (may be NULL).
-void nvfp4_fake_quantize(const float *x, float gscale, const uint8_t *scales, int fixed_scales, float *out,
-                         int64_t rows, int64_t cols) {
+// and the same products as nvfp4_quantize followed by nvfp4_dequantize, so the same bits. Given
+// `scales` (rows x cols/16 e4m3 bytes) are used as they are; NULL: the amax rule, as in quantize.
+void nvfp4_fake_quantize(const float *x, float gscale, const uint8_t *scales, float *out, int64_t rows, int64_t cols) {
     int64_t blocks = cols / 16;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t b = 0; b < blocks; b++) {
             const float *xb = x + r * cols + b * 16;
             float *o = out + r * cols + b * 16;
-            uint8_t scale = fixed_scales ? scales[r * blocks + b] : block_scale16(xb, gscale);
+            uint8_t scale = scales ? scales[r * blocks + b] : block_scale16(xb, gscale);
 #ifdef __AVX2__
             __m256 m = _mm256_set1_ps(E4M3[scale] * gscale);
             __m256 magnitudes = _mm256_mul_ps(_mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f), m);
