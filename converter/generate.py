@@ -46,11 +46,17 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], new_tokens: int, 
 
 
 def _next_tokens(logits: Tensor, generator: torch.Generator | None, temperature: float) -> Tensor:
-    """Greedy, or one draw per row; the generator lives on the CPU so a seed gives the same data on any device."""
+    """Greedy, or one draw per row; the generator lives on the CPU so a seed gives the same data on any device.
+
+    A draw inverts the row's cumulative distribution at one uniform number: torch.multinomial draws an
+    exponential variate per vocabulary entry instead, 35 ms a step for 32 rows of 49k (a sixth of a
+    sampling step on CPU) against ~1 ms."""
     if generator is None:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cumulative = torch.softmax(logits.float() / temperature, -1).cpu().cumsum_(-1)
+    uniform = torch.rand(cumulative.shape[0], 1, generator=generator) * cumulative[:, -1:]
+    # right=True: the first entry whose cumulative mass exceeds the draw, so a zero-probability token is never chosen
+    return torch.searchsorted(cumulative, uniform, right=True).squeeze(1).clamp_(max=cumulative.shape[1] - 1)
 
 
 def _cut(tokens: list[int], eos_id: int | None) -> list[int]:

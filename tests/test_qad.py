@@ -225,6 +225,18 @@ def test_batched_greedy_equals_transformers_generate_per_prompt(models):
     assert cold == batched  # sampling at a vanishing temperature is greedy
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_tokens_follow_the_tempered_distribution(temperature):
+    from converter.generate import _next_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]]).repeat(20000, 1)
+    drawn = _next_tokens(logits, torch.Generator().manual_seed(0), temperature)
+    frequency = torch.bincount(drawn, minlength=logits.shape[1]).float() / len(drawn)
+    expected = torch.softmax(logits[0] / temperature, -1)
+    assert frequency[4] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(frequency, expected, atol=0.012), (frequency, expected)  # ~4 standard errors
+
+
 def test_sampling_is_seeded_and_stops_at_eos(models):
     from converter.generate import generate_batch
 
