@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 SCHEMES = ("nvfp4", "nvfp4-a16")  # W4A4 (Blackwell) and weight-only (Hopper, Ampere)
 SCALE_SEARCHES = ("amax", "mse", "mse-act")
+ROUNDINGS = ("nearest", "gptq")  # nearest = ModelOpt's bytes; gptq = error-compensated (needs calibration)
 DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*", "*router*", "*.mlp.gate", "*.block_sparse_moe.gate")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -14,6 +15,7 @@ class QuantConfig:
     scheme: str = "nvfp4"
     exclude: tuple[str, ...] = ()  # fnmatch patterns on module names, on top of DEFAULT_EXCLUDE
     scale_search: str = "amax"
+    rounding: str = "nearest"
     group_size: int = 16
     version: int = 1
     default_exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
@@ -23,6 +25,8 @@ class QuantConfig:
             raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         if self.scale_search not in SCALE_SEARCHES:
             raise ValueError(f"unknown scale search {self.scale_search!r}; choose one of {', '.join(SCALE_SEARCHES)}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         if self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -31,6 +35,11 @@ class QuantConfig:
     @property
     def quantize_activations(self) -> bool:
         return self.scheme == "nvfp4"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Activation statistics are needed: W4A4 input scales, mse-act's channel energies, GPTQ's Hessians."""
+        return self.quantize_activations or self.scale_search == "mse-act" or self.rounding == "gptq"
 
     @property
     def quant_algo(self) -> str:

@@ -173,7 +173,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         student = quantize(copy.deepcopy(teacher), cfg.quant)
         if not quantized_modules(student):
             raise UserError("no linear layer can be quantized (all excluded or not multiples of 16)")
-    if cfg.quant.quantize_activations or cfg.quant.scale_search == "mse-act":
+    if cfg.quant.needs_calibration:
         with timer.stage("calibrate"):
             batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
             calibrate(student, batches)
@@ -242,7 +242,8 @@ def render_report_md(report: dict) -> str:
         f"# NVFP4 conversion report",
         "",
         f"- model: `{report['model']}` from `{report['source'] or 'embedded SmolLM2-135M-Instruct'}`",
-        f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`)",
+        f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`, "
+        f"rounding: `{report['quant_config'].get('rounding', 'nearest')}`)",
         "",
         "| target | bytes | vs BF16 | export seconds |",
         "|---|---:|---:|---:|",

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import torch
+from tqdm import tqdm
 from torch import Tensor, nn
 
 from converter.config import FUSED_GROUPS, QuantConfig
@@ -82,6 +83,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
             # mse-act starts from mse; calibrate() re-searches once it has the activation statistics
             module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse")
             module.activation_weighted_search = cfg.scale_search == "mse-act"
+    for module in quantized_modules(model).values():
+        module.gptq_rounding = cfg.rounding == "gptq"  # done by calibrate(), which has the inputs' Hessians
     return model
 
 
@@ -105,23 +108,30 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
 
     Runs with weight and activation quantization off, so the ranges are the original model's.
     Modules quantized with `scale_search="mse-act"` also get their per-input-channel E[x^2] recorded
-    and their block scales re-searched with it.
+    and their block scales re-searched with it; with `rounding="gptq"` the inputs' X^T X is recorded
+    (once per fused group: its members share the input) and the weights are then GPTQ-rounded.
     """
-    modules = {n: m for n, m in quantized_modules(model).items() if m.quantize_input or _wants_act_stats(m)}
+    modules = {n: m for n, m in quantized_modules(model).items()
+               if m.quantize_input or _wants_act_stats(m) or _wants_gptq(m)}
     if not modules:
         return
     amax: dict[str, Tensor] = {}
     square_sum: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
+    hessian: dict[str, Tensor] = {}
+    group_leads = {group[0] for group in fused_groups(modules)}
 
     def record(name: str):
         def hook(module, inputs):
             value = inputs[0].detach().abs().amax().float()
             amax[name] = torch.maximum(amax[name], value) if name in amax else value
-            if _wants_act_stats(module):
+            if _wants_act_stats(module) or (_wants_gptq(module) and name in group_leads):
                 x = inputs[0].detach().float().reshape(-1, module.in_features)
-                square_sum[name] = square_sum.get(name, 0) + x.square().sum(0)
                 rows[name] = rows.get(name, 0) + x.shape[0]
+            if _wants_act_stats(module):
+                square_sum[name] = square_sum.get(name, 0) + x.square().sum(0)
+            if _wants_gptq(module) and name in group_leads:
+                hessian[name] = torch.addmm(hessian[name], x.T, x) if name in hessian else x.T @ x
 
         return hook
 
@@ -145,6 +155,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for name in group:
             modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
     _search_with_activations({n: square_sum[n] / rows[n] for n in square_sum}, modules)
+    _round_with_gptq({n: h / rows[n] for n, h in hessian.items()}, modules)
 
 
 def _stacked(batches: Iterable[Tensor], max_tokens: int = 4096) -> Iterable[Tensor]:
@@ -162,6 +173,32 @@ def _stacked(batches: Iterable[Tensor], max_tokens: int = 4096) -> Iterable[Tens
 
 def _wants_act_stats(module: nn.Module) -> bool:
     return getattr(module, "activation_weighted_search", False)
+
+
+def _wants_gptq(module: nn.Module) -> bool:
+    return getattr(module, "gptq_rounding", False)
+
+
+@torch.no_grad()
+def _round_with_gptq(hessians: dict[str, Tensor], modules: dict[str, NVFP4FakeQuantLinear]) -> None:
+    """GPTQ-round every fused group whose lead has a Hessian; groups of one shape (the same linear in
+    every layer) go through kernels.gptq together, one column loop for all of them."""
+    from kernels.gptq import gptq_round
+
+    by_shape: dict[tuple, list[list[str]]] = {}
+    for group in fused_groups(n for n in modules if _wants_gptq(modules[n])):
+        shape = (sum(modules[n].out_features for n in group), modules[group[0]].in_features)
+        by_shape.setdefault(shape, []).append(group)
+    for groups in tqdm(by_shape.values(), desc="GPTQ", unit="shape", leave=False):
+        members = [[modules[n] for n in group] for group in groups]
+        weights = torch.stack([torch.cat([m.weight for m in group]) for group in members])
+        fixed = members[0][0].block_scales is not None
+        scales = torch.stack([torch.cat([m.block_scales for m in group]) for group in members]) if fixed else None
+        latent = gptq_round(weights, torch.stack([hessians[group[0]] for group in groups]),
+                            torch.stack([group[0].weight_gscale for group in members]), scales)
+        for group, rounded in zip(members, latent):
+            for module, part in zip(group, rounded.split([m.out_features for m in group])):
+                module.weight.copy_(part.to(module.weight.dtype))
 
 
 def _search_with_activations(mean_square: dict[str, Tensor], modules: dict[str, NVFP4FakeQuantLinear]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from converter.config import SCALE_SEARCHES, SCHEMES, QuantConfig
+from converter.config import ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
 from converter.errors import UserError
 from converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
 
@@ -29,6 +29,8 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--exclude", multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable).")
 @click.option("--scale-search", type=click.Choice(SCALE_SEARCHES), default="amax", show_default=True,
               help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale.")
+@click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
+              help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
@@ -47,13 +49,13 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--qad-checkpoint-every", type=int, default=None,
               help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
-def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, seed, device, dtype,
+def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, seed, device, dtype,
             force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_batch, qad_seq_len, qad_budget_minutes,
             qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
     try:
-        quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search)
+        quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search, rounding=rounding)
     except ValueError as error:
         raise UserError(str(error)) from error
     cfg = ConvertConfig(out=out, source=model, quant=quant, targets=_targets(targets), calib_data=calib_data,
