@@ -189,7 +189,7 @@ def _round_with_gptq(hessians: dict[str, Tensor], modules: dict[str, NVFP4FakeQu
     for group in fused_groups(n for n in modules if _wants_gptq(modules[n])):
         shape = (sum(modules[n].out_features for n in group), modules[group[0]].in_features)
         by_shape.setdefault(shape, []).append(group)
-    for groups in tqdm(by_shape.values(), desc="GPTQ", unit="shape", leave=False):
+    for groups in tqdm(by_shape.values(), desc="GPTQ", unit="shape", leave=False, disable=not by_shape):
         members = [[modules[n] for n in group] for group in groups]
         weights = torch.stack([torch.cat([m.weight for m in group]) for group in members])
         fixed = members[0][0].block_scales is not None

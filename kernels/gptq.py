@@ -55,22 +55,27 @@ def gptq_round(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor |
 
 
 def _inverse_hessian_factor(hessian: Tensor, weight_t: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian, per matrix; dead inputs (never active) are
-    zeroed in `weight_t` [B, K, N] and given a unit diagonal."""
-    hessian = hessian.detach().double().clone()
+    """Upper triangular U with U^T U = H^-1 (damped), per matrix; dead inputs (never active) are
+    zeroed in `weight_t` [B, K, N] and given a unit diagonal.
+
+    With J the order reversal, J H J = L L^T gives H = A A^T for the upper A = J L J, so U = A^-1:
+    one Cholesky and one triangular solve, instead of inverting H and factoring the inverse."""
+    hessian = hessian.detach().float().clone()
     diagonal = hessian.diagonal(dim1=-2, dim2=-1)
     dead = diagonal == 0
     weight_t[dead] = 0
     diagonal[dead] = 1
     diagonal += damp * diagonal.mean(-1, keepdim=True)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-    return torch.linalg.cholesky(inverse, upper=True).float()
+    lower = torch.linalg.cholesky(hessian.flip(-1, -2))
+    identity = torch.eye(hessian.shape[-1], device=hessian.device).expand_as(lower)
+    return torch.linalg.solve_triangular(lower, identity, upper=False).flip(-1, -2)
 
 
 def _gptq_chunk(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor | None, damp: float,
                 lazy_block: int) -> Tensor:
     work = weight.detach().float().transpose(1, 2).contiguous()  # [B, K, N]: input column k is work[:, k]
     factor = _inverse_hessian_factor(hessian, work, damp)  # [B, K, K]
+    table = _Intervals(work.device)
     latent = torch.empty_like(work)
     columns = work.shape[1]
     gscale = gscale.view(-1, 1)
@@ -82,15 +87,12 @@ def _gptq_chunk(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor 
                                            None if scales is None else scales[:, :, block // numerics.BLOCK])
             for k in range(block, block + numerics.BLOCK):
                 value = work[:, k] / unit  # [B, N] in block-scale units
-                code = numerics.decode_e2m1(numerics.encode_e2m1(value))
-                pinned = lead == k - block
-                code = torch.where(pinned, 6.0 * torch.where(value < 0, -1.0, 1.0), code)
-                code = torch.where(zero, 0.0, code)
-                latent[:, k] = torch.where(zero | pinned, code, _inside_interval(value, code)) * unit
-                error = (work[:, k] - code * unit) / factor[:, k, k].unsqueeze(-1)
-                errors[:, k - start] = error
-                work[:, k + 1 : end] -= factor[:, k, k + 1 : end].unsqueeze(-1) * error.unsqueeze(1)
-        work[:, end:] -= factor[:, start:end, end:].transpose(1, 2) @ errors
+                code, inside = table.round(value, pinned=lead == k - block, zero=zero)
+                latent[:, k] = inside * unit
+                torch.div(work[:, k] - code * unit, factor[:, k, k].unsqueeze(-1), out=errors[:, k - start])
+                work[:, k + 1 : end].addcmul_(factor[:, k, k + 1 : end].unsqueeze(-1), errors[:, k - start].unsqueeze(1),
+                                              value=-1)
+        work[:, end:].baddbmm_(factor[:, start:end, end:].transpose(1, 2), errors, alpha=-1)
     return latent.transpose(1, 2).contiguous()
 
 
@@ -109,14 +111,22 @@ def _block_rule(block: Tensor, gscale: Tensor, fixed: Tensor | None) -> tuple[Te
     return unit, torch.where(clamped, -1, lead), amax == 0
 
 
-def _inside_interval(value: Tensor, code: Tensor) -> Tensor:
-    """`value` moved into the rounding interval of `code` (in block-scale units), _MARGIN inside."""
-    magnitude = code.abs()
-    index = torch.searchsorted(torch.tensor(_INTERVAL_LOW[1:], device=code.device), magnitude.contiguous())
-    low = torch.tensor(_INTERVAL_LOW, device=code.device)[index] + _MARGIN
-    high = torch.tensor(_INTERVAL_HIGH, device=code.device)[index] - _MARGIN
-    high = torch.where(index == len(_INTERVAL_HIGH) - 1, numerics.E2M1_MAX, high)  # up to 6: never above the pinned amax
-    is_zero = index == 0
-    sign = torch.where(is_zero, torch.sign(value), torch.where(code < 0, -1.0, 1.0))
-    low = torch.where(is_zero, 0.0, low)
-    return sign * value.abs().clamp(min=low, max=high)
+class _Intervals:
+    """E2M1 rounding of block-scale units with each code's rounding interval, by table lookup on the code."""
+
+    def __init__(self, device: torch.device):
+        self.magnitude = torch.tensor(numerics.E2M1_VALUES[:8], device=device)
+        self.low = torch.tensor(_INTERVAL_LOW, device=device) + _MARGIN
+        self.high = torch.tensor(_INTERVAL_HIGH, device=device) - _MARGIN
+        self.low[0] = 0.0
+        self.high[-1] = numerics.E2M1_MAX  # up to 6 itself: never above the pinned amax
+
+    def round(self, value: Tensor, pinned: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (code values, latent values inside their code's interval), both in block-scale units.
+        Pinned elements take +-6, all-zero blocks 0 (their latent is the code itself)."""
+        index = (numerics.encode_e2m1(value) & 7).long()
+        index = torch.where(pinned, len(_INTERVAL_LOW) - 1, index).masked_fill_(zero, 0)
+        negative = value < 0
+        code = self.magnitude[index]
+        inside = torch.where(pinned | zero, code, value.abs().clamp(min=self.low[index], max=self.high[index]))
+        return torch.where(negative, -code, code), torch.where(negative, -inside, inside)
