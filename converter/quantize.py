@@ -121,9 +121,17 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
     hessian: dict[str, Tensor] = {}
     group_leads = {group[0] for group in fused_groups(modules)}
 
+    last_input: list = [None, None]  # (tensor, its amax): q/k/v and gate/up receive one tensor in turn
+
+    def input_amax(x: Tensor) -> Tensor:
+        if last_input[0] is not x:
+            low, high = torch.aminmax(x.detach())  # one pass, no |x| temporary; exact, as abs().amax()
+            last_input[:] = x, torch.maximum(-low, high).float()
+        return last_input[1]
+
     def record(name: str):
         def hook(module, inputs):
-            value = inputs[0].detach().abs().amax().float()
+            value = input_amax(inputs[0])
             amax[name] = torch.maximum(amax[name], value) if name in amax else value
             if _wants_act_stats(module) or (_wants_gptq(module) and name in group_leads):
                 x = inputs[0].detach().float().reshape(-1, module.in_features)
@@ -145,6 +153,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for batch in _stacked(batches):
             forward(batch.to(next(model.parameters()).device))
     finally:
+        last_input.clear()
         for handle in handles:
             handle.remove()
         for name, module in modules.items():
