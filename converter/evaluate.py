@@ -121,9 +121,10 @@ def evaluate(teacher: nn.Module, students: dict[str, nn.Module], tokenizer, data
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    header = f"{'model':<14}{'chat KL':>10}{'prose KL':>10}{'chat top1':>11}{'prose top1':>11}{'greedy@32':>11}{'prose PPL':>11}"
+    width = max(14, 2 + max(map(len, results)))  # output folder names as row names stay aligned
+    header = f"{'model':<{width}}{'chat KL':>10}{'prose KL':>10}{'chat top1':>11}{'prose top1':>11}{'greedy@32':>11}{'prose PPL':>11}"
     rows = [header, "-" * len(header)]
     for name, m in results.items():
-        rows.append(f"{name:<14}{m['chat_kl']:>10.4f}{m['prose_kl']:>10.4f}{m['chat_top1']:>11.3f}"
+        rows.append(f"{name:<{width}}{m['chat_kl']:>10.4f}{m['prose_kl']:>10.4f}{m['chat_top1']:>11.3f}"
                     f"{m['prose_top1']:>11.3f}{m['greedy_agreement']:>11.3f}{m['prose_ppl']:>11.2f}")
     return "\n".join(rows)

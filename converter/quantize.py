@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable, Iterable
 
 import torch
-from tqdm import tqdm
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from converter.config import FUSED_GROUPS, QuantConfig
 from kernels import numerics

@@ -60,6 +60,8 @@ def test_teacher_scores_perfectly_and_students_rank_by_damage(setup):
     assert table.splitlines()[0].split()[:3] == ["model", "chat", "KL"]
     assert [l.split()[0] for l in table.splitlines()[2:]] == ["BF16", "PTQ", "noisy"]
     assert f"{results['PTQ']['chat_kl']:.4f}" in table
+    long_names = format_table({"BF16": results["BF16"], "a16-mse-act-nearest-rounding": results["PTQ"]}).splitlines()
+    assert len({len(line) for line in long_names}) == 1, long_names  # every row as wide as the header: aligned
 
 
 def test_frozen_fake_quant_changes_nothing_but_speed(setup):
