@@ -22,7 +22,7 @@ from converter.errors import UserError
 from converter.models import cache_dir, load_causal_lm
 from converter.quantize import calibrate, export_weights, quantize, quantized_modules
 from converter.writers import Writer
-from converter.writers.gguf import GGUFWriter, bpe_merges, llamacpp_logits, permute_rows
+from converter.writers.gguf import GGUFWriter, bpe_merges, llamacpp_logits, permute_rows, vocab_tokens
 from kernels.numerics import dequantize_ref
 from tests.conftest import TINY_CONFIG
 
@@ -141,6 +141,22 @@ def test_metadata(tiny_w4a4):
 def test_bpe_merges_as_gguf_special_vocab_reads_them(tmp_path, merges):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": merges}}))
     assert bpe_merges(merges) == gguf.SpecialVocab(tmp_path, load_merges=True).merges
+
+
+def test_vocab_tokens_types_added_tokens_and_pads_the_gaps(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    size = len(tokenizer) + 3  # a model vocabulary padded past the tokenizer's, as llama.cpp's converter pads
+    tokens, types = vocab_tokens(tokenizer, size)
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    assert len(tokens) == len(types) == size
+    assert tokens[-3:] == [f"[PAD{i}]" for i in range(size - 3, size)] and types[-3:] == [gguf.TokenType.UNUSED] * 3
+    plain = [i for i in range(len(tokenizer)) if i not in added]
+    assert [tokens[i] for i in plain] == [reverse[i] for i in plain]
+    assert {types[i] for i in plain} == {gguf.TokenType.NORMAL}
+    assert added and all(types[i] == gguf.TokenType.CONTROL for i, t in added.items() if t.special)
 
 
 def test_embedding_stays_high_precision_and_norms_f32(tiny_w4a4):

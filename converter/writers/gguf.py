@@ -316,24 +316,20 @@ def _looks_special(token: str) -> bool:
 
 def vocab_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings and llama.cpp token types for ids 0..vocab_size-1 (gaps are UNUSED pads)."""
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = reverse.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            # llama.cpp expects control / user tokens already normalized
-            if not added[i].normalized:
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            special = added[i].special or _looks_special(token)
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
+    tokens: list = [None] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size:
+            tokens[i] = token
+    types = [gguf.TokenType.NORMAL] * vocab_size
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i >= vocab_size or tokens[i] is None:
+            continue
+        if not added.normalized:  # llama.cpp expects control / user tokens already normalized
+            tokens[i] = tokenizer.decode(tokenizer.encode(tokens[i], add_special_tokens=False))
+        special = added.special or _looks_special(tokens[i])
+        types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    for i in [i for i, token in enumerate(tokens) if token is None]:
+        tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     return tokens, types
 
 
@@ -407,7 +403,7 @@ def bpe_merges(merges: list) -> list[str]:
     U+0120 (the rule of gguf.SpecialVocab for the list-of-pairs format of transformers >= 4.45)."""
     if not merges or isinstance(merges[0], str):
         return list(merges)
-    return [" ".join(part.replace(" ", "\u0120") for part in pair) for pair in merges]
+    return [left.replace(" ", "\u0120") + " " + right.replace(" ", "\u0120") for left, right in merges]
 
 
 # ---------------------------------------------------------------------------------------------
