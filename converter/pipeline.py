@@ -24,7 +24,7 @@ from converter.calibration import calibration_batches
 from converter.config import QuantConfig
 from converter.errors import UserError
 from converter.models import load_causal_lm, resolve_model
-from converter.quantize import calibrate, quantize, quantized_modules
+from converter.quantize import calibrate, gptq_hessian_bytes, quantize, quantized_modules
 from converter.writers import load_all_writers
 from converter.writers.hf import packed_weights
 
@@ -118,6 +118,28 @@ def _check_disk_space(folder: Path, model: torch.nn.Module, targets: tuple[str, 
         raise UserError(f"not enough disk space in {folder}: {free / 2**20:.0f} MiB free, ~{needed / 2**20:.0f} MiB needed")
 
 
+def _check_gptq_memory(student: torch.nn.Module, device: torch.device) -> None:
+    needed = gptq_hessian_bytes(student)
+    free = available_memory(device)
+    if needed and free is not None and needed > free:
+        raise UserError(f"--rounding gptq holds the Hessians of every layer at once, ~{needed / 2**20:.1f} MiB, "
+                        f"but {free / 2**20:.1f} MiB is available on {device}; use --rounding nearest")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on the device (CUDA) or available RAM (Linux MemAvailable); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -173,6 +195,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         student = quantize(copy.deepcopy(teacher), cfg.quant)
         if not quantized_modules(student):
             raise UserError("no linear layer can be quantized (all excluded or not multiples of 16)")
+    _check_gptq_memory(student, device)
     if cfg.quant.needs_calibration:
         with timer.stage("calibrate"):
             batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)

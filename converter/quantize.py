@@ -188,6 +188,12 @@ def _wants_gptq(module: nn.Module) -> bool:
     return getattr(module, "gptq_rounding", False)
 
 
+def gptq_hessian_bytes(model: nn.Module) -> int:
+    """Bytes calibrate() holds at once for GPTQ: one fp32 K x K Hessian per fused group of every layer."""
+    modules = {n: m for n, m in quantized_modules(model).items() if _wants_gptq(m)}
+    return sum(4 * modules[group[0]].in_features ** 2 for group in fused_groups(modules))
+
+
 @torch.no_grad()
 def _round_with_gptq(hessians: dict[str, Tensor], modules: dict[str, NVFP4FakeQuantLinear]) -> None:
     """GPTQ-round every fused group whose lead has a Hessian; groups of one shape (the same linear in

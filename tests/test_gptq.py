@@ -169,3 +169,34 @@ def test_convert_cli_with_gptq_rounding(tiny_model_dir, tmp_path):
     assert "rounding: `gptq`" in (out / "report.md").read_text()
     bad = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--rounding", "best"])
     assert bad.exit_code == 2 and "best" in bad.output
+
+
+def test_gptq_hessian_bytes_counts_one_matrix_per_fused_group(tiny_teacher):
+    import copy
+
+    from converter.config import QuantConfig
+    from converter.quantize import gptq_hessian_bytes, quantize
+
+    config = tiny_teacher.config
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    per_layer = 3 * hidden**2 + intermediate**2  # q/k/v, o_proj, gate/up (input: hidden); down_proj (input: intermediate)
+    gptq = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme="nvfp4-a16", rounding="gptq"))
+    assert gptq_hessian_bytes(gptq) == 4 * per_layer * config.num_hidden_layers
+    assert gptq_hessian_bytes(quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme="nvfp4-a16"))) == 0
+
+
+def test_convert_refuses_gptq_without_memory_for_its_hessians(tiny_model_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import converter.pipeline
+    from nvfp4.cli import cli
+
+    monkeypatch.setattr(converter.pipeline, "available_memory", lambda device: 1024)  # the tiny model's Hessians: ~0.2 MiB
+    out = tmp_path / "out"
+    args = ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16", "--qad-steps", "0",
+            "--calib-data", "random", "--calib-tokens", "256", "--targets", "trtllm", "--no-eval"]
+    result = CliRunner().invoke(cli, args + ["--rounding", "gptq"])
+    assert result.exit_code == 2, result.output
+    assert "0.2 MiB" in result.output and "--rounding nearest" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+    assert CliRunner().invoke(cli, args).exit_code == 0  # nearest rounding needs no Hessians
