@@ -75,7 +75,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
     for group in fused_groups(linears):
         gscale = numerics.shared_global_scale(linears[n].weight for n in group)
         for name in group:
-            set_module(model, name, NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations))
+            module = NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations)
+            module.gptq_rounding = cfg.rounding == "gptq"  # done by calibrate(), which has the inputs' Hessians
+            set_module(model, name, module)
     if cfg.scale_search != "amax":
         from kernels.scale_search import search_block_scales
 
@@ -83,8 +85,6 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
             # mse-act starts from mse; calibrate() re-searches once it has the activation statistics
             module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse")
             module.activation_weighted_search = cfg.scale_search == "mse-act"
-    for module in quantized_modules(model).values():
-        module.gptq_rounding = cfg.rounding == "gptq"  # done by calibrate(), which has the inputs' Hessians
     return model
 
 
@@ -119,7 +119,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
     square_sum: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
     hessian: dict[str, Tensor] = {}
-    group_leads = {group[0] for group in fused_groups(modules)}
+    gptq_leads = {group[0] for group in _gptq_groups(modules)}
 
     last_input: list = [None, None]  # (tensor, its amax): q/k/v and gate/up receive one tensor in turn
 
@@ -133,12 +133,12 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         def hook(module, inputs):
             value = input_amax(inputs[0])
             amax[name] = torch.maximum(amax[name], value) if name in amax else value
-            if _wants_act_stats(module) or (_wants_gptq(module) and name in group_leads):
+            if _wants_act_stats(module) or name in gptq_leads:
                 x = inputs[0].detach().float().reshape(-1, module.in_features)
                 rows[name] = rows.get(name, 0) + x.shape[0]
             if _wants_act_stats(module):
                 square_sum[name] = square_sum.get(name, 0) + x.square().sum(0)
-            if _wants_gptq(module) and name in group_leads:
+            if name in gptq_leads:
                 hessian[name] = torch.addmm(hessian[name], x.T, x) if name in hessian else x.T @ x
 
         return hook
@@ -188,10 +188,15 @@ def _wants_gptq(module: nn.Module) -> bool:
     return getattr(module, "gptq_rounding", False)
 
 
+def _gptq_groups(modules: dict[str, nn.Module]) -> list[list[str]]:
+    """The fused groups GPTQ rounds together; each group's lead holds the Hessian of their shared input."""
+    return fused_groups(n for n, m in modules.items() if _wants_gptq(m))
+
+
 def gptq_hessian_bytes(model: nn.Module) -> int:
     """Bytes calibrate() holds at once for GPTQ: one fp32 K x K Hessian per fused group of every layer."""
-    modules = {n: m for n, m in quantized_modules(model).items() if _wants_gptq(m)}
-    return sum(4 * modules[group[0]].in_features ** 2 for group in fused_groups(modules))
+    modules = quantized_modules(model)
+    return sum(4 * modules[group[0]].in_features ** 2 for group in _gptq_groups(modules))
 
 
 @torch.no_grad()
@@ -201,7 +206,7 @@ def _round_with_gptq(hessians: dict[str, Tensor], modules: dict[str, NVFP4FakeQu
     from kernels.gptq import gptq_round
 
     by_shape: dict[tuple, list[list[str]]] = {}
-    for group in fused_groups(n for n in modules if _wants_gptq(modules[n])):
+    for group in _gptq_groups(modules):
         shape = (sum(modules[n].out_features for n in group), modules[group[0]].in_features)
         by_shape.setdefault(shape, []).append(group)
     for groups in tqdm(by_shape.values(), desc="GPTQ", unit="shape", leave=False, disable=not by_shape):
