@@ -17,7 +17,8 @@ import pytest
 from converter.errors import UserError
 from serve.app import build_app
 from serve.engines import EngineOptions, engine_metrics_text, mount_engine_metrics, student_engine
-from serve.engines.base import ProxyEngine
+from serve.engine.types import GenerationRequest, NotReady, SamplingParams
+from serve.engines.base import ProxyEngine, UpstreamError
 from serve.engines.llamacpp import LlamaCppEngine
 from serve.engines.trtllm import TRTLLMEngine
 from serve.engines.vllm import VLLMEngine, find_vllm, vllm_argv
@@ -172,7 +173,8 @@ def test_engine_errors_keep_the_openai_shape(live):
 
 def test_failed_engine_generation_is_an_openai_error(tiny_out):
     """llama.cpp cannot fit a prompt longer than its --n_ctx (passed through after `--`): its server
-    answers 200 and an empty stream; our answer is a 502 in the OpenAI error shape, streaming or not."""
+    answers 200 and then an empty stream, or at times cuts the stream; either way our answer is a 502 in
+    the OpenAI error shape, streaming or not."""
     engine = llamacpp_engine(tiny_out, extra_args=("--n_ctx", "32"))
     with LiveServer(build_app({"student": engine})) as server:
         prompt = "word " * 60
@@ -183,6 +185,49 @@ def test_failed_engine_generation_is_an_openai_error(tiny_out):
             assert "ended the stream without finishing" in response.json()["error"]["message"]
         ok = server.openai().completions.create(model="student", prompt="short", max_tokens=2, temperature=0)
         assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+class _Cut(httpx.AsyncByteStream):
+    """A 200 body that breaks off after one chunk, as a server whose generation failed mid-stream."""
+
+    async def __aiter__(self):
+        yield b'data: {"choices": [{"text": "a", "finish_reason": null}]}\n\n'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+@pytest.mark.parametrize("failure, expected", [("cut", UpstreamError), ("refused", NotReady)])
+def test_transport_failures_after_and_before_the_answer(failure, expected):
+    """A stream the engine cut after answering is its failed request (502); no answer at all means the
+    process went away (503, and the watcher restarts it)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if failure == "refused":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, stream=_Cut())
+
+    class Fake(ProxyEngine):
+        kind = "fake"
+
+        def request_body(self, prompt_ids, params):
+            return {"prompt": prompt_ids}
+
+    async def drive():
+        engine = Fake("student", "m", None, 64)
+        engine._client, engine._ready = httpx.AsyncClient(transport=httpx.MockTransport(handler)), True
+        texts = []
+        with pytest.raises(expected) as raised:
+            async for event in engine.generate(GenerationRequest("r", [1, 2], SamplingParams(max_tokens=4))):
+                texts.append(event.text)
+        await engine._client.aclose()
+        return engine, texts, raised.value
+
+    engine, texts, error = asyncio.run(drive())
+    if expected is UpstreamError:
+        assert error.status == 502 and texts == ["a"]
+        assert "ended the stream without finishing" in str(error) and "RemoteProtocolError" in str(error)
+    else:
+        assert texts == [] and "went away: ConnectError" in str(error)
+    assert engine.stats().running == 0
 
 
 def test_metrics_measured_at_the_proxy(live):

@@ -226,13 +226,17 @@ class ProxyEngine(Engine):
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         body = {**self.request_body(request.prompt_ids, request.params), "stream": True}
         self._inflight += 1
+        answered = False
         try:
             async with self._client.stream("POST", self.url + "/v1/completions", json=body) as response:
+                answered = True
                 if response.status_code != 200:
                     raise UpstreamError(response.status_code, error_message(response.status_code, await response.aread()))
                 async for event in self._events(response, request.params):
                     yield event
         except httpx.TransportError as error:
+            if answered:  # it answered, then cut the stream (llama-cpp-python does, at times, on a failed generation)
+                raise self._unfinished(type(error).__name__) from error
             raise NotReady(f"the {self.kind} engine process for `{self.name}` went away: {type(error).__name__}") from error
         finally:
             self._inflight -= 1
@@ -261,6 +265,10 @@ class ProxyEngine(Engine):
                 else:
                     yield event
         if held is None:  # e.g. llama-cpp-python answers 200 and then an empty stream when generation fails
-            raise UpstreamError(502, f"the {self.kind} engine ended the stream without finishing the request "
-                                     f"(its log: {self.log_path})")
+            raise self._unfinished()
         yield held
+
+    def _unfinished(self, cause: str = "") -> UpstreamError:
+        how = f", {cause}" if cause else ""
+        return UpstreamError(502, f"the {self.kind} engine ended the stream without finishing the request "
+                                  f"(its log: {self.log_path}{how})")
