@@ -55,19 +55,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=QADConfig.batch)
     parser.add_argument("--seq-len", type=int, default=QADConfig.seq_len)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--scale-lr", type=float, default=None, help="QADConfig.scale_lr (0: fixed block scales)")
     args = parser.parse_args()
     keep_freed_memory()
     teacher, tokenizer, _ = load_causal_lm(args.model)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme))
-    params = trainable_parameters(student)
-    cfg = QADConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, data="random")
-    optimizer = make_optimizer(params, cfg)
+    cfg = QADConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, data="random",
+                    **({} if args.scale_lr is None else {"scale_lr": args.scale_lr}))
+    trainable_parameters(student, learn_scales=cfg.scale_lr > 0)
+    optimizer, _ = make_optimizer(student, cfg)
     batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len))
 
     def step() -> None:  # what the training loop does per step, logging aside
         optimizer.zero_grad(set_to_none=True)
         train_step(student, teacher, batch, cfg)
-        update(optimizer, params, cfg)
+        update(optimizer, cfg)
 
     for _ in range(2):  # warm-up discarded: the first two steps pay one-off allocator and thread-pool costs
         step()
@@ -79,7 +81,7 @@ def main() -> None:
     peak = max(peak_before, matmul_gflops())
     flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
     achieved = flops / seconds / 1e9
-    print(f"threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}")
+    print(f"threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, scale_lr {cfg.scale_lr:g}")
     print(f"{'fp32 matmul GFLOP/s':>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
     print(f"{peak:>22.1f} {seconds:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds:>9.0f}")
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/qad_table.py OUT1 OUT2 ... [--plot docs/qad.png]
 
-One row per output folder: scheme, scale search, loss (QAD = kl, QAT = ce), data, lr, steps run,
+One row per output folder: scheme, scale search, loss (QAD = kl, QAT = ce), data, lr, the learned
+block scales' lr (0: fixed; reports from before the option have none), steps run,
 seconds up to the last export, and the held-out metrics of PTQ and of the trained student, with
 the trained chat KL as a fraction of PTQ's (the "halve it" target is <= 0.50).
 """
@@ -20,16 +21,17 @@ def row(out: Path) -> dict:
     return {
         "run": out.name, "scheme": report["scheme"], "scales": report["quant_config"]["scale_search"],
         "loss": qad["config"]["loss"], "data": Path(qad["config"]["data"]).name, "lr": qad["config"]["lr"],
-        "steps": qad["steps"], "seconds": seconds, "ptq": results["PTQ"], "trained": results[trained],
+        "scale_lr": qad["config"].get("scale_lr", 0.0), "steps": qad["steps"], "seconds": seconds,
+        "ptq": results["PTQ"], "trained": results[trained],
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | scheme | scales | loss | data | lr | steps | s to export | PTQ chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | scheme | scales | loss | data | lr | scale lr | steps | s to export | PTQ chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["trained"]
-        lines.append(f"| {r['run']} | {r['scheme']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['steps']} "
+        lines.append(f"| {r['run']} | {r['scheme']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['scale_lr']:g} | {r['steps']} "
                      f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
                      f"| {t['prose_kl']:.4f} | {t['chat_top1']:.3f} | {t['greedy_agreement']:.3f} | {t['prose_ppl']:.2f} |")
     return "\n".join(lines)

@@ -270,6 +270,44 @@ void nvfp4_fake_quantize(const float *x, float gscale, const uint8_t *scales, fl
     }
 }
 
+// Backward of fake-quantization under given block scales, for learned scales (LSQ). With m the block's
+// multiplier, u = x / m and q = e2m1(u) (the forward's codes): grad_x = grad where |u| <= 6, else 0 (the
+// clipped values do not move with x); grad_log_scales[block] = m * sum grad * (q - u) over the unclipped
+// elements plus m * sum grad * q over the clipped ones (d(q m)/d log m).
+void nvfp4_scale_gradient(const float *x, const float *grad, const uint8_t *scales, float gscale, float *grad_x,
+                          float *grad_log_scales, int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t at = r * cols + b * 16;
+            float m = E4M3[scales[r * blocks + b]] * gscale;
+#ifdef __AVX2__
+            const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
+            __m256 mv = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+            for (int half = 0; half < 16; half += 8) {
+                __m256 u = _mm256_div_ps(_mm256_loadu_ps(x + at + half), mv);
+                __m256 q = values8(grid, e2m1_codes8(u));
+                __m256 inside = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), u), _mm256_set1_ps(6.f), _CMP_LE_OQ);
+                __m256 g = _mm256_loadu_ps(grad + at + half);
+                acc = _mm256_fmadd_ps(g, _mm256_sub_ps(q, _mm256_and_ps(inside, u)), acc);
+                _mm256_storeu_ps(grad_x + at + half, _mm256_and_ps(inside, g));
+            }
+            grad_log_scales[r * blocks + b] = hsum(acc) * m;
+#else
+            float acc = 0.f;
+            for (int i = 0; i < 16; i++) {
+                float u = x[at + i] / m, q = E2M1[e2m1_encode(u)];
+                int inside = fabsf(u) <= 6.f;
+                acc += grad[at + i] * (q - (inside ? u : 0.f));
+                grad_x[at + i] = inside ? grad[at + i] : 0.f;
+            }
+            grad_log_scales[r * blocks + b] = acc * m;
+#endif
+        }
+    }
+}
+
 void nvfp4_set_threads(int threads) {
 #ifdef _OPENMP
     extern void omp_set_num_threads(int);

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.ops import fake_quantize, fake_quantize_activation, linear_bf16_weight, linear_w4a16, quantize
+from kernels.numerics import block_scales, scales_from_log
+from kernels.ops import fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16, quantize
 
 
 @dataclass
@@ -25,6 +26,8 @@ class NVFP4FakeQuantLinear(nn.Module):
     `weight_gscale` is fixed at quantize time (shared inside fused groups); `block_scales` is None
     for ModelOpt's amax rule (recomputed from W each forward) or a fixed e4m3 tensor from a scale
     search. `input_gscale` set (after calibration) turns on W4A4 activation fake-quantization.
+    While `log_block_scales` is set (QAD learning the scales), the block scales are that parameter's
+    e4m3 values; `fix_block_scales` makes them fixed `block_scales` again for export.
     """
 
     def __init__(self, linear: nn.Linear, weight_gscale: Tensor, quantize_input: bool):
@@ -36,9 +39,25 @@ class NVFP4FakeQuantLinear(nn.Module):
         self.register_buffer("weight_gscale", weight_gscale.detach().float().reshape(()).to(linear.weight.device))
         self.register_buffer("block_scales", None)
         self.register_buffer("input_gscale", None)
+        self.register_parameter("log_block_scales", None)
 
     def quantized_weight(self) -> Tensor:
+        if self.log_block_scales is not None:
+            return fake_quantize_learned(self.weight, self.weight_gscale, self.log_block_scales)
         return fake_quantize(self.weight, self.weight_gscale, self.block_scales)
+
+    @torch.no_grad()
+    def learn_block_scales(self) -> nn.Parameter:
+        """Make the block scales trainable, as logarithms, from the ones in use (same output at the start)."""
+        start = self.block_scales if self.block_scales is not None else block_scales(self.weight, self.weight_gscale)
+        self.log_block_scales = nn.Parameter(start.float().log())
+        return self.log_block_scales
+
+    @torch.no_grad()
+    def fix_block_scales(self) -> None:
+        if self.log_block_scales is not None:
+            self.block_scales = scales_from_log(self.log_block_scales)
+            self.log_block_scales = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantize_input and self.input_gscale is not None:

@@ -109,6 +109,25 @@ def fake_quantize_ref(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -
     return (_blocks(values) * _block_multiplier(scales, gscale)).flatten(-2).to(x.dtype)
 
 
+def scales_from_log(log_scales: Tensor) -> Tensor:
+    """Learned block scales (trained as logarithms) -> the e4m3 scales they stand for [..., K/16]."""
+    return log_scales.detach().float().exp().clamp(min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def scale_gradient_ref(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of fake_quantize_ref(x, gscale, scales) for learned scales (LSQ's straight-through rule):
+    -> (d/dx: grad where |x/m| <= 6, else 0; d/d log(scale): the block's sum of grad * d(q m)/d log m),
+    with m = float(scale) * s2, u = x/m, q = e2m1(u): d(q m)/d log m = m (q - u) unclipped, m q clipped."""
+    multiplier = _block_multiplier(scales, gscale)
+    scaled = _blocks(x.detach().float()) / multiplier
+    inside = scaled.abs() <= E2M1_MAX
+    values = decode_e2m1(encode_e2m1(scaled.flatten(-2))).unflatten(-1, (-1, BLOCK))
+    blocks = _blocks(grad.float())
+    grad_x = (blocks * inside).flatten(-2)
+    grad_log = (blocks * (values - torch.where(inside, scaled, 0.0))).sum(-1) * multiplier.squeeze(-1)
+    return grad_x, grad_log
+
+
 def activation_global_scale(calib_amax: Tensor | float) -> Tensor:
     """Static per-tensor input scale of W4A4 (what ModelOpt exports as ``input_scale``)."""
     return global_scale(calib_amax)

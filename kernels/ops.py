@@ -75,6 +75,38 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
     return _FakeQuantizeSTE.apply(x, gscale, scales)
 
 
+def _scale_gradient(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dim() == 2 and _use_c(x):
+        from kernels import cpu
+
+        return cpu.scale_gradient(x, grad, scales, gscale)
+    return ref.scale_gradient_ref(x, grad, scales, gscale)
+
+
+class _LearnedScalesFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, log_scales: Tensor, gscale: Tensor) -> Tensor:
+        scales = ref.scales_from_log(log_scales)
+        ctx.save_for_backward(x, log_scales, scales, gscale)
+        return _fake_quantize_forward(x, gscale, scales)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, log_scales, scales, gscale = ctx.saved_tensors
+        grad_x, grad_log = _scale_gradient(x, grad, scales, gscale)
+        # d/d log s = s * d/d s8 (e4m3 rounding straight through), and nothing where s is held at e4m3's bounds
+        scale = log_scales.detach().float().exp()
+        in_range = (scale >= ref.E4M3_MIN_SUBNORMAL) & (scale <= ref.E4M3_MAX)
+        grad_log = grad_log * torch.where(in_range, scale / scales.float(), 0.0)
+        return grad_x.to(x.dtype), grad_log.to(log_scales.dtype), None
+
+
+def fake_quantize_learned(x: Tensor, gscale: Tensor, log_scales: Tensor) -> Tensor:
+    """fake_quantize(x, gscale, scales_from_log(log_scales)) in the forward pass; in the backward the
+    gradient reaches x (straight through, zero where a value clips) and the block scales' logarithms."""
+    return _LearnedScalesFakeQuantize.apply(x, log_scales, gscale)
+
+
 def fake_quantize_activation(x: Tensor, input_gscale: Tensor) -> Tensor:
     """W4A4 activations: dynamic per-16 block scales under the static global input scale."""
     return fake_quantize(x, input_gscale)

@@ -9,6 +9,7 @@ LOSSES = ("kl", "ce")
 class QADConfig:
     steps: int | None = None  # None: as many as `budget_minutes` allows; 0: no training
     lr: float = 1e-5  # peak; 1e-6 is the recommendation for SFT-only models on long runs
+    scale_lr: float = 3e-3  # peak LR of the learned block scales' logarithms; 0: the scales stay fixed
     batch: int = 1  # at a fixed LR, more (noisier) steps per budget recover more (docs/BENCHMARKS.md)
     seq_len: int = 128
     budget_minutes: float = 8.0  # end to end, the whole convert included
@@ -33,6 +34,8 @@ class QADConfig:
                      "kl_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--qad-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.scale_lr < 0:
+            raise ValueError(f"--qad-scale-lr must be >= 0, got {self.scale_lr}")
         if self.seq_len < 8:
             raise ValueError(f"--qad-seq-len must be at least 8, got {self.seq_len}")
 

@@ -40,6 +40,8 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--no-eval", is_flag=True, help="Skip the held-out accuracy section of the report.")
 @click.option("--qad-steps", type=int, default=None, help="0 = PTQ only; default: as many as the budget allows.")
 @click.option("--qad-lr", type=float, default=None, help="Peak learning rate (cosine decay with warmup).")
+@click.option("--qad-scale-lr", type=float, default=None,
+              help="Peak learning rate of the block scales (trained as logarithms, LSQ-style); 0 = fixed scales.")
 @click.option("--qad-batch", type=int, default=None)
 @click.option("--qad-seq-len", type=int, default=None)
 @click.option("--qad-budget-minutes", type=float, default=None)
@@ -50,7 +52,7 @@ def _targets(value: str) -> tuple[str, ...]:
               help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
 def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, seed, device, dtype,
-            force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_batch, qad_seq_len, qad_budget_minutes,
+            force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr, qad_batch, qad_seq_len, qad_budget_minutes,
             qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
@@ -61,7 +63,7 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
     cfg = ConvertConfig(out=out, source=model, quant=quant, targets=_targets(targets), calib_data=calib_data,
                         calib_tokens=calib_tokens, seed=seed, device=device, dtype=dtype, force=force,
                         trust_remote_code=trust_remote_code, evaluate=not no_eval)
-    qad_options = dict(steps=qad_steps, lr=qad_lr, batch=qad_batch, seq_len=qad_seq_len,
+    qad_options = dict(steps=qad_steps, lr=qad_lr, scale_lr=qad_scale_lr, batch=qad_batch, seq_len=qad_seq_len,
                        budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed,
                        checkpoint_every=qad_checkpoint_every)
     stage = _qad_stage(qad_options, resume, started)

@@ -1,8 +1,8 @@
 """The QAD pass: train the fake-quantized student to match its frozen teacher (forward KL at T=1).
 
-Only the quantized linears' weights train (what the export keeps). The vocabulary-sized logits are
-never materialised for a whole batch: the loss runs over chunks of tokens on detached hidden
-states, and the body receives their gradient in one backward.
+Only what the export keeps trains: the quantized linears' weights and (by default) their block
+scales. The vocabulary-sized logits are never materialised for a whole batch: the loss runs over
+chunks of tokens on detached hidden states, and the body receives their gradient in one backward.
 
 Under torchrun (WORLD_SIZE > 1) the decoder layers of student and teacher are sharded with FSDP2
 and each rank trains on its slice of the global batch; a single process is the world-size-1 case.
@@ -80,13 +80,15 @@ def _local(t):
 
 # ---------------------------------------------------------------- loss and step
 
-def trainable_parameters(student: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze the quantized linears' weights."""
+def trainable_parameters(student: nn.Module, learn_scales: bool = False) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the quantized linears' weights (and, with `learn_scales`, make
+    their block scales trainable as logarithms: the export stores them as it stores any FP8 scale)."""
     student.requires_grad_(False)
-    weights = [m.weight for m in quantized_modules(student).values()]
-    for weight in weights:
-        weight.requires_grad_(True)
-    return weights
+    modules = quantized_modules(student).values()
+    params = [m.weight for m in modules] + ([m.learn_block_scales() for m in modules] if learn_scales else [])
+    for param in params:
+        param.requires_grad_(True)
+    return params
 
 
 def chunked_loss(hidden: Tensor, head: nn.Module, teacher_hidden: Tensor | None, teacher_head: nn.Module | None,
@@ -112,14 +114,24 @@ def chunked_loss(hidden: Tensor, head: nn.Module, teacher_hidden: Tensor | None,
     return total, hidden.grad
 
 
-def make_optimizer(params: list[Tensor], cfg: QADConfig) -> torch.optim.Optimizer:
+def make_optimizer(student: nn.Module, cfg: QADConfig) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """AdamW over the student's trainable tensors: the weights at cfg.lr, learned block scales (if any) at
+    cfg.scale_lr. -> (optimizer, the tensors in checkpoint order: weights, then scales)."""
+    trained = [(name, p) for name, p in student.named_parameters() if p.requires_grad]  # FSDP2's DTensors, if sharded
+    weights = [p for name, p in trained if not name.endswith("log_block_scales")]
+    scales = [p for name, p in trained if name.endswith("log_block_scales")]
+    groups = [{"params": weights, "lr_ratio": 1.0}]
+    if scales:
+        groups.append({"params": scales, "lr_ratio": cfg.scale_lr / cfg.lr})
     # fused: one pass over param, grad and both moments (CPU: 0.03 s for the default model's 106 M weights,
     # against 0.2-0.6 s for the foreach default, which a 1 s step cannot afford)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    return optimizer, weights + scales
 
 
-def update(optimizer: torch.optim.Optimizer, params: list[Tensor], cfg: QADConfig) -> None:
-    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+def update(optimizer: torch.optim.Optimizer, cfg: QADConfig) -> None:
+    """Clip the weights' gradient norm (the scales' logarithms are on another scale) and step."""
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.grad_clip)
     optimizer.step()
 
 
@@ -341,10 +353,9 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout: the student must match its own inference behaviour
-    trainable_parameters(student)
+    trainable_parameters(student, learn_scales=cfg.scale_lr > 0)
     sharded = shard_layers(student, device) + shard_layers(teacher, device) if size > 1 else []
-    params = [p for p in student.parameters() if p.requires_grad]  # FSDP2 replaced them with DTensors
-    optimizer = make_optimizer(params, cfg)
+    optimizer, params = make_optimizer(student, cfg)
     started = time.monotonic()
     state = _load_checkpoint(workdir, cfg) if resume else None
     if state is not None:
@@ -362,6 +373,8 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     _train(student, teacher, optimizer, params, plan, cfg, first_step, losses, workdir, log_dir,
            deadline if cfg.steps is None else None)
     unshard_layers(sharded)
+    for module in quantized_modules(student).values():
+        module.fix_block_scales()
     student.requires_grad_(False)
     if losses and rank == 0:
         _plot(losses, log_dir / "loss.png")
@@ -407,10 +420,10 @@ def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, fir
                 tqdm.write(f"QAD: the budget ends here, after {step} of {plan.total} planned steps")
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.total, cfg)
+                group["lr"] = lr_at(step, plan.total, cfg) * group["lr_ratio"]
             optimizer.zero_grad(set_to_none=True)
             loss = _global_step(student, teacher, plan.batch(step).to(device), cfg)
-            update(optimizer, params, cfg)
+            update(optimizer, cfg)
             seconds = time.monotonic() - tick
             record = {"step": step, "loss": loss, "loss_kind": cfg.loss, "lr": optimizer.param_groups[0]["lr"],
                       "seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_step / seconds, 1)}

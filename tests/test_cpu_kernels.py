@@ -99,6 +99,19 @@ def test_c_fake_quantize_is_bit_identical(shape, magnitude):
     assert torch.equal(cpu.fake_quantize(w, gscale, fixed), nv.fake_quantize_ref(w, gscale, fixed)), "fixed-scale path"
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_c_scale_gradient_matches_the_reference(shape):
+    torch.manual_seed(0)
+    w, upstream = torch.randn(shape), torch.randn(shape)
+    gscale = nv.global_scale(nv.tensor_amax(w))
+    scales = (nv.block_scales(w, gscale).float() * torch.empty(shape[0], shape[1] // 16).uniform_(0.5, 1.5))
+    scales = scales.clamp(2**-9, 448).to(torch.float8_e4m3fn)  # some blocks clip, some have room
+    grad_w, grad_log = cpu.scale_gradient(w, upstream, scales, gscale)
+    expected_w, expected_log = nv.scale_gradient_ref(w, upstream, scales, gscale)
+    assert torch.equal(grad_w, expected_w) and (grad_w == 0).any()
+    torch.testing.assert_close(grad_log, expected_log, rtol=1e-4, atol=1e-6 * expected_log.abs().max().item())
+
+
 def test_c_e4m3_rounding_matches_torch_over_the_whole_range():
     values = torch.logspace(-9 * 0.30103, 2.6513, 100_000).clamp(2**-9, 448)  # 2^-9 .. 448
     blocks = torch.zeros(len(values), 16)

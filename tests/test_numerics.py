@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import numerics as nv
-from kernels.ops import fake_quantize, fake_quantize_activation
+from kernels.ops import fake_quantize, fake_quantize_activation, fake_quantize_learned
 from tests.conftest import FLOORS, sqnr
 
 SHAPES = [(16, 16), (64, 128), (100, 96), (33, 160), (8, 1024)]
@@ -149,6 +149,53 @@ def test_fake_quantize_gradient_is_straight_through():
     upstream = torch.randn(8, 32)
     fake_quantize(w, nv.global_scale(nv.tensor_amax(w))).backward(upstream)
     assert torch.equal(w.grad, upstream)
+
+
+def _lsq_by_autograd(w: torch.Tensor, gscale: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """LSQ written as a differentiable torch expression: e4m3 and e2m1 rounding straight through,
+    clipping at +-6 not (an independent formulation of what fake_quantize_learned's backward computes)."""
+    scale = log_scales.exp().clamp(nv.E4M3_MIN_SUBNORMAL, nv.E4M3_MAX)
+    scale = scale + (scale.to(torch.float8_e4m3fn).float() - scale).detach()
+    multiplier = (scale * gscale).unsqueeze(-1)
+    scaled = w.unflatten(-1, (-1, 16)) / multiplier
+    codes = nv.fake_quantize_ref(w.detach(), gscale, scale.detach().to(torch.float8_e4m3fn)).unflatten(-1, (-1, 16))
+    clipped = scaled.clamp(-6, 6)
+    return ((clipped + (codes / multiplier.detach() - clipped).detach()) * multiplier).flatten(-2)
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (48, 96)], ids=str)
+def test_learned_scale_gradient_is_lsq(shape):
+    """Forward: fake_quantize with the learned e4m3 scales; backward: the LSQ gradient, including clipped
+    values (scales shrunk below the amax rule's) and a scale held at e4m3's upper bound (no gradient)."""
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    gscale = nv.global_scale(nv.tensor_amax(w))
+    start = nv.block_scales(w, gscale).float()
+    start[0] *= 0.4  # row 0 clips
+    start[1, 0] = 600.0  # past 448: clamped, no gradient
+    upstream = torch.randn(shape)
+    grads = []
+    for quantize in (fake_quantize_learned, _lsq_by_autograd):
+        x, log_scales = w.clone().requires_grad_(True), start.log().requires_grad_(True)
+        out = quantize(x, gscale, log_scales)
+        out.backward(upstream)
+        grads.append((out.detach(), x.grad, log_scales.grad))
+    (out, grad_w, grad_log), (expected_out, expected_w, expected_log) = grads
+    assert torch.equal(out, fake_quantize(w, gscale, nv.scales_from_log(start.log())))
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_w, expected_w, rtol=1e-6, atol=0)  # the same, up to the formula's roundings
+    assert torch.equal(grad_w == 0, expected_w == 0) and (grad_w[0] == 0).sum() > (grad_w[2:] == 0).sum() / len(grad_w[2:])
+    torch.testing.assert_close(grad_log, expected_log, rtol=1e-4, atol=1e-6)
+    assert grad_log[1, 0] == 0 and (grad_log[2:] != 0).any()
+
+
+def test_learned_scales_start_where_the_fixed_ones_are():
+    torch.manual_seed(1)
+    w = torch.randn(16, 64) * 0.02
+    w[3, :16] = 0.0  # an all-zero block: scale 1.0
+    gscale = nv.global_scale(nv.tensor_amax(w))
+    scales = nv.block_scales(w, gscale)
+    assert torch.equal(nv.scales_from_log(scales.float().log()).view(torch.uint8), scales.view(torch.uint8))
 
 
 def test_activation_fake_quant_uses_static_global_and_dynamic_blocks():
