@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.numerics import block_scales, scales_from_log
-from kernels.ops import fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16, quantize
+from kernels.ops import (fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16,
+                         quantize)
 
 
 @dataclass

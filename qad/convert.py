@@ -41,7 +41,8 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--qad-steps", type=int, default=None, help="0 = PTQ only; default: as many as the budget allows.")
 @click.option("--qad-lr", type=float, default=None, help="Peak learning rate (cosine decay with warmup).")
 @click.option("--qad-scale-lr", type=float, default=None,
-              help="Peak learning rate of the block scales (trained as logarithms, LSQ-style); 0 = fixed scales.")
+              help="Peak learning rate of the block scales (trained as logarithms, LSQ-style); default 3e-3, "
+                   "0 = fixed scales.")
 @click.option("--qad-batch", type=int, default=None)
 @click.option("--qad-seq-len", type=int, default=None)
 @click.option("--qad-budget-minutes", type=float, default=None)

@@ -71,6 +71,7 @@ def test_corrupt_safetensors(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--targets", "trtllm,onnx"], "unknown target"),
     (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
+    (["--qad-scale-lr", "-0.1"], "--qad-scale-lr must be >= 0"),
     (["--calib-tokens", "0"], "--calib-tokens must be positive"),
 ])
 def test_bad_options(tiny_model_dir, tmp_path, args, fragment):

@@ -201,6 +201,8 @@ def test_bad_config_values():
         QADConfig(steps=-1)
     with pytest.raises(ValueError, match="--loss"):
         QADConfig(loss="mse")
+    with pytest.raises(ValueError, match="--qad-scale-lr must be >= 0"):
+        QADConfig(scale_lr=-1e-3)
 
 
 def test_sequence_longer_than_context_is_rejected(models, tmp_path):
