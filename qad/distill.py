@@ -165,32 +165,56 @@ def _global_step(student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: QAD
     return total.item() / size
 
 
-def lr_at(step: int, total: int, cfg: QADConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_fraction of the peak."""
-    warmup = max(1, round(total * cfg.warmup_fraction))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+def lr_at(progress: float, cfg: QADConfig) -> float:
+    """The LR of a step that ends at `progress` (0..1] of the schedule: linear warmup over the first
+    warmup_fraction, then cosine decay to min_lr_fraction of the peak at 1."""
+    progress = min(1.0, progress)
+    if progress < cfg.warmup_fraction:
+        return cfg.lr * progress / cfg.warmup_fraction
+    done = (progress - cfg.warmup_fraction) / (1 - cfg.warmup_fraction)
     floor = cfg.min_lr_fraction
-    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+class _Schedule:
+    """How far through the run a step is, for the LR: steps done of --qad-steps, or for a budgeted run the
+    share of its training window (start to deadline) spent, so that the cosine ends at the deadline
+    whatever the steps turn out to cost (a probe planned 20% too many or too few steps on this noisy CPU).
+
+    A resumed budgeted run continues at the saved share and finishes the rest of the original window."""
+
+    def __init__(self, total: int, deadline: float | None, saved: dict | None = None):
+        self.total, self.deadline = total, deadline
+        self.start = time.monotonic()
+        self.done = saved["progress"] if saved else 0.0
+        self.window = saved["window"] if saved else (deadline - self.start if deadline is not None else None)
+
+    def progress(self, step: int, step_seconds: float) -> float:
+        """The share of the schedule done when `step` ends (it starts now and takes about step_seconds)."""
+        if self.window is None:
+            return (step + 1) / self.total
+        return self.done + (time.monotonic() + step_seconds - self.start) / max(self.window, 1e-9)
+
+    def state(self, progress: float) -> dict:
+        return {"progress": progress, "window": self.window}
 
 
 # ---------------------------------------------------------------- data plan
 
 class _Plan:
-    """How many steps, over which rows of the data pool, in which order (all fixed before step 0)."""
+    """Which pool rows each step trains on: one shuffle of the pool after another (fixed before step 0 by the
+    seed, however many steps the budget ends up allowing); `total` is the planned (or estimated) step count."""
 
     def __init__(self, pool: Tensor, total_steps: int, cfg: QADConfig):
         self.pool, self.total, self.cfg = pool, total_steps, cfg
-        generator = torch.Generator().manual_seed(cfg.seed)
-        needed = total_steps * cfg.batch
-        order = []
-        while len(order) < needed:
-            order += torch.randperm(pool.shape[0], generator=generator).tolist()
-        self.order = order[:needed]
+        self._generator = torch.Generator().manual_seed(cfg.seed)
+        self._order: list[int] = []
 
     def batch(self, step: int) -> Tensor:
-        return self.pool[self.order[step * self.cfg.batch : (step + 1) * self.cfg.batch]]
+        end = (step + 1) * self.cfg.batch
+        while len(self._order) < end:
+            self._order += torch.randperm(self.pool.shape[0], generator=self._generator).tolist()
+        return self.pool[self._order[step * self.cfg.batch : end]]
 
 
 def _data_pool(teacher, tokenizer, cfg: QADConfig, rows_needed: int | None, deadline: float | None,
@@ -260,12 +284,13 @@ def _state_files(workdir: Path, rank: int) -> tuple[Path, Path]:
 
 
 def _save_checkpoint(workdir: Path, params: list[Tensor], optimizer, step: int, total: int, losses: list[dict],
-                     cfg: QADConfig) -> None:
+                     cfg: QADConfig, schedule: dict) -> None:
     """This rank's shards, optimizer state and RNG; the previous checkpoint is kept until this one lands."""
     from torch.utils._pytree import tree_map
 
     current, previous = _state_files(workdir, world()[0])
-    state = {"step": step, "total": total, "losses": losses, "world_size": world()[1], "config": cfg.to_dict(),
+    state = {"step": step, "total": total, "schedule": schedule, "losses": losses, "world_size": world()[1],
+             "config": cfg.to_dict(),
              "weights": [_local(p.detach()).clone() for p in params],
              "optimizer": tree_map(_local, optimizer.state_dict()), "rng": torch.get_rng_state()}
     if current.exists():
@@ -370,8 +395,9 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
         if rank == 0:
             _save_atomically(pool, workdir / _POOL)
     plan = _Plan(pool, total, cfg)
-    _train(student, teacher, optimizer, params, plan, cfg, first_step, losses, workdir, log_dir,
-           deadline if cfg.steps is None else None)
+    budgeted = cfg.steps is None
+    schedule = _Schedule(total, deadline if budgeted else None, state["schedule"] if state else None)
+    _train(student, teacher, optimizer, params, plan, schedule, cfg, first_step, losses, workdir, log_dir)
     unshard_layers(sharded)
     for module in quantized_modules(student).values():
         module.fix_block_scales()
@@ -402,25 +428,29 @@ def _checkpoint_due(step: int, last_save: float, cfg: QADConfig) -> bool:
     return _from_rank0(time.monotonic() - last_save >= cfg.checkpoint_seconds)
 
 
-def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, first_step: int, losses: list[dict],
-           workdir: Path, log_dir: Path, deadline: float | None = None) -> None:
-    """Steps first_step..plan.total; a budgeted run (deadline set) also stops before a step would end past it."""
+def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule, cfg: QADConfig, first_step: int,
+           losses: list[dict], workdir: Path, log_dir: Path) -> None:
+    """Steps from first_step: plan.total of them, or for a budgeted run until its schedule's window (or the
+    deadline) would end inside the next step."""
     rank = world()[0]
     device = params[0].device
     tokens_per_step = cfg.batch * (cfg.seq_len - 1)
+    budgeted = schedule.window is not None
     log = open(log_dir / "log.jsonl", "w") if rank == 0 else None
     if log:  # steps a crash logged past the checkpoint are dropped: they run again
         log.writelines(json.dumps(record) + "\n" for record in losses)
     bar = tqdm(total=plan.total, initial=first_step, desc=f"QAD ({cfg.loss})", unit="step", disable=rank != 0)
-    last_save = time.monotonic()
+    last_save, step = time.monotonic(), first_step
     try:
-        for step in range(first_step, plan.total):
+        while budgeted or step < plan.total:
             tick = time.monotonic()
-            if deadline is not None and losses and _from_rank0(tick + _mean_step_seconds(losses) > deadline):
-                tqdm.write(f"QAD: the budget ends here, after {step} of {plan.total} planned steps")
+            estimate = _mean_step_seconds(losses) if losses else schedule.window / plan.total if budgeted else 0.0
+            progress = _from_rank0(schedule.progress(step, estimate))
+            if budgeted and losses and _from_rank0(progress > 1 or (schedule.deadline or math.inf) < tick + estimate):
+                tqdm.write(f"QAD: the budget ends here, after {step} steps")
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.total, cfg) * group["lr_ratio"]
+                group["lr"] = lr_at(progress, cfg) * group["lr_ratio"]
             optimizer.zero_grad(set_to_none=True)
             loss = _global_step(student, teacher, plan.batch(step).to(device), cfg)
             update(optimizer, cfg)
@@ -431,10 +461,13 @@ def _train(student, teacher, optimizer, params, plan: _Plan, cfg: QADConfig, fir
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            step += 1
+            if budgeted:  # the bar's length follows the steps the rest of the window holds at the current pace
+                bar.total = step + max(0, int((1 - progress) * schedule.window / _mean_step_seconds(losses)))
             bar.set_postfix({cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
             bar.update(1)
-            if step + 1 == plan.total or _checkpoint_due(step, last_save, cfg):  # (not inside a budget cut)
-                _save_checkpoint(workdir, params, optimizer, step + 1, plan.total, losses, cfg)
+            if step == plan.total and not budgeted or _checkpoint_due(step - 1, last_save, cfg):
+                _save_checkpoint(workdir, params, optimizer, step, plan.total, losses, cfg, schedule.state(progress))
                 last_save = time.monotonic()
     finally:
         bar.close()

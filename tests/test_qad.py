@@ -211,21 +211,64 @@ def test_sequence_longer_than_context_is_rejected(models, tmp_path):
         run_qad(fresh_student(teacher), teacher, tokenizer, QADConfig(steps=1, seq_len=100_000), tmp_path / "w", tmp_path / "l")
 
 
-def test_budgeted_run_plans_from_a_warm_step_and_stops_at_the_deadline(models, tmp_path, monkeypatch):
-    teacher, tokenizer = models
-    cfg = QADConfig(budget_minutes=0.1, batch=2, seq_len=16, data="random", checkpoint_every=1000)
-    start = time.monotonic()
-    planned = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "a", tmp_path / "a")
-    assert planned["planned_steps"] > 1 and planned["steps"] >= planned["planned_steps"] // 2  # a warm probe plans close
-    assert time.monotonic() - start < 6 + 2  # 0.1 minutes, plus one step and the final checkpoint
+def _lrs(path: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in path.read_text().splitlines()]
 
-    monkeypatch.setattr(distill, "_probe_step_seconds", lambda *args: 1e-4)  # a probe far too optimistic
+
+@pytest.mark.parametrize("probe_seconds", [None, 1e-4, 60.0], ids=["warm-probe", "optimistic", "pessimistic"])
+def test_budgeted_run_spends_its_window_and_ends_its_cosine(models, tmp_path, monkeypatch, probe_seconds):
+    """The LR follows the share of the window spent, so a probe that plans far too many or too few steps
+    neither cuts the cosine short nor ends the run before the deadline."""
+    teacher, tokenizer = models
+    cfg = QADConfig(budget_minutes=0.1, lr=1e-3, batch=2, seq_len=16, data="random", checkpoint_every=1000)
+    if probe_seconds is not None:
+        monkeypatch.setattr(distill, "_probe_step_seconds", lambda *args: probe_seconds)
     start = time.monotonic()
-    cut = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b")
-    assert cut["planned_steps"] > 10_000 and 1 <= cut["steps"] < cut["planned_steps"]
-    assert cut["tokens_trained"] == cut["steps"] * 2 * 15
-    assert time.monotonic() - start < 6 + 2
-    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == cut["steps"]
+    metrics = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
+    elapsed = time.monotonic() - start
+    assert 6 * 0.9 < elapsed < 6 + 2, elapsed  # 0.1 minutes: used, and not overrun by more than a step
+    assert metrics["steps"] > 20 and metrics["tokens_trained"] == metrics["steps"] * 2 * 15
+    lrs = _lrs(tmp_path / "l" / "log.jsonl")
+    assert len(lrs) == metrics["steps"]
+    peak = lrs.index(max(lrs))
+    assert 0.95 * cfg.lr < lrs[peak] <= cfg.lr and 0.03 < peak / len(lrs) < 0.2  # warmup: the first ~10%
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    assert lrs[-1] < 0.12 * cfg.lr  # the cosine reached its floor (0.1) at the deadline
+
+
+def test_lr_schedule_shape():
+    cfg = QADConfig(lr=1.0, warmup_fraction=0.1, min_lr_fraction=0.1)
+    assert distill.lr_at(0.05, cfg) == pytest.approx(0.5)
+    assert distill.lr_at(0.1, cfg) == pytest.approx(1.0)
+    assert distill.lr_at(0.55, cfg) == pytest.approx(0.55)  # half way down the cosine: (1 + 0.1) / 2
+    assert distill.lr_at(1.0, cfg) == distill.lr_at(1.5, cfg) == pytest.approx(0.1)
+
+
+def test_resumed_budgeted_run_finishes_the_rest_of_its_window(models, tmp_path, monkeypatch):
+    teacher, tokenizer = models
+    cfg = QADConfig(budget_minutes=0.1, lr=1e-3, batch=2, seq_len=16, data="random", checkpoint_every=5)
+    real_step, calls = distill.train_step, []
+
+    def crash_after_a_while(*args):
+        calls.append(1)
+        if len(calls) > 3 and time.monotonic() - started > 3:  # half the 6 s window (3 steps were the probe)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(distill, "train_step", crash_after_a_while)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
+    monkeypatch.setattr(distill, "train_step", real_step)
+    saved = torch.load(tmp_path / "w" / "qad_state.rank0.pt", weights_only=True)
+    assert 0.3 < saved["schedule"]["progress"] < 0.7 and saved["schedule"]["window"] == pytest.approx(6, abs=1)
+    started = time.monotonic()
+    run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l", resume=True)
+    rest = time.monotonic() - started
+    expected = (1 - saved["schedule"]["progress"]) * saved["schedule"]["window"]
+    assert expected * 0.8 < rest < expected + 1.5, (rest, expected)
+    lrs = _lrs(tmp_path / "l" / "log.jsonl")
+    assert len(lrs) > saved["step"] + 5 and lrs[-1] < 0.12 * cfg.lr
 
 
 def test_resume_with_other_options_is_refused(models, tmp_path):
