@@ -4,8 +4,10 @@
 
 One row per output folder: scheme, scale search, loss (QAD = kl, QAT = ce), data, lr, the learned
 block scales' lr (0: fixed; reports from before the option have none), steps run,
-seconds up to the last export, and the held-out metrics of PTQ and of the trained student, with
-the trained chat KL as a fraction of PTQ's (the "halve it" target is <= 0.50).
+seconds up to the last export, and the held-out metrics of PTQ (ModelOpt's rule, what `--qad-steps 0`
+writes by default), of QAD's start (the same unless a scale search or GPTQ ran; older reports held only
+that row as "PTQ") and of the trained student, with the trained chat KL as a fraction of PTQ's (the
+"halve it" target is <= 0.50).
 """
 
 import argparse
@@ -16,23 +18,24 @@ from pathlib import Path
 def row(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     results, qad = report["accuracy"]["results"], report["qad"]
-    trained = next(name for name in results if name not in ("BF16", "PTQ"))
+    trained = "QAT" if "QAT" in results else "QAD"
+    start = next((name for name in results if name.startswith("PTQ ")), "PTQ")  # QAD's start, if not ModelOpt's PTQ
     seconds = sum(v for k, v in report["timings_seconds"].items() if k != "evaluate")
     return {
         "run": out.name, "scheme": report["scheme"], "scales": report["quant_config"]["scale_search"],
         "loss": qad["config"]["loss"], "data": Path(qad["config"]["data"]).name, "lr": qad["config"]["lr"],
         "scale_lr": qad["config"].get("scale_lr", 0.0), "steps": qad["steps"], "seconds": seconds,
-        "ptq": results["PTQ"], "trained": results[trained],
+        "ptq": results["PTQ"], "start": results[start], "trained": results[trained],
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | scheme | scales | loss | data | lr | scale lr | steps | s to export | PTQ chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | scheme | scales | loss | data | lr | scale lr | steps | s to export | PTQ chat KL | start chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["trained"]
         lines.append(f"| {r['run']} | {r['scheme']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['scale_lr']:g} | {r['steps']} "
-                     f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
+                     f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {r['start']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
                      f"| {t['prose_kl']:.4f} | {t['chat_top1']:.3f} | {t['greedy_agreement']:.3f} | {t['prose_ppl']:.2f} |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -202,10 +202,11 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
             calibrate(student, batches)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
     try:
-        ptq_student = None
+        ptq_student = modelopt_ptq = None
         qad_metrics = None
         if train is not None:
             ptq_student = copy.deepcopy(student) if cfg.evaluate else None
+            modelopt_ptq = _modelopt_rule_ptq(teacher, student, cfg.quant) if cfg.evaluate else None
             with timer.stage("qad"):
                 cfg.workdir.mkdir(exist_ok=True)
                 qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad")
@@ -214,7 +215,8 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         accuracy = None
         if cfg.evaluate:
             with timer.stage("evaluate"):
-                accuracy = _evaluate(teacher, student, ptq_student, tokenizer, _trained_name(qad_metrics))
+                accuracy = _evaluate(teacher, student, ptq_student, modelopt_ptq, tokenizer, cfg.quant,
+                                     _trained_name(qad_metrics))
         report = _report(cfg, source_dir, teacher, exports, timer, accuracy, qad_metrics)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_report_md(report))
@@ -230,10 +232,33 @@ def _trained_name(qad_metrics: dict | None) -> str:
     return "QAT" if qad_metrics and qad_metrics["config"]["loss"] == "ce" else "QAD"
 
 
-def _evaluate(teacher, student, ptq_student, tokenizer, trained_name: str) -> dict:
+def _modelopt_rule_ptq(teacher, student, quant: QuantConfig) -> torch.nn.Module | None:
+    """When training starts from searched scales or GPTQ rounding, the PTQ that `--qad-steps 0` writes by
+    default (ModelOpt's amax scales, nearest rounding, the same calibrated input scales), to compare with."""
+    if quant.scale_search == "amax" and quant.rounding == "nearest":
+        return None
+    baseline = quantize(copy.deepcopy(teacher), replace(quant, scale_search="amax", rounding="nearest"))
+    for mine, theirs in zip(quantized_modules(baseline).values(), quantized_modules(student).values()):
+        mine.input_gscale = theirs.input_gscale  # calibration ran unquantized: the ranges do not depend on scales
+    return baseline
+
+
+def _start_name(quant: QuantConfig) -> str:
+    """The report's row for QAD's starting point when it is not ModelOpt's PTQ, e.g. "PTQ mse-act"."""
+    return "PTQ " + "+".join(x for x in (quant.scale_search, quant.rounding) if x not in ("amax", "nearest"))
+
+
+def _evaluate(teacher, student, ptq_student, modelopt_ptq, tokenizer, quant: QuantConfig, trained_name: str) -> dict:
+    """Rows: the teacher, then the student alone (PTQ only), or PTQ (ModelOpt's rule), QAD's start where it
+    differs from that, and the trained student."""
     from converter.evaluate import evaluate, format_table
 
-    students = {"NVFP4": student} if ptq_student is None else {"PTQ": ptq_student, trained_name: student}
+    if ptq_student is None:
+        students = {"NVFP4": student}
+    elif modelopt_ptq is None:
+        students = {"PTQ": ptq_student, trained_name: student}
+    else:
+        students = {"PTQ": modelopt_ptq, _start_name(quant): ptq_student, trained_name: student}
     results = evaluate(teacher, students, tokenizer)
     return {"results": results, "table": format_table(results)}
 

@@ -12,6 +12,7 @@ import click
 from converter.config import ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
 from converter.errors import UserError
 from converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
+from qad.config import QADConfig
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -27,8 +28,9 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--calib-data", default="self", show_default=True, help="self | random | PATH (txt or JSONL).")
 @click.option("--calib-tokens", type=int, default=2048, show_default=True)
 @click.option("--exclude", multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable).")
-@click.option("--scale-search", type=click.Choice(SCALE_SEARCHES), default="amax", show_default=True,
-              help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale.")
+@click.option("--scale-search", type=click.Choice(SCALE_SEARCHES), default=None,
+              help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale. Default: mse-act when "
+                   "QAD learns the scales (their start), else amax (PTQ, --qad-scale-lr 0).")
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
               help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -57,6 +59,7 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
             qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
+    scale_search = scale_search or _default_scale_search(qad_steps, qad_scale_lr)
     try:
         quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search, rounding=rounding)
     except ValueError as error:
@@ -74,6 +77,13 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
         click.echo(report["accuracy"]["table"])
 
 
+def _default_scale_search(qad_steps: int | None, qad_scale_lr: float | None) -> str:
+    """amax (ModelOpt's bytes, and those ModelOpt would write for trained weights) unless QAD learns the block
+    scales anyway: then they start from mse-act, the best start measured (docs/BENCHMARKS.md)."""
+    learns_scales = qad_steps != 0 and (QADConfig.scale_lr if qad_scale_lr is None else qad_scale_lr) > 0
+    return "mse-act" if learns_scales else "amax"
+
+
 EXPORT_RESERVE_SECONDS = 20  # the exports after QAD, inside the budget; the held-out evaluation is not
 
 
@@ -83,7 +93,6 @@ def _qad_stage(options: dict, resume: bool, started: float):
     A budgeted pass (no --qad-steps) ends early enough that the whole convert, from this command's
     start to the last export, fits --qad-budget-minutes.
     """
-    from qad.config import QADConfig
     from qad.distill import run_qad
 
     if options["steps"] is not None and options["steps"] < 0:

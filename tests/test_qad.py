@@ -360,23 +360,44 @@ if __name__ == "__main__":  # the two-rank test's torchrun entry point
     _two_rank_worker(*sys.argv[1:3])
 
 
-@pytest.mark.parametrize("loss, row", [("kl", "QAD"), ("ce", "QAT")])
-def test_convert_with_training_writes_log_plot_and_the_paper_rows(tiny_model_dir, tmp_path, loss, row):
+def _convert(tiny_model_dir, out: Path, *options: str) -> dict:
     from click.testing import CliRunner
 
     from nvfp4.cli import cli
 
-    out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16",
-                                      "--targets", "trtllm", "--qad-steps", "3", "--qad-batch", "2", "--qad-seq-len", "16",
-                                      "--qad-data", "random", "--loss", loss])
+                                      "--targets", "trtllm", "--qad-batch", "2", "--qad-seq-len", "16",
+                                      "--qad-data", "random", *options])
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("loss, row", [("kl", "QAD"), ("ce", "QAT")])
+def test_convert_with_training_writes_log_plot_and_the_paper_rows(tiny_model_dir, tmp_path, loss, row):
+    out = tmp_path / "out"
+    report = _convert(tiny_model_dir, out, "--qad-steps", "3", "--loss", loss, "--qad-scale-lr", "0")
     assert list(report["accuracy"]["results"]) == ["BF16", "PTQ", row]
+    assert report["quant_config"]["scale_search"] == "amax"  # fixed scales: ModelOpt's rule
     assert report["qad"]["steps"] == 3 and report["qad"]["config"]["loss"] == loss
     assert len((out / "qad" / "log.jsonl").read_text().splitlines()) == 3
     assert (out / "qad" / "loss.png").stat().st_size > 1000
     assert f"\n{row} " in (out / "report.md").read_text()
+
+
+def test_learned_scales_start_from_mse_act_and_the_report_keeps_modelopts_ptq(tiny_model_dir, tmp_path):
+    """By default QAD learns the scales, so it starts from the mse-act search; the report's PTQ row stays what
+    `--qad-steps 0` writes by default (amax), with QAD's start beside it."""
+    ptq = _convert(tiny_model_dir, tmp_path / "ptq", "--qad-steps", "0")
+    assert ptq["quant_config"]["scale_search"] == "amax"
+    qad = _convert(tiny_model_dir, tmp_path / "qad", "--qad-steps", "3")
+    assert qad["quant_config"]["scale_search"] == "mse-act" and qad["calibration"] is not None
+    results = qad["accuracy"]["results"]
+    assert list(results) == ["BF16", "PTQ", "PTQ mse-act", "QAD"]
+    assert results["PTQ"] == ptq["accuracy"]["results"]["NVFP4"]
+    assert results["PTQ mse-act"]["chat_kl"] != results["PTQ"]["chat_kl"]
+    assert "\nPTQ mse-act " in (tmp_path / "qad" / "report.md").read_text()
+    chosen = _convert(tiny_model_dir, tmp_path / "amax", "--qad-steps", "3", "--scale-search", "amax")
+    assert chosen["quant_config"]["scale_search"] == "amax" and list(chosen["accuracy"]["results"]) == ["BF16", "PTQ", "QAD"]
 
 
 @pytest.mark.parametrize("seconds, saves", [(1e-9, 3), (3600.0, 1)], ids=["every-step", "only-the-last"])
