@@ -78,13 +78,13 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
             module = NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations)
             module.gptq_rounding = cfg.rounding == "gptq"  # done by calibrate(), which has the inputs' Hessians
             set_module(model, name, module)
-    if cfg.scale_search != "amax":
+    if cfg.scale_search == "mse":
         from kernels.scale_search import search_block_scales
 
         for module in quantized_modules(model).values():
-            # mse-act starts from mse; calibrate() re-searches once it has the activation statistics
             module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse")
-            module.activation_weighted_search = cfg.scale_search == "mse-act"
+    for module in quantized_modules(model).values():  # mse-act searches in calibrate(), from the amax scales
+        module.activation_weighted_search = cfg.scale_search == "mse-act"
     return model
 
 

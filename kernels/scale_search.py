@@ -5,7 +5,8 @@ wastes the coarse top of the E2M1 grid on one value. Trying the FP8 values reach
 factors 0.7..1.3 around the amax scale and keeping the best one lowers the weight error
 (1.27x on the default model, docs/BENCHMARKS.md). The amax scale is always a candidate and only a strictly smaller
 error replaces it, so the result is never worse per block. Errors use the exact NVFP4 numerics
-(`numerics.fake_quantize_ref` with the candidate scales); the global scale s2 is left untouched,
+(`ops.fake_quantize` with the candidate scales: the C kernel on CPU, elsewhere
+`numerics.fake_quantize_ref`, bit-identical); the global scale s2 is left untouched,
 so fused groups keep their shared s2.
 
 `mse-act` weights each input channel's squared error by a calibration statistic (E[x_j^2]), which
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels import numerics
+from kernels.ops import fake_quantize
 
 SEARCH_MODES = ("mse", "mse-act")
 FACTOR_RANGE = (0.7, 1.3)
@@ -52,7 +54,7 @@ def block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Ten
 
 def _block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Tensor | None, unit: Tensor | float) -> Tensor:
     # the search measures errors in units of s2 so that fp32 squares neither overflow nor flush to zero
-    error = ((weight - numerics.fake_quantize_ref(weight, gscale, scales)) / unit).square()
+    error = ((weight - fake_quantize(weight, gscale, scales)) / unit).square()
     if act_weight is not None:
         error = error * act_weight.float().to(error.device)
     return error.unflatten(-1, (-1, numerics.BLOCK)).sum(-1)
