@@ -202,11 +202,10 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
             calibrate(student, batches)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
     try:
-        ptq_student = modelopt_ptq = None
+        ptq_student = None
         qad_metrics = None
         if train is not None:
             ptq_student = copy.deepcopy(student) if cfg.evaluate else None
-            modelopt_ptq = _modelopt_rule_ptq(teacher, student, cfg.quant) if cfg.evaluate else None
             with timer.stage("qad"):
                 cfg.workdir.mkdir(exist_ok=True)
                 qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad")
@@ -215,8 +214,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         accuracy = None
         if cfg.evaluate:
             with timer.stage("evaluate"):
-                accuracy = _evaluate(teacher, student, ptq_student, modelopt_ptq, tokenizer, cfg.quant,
-                                     _trained_name(qad_metrics))
+                accuracy = _evaluate(teacher, student, ptq_student, tokenizer, cfg.quant, _trained_name(qad_metrics))
         report = _report(cfg, source_dir, teacher, exports, timer, accuracy, qad_metrics)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_report_md(report))
@@ -248,17 +246,17 @@ def _start_name(quant: QuantConfig) -> str:
     return "PTQ " + "+".join(x for x in (quant.scale_search, quant.rounding) if x not in ("amax", "nearest"))
 
 
-def _evaluate(teacher, student, ptq_student, modelopt_ptq, tokenizer, quant: QuantConfig, trained_name: str) -> dict:
+def _evaluate(teacher, student, ptq_student, tokenizer, quant: QuantConfig, trained_name: str) -> dict:
     """Rows: the teacher, then the student alone (PTQ only), or PTQ (ModelOpt's rule), QAD's start where it
     differs from that, and the trained student."""
     from converter.evaluate import evaluate, format_table
 
     if ptq_student is None:
         students = {"NVFP4": student}
-    elif modelopt_ptq is None:
-        students = {"PTQ": ptq_student, trained_name: student}
     else:
-        students = {"PTQ": modelopt_ptq, _start_name(quant): ptq_student, trained_name: student}
+        modelopt_ptq = _modelopt_rule_ptq(teacher, ptq_student, quant)  # built now: not held through training
+        students = {"PTQ": ptq_student, trained_name: student} if modelopt_ptq is None else {
+            "PTQ": modelopt_ptq, _start_name(quant): ptq_student, trained_name: student}
     results = evaluate(teacher, students, tokenizer)
     return {"results": results, "table": format_table(results)}
 
