@@ -158,7 +158,8 @@ def _openai_router(served: Served, metrics: ServerMetrics) -> APIRouter:
     async def list_models() -> dict:
         data = []
         for alias, engine in served.models.items():
-            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "nvfp4", "root": engine.name})
+            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "nvfp4", "root": engine.name,
+                         "nvfp4": engine.card()})
         for name, (alias, engine) in served.by_name.items():
             if name not in served.models:
                 data.append({"id": name, "object": "model", "created": 0, "owned_by": "nvfp4", "root": name, "parent": alias})

@@ -121,6 +121,11 @@ def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_que
     else:
         models = adapter_engines(out, teacher, engine, engine_args, max_num_seqs, max_queue, max_model_len, threads,
                                  vllm_bin, trtllm_bin, engine_timeout)
+    from serve.engine.loader import report_facts
+
+    for alias, facts in report_facts(out, teacher, "trtllm" if engine == "native" else engine).items():
+        if alias in models:
+            models[alias].facts = facts
     set_threads(threads, len(models))
     app = build_app(models, api_key=api_key, drain_timeout=drain_timeout)
     if engine != "native":

@@ -5,6 +5,7 @@ command lines (their processes: tests/test_engines_vllm.py, and GPU machines for
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -291,6 +292,9 @@ def test_no_orphans_when_our_server_dies(tiny_out, sig):
         assert any("llama_cpp.server" in cmdline(p) for p in children), "no engine process found"
         text = server.openai().completions.create(model="student", prompt="Hi", max_tokens=2, temperature=0)
         assert text.choices[0].finish_reason in ("length", "stop")
+        card = server.openai().models.list().data[0].model_extra["nvfp4"]  # the CLI reads OUT/report.json
+        report = json.loads((tiny_out / "report.json").read_text())
+        assert card["scheme"] == "nvfp4-a16" and card["weight_bytes"] == report["sizes_bytes"]["llamacpp"]
         server.process.send_signal(sig)
         server.process.wait(60)
         left = wait_gone(children, 20)

@@ -105,9 +105,12 @@ def test_chat_logprobs(client):
         assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-5  # greedy picks the top token
 
 
-def test_models_listing_and_errors(server, client):
-    ids = {m.id for m in client.models.list().data}
-    assert {"student", "teacher", "tiny-nvfp4", "tiny-bf16"} <= ids
+def test_models_listing_and_errors(server, client, reference):
+    listed = {m.id: m for m in client.models.list().data}
+    assert {"student", "teacher", "tiny-nvfp4", "tiny-bf16"} <= set(listed)
+    tokenizer = reference["student"][1]
+    card = listed["student"].model_extra["nvfp4"]  # the UI renders its scoring prompt in this template
+    assert card["chat_template"] == tokenizer.chat_template and card["eos_token"] == tokenizer.eos_token
     by_real_name = client.completions.create(model="tiny-bf16", prompt="Hi", max_tokens=2)
     assert by_real_name.choices[0].text is not None
     with pytest.raises(openai.NotFoundError) as error:

@@ -116,6 +116,29 @@ def test_cli_reports_bad_output_folder(tmp_path):
     assert empty.exit_code == 2 and "no student checkpoint" in empty.output
 
 
+def test_model_facts_come_from_the_convert_report(tiny_model_dir, tmp_path):
+    """/v1/models's `nvfp4` card: the scheme, checkpoint bytes and held-out KL that `convert` reported."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nvfp4.cli import cli
+    from serve.engine.loader import report_facts
+
+    out = tmp_path / "out"
+    done = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
+                                    "--targets", "trtllm,llamacpp", "--calib-data", "random", "--calib-tokens", "64"])
+    assert done.exit_code == 0, done.output
+    report = json.loads((out / "report.json").read_text())
+    facts = report_facts(out, None, "llamacpp")
+    assert facts["student"] == {"scheme": "nvfp4", "weight_bytes": report["sizes_bytes"]["llamacpp"],
+                                "heldout_kl": report["accuracy"]["results"]["NVFP4"]["chat_kl"]}
+    assert facts["student"]["heldout_kl"] > 0 and facts["teacher"]["heldout_kl"] == 0.0
+    assert facts["teacher"]["weight_bytes"] == report["sizes_bytes"]["bf16"]
+    assert set(report_facts(out, "some/other/teacher", "trtllm")) == {"student"}  # not the report's teacher
+    assert report_facts(tmp_path / "nowhere", None, "trtllm") == {}
+
+
 def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
     from serve.engine.loader import SharedTensors, weight_bytes
 

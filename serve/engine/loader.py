@@ -56,6 +56,24 @@ def teacher_source(out: Path, teacher: str | None) -> str | None:
         raise UserError(f"unreadable {report}: {error}") from error
 
 
+def report_facts(out: Path, teacher: str | None, target: str) -> dict[str, dict]:
+    """alias -> the facts /v1/models shows for it, from OUT/report.json: the student's scheme, the bytes of
+    the `target` checkpoint served and its held-out chat KL (the trained row, else the PTQ student's); the
+    teacher's when it is the report's own source. Empty when there is no readable report."""
+    try:
+        report = json.loads((Path(out) / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    results = (report.get("accuracy") or {}).get("results") or {}
+    row = next((results[k] for k in ("QAD", "QAT", "NVFP4") if k in results), {})
+    sizes = report.get("sizes_bytes") or {}
+    student = {"scheme": report.get("scheme"), "weight_bytes": sizes.get(target), "heldout_kl": row.get("chat_kl")}
+    facts = {"student": {k: v for k, v in student.items() if v is not None}}
+    if teacher is None:
+        facts["teacher"] = {"scheme": "bf16", "heldout_kl": 0.0, **({"weight_bytes": sizes["bf16"]} if "bf16" in sizes else {})}
+    return facts
+
+
 def load_teacher(source: str | None):
     """(model, tokenizer, name): fp32 on CPU (bf16 matmul is far slower there)."""
     from converter.models import DEFAULT_MODEL_NAME, load_causal_lm

@@ -80,6 +80,15 @@ class Engine(ABC):
     name: str  # the real model name (served under an alias too)
     tokenizer: object
     max_model_len: int
+    facts: dict = {}  # scheme, weight_bytes, heldout_kl of the served checkpoint (from report.json), if known
+
+    def card(self) -> dict:
+        """What /v1/models shows under `nvfp4`: the facts, and the chat template once the tokenizer is loaded
+        (the UI scores a transcript in it)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        tokens = {"chat_template": template, "bos_token": self.tokenizer.bos_token,
+                  "eos_token": self.tokenizer.eos_token} if isinstance(template, str) else {}
+        return {**self.facts, **tokens}
 
     @property
     @abstractmethod
