@@ -447,7 +447,7 @@ def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule
             estimate = _mean_step_seconds(losses) if losses else schedule.window / plan.total if budgeted else 0.0
             progress = _from_rank0(schedule.progress(step, estimate))
             if budgeted and losses and _from_rank0(progress > 1 or (schedule.deadline or math.inf) < tick + estimate):
-                tqdm.write(f"QAD: the budget ends here, after {step} steps")
+                tqdm.write(f"QAD: the budget's training window ends after {step} steps")
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(progress, cfg) * group["lr_ratio"]
