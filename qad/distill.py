@@ -244,10 +244,10 @@ def _spent(pool: list[Tensor], started: float, deadline: float, step_seconds: fl
 
 
 def _probe_step_seconds(student, teacher, cfg: QADConfig, device) -> float:
-    """Time a forward/backward at the training shape (gradients discarded). The first call pays one-off
-    warm-up costs (allocator, kernel builds, thread pools) several times a step and is not counted; of
-    the next two the faster is kept: one slow probe on a noisy machine planned ~20% too few steps and
-    left a minute of the budget unused, while planning a few too many only ends the cosine early."""
+    """Time a forward/backward at the training shape (gradients discarded), to size the data pool (the
+    LR schedule follows the clock, not this estimate). The first call pays one-off warm-up costs
+    (allocator, kernel builds, thread pools) several times a step and is not counted; of the next two
+    the faster is kept."""
     batch = random_rows(teacher.config.vocab_size, cfg.batch, cfg.seq_len, cfg.seed).to(device)
     timings = []
     for _ in range(3):
