@@ -57,7 +57,7 @@ def _positive_e4m3() -> torch.Tensor:
 
 
 def brute_force_best_errors(w: torch.Tensor, gscale: torch.Tensor, act: torch.Tensor | None) -> torch.Tensor:
-    """Reference twin: per block, try every FP8 value in [fp8(0.7 s), fp8(1.3 s)] one by one."""
+    """Reference twin: per block, try every FP8 value in [fp8(lo s), fp8(hi s)] (FACTOR_RANGE) one by one."""
     fp8 = _positive_e4m3()
     blocks = w.unflatten(-1, (-1, 16))
     best = torch.empty(blocks.shape[:2], dtype=torch.float64)
