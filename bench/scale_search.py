@@ -5,6 +5,7 @@ the weight-error ratio amax/mode over every quantized linear, and the held-out c
 
     .venv/bin/python bench/scale_search.py                      # default model (SmolLM2-135M-Instruct)
     .venv/bin/python bench/scale_search.py --scheme nvfp4-a16 --modes amax mse
+    .venv/bin/python bench/scale_search.py --modes amax mse-act --factor-ranges 0.7,1.3 0.4,1.5   # candidate ranges
     .venv/bin/python bench/scale_search.py --synthetic-layers 1  # Llama-7B-shaped random layers, search time only
 """
 
@@ -13,6 +14,7 @@ import copy
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -22,7 +24,7 @@ from converter.calibration import calibration_batches, chat_prompt_ids  # noqa: 
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm  # noqa: E402
 from converter.quantize import calibrate, eligible_linears, quantize, quantized_modules  # noqa: E402
-from kernels import numerics  # noqa: E402
+from kernels import numerics, scale_search  # noqa: E402
 from kernels.scale_search import block_errors, search_block_scales  # noqa: E402
 
 # Not in converter/data/calibration_prompts.txt: the KL is measured on prompts calibration never saw.
@@ -89,15 +91,18 @@ def bench_model(args) -> None:
     print(f"calibration data: self, {args.calib_tokens} tokens ({calib_seconds:.1f} s, shared by all modes); "
           f"held-out KL: {len(sequences)} prompts x {args.new_tokens} greedy teacher tokens")
     rows = []
-    for mode in args.modes:
+    runs = [(mode, rng) for mode in args.modes for rng in ([None] if mode == "amax" else args.factor_ranges)]
+    for mode, factors in runs:
         _sync(teacher.device)
         start = time.perf_counter()
-        student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme, scale_search=mode))
-        if student_needs_calibration(args.scheme, mode):
-            calibrate(student, batches)
+        with patch.object(scale_search, "FACTOR_RANGE", factors or scale_search.FACTOR_RANGE):
+            student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme, scale_search=mode))
+            if student_needs_calibration(args.scheme, mode):
+                calibrate(student, batches)
         _sync(teacher.device)
         seconds = time.perf_counter() - start
-        rows.append((mode, seconds, weight_error(student), held_out_kl(teacher, student, sequences)))
+        label = mode if factors is None or len(args.factor_ranges) == 1 else f"{mode} {factors[0]:g}-{factors[1]:g}x"
+        rows.append((label, seconds, weight_error(student), held_out_kl(teacher, student, sequences)))
         del student
     amax_error = next((error for mode, _, error, _ in rows if mode == "amax"), rows[0][2])
     print(f"\n| PTQ scales | quantize+calibrate s | weight error amax/mode | held-out KL |")
@@ -136,6 +141,11 @@ def bench_synthetic(args) -> None:
         print(f"| {args.synthetic_layers} | {mode} | {seconds:.1f} | {per_model:.0f} |")
 
 
+def _factor_range(text: str) -> tuple[float, float]:
+    low, high = (float(x) for x in text.split(","))
+    return low, high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF folder or GGUF; default: the embedded SmolLM2-135M-Instruct")
@@ -145,6 +155,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="teacher tokens per held-out prompt")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--factor-ranges", nargs="+", type=_factor_range, default=[None],
+                        help="LO,HI candidate ranges (times the amax scale) to compare; default: kernels' FACTOR_RANGE")
     parser.add_argument("--synthetic-layers", type=int, default=0, help="time the search on N Llama-7B-shaped layers instead")
     args = parser.parse_args()
     if args.synthetic_layers:

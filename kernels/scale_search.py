@@ -32,13 +32,15 @@ def search_block_scales(
     gscale: Tensor,
     mode: str,
     act_weight: Tensor | None = None,
-    factors: tuple[float, float] = FACTOR_RANGE,
+    factors: tuple[float, float] | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> Tensor:  # weight [out, in], act_weight [in] -> e4m3 [out, in/16]
-    """Least-squared-error FP8 block scales under the fixed global scale `gscale`.
+    """Least-squared-error FP8 block scales under the fixed global scale `gscale`; candidates from
+    factors[0] to factors[1] times the amax scale (default FACTOR_RANGE).
 
     Vectorised over every block of a chunk of rows; the Python loop runs over candidate steps only.
     """
+    factors = factors or FACTOR_RANGE
     _check_inputs(weight, mode, act_weight, factors)
     weight = weight.detach()
     gscale = gscale.detach().float().reshape(()).to(weight.device)
