@@ -110,6 +110,7 @@ def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_que
 
     With --engine vllm|trtllm|llamacpp, arguments after `--` go to the engine's own server."""
     from serve.app import build_app
+    from serve.engine.loader import report_facts
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not out.is_dir():
@@ -121,8 +122,6 @@ def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_que
     else:
         models = adapter_engines(out, teacher, engine, engine_args, max_num_seqs, max_queue, max_model_len, threads,
                                  vllm_bin, trtllm_bin, engine_timeout)
-    from serve.engine.loader import report_facts
-
     for alias, facts in report_facts(out, teacher, "trtllm" if engine == "native" else engine).items():
         if alias in models:
             models[alias].facts = facts
