@@ -13,8 +13,8 @@ from nvfp4.cli import cli
 from test_serve_helpers import free_port, load_tiny, tiny_engines
 from test_ui_helpers import live_on, serve_tiny_with_ui, text_of
 from serve.app import build_app
-from ui.app import (Answer, Conversation, Endpoint, _close_turn, build_ui, first_divergence, header_html, render_chat,
-                    scoring_context, transcript)
+from ui.app import (Answer, Conversation, Endpoint, Score, _close_turn, build_ui, first_divergence, header_html,
+                    render_chat, score_html, scoring_context, transcript)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SYSTEM = "You are terse."
@@ -91,13 +91,15 @@ def test_both_panes_stream_greedy_answers_with_metrics_and_divergence(server, pa
 
 
 def test_score_with_teacher_matches_transformers(server, page, tiny_model_dir):
+    """`nvfp4 serve` sends the teacher's chat template in /v1/models, so the page scores the answer in it."""
     send(page, "Hello there")
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}]
     answer = greedy_tokens(server, "student", messages, 24)[0]
     html = page.predict(system=SYSTEM, api_name="/score")
+    assert "conversation in the teacher's chat template" in html
     shown = [float(v) for v in re.findall(r"title='log p = (-?[\d.]+)'", html)]
     model, tokenizer = load_tiny(tiny_model_dir, packed=False)
-    context = transcript(messages)
+    context = render_chat(tokenizer.chat_template, messages, tokenizer.bos_token or "", tokenizer.eos_token or "")
     ids = tokenizer.encode(context + answer)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
@@ -106,7 +108,14 @@ def test_score_with_teacher_matches_transformers(server, page, tiny_model_dir):
     assert "".join(tokenizer.decode([t]) for t in ids[len(ids) - len(shown):]).endswith(answer)
     mean = float(re.search(r"KL proxy\) <b>([\d.]+)</b>", html).group(1))
     assert mean == pytest.approx(-sum(expected) / len(expected), abs=2e-3)
-    assert "perplexity" in html and "teacher's own answer" in html and "plain-text transcript" in html
+    assert "perplexity" in html and "teacher's own answer" in html
+
+
+@pytest.mark.parametrize("templated, note", [(True, "in the teacher's chat template"), (False, "plain-text transcript")])
+def test_score_names_how_the_conversation_was_scored(templated, note):
+    """A server without our /v1/models card (a plain vLLM) gets the transcript proxy, and the page says so."""
+    html = score_html(Score(["Hi", "!"], [-0.5, -1.5]), None, templated)
+    assert note in html and "<b>1.000</b> nats/token" in html and html.count("class='nv-tok'") == 2
 
 
 @pytest.mark.parametrize("turns", [1, 2], ids=["one-turn", "two-turns"])
