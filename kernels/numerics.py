@@ -50,7 +50,11 @@ def _blocks(x: Tensor) -> Tensor:  # [..., K] -> [..., K/16, 16]
 def block_scales(x: Tensor, gscale: Tensor) -> Tensor:  # x [..., K] -> e4m3 [..., K/16]
     block_amax = _blocks(x).abs().amax(-1).float()
     scale = block_amax / (E2M1_MAX * gscale.to(block_amax.device))
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return e4m3_scales(torch.where(scale == 0, torch.ones_like(scale), scale))
+
+
+def e4m3_scales(scale: Tensor) -> Tensor:
+    """fp32 block scales -> the e4m3 values stored: clamped to [2^-9, 448], rounded to nearest."""
     return scale.clamp(min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
 
 
@@ -111,7 +115,7 @@ def fake_quantize_ref(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -
 
 def scales_from_log(log_scales: Tensor) -> Tensor:
     """Learned block scales (trained as logarithms) -> the e4m3 scales they stand for [..., K/16]."""
-    return log_scales.detach().float().exp().clamp(min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    return e4m3_scales(log_scales.detach().float().exp())
 
 
 def scale_gradient_ref(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:

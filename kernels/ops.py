@@ -86,19 +86,20 @@ def _scale_gradient(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> 
 class _LearnedScalesFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, log_scales: Tensor, gscale: Tensor) -> Tensor:
-        scales = ref.scales_from_log(log_scales)
-        ctx.save_for_backward(x, log_scales, scales, gscale)
+        scale = log_scales.detach().float().exp()  # = scales_from_log, keeping the fp32 scale for the backward
+        scales = ref.e4m3_scales(scale)
+        ctx.save_for_backward(x, scale, scales, gscale)
+        ctx.log_dtype = log_scales.dtype
         return _fake_quantize_forward(x, gscale, scales)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, log_scales, scales, gscale = ctx.saved_tensors
+        x, scale, scales, gscale = ctx.saved_tensors
         grad_x, grad_log = _scale_gradient(x, grad, scales, gscale)
         # d/d log s = s * d/d s8 (e4m3 rounding straight through), and nothing where s is held at e4m3's bounds
-        scale = log_scales.detach().float().exp()
         in_range = (scale >= ref.E4M3_MIN_SUBNORMAL) & (scale <= ref.E4M3_MAX)
         grad_log = grad_log * torch.where(in_range, scale / scales.float(), 0.0)
-        return grad_x.to(x.dtype), grad_log.to(log_scales.dtype), None
+        return grad_x.to(x.dtype), grad_log.to(ctx.log_dtype), None
 
 
 def fake_quantize_learned(x: Tensor, gscale: Tensor, log_scales: Tensor) -> Tensor:
