@@ -189,11 +189,17 @@ class _Schedule:
         self.done = saved["progress"] if saved else 0.0
         self.window = saved["window"] if saved else (deadline - self.start if deadline is not None else None)
 
-    def progress(self, step: int, step_seconds: float) -> float:
-        """The share of the schedule done when `step` ends (it starts now and takes about step_seconds)."""
+    def at_step(self, step: int, recent_seconds: float | None) -> float | None:
+        """The share of the schedule done when `step` (starting now) ends; for a budgeted run None instead
+        where that step, taking `recent_seconds` as the last ones did, would end past the window or the
+        deadline (the first step always runs). Rank 0's answer on every rank: it comes from its clock."""
         if self.window is None:
             return (step + 1) / self.total
-        return self.done + (time.monotonic() + step_seconds - self.start) / max(self.window, 1e-9)
+        estimate = self.window / self.total if recent_seconds is None else recent_seconds
+        now = time.monotonic()
+        progress = self.done + (now + estimate - self.start) / max(self.window, 1e-9)
+        ends_past = recent_seconds is not None and (progress > 1 or (self.deadline or math.inf) < now + estimate)
+        return _from_rank0(None if ends_past else progress)
 
     def state(self, progress: float) -> dict:
         return {"progress": progress, "window": self.window}
@@ -444,9 +450,8 @@ def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule
     try:
         while budgeted or step < plan.total:
             tick = time.monotonic()
-            estimate = _mean_step_seconds(losses) if losses else schedule.window / plan.total if budgeted else 0.0
-            progress = _from_rank0(schedule.progress(step, estimate))
-            if budgeted and losses and _from_rank0(progress > 1 or (schedule.deadline or math.inf) < tick + estimate):
+            progress = schedule.at_step(step, _mean_step_seconds(losses) if losses else None)
+            if progress is None:
                 tqdm.write(f"QAD: the budget's training window ends after {step} steps")
                 break
             for group in optimizer.param_groups:
