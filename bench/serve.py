@@ -85,7 +85,7 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
     from serve.app import build_app
     from serve.cli import run_server
     from serve.engine import NativeEngine
-    from serve.engine.loader import SharedTensors, hold_vocab_in_bf16, load_student, load_teacher, pack_model, teacher_source
+    from serve.engine.loader import SharedTensors, hold_vocab_compact, load_student, load_teacher, pack_model, teacher_source
 
     if out:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
@@ -93,7 +93,7 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
     else:
         def student():
             model, tokenizer, _ = load_causal_lm(None)
-            return hold_vocab_in_bf16(pack_model(model)), tokenizer
+            return hold_vocab_compact(pack_model(model)), tokenizer
         source = None
     shared = SharedTensors()  # as `nvfp4 serve` does
     engines = {"student": NativeEngine("student", shared.loader(student), max_num_seqs=max_num_seqs),

@@ -51,6 +51,7 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_quantize.argtypes = [pointer, f32, pointer, pointer, ctypes.c_int, i64, i64]
     lib.nvfp4_fake_quantize.argtypes = [pointer, f32, pointer, pointer, i64, i64]
     lib.bf16_gemv.argtypes = [pointer, i64, pointer, pointer, i64, i64]
+    lib.int8_block_gemv.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64]
     lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
     return lib
 
@@ -94,6 +95,19 @@ def bf16_gemv(x: Tensor, weight: Tensor) -> Tensor:
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     _sync_threads(lib)
     lib.bf16_gemv(x.data_ptr(), x.shape[0], weight.data_ptr(), y.data_ptr(), weight.shape[0], weight.shape[1])
+    return y
+
+
+def int8_block_gemv(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """x fp32 [M <= 16, K] -> x @ W^T [M, N] for W = bf16(codes int8 [N, K] * scales fp16 [N, K/32])."""
+    lib = library()
+    x = x.contiguous()
+    assert x.dtype == torch.float32 and codes.dtype == torch.int8 and scales.dtype == torch.float16
+    assert x.shape[0] <= GEMV_MAX_BATCH and codes.shape[1] == x.shape[1] == scales.shape[1] * 32
+    y = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+    _sync_threads(lib)
+    lib.int8_block_gemv(x.data_ptr(), x.shape[0], codes.contiguous().data_ptr(), scales.contiguous().data_ptr(),
+                        y.data_ptr(), codes.shape[0], codes.shape[1])
     return y
 
 

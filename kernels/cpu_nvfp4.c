@@ -151,6 +151,93 @@ void bf16_gemv(const float *x, int64_t batch, const uint16_t *w, float *y, int64
     }
 }
 
+// Block-int8 tables (a vocabulary held exactly as int8 codes x one fp16 scale per 32 values):
+// value = bf16(float(code) * float(scale)), the bf16 number the checkpoint holds, read at ~half its bytes.
+static inline float fp16_value(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0) {  // zero or subnormal (rare): the slow exact way
+        float magnitude = ldexpf((float)mantissa, -24);
+        return sign ? -magnitude : magnitude;
+    }
+    uint32_t word = sign | ((exponent + 112) << 23) | (mantissa << 13);  // rebias 15 -> 127; finite scales only
+    float value;
+    memcpy(&value, &word, 4);
+    return value;
+}
+
+static inline float bf16_round(float v) {  // round to nearest even, as torch's float -> bfloat16 (finite v)
+    uint32_t word;
+    memcpy(&word, &v, 4);
+    word = (word + 0x7FFF + ((word >> 16) & 1)) & 0xFFFF0000u;
+    memcpy(&v, &word, 4);
+    return v;
+}
+
+#ifdef __AVX2__
+static inline __m256 int8_block_values8(const int8_t *codes, __m256 scale) {
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)codes);
+    __m256i word = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale));
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(word, 16), _mm256_set1_epi32(1));
+    word = _mm256_add_epi32(word, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    return _mm256_castsi256_ps(_mm256_and_si256(word, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+#endif
+
+#ifdef __AVX2__
+// One row of W against `batch` rows of x, four independent sums per x row so the FMAs do not wait on
+// each other; inlined with a constant batch (1-4), the sums live in registers.
+static inline __attribute__((always_inline)) void int8_block_row(const float *x, int64_t batch, const int8_t *row,
+                                                                 const uint16_t *row_scales, float *y, int64_t rows,
+                                                                 int64_t cols) {
+    __m256 sum[4][4];
+    for (int64_t m = 0; m < batch; m++)
+        for (int part = 0; part < 4; part++) sum[m][part] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < cols / 32; b++) {
+        __m256 scale = _mm256_set1_ps(fp16_value(row_scales[b]));
+        for (int part = 0; part < 4; part++) {
+            __m256 w = int8_block_values8(row + b * 32 + part * 8, scale);
+            for (int64_t m = 0; m < batch; m++)
+                sum[m][part] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * cols + b * 32 + part * 8), sum[m][part]);
+        }
+    }
+    for (int64_t m = 0; m < batch; m++)
+        y[m * rows] = hsum(_mm256_add_ps(_mm256_add_ps(sum[m][0], sum[m][1]), _mm256_add_ps(sum[m][2], sum[m][3])));
+}
+#endif
+
+// y[m, r] = sum_k x[m, k] * W[r, k] for m < batch (batch <= 16); cols is a multiple of 32.
+void int8_block_gemv(const float *x, int64_t batch, const int8_t *codes, const uint16_t *scales, float *y,
+                     int64_t rows, int64_t cols) {
+    int64_t blocks = cols / 32;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *row = codes + r * cols;
+        const uint16_t *row_scales = scales + r * blocks;
+#ifdef __AVX2__
+        for (int64_t m0 = 0; m0 < batch; m0 += 4) {  // x rows four at a time (decode batches are small)
+            const float *xm = x + m0 * cols;
+            float *ym = y + m0 * rows + r;
+            switch (batch - m0 >= 4 ? 4 : batch - m0) {
+                case 1: int8_block_row(xm, 1, row, row_scales, ym, rows, cols); break;
+                case 2: int8_block_row(xm, 2, row, row_scales, ym, rows, cols); break;
+                case 3: int8_block_row(xm, 3, row, row_scales, ym, rows, cols); break;
+                default: int8_block_row(xm, 4, row, row_scales, ym, rows, cols);
+            }
+        }
+#else
+        float acc[16] = {0};
+        for (int64_t b = 0; b < blocks; b++) {
+            float scale = fp16_value(row_scales[b]);
+            for (int j = 0; j < 32; j++) {
+                float w = bf16_round((float)row[b * 32 + j] * scale);
+                for (int64_t m = 0; m < batch; m++) acc[m] += x[m * cols + b * 32 + j] * w;
+            }
+        }
+        for (int64_t m = 0; m < batch; m++) y[m * rows + r] = acc[m];
+#endif
+    }
+}
+
 // float -> float8_e4m3fn byte, round to nearest even; v is already clamped to [2^-9, 448] (> 0).
 static uint8_t e4m3_encode(float v) {
     int exponent;

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import int8_blocks
 from kernels.numerics import block_scales, scales_from_log
 from kernels.ops import (fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16,
                          quantize)
@@ -120,6 +121,30 @@ class BF16HeldLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear_bf16_weight(x, self.weight)
+
+
+class Int8BlockEmbedding(nn.Module):
+    """An embedding whose bf16 table is held exactly as block-int8 (kernels.int8_blocks), looked up into fp32."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.codes, self.scales = _frozen(codes), _frozen(scales)
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return int8_blocks.values(F.embedding(ids, self.codes), F.embedding(ids, self.scales))
+
+
+class Int8BlockLinear(nn.Module):
+    """A bias-free linear whose bf16 weight is held exactly as block-int8 (a tied head shares the embedding's)."""
+
+    def __init__(self, codes: Tensor, scales: Tensor):
+        super().__init__()
+        self.codes, self.scales = _frozen(codes), _frozen(scales)
+        self.out_features, self.in_features = codes.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_blocks.linear(x, self.codes, self.scales)
 
 
 def _frozen(weight: Tensor) -> nn.Parameter:

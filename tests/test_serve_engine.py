@@ -166,11 +166,11 @@ def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
 def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_dir):
     from converter.models import load_causal_lm
     from kernels.linear import BF16HeldEmbedding, BF16HeldLinear
-    from serve.engine.loader import hold_vocab_in_bf16, pack_model, weight_bytes
+    from serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
 
     model, tokenizer, _ = load_causal_lm(tiny_model_dir)
     reference = pack_model(copy.deepcopy(model))
-    held = hold_vocab_in_bf16(pack_model(model))
+    held = hold_vocab_compact(pack_model(model))
     assert isinstance(held.get_input_embeddings(), BF16HeldEmbedding)
     assert isinstance(held.get_output_embeddings(), BF16HeldLinear)
     assert held.get_output_embeddings().weight is held.get_input_embeddings().weight  # still tied
@@ -184,7 +184,35 @@ def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_
     prompts = [tokenizer.encode(t) for t in ["Hi", "Tell me a story about a cat"]]
     _check_parity(held, tokenizer, prompts, n=12)  # the engine on it = transformers' generate on it
     # fp32 values that are not bf16 numbers would change: such a model keeps its fp32 tensors
-    assert isinstance(hold_vocab_in_bf16(_fp32_with_noise(tiny_model_dir)).get_input_embeddings(), torch.nn.Embedding)
+    assert isinstance(hold_vocab_compact(_fp32_with_noise(tiny_model_dir)).get_input_embeddings(), torch.nn.Embedding)
+
+
+def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_model_dir):
+    """A vocabulary converted from a GGUF Q8_0 tensor (the embedded default model's) is held as its
+    int8 codes and fp16 scales: 8.5 of bf16's 16 bits a value, the same logits and greedy output."""
+    from converter.models import load_causal_lm
+    from kernels.linear import Int8BlockEmbedding, Int8BlockLinear
+    from serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
+    from tests.test_int8_blocks import q8_0_source
+
+    model, tokenizer, _ = load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        table = model.get_input_embeddings().weight
+        table.copy_(q8_0_source(*table.shape, magnitude=float(table.std())).float())
+    reference = pack_model(copy.deepcopy(model))
+    held = hold_vocab_compact(pack_model(model))
+    embed, head = held.get_input_embeddings(), held.get_output_embeddings()
+    assert isinstance(embed, Int8BlockEmbedding) and isinstance(head, Int8BlockLinear)
+    assert head.codes is embed.codes and head.scales is embed.scales  # still tied
+    vocab, hidden = table.shape
+    assert weight_bytes(held) == weight_bytes(reference) - vocab * hidden * 4 + vocab * hidden + vocab * hidden // 32 * 2
+    ids = torch.tensor([tokenizer.encode("Tell me a story about a cat")])
+    with torch.no_grad():
+        assert torch.equal(embed(ids), reference.get_input_embeddings()(ids))  # the lookup is exact
+        for rows in (ids[:, :1], ids):
+            torch.testing.assert_close(held(rows).logits, reference(rows).logits, rtol=0, atol=1e-5)
+    prompts = [tokenizer.encode(t) for t in ["Hi", "Tell me a story about a cat"]]
+    _check_parity(held, tokenizer, prompts, n=12)
 
 
 def _fp32_with_noise(model_dir):

@@ -14,7 +14,8 @@ from torch import nn
 from converter.config import QuantConfig
 from converter.errors import UserError
 from converter.quantize import export_weights, quantize, quantized_modules, set_module
-from kernels.linear import BF16HeldEmbedding, BF16HeldLinear, NVFP4PackedLinear
+from kernels.int8_blocks import exact_int8_blocks
+from kernels.linear import BF16HeldEmbedding, BF16HeldLinear, Int8BlockEmbedding, Int8BlockLinear, NVFP4PackedLinear
 
 
 def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
@@ -40,7 +41,7 @@ def load_student(out: Path):
     except ImportError as error:
         raise UserError(f"this build cannot read NVFP4 checkpoints yet: {error}") from error
     model, tokenizer = load_nvfp4_checkpoint(folder)
-    return hold_vocab_in_bf16(model), tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
+    return hold_vocab_compact(model), tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
 
 
 def teacher_source(out: Path, teacher: str | None) -> str | None:
@@ -79,26 +80,34 @@ def load_teacher(source: str | None):
     from converter.models import DEFAULT_MODEL_NAME, load_causal_lm
 
     model, tokenizer, folder = load_causal_lm(source, dtype=torch.float32)
-    return hold_vocab_in_bf16(model), tokenizer, DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)
+    return hold_vocab_compact(model), tokenizer, DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)
 
 
-def hold_vocab_in_bf16(model: nn.Module) -> nn.Module:
-    """Hold the vocabulary-sized embedding and head in bf16 where that loses nothing (every value is
-    a bf16 number, as from a BF16 checkpoint): half their fp32 bytes, the same fp32 results; the
-    head is read by a bf16 GEMV on CPU. Tied tensors stay one tensor. A no-op otherwise."""
+def hold_vocab_compact(model: nn.Module) -> nn.Module:
+    """Hold the vocabulary-sized embedding and head in fewer bytes where that loses nothing: as
+    block-int8 codes (8.5 bits a value) when every value is bf16(int8 code x fp16 scale per 32), as
+    from a GGUF Q8_0 source; else in bf16 when every value is a bf16 number, as from a BF16
+    checkpoint. Either way the same fp32 results; the head is read by a C GEMV on CPU. Tied tensors
+    stay one tensor. A no-op otherwise (fp32 values, or not on CPU)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    held: dict[int, nn.Parameter | None] = {}
+    held: dict[int, tuple | None] = {}
 
-    def as_bf16(weight: torch.Tensor) -> nn.Parameter | None:
-        if id(weight) not in held and weight.dtype == torch.float32 and weight.device.type == "cpu":
-            compact = weight.detach().bfloat16()
-            held[id(weight)] = nn.Parameter(compact, requires_grad=False) if torch.equal(compact.float(), weight) else None
-        return held.get(id(weight))
+    def compact(weight: torch.Tensor) -> tuple | None:
+        """("int8", codes, scales) | ("bf16", weight) | None, once per distinct tensor."""
+        if id(weight) not in held:
+            held[id(weight)] = None
+            if weight.dtype == torch.float32 and weight.device.type == "cpu":
+                if (blocks := exact_int8_blocks(weight)) is not None:
+                    held[id(weight)] = ("int8", *(nn.Parameter(t, requires_grad=False) for t in blocks))
+                elif torch.equal((as_bf16 := weight.detach().bfloat16()).float(), weight):
+                    held[id(weight)] = ("bf16", nn.Parameter(as_bf16, requires_grad=False))
+        return held[id(weight)]
 
-    if isinstance(embed, nn.Embedding) and (weight := as_bf16(embed.weight)) is not None:
-        model.set_input_embeddings(BF16HeldEmbedding(weight, embed.padding_idx))
-    if isinstance(head, nn.Linear) and head.bias is None and (weight := as_bf16(head.weight)) is not None:
-        model.set_output_embeddings(BF16HeldLinear(weight))
+    if isinstance(embed, nn.Embedding) and (form := compact(embed.weight)) is not None:
+        layer = Int8BlockEmbedding if form[0] == "int8" else BF16HeldEmbedding
+        model.set_input_embeddings(layer(*form[1:], padding_idx=embed.padding_idx))
+    if isinstance(head, nn.Linear) and head.bias is None and (form := compact(head.weight)) is not None:
+        model.set_output_embeddings((Int8BlockLinear if form[0] == "int8" else BF16HeldLinear)(*form[1:]))
     return model
 
 

@@ -100,7 +100,8 @@ class NativeEngine(Engine):
         self.max_model_len = min(self._requested_len or 2048, limit)
         num_layers, kv_heads, head_dim = BatchedCausalLM.kv_shape(model)
         embed = model.get_input_embeddings()
-        dtype = embed(torch.zeros(1, dtype=torch.long, device=embed.weight.device)).dtype  # the hidden states' dtype
+        device = next(embed.parameters()).device
+        dtype = embed(torch.zeros(1, dtype=torch.long, device=device)).dtype  # the hidden states' dtype
         self.cache = KVCache(num_layers, self.max_num_seqs, kv_heads, self.max_model_len, head_dim, dtype)
         self.runner = BatchedCausalLM(model, self.cache)
         self.eos_ids = _eos_ids(model, tokenizer)
