@@ -7,6 +7,7 @@ Material (converter/data/heldout_*) is never used for calibration or QAD data:
 - greedy: how much of the teacher's first 32 greedy tokens the student reproduces (common prefix).
 """
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,6 @@ def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    return model(ids.to(_device(model))).logits[0].float()
-
-
 @contextmanager
 def frozen_fake_quant(model: nn.Module):
     """Fake-quantize each weight once for the whole evaluation instead of on every forward."""
@@ -85,38 +81,92 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @torch.no_grad()
-def evaluate_one(teacher: nn.Module, student: nn.Module, data: EvalSet, tokenizer) -> dict[str, float]:
-    kl, top1, prose_kl, prose_top1, nll, prose_count = [], [], [], [], 0.0, 0
-    for ids, prompt_len in data.chat:
-        t, s = _logits(teacher, ids)[prompt_len - 1 : -1], _logits(student, ids)[prompt_len - 1 : -1]
-        kl.append(token_kl(t, s))
-        top1.append((t.argmax(-1) == s.argmax(-1)).float())
-    for ids in data.prose:
-        t, s = _logits(teacher, ids)[:-1], _logits(student, ids)[:-1]
-        prose_kl.append(token_kl(t, s))
-        prose_top1.append((t.argmax(-1) == s.argmax(-1)).float())
-        nll += F.cross_entropy(s, ids[0, 1:].to(s.device), reduction="sum").item()
-        prose_count += ids.shape[1] - 1
-    answers = _greedy_answers(student, data.greedy_prompts, max(len(r) for r in data.teacher_greedy), tokenizer)
-    agreement = [_common_prefix(a, ref) / max(1, len(ref)) for a, ref in zip(answers, data.teacher_greedy)]
-    return {
-        "chat_kl": torch.cat(kl).mean().item(),
-        "prose_kl": torch.cat(prose_kl).mean().item(),
-        "chat_top1": torch.cat(top1).mean().item(),
-        "prose_top1": torch.cat(prose_top1).mean().item(),
-        "greedy_agreement": sum(agreement) / len(agreement),
-        "prose_ppl": float(torch.tensor(nll / prose_count).exp()),
-    }
+def _padded_logits(model: nn.Module, samples: list[Tensor]) -> list[Tensor]:
+    """Logits [L, V] of each sample from one right-padded forward: causal attention never lets a
+    position see the padding after it, so each sample's logits are its own."""
+    width = max(ids.shape[1] for ids in samples)
+    batch = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, ids in enumerate(samples):
+        batch[row, : ids.shape[1]] = ids[0]
+    logits = model(batch.to(_device(model))).logits
+    return [logits[row, : ids.shape[1]].float() for row, ids in enumerate(samples)]
+
+
+def _batches(samples: list[Tensor], max_tokens: int = 512) -> list[list[Tensor]]:
+    """Consecutive samples grouped so that a batch's padded [rows, width] holds at most max_tokens."""
+    batches: list[list[Tensor]] = []
+    for ids in samples:
+        grown = (batches[-1] if batches else []) + [ids]
+        if batches and len(grown) * max(x.shape[1] for x in grown) <= max_tokens:
+            batches[-1] = grown
+        else:
+            batches.append([ids])
+    return batches
+
+
+class _Scores:
+    """One row's running sums over the held-out samples."""
+
+    def __init__(self) -> None:
+        self.kl: dict[str, list[Tensor]] = {"chat": [], "prose": []}
+        self.top1: dict[str, list[Tensor]] = {"chat": [], "prose": []}
+        self.nll, self.prose_tokens, self.seconds = 0.0, 0, 0.0
+
+    def add(self, kind: str, teacher: Tensor, student: Tensor, targets: Tensor | None = None) -> None:
+        self.kl[kind].append(token_kl(teacher, student))
+        self.top1[kind].append((teacher.argmax(-1) == student.argmax(-1)).float())
+        if targets is not None:
+            self.nll += F.cross_entropy(student, targets.to(student.device), reduction="sum").item()
+            self.prose_tokens += len(targets)
+
+    def metrics(self, agreement: float) -> dict[str, float]:
+        return {
+            "chat_kl": torch.cat(self.kl["chat"]).mean().item(),
+            "prose_kl": torch.cat(self.kl["prose"]).mean().item(),
+            "chat_top1": torch.cat(self.top1["chat"]).mean().item(),
+            "prose_top1": torch.cat(self.top1["prose"]).mean().item(),
+            "greedy_agreement": agreement,
+            "prose_ppl": float(torch.tensor(self.nll / self.prose_tokens).exp()),
+        }
 
 
 def evaluate(teacher: nn.Module, students: dict[str, nn.Module], tokenizer, data: EvalSet | None = None,
-             teacher_name: str = "BF16") -> dict[str, dict[str, float]]:
-    """Metrics for the teacher itself (KL 0) and each student, keyed by row name."""
+             teacher_name: str | None = "BF16", seconds: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics for the teacher itself (KL 0; left out when `teacher_name` is None) and each student, keyed
+    by row name. The teacher runs once per batch of samples for all rows; `seconds`, when given, receives
+    each row's own time and the teacher's ("teacher")."""
     data = data or build_eval_set(teacher, tokenizer)
+    rows = ({teacher_name: teacher} if teacher_name else {}) | students
+    scores = {name: _Scores() for name in rows}
+    teacher_seconds = 0.0
+    for kind, samples in (("chat", [ids for ids, _ in data.chat]), ("prose", data.prose)):
+        starts = [prompt_len - 1 for _, prompt_len in data.chat] if kind == "chat" else [0] * len(samples)
+        offset = 0
+        for batch in _batches(samples):
+            began = time.perf_counter()
+            reference = _padded_logits(teacher, batch)
+            teacher_seconds += time.perf_counter() - began
+            for name, model in rows.items():
+                began = time.perf_counter()
+                logits = reference if model is teacher else _padded_logits(model, batch)
+                for i, (ids, t, s) in enumerate(zip(batch, reference, logits)):
+                    first = starts[offset + i]
+                    scores[name].add(kind, t[first:-1], s[first:-1], ids[0, first + 1 :] if kind == "prose" else None)
+                scores[name].seconds += time.perf_counter() - began
+            offset += len(batch)
     results = {}
-    for name, model in {teacher_name: teacher, **students}.items():
-        with frozen_fake_quant(model):
-            results[name] = evaluate_one(teacher, model, data, tokenizer)
+    for name, model in rows.items():
+        began = time.perf_counter()
+        if model is teacher:  # its greedy answers are the reference itself
+            answers = data.teacher_greedy
+        else:
+            with frozen_fake_quant(model):
+                answers = _greedy_answers(model, data.greedy_prompts, max(len(r) for r in data.teacher_greedy), tokenizer)
+        agreement = [_common_prefix(a, ref) / max(1, len(ref)) for a, ref in zip(answers, data.teacher_greedy)]
+        results[name] = scores[name].metrics(sum(agreement) / len(agreement))
+        scores[name].seconds += time.perf_counter() - began
+    if seconds is not None:
+        seconds.update({name: round(score.seconds, 2) for name, score in scores.items()}, teacher=round(teacher_seconds, 2))
     return results
 
 

@@ -31,8 +31,9 @@ from converter.writers.hf import packed_weights
 TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# A training stage between calibration and export (QAD): (student, teacher, tokenizer, workdir, logdir) -> metrics
-TrainStage = Callable[[torch.nn.Module, torch.nn.Module, object, Path, Path], dict]
+# A training stage between calibration and export (QAD): (student, teacher, tokenizer, workdir, logdir,
+# reserve_seconds=what the convert still does after the exports) -> metrics
+TrainStage = Callable[..., dict]
 
 
 def keep_freed_memory() -> bool:
@@ -202,19 +203,20 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
             calibrate(student, batches)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
     try:
-        ptq_student = None
-        qad_metrics = None
+        qad_metrics, heldout, accuracy = None, None, None
         if train is not None:
-            ptq_student = copy.deepcopy(student) if cfg.evaluate else None
+            if cfg.evaluate:  # the untrained rows now: no copy of the student is kept through training
+                with timer.stage("evaluate untrained"):
+                    heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant)
             with timer.stage("qad"):
                 cfg.workdir.mkdir(exist_ok=True)
-                qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad")
+                qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad",
+                                    reserve_seconds=heldout.trained_row_seconds if heldout else 0.0)
         with timer.stage("export"):
             exports = export_targets(student, tokenizer, source_dir, tmp, cfg.targets, cfg.quant, DTYPES[cfg.dtype])
-        accuracy = None
         if cfg.evaluate:
             with timer.stage("evaluate"):
-                accuracy = _evaluate(teacher, student, ptq_student, tokenizer, cfg.quant, _trained_name(qad_metrics))
+                accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, _trained_name(qad_metrics))
         report = _report(cfg, source_dir, teacher, exports, timer, accuracy, qad_metrics)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_report_md(report))
@@ -246,18 +248,37 @@ def _start_name(quant: QuantConfig) -> str:
     return "PTQ " + "+".join(x for x in (quant.scale_search, quant.rounding) if x not in ("amax", "nearest"))
 
 
-def _evaluate(teacher, student, ptq_student, tokenizer, quant: QuantConfig, trained_name: str) -> dict:
-    """Rows: the teacher, then the student alone (PTQ only), or PTQ (ModelOpt's rule), QAD's start where it
-    differs from that, and the trained student."""
+@dataclass
+class _Heldout:
+    """The held-out evaluation around training: the set, the untrained rows' results, and what the trained
+    row will cost after training (the teacher's forwards and the same-sized start row's own time)."""
+
+    data: object  # converter.evaluate.EvalSet
+    results: dict
+    trained_row_seconds: float
+
+
+def _evaluate_untrained(teacher, student, tokenizer, quant: QuantConfig) -> _Heldout:
+    """Rows before training: the teacher, PTQ (ModelOpt's rule), and QAD's start where it differs from that."""
+    from converter.evaluate import build_eval_set, evaluate
+
+    data = build_eval_set(teacher, tokenizer)
+    modelopt_ptq = _modelopt_rule_ptq(teacher, student, quant)
+    start = "PTQ" if modelopt_ptq is None else _start_name(quant)
+    seconds: dict[str, float] = {}
+    results = evaluate(teacher, ({} if modelopt_ptq is None else {"PTQ": modelopt_ptq}) | {start: student}, tokenizer,
+                       data, seconds=seconds)
+    return _Heldout(data, results, seconds["teacher"] + seconds[start])
+
+
+def _evaluate_trained(teacher, student, tokenizer, heldout: _Heldout | None, name: str) -> dict:
+    """The report's accuracy: the untrained rows (when training ran) and this student's row."""
     from converter.evaluate import evaluate, format_table
 
-    if ptq_student is None:
-        students = {"NVFP4": student}
+    if heldout is None:
+        results = evaluate(teacher, {"NVFP4": student}, tokenizer)
     else:
-        modelopt_ptq = _modelopt_rule_ptq(teacher, ptq_student, quant)  # built now: not held through training
-        students = {"PTQ": ptq_student, trained_name: student} if modelopt_ptq is None else {
-            "PTQ": modelopt_ptq, _start_name(quant): ptq_student, trained_name: student}
-    results = evaluate(teacher, students, tokenizer)
+        results = heldout.results | evaluate(teacher, {name: student}, tokenizer, heldout.data, teacher_name=None)
     return {"results": results, "table": format_table(results)}
 
 

@@ -84,14 +84,15 @@ def _default_scale_search(qad_steps: int | None, qad_scale_lr: float | None) -> 
     return "mse-act" if learns_scales else "amax"
 
 
-EXPORT_RESERVE_SECONDS = 20  # the exports after QAD, inside the budget; the held-out evaluation is not
+EXPORT_RESERVE_SECONDS = 20  # the exports after QAD
 
 
 def _qad_stage(options: dict, resume: bool, started: float):
     """The QAD training stage for the pipeline, or None for PTQ only (--qad-steps 0).
 
     A budgeted pass (no --qad-steps) ends early enough that the whole convert, from this command's
-    start to the last export, fits --qad-budget-minutes.
+    start to the end of the report's evaluation, fits --qad-budget-minutes: the pipeline passes what
+    it still does after the exports (the trained row's evaluation) as `reserve_seconds`.
     """
     from qad.distill import run_qad
 
@@ -104,9 +105,8 @@ def _qad_stage(options: dict, resume: bool, started: float):
     except (TypeError, ValueError) as error:
         raise UserError(str(error)) from error
 
-    deadline = started + qad_cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS
-
-    def stage(student, teacher, tokenizer, workdir: Path, logdir: Path) -> dict:
+    def stage(student, teacher, tokenizer, workdir: Path, logdir: Path, reserve_seconds: float = 0.0) -> dict:
+        deadline = started + qad_cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS - reserve_seconds
         return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume, deadline=deadline)
 
     return stage

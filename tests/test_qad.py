@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from converter import evaluate as evaluate_module
 from converter.config import QuantConfig
 from converter.errors import UserError
 from converter.models import load_causal_lm
@@ -398,6 +399,32 @@ def test_learned_scales_start_from_mse_act_and_the_report_keeps_modelopts_ptq(ti
     assert "\nPTQ mse-act " in (tmp_path / "qad" / "report.md").read_text()
     chosen = _convert(tiny_model_dir, tmp_path / "amax", "--qad-steps", "3", "--scale-search", "amax")
     assert chosen["quant_config"]["scale_search"] == "amax" and list(chosen["accuracy"]["results"]) == ["BF16", "PTQ", "QAD"]
+
+
+def test_budgeted_convert_fits_its_budget_with_the_report_evaluation(tiny_model_dir, tmp_path, monkeypatch):
+    """--qad-budget-minutes bounds the whole command: training ends early enough for the exports and the
+    trained row's evaluation, whose cost the untrained rows' evaluation (before training) measured."""
+    import qad.convert
+
+    monkeypatch.setattr(qad.convert, "EXPORT_RESERVE_SECONDS", 1.0)  # the tiny model exports in a blink
+    evaluated = []
+    real_evaluate = evaluate_module.evaluate
+
+    def timed_evaluate(*args, **kwargs):
+        began = time.monotonic()
+        result = real_evaluate(*args, **kwargs)
+        evaluated.append((list(result), time.monotonic() - began))
+        return result
+
+    monkeypatch.setattr(evaluate_module, "evaluate", timed_evaluate)
+    began = time.monotonic()
+    report = _convert(tiny_model_dir, tmp_path / "out", "--qad-budget-minutes", "0.25")  # 15 s, every stage inside
+    elapsed = time.monotonic() - began
+    assert [rows for rows, _ in evaluated] == [["BF16", "PTQ", "PTQ mse-act"], ["QAD"]]
+    assert list(report["accuracy"]["results"]) == ["BF16", "PTQ", "PTQ mse-act", "QAD"]
+    assert "evaluate untrained" in report["timings_seconds"] and report["qad"]["steps"] > 1
+    assert elapsed <= 15.0 + 1.0, report["timings_seconds"]  # (one training step of slack)
+    assert elapsed >= 15.0 - 1.0 - 2 * evaluated[-1][1] - 3.0, report["timings_seconds"]  # the window was spent
 
 
 @pytest.mark.parametrize("seconds, saves", [(1e-9, 3), (3600.0, 1)], ids=["every-step", "only-the-last"])
