@@ -4,7 +4,8 @@
 
 One row per output folder: scheme, scale search, loss (QAD = kl, QAT = ce), data, lr, the learned
 block scales' lr (0: fixed; reports from before the option have none), steps run,
-seconds up to the last export, and the held-out metrics of PTQ (ModelOpt's rule, what `--qad-steps 0`
+seconds of the whole command (every stage, the held-out evaluation included: what --qad-budget-minutes
+bounds since 2026-12-02; earlier runs evaluated after their budget), and the held-out metrics of PTQ (ModelOpt's rule, what `--qad-steps 0`
 writes by default), of QAD's start (the same unless a scale search or GPTQ ran; older reports held only
 that row as "PTQ") and of the trained student, with the trained chat KL as a fraction of PTQ's (the
 "halve it" target is <= 0.50).
@@ -20,7 +21,7 @@ def row(out: Path) -> dict:
     results, qad = report["accuracy"]["results"], report["qad"]
     trained = "QAT" if "QAT" in results else "QAD"
     start = next((name for name in results if name.startswith("PTQ ")), "PTQ")  # QAD's start, if not ModelOpt's PTQ
-    seconds = sum(v for k, v in report["timings_seconds"].items() if k != "evaluate")
+    seconds = sum(report["timings_seconds"].values())
     return {
         "run": out.name, "scheme": report["scheme"], "scales": report["quant_config"]["scale_search"],
         "loss": qad["config"]["loss"], "data": Path(qad["config"]["data"]).name, "lr": qad["config"]["lr"],
@@ -30,7 +31,7 @@ def row(out: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | scheme | scales | loss | data | lr | scale lr | steps | s to export | PTQ chat KL | start chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
+    lines = ["| run | scheme | scales | loss | data | lr | scale lr | steps | s total | PTQ chat KL | start chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["trained"]
