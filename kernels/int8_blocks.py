@@ -9,6 +9,8 @@ is not of that form; nothing is ever approximated.
 import torch
 from torch import Tensor
 
+from kernels import cpu
+
 BLOCK = 32
 # amax/127 from a bf16-rounded amax is within 2^-9 (~4 fp16 steps) of the block's scale: the steps tried
 # around it for the blocks the first guess misses
@@ -73,8 +75,6 @@ def linear(x: Tensor, codes: Tensor, scales: Tensor, max_gemv_rows: int = 64, ro
     """y = x @ W^T for W = values(codes, scales) and fp32 x [..., K]: on CPU a C GEMV reads the codes
     (16 rows of x per pass, up to `max_gemv_rows`); otherwise W is rebuilt `rows_per_chunk` rows at a time."""
     x2d = x.reshape(-1, x.shape[-1])
-    from kernels import cpu
-
     if x.device.type == "cpu" and cpu.available() and x.dtype == torch.float32 and x2d.shape[0] <= max_gemv_rows:
         y = torch.cat([cpu.int8_block_gemv(part, codes, scales) for part in x2d.split(cpu.GEMV_MAX_BATCH)])
     else:
