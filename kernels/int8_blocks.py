@@ -58,6 +58,8 @@ def _exact_chunk(blocks: Tensor) -> tuple[Tensor, Tensor] | None:
     if not torch.isfinite(first).all():
         return None
     scales, exact = first.clone(), _holds(blocks, first)
+    if not (exact & (first > 0)).any():  # a Q8_0 source gets 15-100% of its non-zero blocks at the first
+        return None  # guess; none: not of this form, and the neighbours need not be tried
     for step in _SCALE_NEIGHBOURS:  # only on the blocks still missed
         if exact.all():
             break
