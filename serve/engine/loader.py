@@ -93,21 +93,21 @@ def hold_vocab_compact(model: nn.Module) -> nn.Module:
     held: dict[int, tuple | None] = {}
 
     def compact(weight: torch.Tensor) -> tuple | None:
-        """("int8", codes, scales) | ("bf16", weight) | None, once per distinct tensor."""
+        """(embedding class, head class, their tensors), or None; once per distinct tensor, as one set of
+        parameters that a tied embedding and head share."""
         if id(weight) not in held:
             held[id(weight)] = None
             if weight.dtype == torch.float32 and weight.device.type == "cpu":
                 if (blocks := exact_int8_blocks(weight)) is not None:
-                    held[id(weight)] = ("int8", *(nn.Parameter(t, requires_grad=False) for t in blocks))
+                    held[id(weight)] = (Int8BlockEmbedding, Int8BlockLinear, [nn.Parameter(t, requires_grad=False) for t in blocks])
                 elif torch.equal((as_bf16 := weight.detach().bfloat16()).float(), weight):
-                    held[id(weight)] = ("bf16", nn.Parameter(as_bf16, requires_grad=False))
+                    held[id(weight)] = (BF16HeldEmbedding, BF16HeldLinear, [nn.Parameter(as_bf16, requires_grad=False)])
         return held[id(weight)]
 
     if isinstance(embed, nn.Embedding) and (form := compact(embed.weight)) is not None:
-        layer = Int8BlockEmbedding if form[0] == "int8" else BF16HeldEmbedding
-        model.set_input_embeddings(layer(*form[1:], padding_idx=embed.padding_idx))
+        model.set_input_embeddings(form[0](*form[2], padding_idx=embed.padding_idx))
     if isinstance(head, nn.Linear) and head.bias is None and (form := compact(head.weight)) is not None:
-        model.set_output_embeddings((Int8BlockLinear if form[0] == "int8" else BF16HeldLinear)(*form[1:]))
+        model.set_output_embeddings(form[1](*form[2]))
     return model
 
 
