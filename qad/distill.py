@@ -195,6 +195,8 @@ class _Schedule:
         deadline (the first step always runs). Rank 0's answer on every rank: it comes from its clock."""
         if self.window is None:
             return (step + 1) / self.total
+        if self.window <= 0:  # the stages before training spent the budget
+            return _from_rank0(None)
         estimate = self.window / self.total if recent_seconds is None else recent_seconds
         now = time.monotonic()
         progress = self.done + (now + estimate - self.start) / max(self.window, 1e-9)
@@ -269,6 +271,8 @@ def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | No
     if cfg.steps is not None:
         rows = math.ceil(cfg.steps * cfg.batch / cfg.reuse)
         return _from_rank0(_data_pool(teacher, tokenizer, cfg, rows, None, None)), cfg.steps
+    if deadline <= time.monotonic():  # nothing to sample for: no step fits
+        return _from_rank0(torch.empty(0, cfg.seq_len, dtype=torch.long)), 0
     step_seconds = _probe_step_seconds(student, teacher, cfg, device)
     if cfg.data == "self":
         pool = _data_pool(teacher, tokenizer, cfg, None, deadline, step_seconds)
@@ -452,7 +456,9 @@ def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule
             tick = time.monotonic()
             progress = schedule.at_step(step, _mean_step_seconds(losses) if losses else None)
             if progress is None:
-                tqdm.write(f"QAD: the budget's training window ends after {step} steps")
+                tqdm.write(f"QAD: the budget's training window ends after {step} steps" if step else
+                           "QAD: the stages before training spent the budget: no step trained, the student is "
+                           "QAD's start (raise --qad-budget-minutes)")
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(progress, cfg) * group["lr_ratio"]

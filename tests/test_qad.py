@@ -237,6 +237,20 @@ def test_budgeted_run_spends_its_window_and_ends_its_cosine(models, tmp_path, mo
     assert lrs[-1] < 0.12 * cfg.lr  # the cosine reached its floor (0.1) at the deadline
 
 
+@pytest.mark.parametrize("data", ["random", "self"])
+def test_a_budget_spent_before_training_trains_nothing(models, tmp_path, capsys, data):
+    """On a machine slow enough that loading, calibration and evaluation use the whole budget, QAD takes
+    no step (it once took one with a negative learning rate from a negative window) and samples nothing."""
+    teacher, tokenizer = models
+    student = fresh_student(teacher)
+    before = {n: p.clone() for n, p in student.state_dict().items()}
+    cfg = QADConfig(budget_minutes=1, batch=2, seq_len=16, data=data)
+    metrics = run_qad(student, teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l", deadline=time.monotonic() - 1)
+    assert metrics["steps"] == 0 and metrics["pool_rows"] == 0
+    assert all(torch.equal(before[n], p) for n, p in student.state_dict().items() if n in before)
+    assert "no step trained" in capsys.readouterr().err
+
+
 def test_lr_schedule_shape():
     cfg = QADConfig(lr=1.0, warmup_fraction=0.1, min_lr_fraction=0.1)
     assert distill.lr_at(0.05, cfg) == pytest.approx(0.5)
