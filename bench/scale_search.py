@@ -6,6 +6,7 @@ the weight-error ratio amax/mode over every quantized linear, and the held-out c
     .venv/bin/python bench/scale_search.py                      # default model (SmolLM2-135M-Instruct)
     .venv/bin/python bench/scale_search.py --scheme nvfp4-a16 --modes amax mse
     .venv/bin/python bench/scale_search.py --modes amax mse-act --factor-ranges 0.7,1.3 0.4,1.5   # candidate ranges
+    .venv/bin/python bench/scale_search.py --modes mse-act --smooth-alphas 0 0.35 0.5 0.65   # channel smoothing first
     .venv/bin/python bench/scale_search.py --synthetic-layers 1  # Llama-7B-shaped random layers, search time only
 """
 
@@ -24,6 +25,7 @@ from converter.calibration import calibration_batches, chat_prompt_ids  # noqa: 
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm  # noqa: E402
 from converter.quantize import calibrate, eligible_linears, quantize, quantized_modules  # noqa: E402
+from converter.smoothing import smooth  # noqa: E402
 from kernels import numerics, scale_search  # noqa: E402
 from kernels.scale_search import block_errors, search_block_scales  # noqa: E402
 
@@ -91,17 +93,22 @@ def bench_model(args) -> None:
     print(f"calibration data: self, {args.calib_tokens} tokens ({calib_seconds:.1f} s, shared by all modes); "
           f"held-out KL: {len(sequences)} prompts x {args.new_tokens} greedy teacher tokens")
     rows = []
-    runs = [(mode, rng) for mode in args.modes for rng in ([None] if mode == "amax" else args.factor_ranges)]
-    for mode, factors in runs:
+    runs = [(mode, rng, alpha) for mode in args.modes for rng in ([None] if mode == "amax" else args.factor_ranges)
+            for alpha in args.smooth_alphas]
+    for mode, factors, alpha in runs:
         _sync(teacher.device)
         start = time.perf_counter()
         with patch.object(scale_search, "FACTOR_RANGE", factors or scale_search.FACTOR_RANGE):
-            student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme, scale_search=mode))
+            student = copy.deepcopy(teacher)
+            if alpha:
+                smooth(student, batches, alpha)
+            student = quantize(student, QuantConfig(scheme=args.scheme, scale_search=mode))
             if student_needs_calibration(args.scheme, mode):
                 calibrate(student, batches)
         _sync(teacher.device)
         seconds = time.perf_counter() - start
         label = mode if factors is None or len(args.factor_ranges) == 1 else f"{mode} {factors[0]:g}-{factors[1]:g}x"
+        label += f" smooth {alpha:g}" if len(args.smooth_alphas) > 1 else ""
         rows.append((label, seconds, weight_error(student), held_out_kl(teacher, student, sequences)))
         del student
     amax_error = next((error for mode, _, error, _ in rows if mode == "amax"), rows[0][2])
@@ -157,6 +164,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--factor-ranges", nargs="+", type=_factor_range, default=[None],
                         help="LO,HI candidate ranges (times the amax scale) to compare; default: kernels' FACTOR_RANGE")
+    parser.add_argument("--smooth-alphas", nargs="+", type=float, default=[0.0],
+                        help="channel smoothing strengths to compare (0 = none), applied before quantizing")
     parser.add_argument("--synthetic-layers", type=int, default=0, help="time the search on N Llama-7B-shaped layers instead")
     args = parser.parse_args()
     if args.synthetic_layers:

@@ -16,6 +16,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()  # fnmatch patterns on module names, on top of DEFAULT_EXCLUDE
     scale_search: str = "amax"
     rounding: str = "nearest"
+    smooth_alpha: float = 0.0  # 0 = off; else SmoothQuant's migration strength, folded in (converter/smoothing.py)
     group_size: int = 16
     version: int = 1
     default_exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
@@ -27,6 +28,8 @@ class QuantConfig:
             raise ValueError(f"unknown scale search {self.scale_search!r}; choose one of {', '.join(SCALE_SEARCHES)}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if not 0 <= self.smooth_alpha < 1:
+            raise ValueError(f"smoothing alpha must be in [0, 1), got {self.smooth_alpha}")
         if self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -38,8 +41,10 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Activation statistics are needed: W4A4 input scales, mse-act's channel energies, GPTQ's Hessians."""
-        return self.quantize_activations or self.scale_search == "mse-act" or self.rounding == "gptq"
+        """Activation statistics are needed: W4A4 input scales, mse-act's channel energies, GPTQ's Hessians,
+        the smoothing's channel ranges."""
+        return (self.quantize_activations or self.scale_search == "mse-act" or self.rounding == "gptq"
+                or self.smooth_alpha > 0)
 
     @property
     def quant_algo(self) -> str:

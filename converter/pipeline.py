@@ -25,6 +25,7 @@ from converter.config import QuantConfig
 from converter.errors import UserError
 from converter.models import load_causal_lm, resolve_model
 from converter.quantize import calibrate, gptq_hessian_bytes, quantize, quantized_modules
+from converter.smoothing import smooth
 from converter.writers import load_all_writers
 from converter.writers.hf import packed_weights
 
@@ -192,14 +193,19 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype, device, cfg.trust_remote_code)
         teacher.requires_grad_(False)
     _check_disk_space(cfg.out.parent, teacher, cfg.targets)
+    student, batches = copy.deepcopy(teacher), None
+    if cfg.quant.smooth_alpha:
+        with timer.stage("smooth"):
+            batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
+            smooth(student, batches, cfg.quant.smooth_alpha)
     with timer.stage("quantize"):
-        student = quantize(copy.deepcopy(teacher), cfg.quant)
+        student = quantize(student, cfg.quant)
         if not quantized_modules(student):
             raise UserError("no linear layer can be quantized (all excluded or not multiples of 16)")
     _check_gptq_memory(student, device)
     if cfg.quant.needs_calibration:
         with timer.stage("calibrate"):
-            batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
+            batches = batches or calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
             calibrate(student, batches)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
     try:
@@ -207,7 +213,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         if train is not None:
             if cfg.evaluate:  # the untrained rows now: no copy of the student is kept through training
                 with timer.stage("evaluate untrained"):
-                    heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant)
+                    heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant, batches)
             with timer.stage("qad"):
                 cfg.workdir.mkdir(exist_ok=True)
                 qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad",
@@ -232,20 +238,26 @@ def _trained_name(qad_metrics: dict | None) -> str:
     return "QAT" if qad_metrics and qad_metrics["config"]["loss"] == "ce" else "QAD"
 
 
-def _modelopt_rule_ptq(teacher, student, quant: QuantConfig) -> torch.nn.Module | None:
-    """When training starts from searched scales or GPTQ rounding, the PTQ that `--qad-steps 0` writes by
-    default (ModelOpt's amax scales, nearest rounding, the same calibrated input scales), to compare with."""
-    if quant.scale_search == "amax" and quant.rounding == "nearest":
+def _modelopt_rule_ptq(teacher, student, quant: QuantConfig, batches) -> torch.nn.Module | None:
+    """When training starts from searched scales, GPTQ rounding or smoothed weights, the PTQ that
+    `--qad-steps 0` writes by default (ModelOpt's amax scales, nearest rounding, no smoothing, input scales
+    calibrated on the same data), to compare with."""
+    modelopt_rule = replace(quant, scale_search="amax", rounding="nearest", smooth_alpha=0.0)
+    if quant == modelopt_rule:
         return None
-    baseline = quantize(copy.deepcopy(teacher), replace(quant, scale_search="amax", rounding="nearest"))
-    for mine, theirs in zip(quantized_modules(baseline).values(), quantized_modules(student).values()):
-        mine.input_gscale = theirs.input_gscale  # calibration ran unquantized: the ranges do not depend on scales
+    baseline = quantize(copy.deepcopy(teacher), modelopt_rule)
+    if quant.smooth_alpha and modelopt_rule.needs_calibration:  # smoothing changed the student's input ranges
+        calibrate(baseline, batches)
+    else:  # calibration ran unquantized: the ranges do not depend on scales or rounding
+        for mine, theirs in zip(quantized_modules(baseline).values(), quantized_modules(student).values()):
+            mine.input_gscale = theirs.input_gscale
     return baseline
 
 
 def _start_name(quant: QuantConfig) -> str:
-    """The report's row for QAD's starting point when it is not ModelOpt's PTQ, e.g. "PTQ mse-act"."""
-    return "PTQ " + "+".join(x for x in (quant.scale_search, quant.rounding) if x not in ("amax", "nearest"))
+    """The report's row for QAD's starting point when it is not ModelOpt's PTQ, e.g. "PTQ mse-act+smooth"."""
+    changes = [x for x in (quant.scale_search, quant.rounding) if x not in ("amax", "nearest")]
+    return "PTQ " + "+".join(changes + (["smooth"] if quant.smooth_alpha else []))
 
 
 @dataclass
@@ -258,12 +270,12 @@ class _Heldout:
     trained_row_seconds: float
 
 
-def _evaluate_untrained(teacher, student, tokenizer, quant: QuantConfig) -> _Heldout:
+def _evaluate_untrained(teacher, student, tokenizer, quant: QuantConfig, batches) -> _Heldout:
     """Rows before training: the teacher, PTQ (ModelOpt's rule), and QAD's start where it differs from that."""
     from converter.evaluate import build_eval_set, evaluate
 
     data = build_eval_set(teacher, tokenizer)
-    modelopt_ptq = _modelopt_rule_ptq(teacher, student, quant)
+    modelopt_ptq = _modelopt_rule_ptq(teacher, student, quant, batches)
     start = "PTQ" if modelopt_ptq is None else _start_name(quant)
     seconds: dict[str, float] = {}
     results = evaluate(teacher, ({} if modelopt_ptq is None else {"PTQ": modelopt_ptq}) | {start: student}, tokenizer,
@@ -310,7 +322,8 @@ def render_report_md(report: dict) -> str:
         "",
         f"- model: `{report['model']}` from `{report['source'] or 'embedded SmolLM2-135M-Instruct'}`",
         f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`, "
-        f"rounding: `{report['quant_config'].get('rounding', 'nearest')}`)",
+        f"rounding: `{report['quant_config'].get('rounding', 'nearest')}`, "
+        f"smoothing alpha: `{report['quant_config'].get('smooth_alpha', 0.0)}`)",
         "",
         "| target | bytes | vs BF16 | export seconds |",
         "|---|---:|---:|---:|",

@@ -33,6 +33,9 @@ def _targets(value: str) -> tuple[str, ...]:
                    "QAD learns the scales (their start), else amax (PTQ, --qad-scale-lr 0).")
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
               help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration).")
+@click.option("--smooth-alpha", type=float, default=None,
+              help="SmoothQuant-style channel smoothing folded into norms, v_proj and up_proj (0 = off). "
+                   "Default: 0.5 for a W4A4 QAD pass (its start), else 0 (ModelOpt's bytes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
@@ -54,14 +57,15 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--qad-checkpoint-every", type=int, default=None,
               help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
-def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, seed, device, dtype,
-            force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr, qad_batch, qad_seq_len, qad_budget_minutes,
-            qad_data, loss, qad_checkpoint_every, resume) -> None:
+def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, smooth_alpha, seed,
+            device, dtype, force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr, qad_batch, qad_seq_len,
+            qad_budget_minutes, qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
     scale_search = scale_search or _default_scale_search(qad_steps, qad_scale_lr)
     try:
-        quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search, rounding=rounding)
+        quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search, rounding=rounding,
+                            smooth_alpha=_default_smooth_alpha(scheme, qad_steps) if smooth_alpha is None else smooth_alpha)
     except ValueError as error:
         raise UserError(str(error)) from error
     cfg = ConvertConfig(out=out, source=model, quant=quant, targets=_targets(targets), calib_data=calib_data,
@@ -82,6 +86,12 @@ def _default_scale_search(qad_steps: int | None, qad_scale_lr: float | None) -> 
     scales anyway: then they start from mse-act, the best start measured (docs/BENCHMARKS.md)."""
     learns_scales = qad_steps != 0 and (QADConfig.scale_lr if qad_scale_lr is None else qad_scale_lr) > 0
     return "mse-act" if learns_scales else "amax"
+
+
+def _default_smooth_alpha(scheme: str, qad_steps: int | None) -> float:
+    """0.5 when QAD trains a W4A4 student: smoothing lowers the activations' share of its error
+    (docs/BENCHMARKS.md); 0 for PTQ, which writes ModelOpt's bytes, and for weight-only."""
+    return 0.5 if scheme == "nvfp4" and qad_steps != 0 else 0.0
 
 
 EXPORT_RESERVE_SECONDS = 20  # the exports after QAD

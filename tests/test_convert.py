@@ -73,6 +73,7 @@ def test_corrupt_safetensors(tiny_model_dir, tmp_path):
     (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
     (["--qad-scale-lr", "-0.1"], "--qad-scale-lr must be >= 0"),
     (["--calib-tokens", "0"], "--calib-tokens must be positive"),
+    (["--smooth-alpha", "1.5"], "smoothing alpha must be in [0, 1), got 1.5"),
 ])
 def test_bad_options(tiny_model_dir, tmp_path, args, fragment):
     assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), *args), fragment)

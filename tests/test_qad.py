@@ -248,7 +248,7 @@ def test_a_budget_spent_before_training_trains_nothing(models, tmp_path, capsys,
     metrics = run_qad(student, teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l", deadline=time.monotonic() - 1)
     assert metrics["steps"] == 0 and metrics["pool_rows"] == 0
     assert all(torch.equal(before[n], p) for n, p in student.state_dict().items() if n in before)
-    assert "no step trained" in capsys.readouterr().err
+    assert "no step trained" in "".join(capsys.readouterr())
 
 
 def test_lr_schedule_shape():
@@ -413,6 +413,23 @@ def test_learned_scales_start_from_mse_act_and_the_report_keeps_modelopts_ptq(ti
     assert "\nPTQ mse-act " in (tmp_path / "qad" / "report.md").read_text()
     chosen = _convert(tiny_model_dir, tmp_path / "amax", "--qad-steps", "3", "--scale-search", "amax")
     assert chosen["quant_config"]["scale_search"] == "amax" and list(chosen["accuracy"]["results"]) == ["BF16", "PTQ", "QAD"]
+
+
+def test_w4a4_qad_starts_from_smoothed_weights_and_the_report_keeps_modelopts_ptq(tiny_model_dir, tmp_path):
+    """A W4A4 QAD pass smooths by default (alpha 0.5); PTQ and weight-only do not. The report's PTQ row is
+    calibrated on the unsmoothed model's ranges: it equals what `--qad-steps 0` writes."""
+    w4a4 = ("--scheme", "nvfp4", "--calib-data", "random", "--calib-tokens", "256")
+    ptq = _convert(tiny_model_dir, tmp_path / "ptq", *w4a4, "--qad-steps", "0")
+    assert ptq["quant_config"]["smooth_alpha"] == 0.0
+    qad = _convert(tiny_model_dir, tmp_path / "qad", *w4a4, "--qad-steps", "2")
+    assert qad["quant_config"]["smooth_alpha"] == 0.5 and "smooth" in qad["timings_seconds"]
+    results = qad["accuracy"]["results"]
+    assert list(results) == ["BF16", "PTQ", "PTQ mse-act+smooth", "QAD"]
+    assert results["PTQ"] == ptq["accuracy"]["results"]["NVFP4"]
+    assert "smoothing alpha: `0.5`" in (tmp_path / "qad" / "report.md").read_text()
+    assert _convert(tiny_model_dir, tmp_path / "a16", "--qad-steps", "2")["quant_config"]["smooth_alpha"] == 0.0
+    off = _convert(tiny_model_dir, tmp_path / "off", *w4a4, "--qad-steps", "2", "--smooth-alpha", "0")
+    assert list(off["accuracy"]["results"]) == ["BF16", "PTQ", "PTQ mse-act", "QAD"]
 
 
 def test_budgeted_convert_fits_its_budget_with_the_report_evaluation(tiny_model_dir, tmp_path, monkeypatch):
