@@ -192,7 +192,8 @@ class _Schedule:
     def at_step(self, step: int, recent_seconds: float | None) -> float | None:
         """The share of the schedule done when `step` (starting now) ends; for a budgeted run None instead
         where that step, taking `recent_seconds` as the last ones did, would end past the window or the
-        deadline (the first step always runs). Rank 0's answer on every rank: it comes from its clock."""
+        deadline (the first step always runs, unless the window was spent before training began). Rank 0's
+        answer on every rank: it comes from its clock."""
         if self.window is None:
             return (step + 1) / self.total
         if self.window <= 0:  # the stages before training spent the budget
@@ -271,7 +272,7 @@ def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | No
     if cfg.steps is not None:
         rows = math.ceil(cfg.steps * cfg.batch / cfg.reuse)
         return _from_rank0(_data_pool(teacher, tokenizer, cfg, rows, None, None)), cfg.steps
-    if deadline <= time.monotonic():  # nothing to sample for: no step fits
+    if _from_rank0(deadline <= time.monotonic()):  # nothing to sample for: no step fits (rank 0's clock decides)
         return _from_rank0(torch.empty(0, cfg.seq_len, dtype=torch.long)), 0
     step_seconds = _probe_step_seconds(student, teacher, cfg, device)
     if cfg.data == "self":
