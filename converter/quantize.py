@@ -149,9 +149,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for module in modules.values():
             module.quantized_weight = lambda m=module: m.weight  # unquantized during calibration
             module.quantize_input = False
-        forward = _calibration_forward(model, modules.values())
-        for batch in _stacked(batches):
-            forward(batch.to(next(model.parameters()).device))
+        run_calibration_forwards(model, modules.values(), batches)
     finally:
         last_input.clear()
         for handle in handles:
@@ -165,6 +163,15 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
             modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
     _search_with_activations({n: square_sum[n] / rows[n] for n in square_sum}, modules)
     _round_with_gptq({n: h / rows[n] for n, h in hessian.items()}, modules)
+
+
+def run_calibration_forwards(model: nn.Module, modules: Iterable[nn.Module], batches: Iterable[Tensor]) -> None:
+    """Forward the batches (stacked where they can be) through the smallest part of the model holding `modules`,
+    for hooks on them to record."""
+    forward = _calibration_forward(model, list(modules))
+    device = next(model.parameters()).device
+    for batch in _stacked(batches):
+        forward(batch.to(device))
 
 
 def _stacked(batches: Iterable[Tensor], max_tokens: int = 4096) -> Iterable[Tensor]:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from converter.quantize import run_calibration_forwards
+
 log = logging.getLogger(__name__)
 
 
@@ -38,9 +40,7 @@ def input_channel_amax(model: nn.Module, batches: Iterable[Tensor]) -> dict[str,
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
     handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
     try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            model(batch.to(device))
+        run_calibration_forwards(model, linears.values(), batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -64,7 +64,8 @@ def _scales_output(norm: nn.Module) -> bool:
     weight = getattr(norm, "weight", None)
     if weight is None or getattr(norm, "bias", None) is not None:
         return False
-    x = torch.randn(2, weight.numel(), dtype=weight.dtype, device=weight.device)
+    generator = torch.Generator(weight.device).manual_seed(0)  # leaves the global RNG as it was
+    x = torch.randn(2, weight.numel(), generator=generator, device=weight.device).to(weight.dtype)
     original = norm(x)
     with torch.no_grad():
         weight.mul_(2)
