@@ -52,7 +52,7 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_fake_quantize.argtypes = [pointer, f32, pointer, pointer, i64, i64]
     lib.bf16_gemv.argtypes = [pointer, i64, pointer, pointer, i64, i64]
     lib.int8_block_gemv.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64]
-    lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
+    lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
     return lib
 
 
@@ -136,14 +136,16 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
     return out
 
 
-def scale_gradient(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
-    """x, grad fp32 [N, K], scales e4m3 [N, K/16] -> (grad_x, grad_log_scales) as numerics.scale_gradient_ref."""
+def scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    """x, grad fp32 [N, K], learned block scales fp32 [N, K/16] and their e4m3 rounding `scales` ->
+    (grad_x, grad_log_scales) as numerics.scale_gradient_ref."""
     lib = library()
     x32, grad32 = x.detach().float().contiguous(), grad.float().contiguous()
     rows, cols = x32.shape
     grad_x = torch.empty_like(x32)
     grad_log = torch.empty(rows, cols // 16, dtype=torch.float32)
     _sync_threads(lib)
-    lib.nvfp4_scale_gradient(x32.data_ptr(), grad32.data_ptr(), scales.view(torch.uint8).contiguous().data_ptr(),
-                             float(gscale), grad_x.data_ptr(), grad_log.data_ptr(), rows, cols)
+    lib.nvfp4_scale_gradient(x32.data_ptr(), grad32.data_ptr(), scale.float().contiguous().data_ptr(),
+                             scales.view(torch.uint8).contiguous().data_ptr(), float(gscale), grad_x.data_ptr(),
+                             grad_log.data_ptr(), rows, cols)
     return grad_x, grad_log

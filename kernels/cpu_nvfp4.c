@@ -357,18 +357,20 @@ void nvfp4_fake_quantize(const float *x, float gscale, const uint8_t *scales, fl
     }
 }
 
-// Backward of fake-quantization under given block scales, for learned scales (LSQ). With m the block's
-// multiplier, u = x / m and q = e2m1(u) (the forward's codes): grad_x = grad where |u| <= 6, else 0 (the
-// clipped values do not move with x); grad_log_scales[block] = m * sum grad * (q - u) over the unclipped
-// elements plus m * sum grad * q over the clipped ones (d(q m)/d log m).
-void nvfp4_scale_gradient(const float *x, const float *grad, const uint8_t *scales, float gscale, float *grad_x,
-                          float *grad_log_scales, int64_t rows, int64_t cols) {
+// Backward of fake-quantization under learned block scales (LSQ). `scale` holds each block's fp32 scale
+// (the exp of its learned logarithm) and `scales` its e4m3 rounding s8 as the forward used it. With
+// m = s8 * s2, u = x / m and q = e2m1(u) (the forward's codes): grad_x = grad where |u| <= 6, else 0 (the
+// clipped values do not move with x); the block's d/d log m = m * sum grad * (q - u) over the unclipped
+// elements plus m * sum grad * q over the clipped ones, and grad_log_scales = that * s / s8 (e4m3 rounding
+// straight through), or 0 where s is held at e4m3's bounds [2^-9, 448].
+void nvfp4_scale_gradient(const float *x, const float *grad, const float *scale, const uint8_t *scales, float gscale,
+                          float *grad_x, float *grad_log_scales, int64_t rows, int64_t cols) {
     int64_t blocks = cols / 16;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t b = 0; b < blocks; b++) {
             int64_t at = r * cols + b * 16;
-            float m = E4M3[scales[r * blocks + b]] * gscale;
+            float s = scale[r * blocks + b], s8 = E4M3[scales[r * blocks + b]], m = s8 * gscale;
 #ifdef __AVX2__
             const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
             __m256 mv = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
@@ -380,7 +382,7 @@ void nvfp4_scale_gradient(const float *x, const float *grad, const uint8_t *scal
                 acc = _mm256_fmadd_ps(g, _mm256_sub_ps(q, _mm256_and_ps(inside, u)), acc);
                 _mm256_storeu_ps(grad_x + at + half, _mm256_and_ps(inside, g));
             }
-            grad_log_scales[r * blocks + b] = hsum(acc) * m;
+            float d_log_m = hsum(acc) * m;
 #else
             float acc = 0.f;
             for (int i = 0; i < 16; i++) {
@@ -389,8 +391,9 @@ void nvfp4_scale_gradient(const float *x, const float *grad, const uint8_t *scal
                 acc += grad[at + i] * (q - (inside ? u : 0.f));
                 grad_x[at + i] = inside ? grad[at + i] : 0.f;
             }
-            grad_log_scales[r * blocks + b] = acc * m;
+            float d_log_m = acc * m;
 #endif
+            grad_log_scales[r * blocks + b] = (s >= 0x1p-9f && s <= 448.f) ? d_log_m * (s / s8) : 0.f;
         }
     }
 }

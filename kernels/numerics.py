@@ -118,18 +118,23 @@ def scales_from_log(log_scales: Tensor) -> Tensor:
     return e4m3_scales(log_scales.detach().float().exp())
 
 
-def scale_gradient_ref(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
-    """Backward of fake_quantize_ref(x, gscale, scales) for learned scales (LSQ's straight-through rule):
+def scale_gradient_ref(x: Tensor, grad: Tensor, scale: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of fake_quantize_ref(x, gscale, e4m3_scales(scale)) for block scales learned as logarithms
+    (LSQ's straight-through rule), `scale` the fp32 exp of the logarithms:
     -> (d/dx: grad where |x/m| <= 6, else 0; d/d log(scale): the block's sum of grad * d(q m)/d log m),
-    with m = float(scale) * s2, u = x/m, q = e2m1(u): d(q m)/d log m = m (q - u) unclipped, m q clipped."""
+    with m = s8 * s2, s8 = e4m3(scale), u = x/m, q = e2m1(u): d(q m)/d log m = m (q - u) unclipped, m q
+    clipped; d log m / d log(scale) = scale / s8 (e4m3 rounding straight through), 0 where the scale is
+    held at e4m3's bounds."""
+    scales = e4m3_scales(scale)
     multiplier = _block_multiplier(scales, gscale)
     scaled = _blocks(x.detach().float()) / multiplier
     inside = scaled.abs() <= E2M1_MAX
     values = decode_e2m1(encode_e2m1(scaled.flatten(-2))).unflatten(-1, (-1, BLOCK))
     blocks = _blocks(grad.float())
     grad_x = (blocks * inside).flatten(-2)
-    grad_log = (blocks * (values - torch.where(inside, scaled, 0.0))).sum(-1) * multiplier.squeeze(-1)
-    return grad_x, grad_log
+    grad_log_m = (blocks * (values - torch.where(inside, scaled, 0.0))).sum(-1) * multiplier.squeeze(-1)
+    in_range = (scale >= E4M3_MIN_SUBNORMAL) & (scale <= E4M3_MAX)
+    return grad_x, torch.where(in_range, grad_log_m * (scale / scales.float()), 0.0)
 
 
 def activation_global_scale(calib_amax: Tensor | float) -> Tensor:

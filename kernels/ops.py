@@ -75,12 +75,12 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
     return _FakeQuantizeSTE.apply(x, gscale, scales)
 
 
-def _scale_gradient(x: Tensor, grad: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+def _scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
     if x.dim() == 2 and _use_c(x):
         from kernels import cpu
 
-        return cpu.scale_gradient(x, grad, scales, gscale)
-    return ref.scale_gradient_ref(x, grad, scales, gscale)
+        return cpu.scale_gradient(x, grad, scale, scales, gscale)
+    return ref.scale_gradient_ref(x, grad, scale, gscale)
 
 
 class _LearnedScalesFakeQuantize(torch.autograd.Function):
@@ -95,10 +95,7 @@ class _LearnedScalesFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         x, scale, scales, gscale = ctx.saved_tensors
-        grad_x, grad_log = _scale_gradient(x, grad, scales, gscale)
-        # d/d log s = s * d/d s8 (e4m3 rounding straight through), and nothing where s is held at e4m3's bounds
-        in_range = (scale >= ref.E4M3_MIN_SUBNORMAL) & (scale <= ref.E4M3_MAX)
-        grad_log = grad_log * torch.where(in_range, scale / scales.float(), 0.0)
+        grad_x, grad_log = _scale_gradient(x, grad, scale, scales, gscale)
         return grad_x.to(x.dtype), grad_log.to(ctx.log_dtype), None
 
 
