@@ -104,10 +104,11 @@ def test_c_scale_gradient_matches_the_reference(shape):
     torch.manual_seed(0)
     w, upstream = torch.randn(shape), torch.randn(shape)
     gscale = nv.global_scale(nv.tensor_amax(w))
+    # around the amax rule's scales: some blocks clip, some have room
     scale = nv.block_scales(w, gscale).float() * torch.empty(shape[0], shape[1] // 16).uniform_(0.5, 1.5)
     scale[0, 0], scale[-1, -1] = 1e-4, 500.0  # held at e4m3's bounds: no gradient
     grad_w, grad_log = cpu.scale_gradient(w, upstream, scale, nv.e4m3_scales(scale), gscale)
-    expected_w, expected_log = nv.scale_gradient_ref(w, upstream, scale, gscale)  # some blocks clip, some have room
+    expected_w, expected_log = nv.scale_gradient_ref(w, upstream, scale, gscale)
     assert torch.equal(grad_w, expected_w) and (grad_w == 0).any()
     held = (scale < 2**-9) | (scale > 448)
     assert held[0, 0] and held[-1, -1] and torch.equal(grad_log == 0, held)
