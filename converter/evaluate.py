@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from converter.calibration import chat_prompt_ids
 from converter.generate import generate_batch, pad_and_eos
+from kernels.kl import token_kl
 
 _DATA = Path(__file__).parent / "data"
 METRICS = ("chat_kl", "prose_kl", "chat_top1", "prose_top1", "greedy_agreement", "prose_ppl")
-_TOKEN_CHUNK = 256
 
 
 @dataclass
@@ -48,15 +48,6 @@ def build_eval_set(teacher: nn.Module, tokenizer, answer_tokens: int = 64, greed
     prose_ids = tokenizer((_DATA / "heldout_prose.txt").read_text(), add_special_tokens=False)["input_ids"]
     prose = [torch.tensor([prose_ids[i : i + prose_tokens]]) for i in range(0, len(prose_ids) - 16, prose_tokens)]
     return EvalSet(chat, prose, prompts, [a[:greedy_tokens] for a in answers])
-
-
-def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """Per-token KL(teacher || student) at T=1, computed in chunks of tokens: [T, V] x 2 -> [T]."""
-    out = []
-    for t, s in zip(teacher_logits.split(_TOKEN_CHUNK), student_logits.split(_TOKEN_CHUNK)):
-        log_p, log_q = F.log_softmax(t.float(), -1), F.log_softmax(s.float(), -1)
-        out.append((log_p.exp() * (log_p - log_q)).sum(-1))
-    return torch.cat(out)
 
 
 @contextmanager

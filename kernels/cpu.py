@@ -53,6 +53,7 @@ def library() -> ctypes.CDLL | None:
     lib.bf16_gemv.argtypes = [pointer, i64, pointer, pointer, i64, i64]
     lib.int8_block_gemv.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64]
     lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
+    lib.kl_rows.argtypes = [pointer, pointer, pointer, pointer, i64, i64]
     return lib
 
 
@@ -149,3 +150,17 @@ def scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscal
                              scales.view(torch.uint8).contiguous().data_ptr(), float(gscale), grad_x.data_ptr(),
                              grad_log.data_ptr(), rows, cols)
     return grad_x, grad_log
+
+
+def kl_rows(teacher: Tensor, student: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Teacher and student logits fp32 [N, V] -> (KL(softmax(t) || softmax(s)) per row [N], and with
+    `with_grad` its gradient w.r.t. the student logits, softmax(s) - softmax(t) [N, V])."""
+    lib = library()
+    teacher, student = teacher.contiguous(), student.contiguous()
+    assert teacher.dtype == student.dtype == torch.float32 and teacher.shape == student.shape and teacher.dim() == 2
+    kl = torch.empty(teacher.shape[0], dtype=torch.float32)
+    grad = torch.empty_like(student) if with_grad else None
+    _sync_threads(lib)
+    lib.kl_rows(teacher.data_ptr(), student.data_ptr(), kl.data_ptr(), None if grad is None else grad.data_ptr(),
+                *teacher.shape)
+    return kl, grad

@@ -1,8 +1,10 @@
-// NVFP4 CPU kernels: dequantize into a caller's buffer, and a W4A16 GEMV for small batches.
-// Numerics follow kernels/numerics.py exactly: value(code) * (float(e4m3 scale) * s2).
+// CPU kernels: NVFP4 dequantize / quantize / fake-quantize and their gradients, W4A16, bf16 and int8 GEMVs for small
+// batches, and the per-token KL of QAD and the evaluation.
+// The NVFP4 numerics follow kernels/numerics.py exactly: value(code) * (float(e4m3 scale) * s2).
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -395,6 +397,89 @@ void nvfp4_scale_gradient(const float *x, const float *grad, const float *scale,
 #endif
             grad_log_scales[r * blocks + b] = (s >= 0x1p-9f && s <= 448.f) ? d_log_m * (s / s8) : 0.f;
         }
+    }
+}
+
+#ifdef __AVX2__
+// exp(x) for x <= 0 (logits minus their row max): 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2,
+// e^r by its degree-7 Taylor polynomial (truncation < 1e-8 relative); exactly 0 below -87 (2^n subnormal).
+static inline __m256 exp8_nonpositive(__m256 x) {
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2 split in two for an exact n * hi
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ));
+}
+
+static inline float hmax_all(const float *v, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(v + j));
+    float out = hmax(m);
+    for (; j < n; j++) out = fmaxf(out, v[j]);
+    return out;
+}
+#endif
+
+// Per row of teacher logits t and student logits s [rows, cols]: kl = KL(softmax(t) || softmax(s)) at T=1
+// and, where grad is not NULL, its gradient w.r.t. s, softmax(s) - softmax(t). Each row is read from
+// memory once: its maxima, then the exps (kept in grad and a per-thread row) and three sums, then the
+// gradient from the cached exps. KL = sum p (t - s) - logsumexp(t) + logsumexp(s), the sums in double.
+void kl_rows(const float *t, const float *s, float *kl, float *grad, int64_t rows, int64_t cols) {
+#pragma omp parallel
+    {
+        float *teacher_exp = grad ? malloc(cols * sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *tr = t + r * cols, *sr = s + r * cols;
+            float *gr = grad ? grad + r * cols : NULL;
+            double zt = 0, zs = 0, dot = 0;
+            int64_t j = 0;
+#ifdef __AVX2__
+            float mt = hmax_all(tr, cols), ms = hmax_all(sr, cols);
+            __m256 vmt = _mm256_set1_ps(mt), vms = _mm256_set1_ps(ms);
+            __m256 azt = _mm256_setzero_ps(), azs = _mm256_setzero_ps(), adot = _mm256_setzero_ps();
+            for (; j + 8 <= cols; j += 8) {  // 8-lane float partial sums, flushed to double every 1024 columns
+                __m256 vt = _mm256_loadu_ps(tr + j), vs = _mm256_loadu_ps(sr + j);
+                __m256 et = exp8_nonpositive(_mm256_sub_ps(vt, vmt)), es = exp8_nonpositive(_mm256_sub_ps(vs, vms));
+                azt = _mm256_add_ps(azt, et);
+                azs = _mm256_add_ps(azs, es);
+                adot = _mm256_fmadd_ps(et, _mm256_sub_ps(vt, vs), adot);
+                if (gr) {
+                    _mm256_storeu_ps(teacher_exp + j, et);
+                    _mm256_storeu_ps(gr + j, es);
+                }
+                if ((j & 1023) == 1016) {
+                    zt += hsum(azt), zs += hsum(azs), dot += hsum(adot);
+                    azt = azs = adot = _mm256_setzero_ps();
+                }
+            }
+            zt += hsum(azt), zs += hsum(azs), dot += hsum(adot);
+#else
+            float mt = -INFINITY, ms = -INFINITY;
+            for (int64_t i = 0; i < cols; i++) mt = fmaxf(mt, tr[i]), ms = fmaxf(ms, sr[i]);
+#endif
+            for (; j < cols; j++) {
+                float et = expf(tr[j] - mt), es = expf(sr[j] - ms);
+                zt += et, zs += es, dot += (double)et * (tr[j] - sr[j]);
+                if (gr) teacher_exp[j] = et, gr[j] = es;
+            }
+            kl[r] = (float)(dot / zt - (mt + log(zt)) + (ms + log(zs)));
+            if (gr) {
+                float inv_zt = (float)(1 / zt), inv_zs = (float)(1 / zs);
+                for (int64_t i = 0; i < cols; i++) gr[i] = gr[i] * inv_zs - teacher_exp[i] * inv_zt;
+            }
+        }
+        free(teacher_exp);
     }
 }
 

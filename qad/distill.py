@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from converter.errors import UserError
-from converter.evaluate import token_kl
 from converter.quantize import quantized_modules
+from kernels.kl import token_kl
 from qad.config import QADConfig
 from qad.data import TeacherSamples, file_rows, random_rows
 
