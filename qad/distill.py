@@ -11,6 +11,7 @@ and each rank trains on its slice of the global batch; a single process is the w
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -197,6 +198,7 @@ class _Schedule:
         self.total, self.deadline = total, deadline
         self.start = time.monotonic()
         self.done = saved["progress"] if saved else 0.0
+        self.last = self.done
         self.window = saved["window"] if saved else (deadline - self.start if deadline is not None else None)
 
     def at_step(self, step: int, recent_seconds: float | None) -> float | None:
@@ -212,7 +214,12 @@ class _Schedule:
         now = time.monotonic()
         progress = self.done + (now + estimate - self.start) / max(self.window, 1e-9)
         ends_past = recent_seconds is not None and (progress > 1 or (self.deadline or math.inf) < now + estimate)
-        return _from_rank0(None if ends_past else progress)
+        if recent_seconds is not None:  # measured: never backwards, where a slow step inflated the last estimate
+            progress = max(progress, self.last)
+        progress = _from_rank0(None if ends_past else progress)
+        if recent_seconds is not None and progress is not None:
+            self.last = progress
+        return progress
 
     def state(self, progress: float) -> dict:
         return {"progress": progress, "window": self.window}
@@ -438,9 +445,9 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     }
 
 
-def _mean_step_seconds(losses: list[dict], last: int = 5) -> float:
-    recent = losses[-last:]
-    return sum(r["seconds"] for r in recent) / len(recent)
+def _recent_step_seconds(losses: list[dict], last: int = 5) -> float:
+    """The median of the last steps' times: one slow step (a checkpoint, this VM's hiccups) does not move it."""
+    return statistics.median(r["seconds"] for r in losses[-last:])
 
 
 def _checkpoint_due(step: int, last_save: float, cfg: QADConfig) -> bool:
@@ -465,7 +472,7 @@ def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule
     try:
         while budgeted or step < plan.total:
             tick = time.monotonic()
-            progress = schedule.at_step(step, _mean_step_seconds(losses) if losses else None)
+            progress = schedule.at_step(step, _recent_step_seconds(losses) if losses else None)
             if progress is None:
                 tqdm.write(f"QAD: the budget's training window ends after {step} steps" if step else
                            "QAD: the stages before training spent the budget: no step trained, the student is "
@@ -485,7 +492,7 @@ def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule
                 log.flush()
             step += 1
             if budgeted:  # the bar's length follows the steps the rest of the window holds at the current pace
-                bar.total = step + max(0, int((1 - progress) * schedule.window / _mean_step_seconds(losses)))
+                bar.total = step + max(0, int((1 - progress) * schedule.window / _recent_step_seconds(losses)))
             bar.set_postfix({cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
             bar.update(1)
             if step == plan.total and not budgeted or _checkpoint_due(step - 1, last_save, cfg):
