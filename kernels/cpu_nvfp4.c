@@ -240,17 +240,17 @@ void int8_block_gemv(const float *x, int64_t batch, const int8_t *codes, const u
     }
 }
 
-// float -> float8_e4m3fn byte, round to nearest even; v is already clamped to [2^-9, 448] (> 0).
-static uint8_t e4m3_encode(float v) {
-    int exponent;
-    frexpf(v, &exponent);  // v = f * 2^exponent, f in [0.5, 1)
-    int e = exponent - 1;  // v in [2^e, 2^(e+1))
-    if (e < -6) e = -6;     // subnormals share the step of the smallest normal binade
-    float step = ldexpf(1.f, e - 3);
-    int q = (int)nearbyintf(v / step);  // exact division by a power of two; ties to even
-    if (q == 16) { q = 8; e += 1; }     // rounded up into the next binade
-    if (q < 8) return (uint8_t)q;       // subnormal: exponent field 0
-    return (uint8_t)(((e + 7) << 3) | (q - 8));
+// float -> float8_e4m3fn byte, round to nearest even; v is already clamped to [2^-9, 448] (> 0). Below
+// 2^-6 the code is the count of 2^-9 steps (8 steps: the smallest normal, code 8); above it, v's float
+// mantissa rounded to 3 bits (a carry moves into the exponent) and its exponent rebiased from 127 to 7.
+// Equal to frexpf/ldexpf-based rounding for every float in [2^-9, 448] (checked exhaustively), without
+// the library calls that dominated the amax-rule kernels.
+static inline uint8_t e4m3_encode(float v) {
+    if (v < 0x1p-6f) return (uint8_t)nearbyintf(v * 512.f);
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits += 0x7FFFFu + ((bits >> 20) & 1u);
+    return (uint8_t)((((bits >> 23) - 120u) << 3) | ((bits >> 20) & 7u));
 }
 
 // Codes of x / m for m = float(scale) * s2, as kernels/numerics.py encode_e2m1 does it.
