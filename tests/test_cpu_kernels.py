@@ -116,7 +116,10 @@ def test_c_scale_gradient_matches_the_reference(shape):
 
 
 def test_c_e4m3_rounding_matches_torch_over_the_whole_range():
-    values = torch.logspace(-9 * 0.30103, 2.6513, 100_000).clamp(2**-9, 448)  # 2^-9 .. 448
+    grid = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every code in (0, 448]
+    ties = (grid[:-1] + grid[1:]) / 2  # exact midpoints: round to the even code
+    near = torch.cat([ties, torch.nextafter(ties, torch.tensor(0.0)), torch.nextafter(ties, torch.tensor(448.0))])
+    values = torch.cat([torch.logspace(-9 * 0.30103, 2.6513, 100_000), grid, near]).clamp(2**-9, 448)  # 2^-9 .. 448
     blocks = torch.zeros(len(values), 16)
     blocks[:, 0] = values * 6  # block amax 6 v with s2 = 1 -> block scale v
     _, scales = cpu.quantize(blocks, torch.tensor(1.0))
