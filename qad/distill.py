@@ -213,13 +213,12 @@ class _Schedule:
         estimate = self.window / self.total if recent_seconds is None else recent_seconds
         now = time.monotonic()
         progress = self.done + (now + estimate - self.start) / max(self.window, 1e-9)
-        ends_past = recent_seconds is not None and (progress > 1 or (self.deadline or math.inf) < now + estimate)
-        if recent_seconds is not None:  # measured: never backwards, where a slow step inflated the last estimate
-            progress = max(progress, self.last)
-        progress = _from_rank0(None if ends_past else progress)
-        if recent_seconds is not None and progress is not None:
-            self.last = progress
-        return progress
+        if recent_seconds is None:  # a process's first step always runs
+            return _from_rank0(progress)
+        ends_past = progress > 1 or (self.deadline or math.inf) < now + estimate
+        # never backwards (the LR stays monotone) where a slow step inflated the previous estimate
+        self.last = _from_rank0(None if ends_past else max(progress, self.last))
+        return self.last
 
     def state(self, progress: float) -> dict:
         return {"progress": progress, "window": self.window}
