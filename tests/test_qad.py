@@ -227,12 +227,14 @@ def test_budgeted_run_spends_its_window_and_ends_its_cosine(models, tmp_path, mo
     start = time.monotonic()
     metrics = run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
     elapsed = time.monotonic() - start
-    assert 6 * 0.9 < elapsed < 6 + 2, elapsed  # 0.1 minutes: used, and not overrun by more than a step
+    assert 6 * 0.9 < elapsed < 6 + 3, elapsed  # 0.1 minutes: used, and not overrun by more than a (slow) step
     assert metrics["steps"] > 20 and metrics["tokens_trained"] == metrics["steps"] * 2 * 15
-    lrs = _lrs(tmp_path / "l" / "log.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "l" / "log.jsonl").read_text().splitlines()]
+    lrs, seconds = [r["lr"] for r in records], [r["seconds"] for r in records]
     assert len(lrs) == metrics["steps"]
     peak = lrs.index(max(lrs))
-    assert 0.95 * cfg.lr < lrs[peak] <= cfg.lr and 0.03 < peak / len(lrs) < 0.2  # warmup: the first ~10%
+    warmup_share = sum(seconds[: peak + 1]) / sum(seconds)  # of the time: one slow early step may take a tenth
+    assert 0.9 * cfg.lr < lrs[peak] <= cfg.lr and 0.03 < warmup_share < 0.25  # warmup: the first ~10%
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
     assert lrs[-1] < 0.12 * cfg.lr  # the cosine reached its floor (0.1) at the deadline
 
@@ -276,7 +278,7 @@ def test_resumed_budgeted_run_finishes_the_rest_of_its_window(models, tmp_path, 
         run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
     monkeypatch.setattr(distill, "train_step", real_step)
     saved = torch.load(tmp_path / "w" / "qad_state.rank0.pt", weights_only=True)
-    assert 0.3 < saved["schedule"]["progress"] < 0.7 and saved["schedule"]["window"] == pytest.approx(6, abs=1)
+    assert 0.2 < saved["schedule"]["progress"] < 0.8 and saved["schedule"]["window"] == pytest.approx(6, abs=1)
     started = time.monotonic()
     run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l", resume=True)
     rest = time.monotonic() - started
@@ -449,13 +451,13 @@ def test_budgeted_convert_fits_its_budget_with_the_report_evaluation(tiny_model_
 
     monkeypatch.setattr(evaluate_module, "evaluate", timed_evaluate)
     began = time.monotonic()
-    report = _convert(tiny_model_dir, tmp_path / "out", "--qad-budget-minutes", "0.25")  # 15 s, every stage inside
+    report = _convert(tiny_model_dir, tmp_path / "out", "--qad-budget-minutes", "0.4")  # 24 s, every stage inside
     elapsed = time.monotonic() - began
     assert [rows for rows, _ in evaluated] == [["BF16", "PTQ", "PTQ mse-act"], ["QAD"]]
     assert list(report["accuracy"]["results"]) == ["BF16", "PTQ", "PTQ mse-act", "QAD"]
     assert "evaluate untrained" in report["timings_seconds"] and report["qad"]["steps"] > 1
-    assert elapsed <= 15.0 + 1.0, report["timings_seconds"]  # (one training step of slack)
-    assert elapsed >= 15.0 - 1.0 - 2 * evaluated[-1][1] - 3.0, report["timings_seconds"]  # the window was spent
+    assert elapsed <= 24.0 + 1.0, report["timings_seconds"]  # (one training step of slack)
+    assert elapsed >= 24.0 - 1.0 - 2 * evaluated[-1][1] - 3.0, report["timings_seconds"]  # the window was spent
 
 
 @pytest.mark.parametrize("seconds, saves", [(1e-9, 3), (3600.0, 1)], ids=["every-step", "only-the-last"])
