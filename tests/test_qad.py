@@ -21,7 +21,7 @@ from kernels import numerics as nv
 from qad import distill
 from qad.config import QADConfig
 from qad.data import TeacherSamples, file_rows, random_rows
-from qad.distill import chunked_loss, run_qad, trainable_parameters
+from qad.distill import chunked_loss, run_qad, trainable_parameters, update
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,38 @@ def test_chunked_kl_equals_unchunked_kl_and_gradient():
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, full_hidden.grad, rtol=1e-5, atol=1e-7)
+
+
+def _adamw_steps(gradient_norms: list[float], step) -> list[torch.Tensor]:
+    """Two parameter groups (weights at lr, scales at 10 lr) through AdamW steps whose gradients have the
+    given weight-gradient norms; `step(optimizer)` applies one step."""
+    torch.manual_seed(0)
+    weights, scales = [torch.randn(64, 32), torch.randn(48)], [torch.randn(64, 2)]
+    params = [torch.nn.Parameter(t.clone()) for t in weights + scales]
+    optimizer = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}], lr=1e-3,
+                                  betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    for norm in gradient_norms:
+        grads = [torch.randn_like(p) for p in params]
+        total = torch.cat([g.flatten() for g in grads[:2]]).norm()
+        for p, g in zip(params, grads):
+            p.grad = g * norm / total if p is not params[2] else g
+        step(optimizer)
+    return [p.detach() for p in params]
+
+
+def test_update_clips_the_weights_gradient_norm_like_clip_grad_norm():
+    cfg = QADConfig(grad_clip=1.0)
+    norms = [10.0, 0.3, 4.0, 0.8]  # clipped, not, clipped, not: Adam's moments remember the difference
+
+    def reference(optimizer):
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.grad_clip)
+        optimizer.step()
+
+    ours, expected = _adamw_steps(norms, lambda opt: update(opt, cfg)), _adamw_steps(norms, reference)
+    unclipped = _adamw_steps(norms, lambda opt: opt.step())
+    for a, b, c in zip(ours, expected, unclipped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((a - c).abs().max() > 1e-4 for a, c in zip(ours, unclipped))  # the clipping mattered
 
 
 def test_chunked_ce_equals_cross_entropy():
@@ -210,6 +242,21 @@ def test_sequence_longer_than_context_is_rejected(models, tmp_path):
     teacher, tokenizer = models
     with pytest.raises(UserError, match="longer than the model's context"):
         run_qad(fresh_student(teacher), teacher, tokenizer, QADConfig(steps=1, seq_len=100_000), tmp_path / "w", tmp_path / "l")
+
+
+def test_schedule_never_steps_back_after_a_slow_step(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(distill.time, "monotonic", lambda: clock[0])
+    schedule = distill._Schedule(total=100, deadline=110.0)  # a 10 s window
+    assert schedule.at_step(0, None) == pytest.approx(0.01)  # the planned 0.1 s step
+    clock[0] += 0.1
+    after_slow = schedule.at_step(1, 2.0)  # the recent steps looked slow: ends at 2.1 s of 10
+    clock[0] += 0.1
+    assert schedule.at_step(2, 0.1) == after_slow  # 0.3 s of 10 measured, but the LR does not go back
+    clock[0] = 105.0
+    assert schedule.at_step(3, 0.1) == pytest.approx(0.51)
+    clock[0] = 109.95
+    assert schedule.at_step(4, 0.1) is None  # would end past the deadline
 
 
 def _lrs(path: Path) -> list[float]:
