@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kernels import cpu
+
 TOKEN_CHUNK = 256
 
 
@@ -24,8 +26,6 @@ def token_kl_ref(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
 class _KLRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-        from kernels import cpu
-
         kl, grad = cpu.kl_rows(teacher_logits, student_logits, with_grad=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad)
         return kl
@@ -38,8 +38,6 @@ class _KLRows(torch.autograd.Function):
 
 
 def _use_c(teacher_logits: Tensor, student_logits: Tensor) -> bool:
-    from kernels import cpu
-
     return (student_logits.device.type == "cpu" and teacher_logits.dtype == student_logits.dtype == torch.float32
             and student_logits.dim() == 2 and cpu.available() and not teacher_logits.requires_grad)
 
