@@ -9,6 +9,10 @@ and the AdamW update (convert's process memory settings included).
 FLOPs per step count the matmuls only: teacher forward 2*P, student forward 2*P, student backward
 2*P_body (weight gradients) + 2*P (input gradients), where P = body linears + lm_head and the
 lm_head has no weight gradient; attention-score FLOPs (seq_len^2) are added for both models.
+
+A profiled step after the timed ones gives the time of its GEMMs alone (torch profiler, `aten::mm`):
+their rate against the probe, and the step's "of bound" if all else in it took no time, the ceiling
+this BLAS leaves at these shapes (at batch 1, 127-row GEMMs run well below the 2048^3 probe's rate).
 """
 
 import argparse
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +51,14 @@ def step_flops(model, tokens: int, seq_len: int) -> float:
     forward = 2 * (body + head) * tokens + attention * tokens
     backward = 2 * body * tokens + 2 * (body + head) * tokens + 2 * attention * tokens
     return 2 * forward + backward  # teacher forward + student forward + student backward
+
+
+def gemm_time(step) -> tuple[float, float]:
+    """(GEMM FLOPs, seconds spent in GEMMs) of one profiled call of `step`."""
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        step()
+    gemms = [e for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    return sum(e.flops for e in gemms), sum(e.self_cpu_time_total for e in gemms) / 1e6
 
 
 def main() -> None:
@@ -78,11 +91,16 @@ def main() -> None:
         step()
     seconds = (time.perf_counter() - start) / args.steps
     peak = max(peak_before, matmul_gflops())
+    gemm_flops, gemm_seconds = gemm_time(step)
     flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
     achieved = flops / seconds / 1e9
     print(f"threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, scale_lr {cfg.scale_lr:g}")
     print(f"{'fp32 matmul GFLOP/s':>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
     print(f"{peak:>22.1f} {seconds:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds:>9.0f}")
+    gemm_rate = gemm_flops / gemm_seconds / 1e9
+    print(f"GEMMs of a profiled step: {gemm_flops / 1e9:.1f} GFLOP in {gemm_seconds:.2f} s, {gemm_rate:.1f} GFLOP/s = "
+          f"{100 * gemm_rate / peak:.0f}% of the probe; of bound if nothing else took time: "
+          f"{100 * flops / gemm_seconds / 1e9 / peak:.0f}%")
 
 
 if __name__ == "__main__":
