@@ -80,7 +80,7 @@ def unpack_codes(packed: Tensor) -> Tensor:  # uint8 [..., K/2] -> uint8 [..., K
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
-def _block_multiplier(scales: Tensor, gscale: Tensor) -> Tensor:  # [..., K/16] -> [..., K/16, 1]
+def block_multiplier(scales: Tensor, gscale: Tensor) -> Tensor:  # e4m3 [..., K/16] -> float(sb) * s2 [..., K/16, 1]
     return (scales.float() * gscale.float().to(scales.device)).unsqueeze(-1)
 
 
@@ -88,7 +88,7 @@ def quantize_codes(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> t
     """x [..., K] -> (codes uint8 [..., K], scales e4m3 [..., K/16]); scales are computed when not given."""
     if scales is None:
         scales = block_scales(x, gscale)
-    scaled = _blocks(x) / _block_multiplier(scales, gscale)
+    scaled = _blocks(x) / block_multiplier(scales, gscale)
     return encode_e2m1(scaled.flatten(-2)), scales
 
 
@@ -103,14 +103,14 @@ def quantize_ref(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None 
 def dequantize_ref(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """(packed [..., K/2], scales [..., K/16], gscale) -> [..., K] in dtype."""
     values = decode_e2m1(unpack_codes(packed))
-    return (_blocks(values) * _block_multiplier(scales, gscale)).flatten(-2).to(dtype)
+    return (_blocks(values) * block_multiplier(scales, gscale)).flatten(-2).to(dtype)
 
 
 def fake_quantize_ref(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Tensor:
     """dequantize(quantize(x)) in x's dtype, computed without packing."""
     codes, scales = quantize_codes(x.detach(), gscale, scales)
     values = decode_e2m1(codes)
-    return (_blocks(values) * _block_multiplier(scales, gscale)).flatten(-2).to(x.dtype)
+    return (_blocks(values) * block_multiplier(scales, gscale)).flatten(-2).to(x.dtype)
 
 
 def scales_from_log(log_scales: Tensor) -> Tensor:
@@ -126,15 +126,21 @@ def scale_gradient_ref(x: Tensor, grad: Tensor, scale: Tensor, gscale: Tensor) -
     clipped; d log m / d log(scale) = scale / s8 (e4m3 rounding straight through), 0 where the scale is
     held at e4m3's bounds."""
     scales = e4m3_scales(scale)
-    multiplier = _block_multiplier(scales, gscale)
+    multiplier = block_multiplier(scales, gscale)
     scaled = _blocks(x.detach().float()) / multiplier
     inside = scaled.abs() <= E2M1_MAX
     values = decode_e2m1(encode_e2m1(scaled.flatten(-2))).unflatten(-1, (-1, BLOCK))
     blocks = _blocks(grad.float())
     grad_x = (blocks * inside).flatten(-2)
     grad_log_m = (blocks * (values - torch.where(inside, scaled, 0.0))).sum(-1) * multiplier.squeeze(-1)
+    return grad_x, grad_log_m * log_scale_chain(scale, scales)
+
+
+def log_scale_chain(scale: Tensor, scales: Tensor) -> Tensor:
+    """d log m / d log(scale) per block: scale / e4m3(scale) (the rounding passed straight through), 0 where the
+    scale is held at e4m3's bounds [2^-9, 448]."""
     in_range = (scale >= E4M3_MIN_SUBNORMAL) & (scale <= E4M3_MAX)
-    return grad_x, torch.where(in_range, grad_log_m * (scale / scales.float()), 0.0)
+    return torch.where(in_range, scale / scales.float(), 0.0)
 
 
 def activation_global_scale(calib_amax: Tensor | float) -> Tensor:

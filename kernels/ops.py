@@ -44,10 +44,10 @@ def dequantize(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtyp
 
 
 def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
-    if scales is None and x.dim() >= 1 and x.shape[-1] % ref.BLOCK == 0 and _use_triton(x):  # any [..., K] activation
+    if x.dim() >= 1 and x.shape[-1] % ref.BLOCK == 0 and _use_triton(x):  # any [..., K] activation, or a weight
         from kernels.triton_nvfp4 import fake_quantize_triton
 
-        return fake_quantize_triton(x, gscale)
+        return fake_quantize_triton(x, gscale, scales)
     if _use_c(x) and x.shape[-1] % ref.BLOCK == 0:
         from kernels import cpu
 
@@ -76,6 +76,10 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
 
 
 def _scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dim() == 2 and _use_triton(x):
+        from kernels.triton_nvfp4 import scale_gradient_triton
+
+        return scale_gradient_triton(x, grad, scale, scales, gscale)
     if x.dim() == 2 and _use_c(x):
         from kernels import cpu
 

@@ -1,4 +1,5 @@
-"""Triton NVFP4 kernels: quantize+pack, fake-quantize (QAD forward) and the W4A16 GEMM.
+"""Triton NVFP4 kernels: quantize+pack, fake-quantize (QAD forward), the learned block scales' backward
+and the W4A16 GEMM.
 
 Bit-identical to kernels/numerics.py for quantize and fake-quantize: the FP8 block scale is rounded
 arithmetically (no reliance on a hardware cvt's rounding mode) and divisions use `tl.div_rn`
@@ -9,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kernels.numerics import block_multiplier, log_scale_chain
 
 BLOCKS_PER_PROGRAM = 64
 
@@ -69,14 +72,37 @@ def _quantize_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, n_blocks, BLOCKS
 
 
 @triton.jit
-def _fake_quantize_kernel(x_ptr, out_ptr, gscale_ptr, n_blocks, BLOCKS: tl.constexpr):
+def _fake_quantize_kernel(x_ptr, out_ptr, gscale_ptr, multiplier_ptr, n_blocks, BLOCKS: tl.constexpr,
+                          GIVEN_SCALES: tl.constexpr):
     blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     live = blocks < n_blocks
     offsets = blocks[:, None] * 16 + tl.arange(0, 16)[None, :]
     x = tl.load(x_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-    multiplier, _ = _block_scales(x, tl.load(gscale_ptr))
+    if GIVEN_SCALES:
+        multiplier = tl.load(multiplier_ptr + blocks, mask=live, other=1.0)
+    else:
+        multiplier, _ = _block_scales(x, tl.load(gscale_ptr))
     values = _e2m1_values(_e2m1_codes(tl.div_rn(x, multiplier[:, None])))
     tl.store(out_ptr + offsets, values * multiplier[:, None], mask=live[:, None])
+
+
+@triton.jit
+def _scale_gradient_kernel(x_ptr, grad_ptr, multiplier_ptr, chain_ptr, grad_x_ptr, grad_log_ptr, n_blocks,
+                           BLOCKS: tl.constexpr):
+    """numerics.scale_gradient_ref per block of 16: grad_x = grad where |u| <= 6 (u = x / m), and
+    d/d log(scale) = m * sum grad * (q - u unclipped, q clipped) * the log-scale chain factor."""
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    live = blocks < n_blocks
+    offsets = blocks[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+    multiplier = tl.load(multiplier_ptr + blocks, mask=live, other=1.0)
+    scaled = tl.div_rn(x, multiplier[:, None])
+    inside = tl.abs(scaled) <= 6.0
+    values = _e2m1_values(_e2m1_codes(scaled))
+    tl.store(grad_x_ptr + offsets, tl.where(inside, grad, 0.0), mask=live[:, None])
+    grad_log_m = tl.sum(grad * (values - tl.where(inside, scaled, 0.0)), axis=1) * multiplier
+    tl.store(grad_log_ptr + blocks, grad_log_m * tl.load(chain_ptr + blocks, mask=live, other=0.0), mask=live)
 
 
 def _grid_blocks(x: Tensor) -> tuple[Tensor, int]:
@@ -96,16 +122,36 @@ def quantize_triton(x: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
     return packed, scales.view(torch.float8_e4m3fn)
 
 
-def fake_quantize_triton(x: Tensor, gscale: Tensor) -> Tensor:
-    """dequantize(quantize(x)) in x.dtype, without materialising codes.
+def fake_quantize_triton(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Tensor:
+    """dequantize(quantize(x)) in x.dtype, without materialising codes; given e4m3 `scales` [..., K/16]
+    (a scale search's, or learned ones) are used as they are, else ModelOpt's amax rule.
 
     The kernel writes fp32 and torch casts, so bf16/fp16 rounding is torch's own (the reference's).
     """
     flat, n_blocks = _grid_blocks(x)
     out = torch.empty(flat.shape, dtype=torch.float32, device=x.device)
     gscale = gscale.float().reshape(1).to(x.device)
-    _fake_quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, out, gscale, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM)
+    multiplier = gscale if scales is None else block_multiplier(scales, gscale).reshape(-1).contiguous()
+    _fake_quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, out, gscale, multiplier, n_blocks,
+                                                                      BLOCKS=BLOCKS_PER_PROGRAM,
+                                                                      GIVEN_SCALES=scales is not None)
     return out.to(x.dtype)
+
+
+def scale_gradient_triton(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of fake_quantize_triton(x, gscale, scales) for block scales learned as logarithms: `scale` the
+    fp32 exp of the logarithms [..., K/16], `scales` its e4m3 rounding. -> (grad_x fp32, grad_log_scales fp32),
+    as numerics.scale_gradient_ref (grad_x exactly; the block sums in another order)."""
+    flat, n_blocks = _grid_blocks(x)
+    grad = grad.contiguous()
+    gscale = gscale.float().reshape(1).to(x.device)
+    multiplier = block_multiplier(scales, gscale).reshape(-1).contiguous()
+    chain = log_scale_chain(scale.float(), scales).reshape(-1).contiguous()
+    grad_x = torch.empty(flat.shape, dtype=torch.float32, device=x.device)
+    grad_log = torch.empty(scale.shape, dtype=torch.float32, device=x.device)
+    _scale_gradient_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, grad, multiplier, chain, grad_x, grad_log,
+                                                                       n_blocks, BLOCKS=BLOCKS_PER_PROGRAM)
+    return grad_x, grad_log
 
 
 @triton.jit

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS = r"""
 import json, sys, torch
 from kernels import numerics as nv
-from kernels.triton_nvfp4 import fake_quantize_triton, matmul_w4a16_triton, quantize_triton
+from kernels.triton_nvfp4 import fake_quantize_triton, matmul_w4a16_triton, quantize_triton, scale_gradient_triton
 
 device = sys.argv[1]
 results = []
@@ -42,6 +42,23 @@ ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 w = torch.zeros(7, 16); w[:, 0] = 6.0; w[:, 1] = ties; w[:, 2] = -ties
 tp, _ = quantize_triton(w.to(device), torch.tensor(1.0))
 results.append({"case": "ties", "packed": torch.equal(tp.cpu(), nv.quantize_ref(w, torch.tensor(1.0))[0]), "scales": True, "fake_quant": True})
+learned = []  # given (searched or learned) block scales: the forward, and the LSQ backward of learned ones
+for rows, cols in ((3, 48), (17, 96), (64, 160)):
+    for dtype in (torch.float32, torch.bfloat16):
+        w, upstream = torch.randn(rows, cols).to(dtype), torch.randn(rows, cols)
+        gscale = nv.global_scale(nv.tensor_amax(w))
+        scale = nv.block_scales(w, gscale).float() * torch.empty(rows, cols // 16).uniform_(0.5, 1.5)
+        scale[0, 0], scale[-1, -1] = 1e-4, 500.0  # held at e4m3's bounds: no gradient
+        scales = nv.e4m3_scales(scale)
+        fq = fake_quantize_triton(w.to(device), gscale, scales.to(device)).cpu()
+        grad_x, grad_log = (t.cpu() for t in scale_gradient_triton(w.to(device), upstream.to(device), scale.to(device),
+                                                                  scales.to(device), gscale))
+        expected_x, expected_log = nv.scale_gradient_ref(w, upstream, scale, gscale)
+        held = (scale < 2**-9) | (scale > 448)
+        learned.append({"case": f"{rows}x{cols} {dtype}", "fake_quant": torch.equal(fq, nv.fake_quantize_ref(w, gscale, scales)),
+                        "grad_x": torch.equal(grad_x, expected_x) and bool((expected_x == 0).any()),
+                        "held": torch.equal(grad_log == 0, held),
+                        "grad_log_rel": float((grad_log - expected_log).abs().max() / expected_log.abs().max())})
 gemm = []
 shapes = [(1, 16, 16), (1, 100, 160), (3, 48, 96), (3, 100, 48), (17, 100, 160), (17, 16, 48)]
 for m, n, k in shapes:
@@ -57,7 +74,7 @@ for m, n, k in shapes:
                      "within_ulp": bool((diff <= ulp_bound).all()),
                      "sqnr": float(20 * torch.log10(ref.norm() / diff.norm().clamp(min=1e-30))),
                      "max_rel": float((ref - y.double()).abs().max() / ref.abs().max())})
-print(json.dumps({"quant": results, "gemm": gemm}))
+print(json.dumps({"quant": results, "learned": learned, "gemm": gemm}))
 """
 
 
@@ -72,6 +89,10 @@ def assert_results(results: dict) -> None:
     for row in results["quant"]:
         assert row["packed"] and row["scales"] and row["fake_quant"], row
     assert len(results["quant"]) == 15  # 5 shapes x 3 dtypes, one all-underflowed case skipped, + ties
+    assert len(results["learned"]) == 6
+    for row in results["learned"]:
+        assert row["fake_quant"] and row["grad_x"] and row["held"], row
+        assert row["grad_log_rel"] <= 1e-5, row  # the same products, summed over each block in another order
     assert len(results["gemm"]) == 18
     for row in results["gemm"]:
         assert row["out_dtype"] == row["dtype"], row
@@ -94,9 +115,17 @@ def test_triton_kernels_match_reference_on_cuda():
 @pytest.mark.gpu
 def test_dispatch_uses_triton_on_cuda():
     from kernels import numerics as nv
-    from kernels.ops import fake_quantize, quantize
+    from kernels.ops import fake_quantize, fake_quantize_learned, quantize
 
     w = torch.randn(64, 128, device="cuda")
     gscale = nv.global_scale(nv.tensor_amax(w))
     assert torch.equal(quantize(w, gscale)[0].cpu(), nv.quantize_ref(w.cpu(), gscale.cpu())[0])
     assert torch.equal(fake_quantize(w, gscale).cpu(), nv.fake_quantize_ref(w.cpu(), gscale.cpu()))
+    scales = nv.block_scales(w, gscale)
+    assert torch.equal(fake_quantize(w, gscale, scales).cpu(), nv.fake_quantize_ref(w.cpu(), gscale.cpu(), scales.cpu()))
+    log_scales = scales.float().log().requires_grad_(True)
+    fake_quantize_learned(w.requires_grad_(True), gscale, log_scales).sum().backward()
+    expected_x, expected_log = nv.scale_gradient_ref(w.detach().cpu(), torch.ones(64, 128), log_scales.detach().exp().cpu(),
+                                                     gscale.cpu())
+    assert torch.equal(w.grad.cpu(), expected_x)
+    torch.testing.assert_close(log_scales.grad.cpu(), expected_log, rtol=1e-5, atol=1e-6 * expected_log.abs().max().item())
