@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/qad.py                    # default model, convert's default step (batch 1 x 128), 3 timed steps
     .venv/bin/python bench/qad.py --batch 8 --seq-len 256
+    python bench/qad.py --device cuda --baseline --batch 8 --seq-len 512   # GPU: bf16 autocast, Triton kernels
+
+`--baseline` also times the same step with an unquantized student (the same linears' weights trained,
+no fake quantization) and prints the ratio: issue 5's GPU target is quantized <= 1.3x unquantized.
 
 A timed step is what convert's training loop runs: forward both models, backward, gradient clipping
 and the AdamW update (convert's process memory settings included).
@@ -19,6 +23,7 @@ import argparse
 import copy
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,12 +39,19 @@ from qad.config import QADConfig  # noqa: E402
 from qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -61,6 +73,37 @@ def gemm_time(step) -> tuple[float, float]:
     return sum(e.flops for e in gemms), sum(e.self_cpu_time_total for e in gemms) / 1e6
 
 
+def unquantized_student(teacher, quantized) -> torch.nn.Module:
+    """The teacher's copy with the same linears' weights trainable as the quantized student's, nothing fake-quantized."""
+    plain = copy.deepcopy(teacher).requires_grad_(False)
+    modules = dict(plain.named_modules())
+    for name in quantized_modules(quantized):
+        modules[name].weight.requires_grad_(True)
+    return plain
+
+
+def step_runner(student, teacher, batch: torch.Tensor, cfg: QADConfig):
+    optimizer, _ = make_optimizer(student, cfg)
+
+    def step() -> None:  # what the training loop does per step, logging aside
+        optimizer.zero_grad(set_to_none=True)
+        train_step(student, teacher, batch, cfg)
+        update(optimizer, cfg)
+
+    return step
+
+
+def seconds_per_step(step, steps: int, device: torch.device) -> float:
+    for _ in range(2):  # warm-up discarded: the first two steps pay one-off allocator, thread-pool and kernel-build costs
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -69,38 +112,43 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=QADConfig.seq_len)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--scale-lr", type=float, default=QADConfig.scale_lr, help="0: fixed block scales")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--baseline", action="store_true", help="also time the step with an unquantized student")
     args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # as convert computes
     keep_freed_memory()
-    teacher, tokenizer, _ = load_causal_lm(args.model)
+    teacher, tokenizer, _ = load_causal_lm(args.model, dtype, device)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme))
     cfg = QADConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, data="random", scale_lr=args.scale_lr)
     trainable_parameters(student, learn_scales=cfg.scale_lr > 0)
-    optimizer, _ = make_optimizer(student, cfg)
-    batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len))
+    batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)
+    step = step_runner(student, teacher, batch, cfg)
 
-    def step() -> None:  # what the training loop does per step, logging aside
-        optimizer.zero_grad(set_to_none=True)
-        train_step(student, teacher, batch, cfg)
-        update(optimizer, cfg)
-
-    for _ in range(2):  # warm-up discarded: the first two steps pay one-off allocator and thread-pool costs
-        step()
-    peak_before = matmul_gflops()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - start) / args.steps
-    peak = max(peak_before, matmul_gflops())
-    gemm_flops, gemm_seconds = gemm_time(step)
+    peak_before = matmul_gflops(device, dtype)
+    seconds = seconds_per_step(step, args.steps, device)
+    peak = max(peak_before, matmul_gflops(device, dtype))
     flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
     achieved = flops / seconds / 1e9
-    print(f"threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, scale_lr {cfg.scale_lr:g}")
-    print(f"{'fp32 matmul GFLOP/s':>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
+    print(f"{device.type}, threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, "
+          f"scale_lr {cfg.scale_lr:g}")
+    probe = f"{str(dtype).removeprefix('torch.')} matmul GFLOP/s"
+    print(f"{probe:>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
     print(f"{peak:>22.1f} {seconds:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds:>9.0f}")
-    gemm_rate = gemm_flops / gemm_seconds / 1e9
-    print(f"GEMMs of a profiled step: {gemm_flops / 1e9:.1f} GFLOP in {gemm_seconds:.2f} s, {gemm_rate:.1f} GFLOP/s = "
-          f"{100 * gemm_rate / peak:.0f}% of the probe; of bound if nothing else took time: "
-          f"{100 * flops / gemm_seconds / 1e9 / peak:.0f}%")
+    if device.type == "cpu":  # the profiler's CPU self time is the GEMMs' own time only on CPU
+        gemm_flops, gemm_seconds = gemm_time(step)
+        gemm_rate = gemm_flops / gemm_seconds / 1e9
+        print(f"GEMMs of a profiled step: {gemm_flops / 1e9:.1f} GFLOP in {gemm_seconds:.2f} s, {gemm_rate:.1f} GFLOP/s = "
+              f"{100 * gemm_rate / peak:.0f}% of the probe; of bound if nothing else took time: "
+              f"{100 * flops / gemm_seconds / 1e9 / peak:.0f}%")
+    if args.baseline:
+        del step
+        plain = unquantized_student(teacher, student)
+        del student
+        plain_seconds = seconds_per_step(step_runner(plain, teacher, batch, replace(cfg, scale_lr=0.0)),
+                                         args.steps, device)
+        print(f"unquantized student: {plain_seconds:.3f} s a step; quantized {seconds:.3f} s = "
+              f"{seconds / plain_seconds:.2f}x (GPU target <= 1.3x)")
 
 
 if __name__ == "__main__":
