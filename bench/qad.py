@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/qad.py                    # default model, convert's default step (batch 1 x 128), 3 timed steps
     .venv/bin/python bench/qad.py --batch 8 --seq-len 256
-    python bench/qad.py --device cuda --baseline --batch 8 --seq-len 512   # GPU: bf16 autocast, Triton kernels
+    python bench/qad.py --random llama-1b --device cuda --baseline --batch 8 --seq-len 512   # GPU (bench/gpu.sh)
 
+`--random PRESET` trains a randomly initialised model of that shape instead of loading one (a machine
+without the embedded model, e.g. a GPU box; step times do not depend on the weights' values).
 `--baseline` also times the same step with an unquantized student (the same linears' weights trained,
 no fake quantization) and prints the ratio: issue 5's GPU target is quantized <= 1.3x unquantized.
 
-A timed step is what convert's training loop runs: forward both models, backward, gradient clipping
+A timed step (the median of --steps) is what convert's training loop runs: forward both models, backward, gradient clipping
 and the AdamW update (convert's process memory settings included).
 
 FLOPs per step count the matmuls only: teacher forward 2*P, student forward 2*P, student backward
@@ -21,6 +23,7 @@ this BLAS leaves at these shapes (at batch 1, 127-row GEMMs run well below the 2
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -34,9 +37,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm  # noqa: E402
 from converter.pipeline import keep_freed_memory  # noqa: E402
-from converter.quantize import quantize, quantized_modules  # noqa: E402
+from converter.quantize import calibrate, quantize, quantized_modules  # noqa: E402
 from qad.config import QADConfig  # noqa: E402
 from qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
+
+
+PRESETS = {  # LlamaConfig fields of the models a random run can stand in for
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
+def random_model(preset: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**PRESETS[preset], max_position_embeddings=8192)).to(device, dtype).eval()
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,20 +111,25 @@ def step_runner(student, teacher, batch: torch.Tensor, cfg: QADConfig):
     return step
 
 
-def seconds_per_step(step, steps: int, device: torch.device) -> float:
-    for _ in range(2):  # warm-up discarded: the first two steps pay one-off allocator, thread-pool and kernel-build costs
+def interleaved_seconds(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each named step, the steps taking turns (a noisy machine slows them alike)."""
+    for step in [*steps.values()] * 2:  # warm-up discarded: one-off allocator, thread-pool and kernel-build costs
         step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="HF folder or .gguf; default: the embedded model")
+    parser.add_argument("--random", choices=sorted(PRESETS), default=None, help="a random model of this shape instead")
     parser.add_argument("--scheme", default="nvfp4-a16")
     parser.add_argument("--batch", type=int, default=QADConfig.batch)
     parser.add_argument("--seq-len", type=int, default=QADConfig.seq_len)
@@ -118,37 +141,35 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # as convert computes
     keep_freed_memory()
-    teacher, tokenizer, _ = load_causal_lm(args.model, dtype, device)
+    teacher = random_model(args.random, dtype, device) if args.random else load_causal_lm(args.model, dtype, device)[0]
+    batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=args.scheme))
+    calibrate(student, [batch])  # W4A4: the input scales, without which activations are not fake-quantized
     cfg = QADConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, data="random", scale_lr=args.scale_lr)
     trainable_parameters(student, learn_scales=cfg.scale_lr > 0)
-    batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)
-    step = step_runner(student, teacher, batch, cfg)
+    steps = {"quantized": step_runner(student, teacher, batch, cfg)}
+    if args.baseline:
+        steps["unquantized"] = step_runner(unquantized_student(teacher, student), teacher, batch, replace(cfg, scale_lr=0.0))
 
     peak_before = matmul_gflops(device, dtype)
-    seconds = seconds_per_step(step, args.steps, device)
+    seconds = interleaved_seconds(steps, args.steps, device)
     peak = max(peak_before, matmul_gflops(device, dtype))
     flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
-    achieved = flops / seconds / 1e9
+    achieved = flops / seconds["quantized"] / 1e9
     print(f"{device.type}, threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, "
           f"scale_lr {cfg.scale_lr:g}")
     probe = f"{str(dtype).removeprefix('torch.')} matmul GFLOP/s"
     print(f"{probe:>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
-    print(f"{peak:>22.1f} {seconds:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds:>9.0f}")
+    print(f"{peak:>22.1f} {seconds['quantized']:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds['quantized']:>9.0f}")
     if device.type == "cpu":  # the profiler's CPU self time is the GEMMs' own time only on CPU
-        gemm_flops, gemm_seconds = gemm_time(step)
+        gemm_flops, gemm_seconds = gemm_time(steps["quantized"])
         gemm_rate = gemm_flops / gemm_seconds / 1e9
         print(f"GEMMs of a profiled step: {gemm_flops / 1e9:.1f} GFLOP in {gemm_seconds:.2f} s, {gemm_rate:.1f} GFLOP/s = "
               f"{100 * gemm_rate / peak:.0f}% of the probe; of bound if nothing else took time: "
               f"{100 * flops / gemm_seconds / 1e9 / peak:.0f}%")
     if args.baseline:
-        del step
-        plain = unquantized_student(teacher, student)
-        del student
-        plain_seconds = seconds_per_step(step_runner(plain, teacher, batch, replace(cfg, scale_lr=0.0)),
-                                         args.steps, device)
-        print(f"unquantized student: {plain_seconds:.3f} s a step; quantized {seconds:.3f} s = "
-              f"{seconds / plain_seconds:.2f}x (GPU target <= 1.3x)")
+        print(f"unquantized student: {seconds['unquantized']:.3f} s a step; quantized {seconds['quantized']:.3f} s = "
+              f"{seconds['quantized'] / seconds['unquantized']:.2f}x (GPU target <= 1.3x)")
 
 
 if __name__ == "__main__":
