@@ -260,3 +260,14 @@ def test_default_model_weights_bit_identical(default_model_dir):
         disagreements += int(differs.sum())
         total += differs.numel()
     assert disagreements / total < 0.005, f"{disagreements} of {total} codes differ"
+
+
+def test_an_installed_hugging_face_kernels_package_is_reported(monkeypatch):
+    import importlib.metadata
+
+    import kernels
+
+    assert not kernels.warn_if_shadowing()  # this environment: transformers < 5.25, no Hugging Face `kernels`
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())
+    with pytest.warns(UserWarning, match="shadows it"):
+        assert kernels.warn_if_shadowing()
