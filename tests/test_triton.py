@@ -113,19 +113,30 @@ def test_triton_kernels_match_reference_on_cuda():
 
 
 @pytest.mark.gpu
-def test_dispatch_uses_triton_on_cuda():
+def test_dispatch_uses_triton_on_cuda(monkeypatch):
+    """On CUDA tensors kernels.ops runs the Triton kernels: the torch reference is made to fail after it
+    computed the expected values on CPU copies."""
     from kernels import numerics as nv
-    from kernels.ops import fake_quantize, fake_quantize_learned, quantize
+    from kernels import ops
 
     w = torch.randn(64, 128, device="cuda")
     gscale = nv.global_scale(nv.tensor_amax(w))
-    assert torch.equal(quantize(w, gscale)[0].cpu(), nv.quantize_ref(w.cpu(), gscale.cpu())[0])
-    assert torch.equal(fake_quantize(w, gscale).cpu(), nv.fake_quantize_ref(w.cpu(), gscale.cpu()))
     scales = nv.block_scales(w, gscale)
-    assert torch.equal(fake_quantize(w, gscale, scales).cpu(), nv.fake_quantize_ref(w.cpu(), gscale.cpu(), scales.cpu()))
+    cpu_w, cpu_gscale, cpu_scales = w.cpu(), gscale.cpu(), scales.cpu()
+    expected_packed = nv.quantize_ref(cpu_w, cpu_gscale)[0]
+    expected_amax, expected_given = nv.fake_quantize_ref(cpu_w, cpu_gscale), nv.fake_quantize_ref(cpu_w, cpu_gscale, cpu_scales)
     log_scales = scales.float().log().requires_grad_(True)
-    fake_quantize_learned(w.requires_grad_(True), gscale, log_scales).sum().backward()
-    expected_x, expected_log = nv.scale_gradient_ref(w.detach().cpu(), torch.ones(64, 128), log_scales.detach().exp().cpu(),
-                                                     gscale.cpu())
-    assert torch.equal(w.grad.cpu(), expected_x)
+    expected_x, expected_log = nv.scale_gradient_ref(cpu_w, torch.ones(64, 128), log_scales.detach().exp().cpu(), cpu_gscale)
+
+    def reference_ran(*args, **kwargs):
+        raise AssertionError("the torch reference ran on CUDA tensors")
+
+    for name in ("quantize_ref", "fake_quantize_ref", "scale_gradient_ref"):
+        monkeypatch.setattr(ops.ref, name, reference_ran)
+    assert torch.equal(ops.quantize(w, gscale)[0].cpu(), expected_packed)
+    assert torch.equal(ops.fake_quantize(w, gscale).cpu(), expected_amax)
+    assert torch.equal(ops.fake_quantize(w, gscale, scales).cpu(), expected_given)
+    weight = w.clone().requires_grad_(True)
+    ops.fake_quantize_learned(weight, gscale, log_scales).sum().backward()
+    assert torch.equal(weight.grad.cpu(), expected_x)
     torch.testing.assert_close(log_scales.grad.cpu(), expected_log, rtol=1e-5, atol=1e-6 * expected_log.abs().max().item())
