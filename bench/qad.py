@@ -9,8 +9,8 @@ without the embedded model, e.g. a GPU box; step times do not depend on the weig
 `--baseline` also times the same step with an unquantized student (the same linears' weights trained,
 no fake quantization) and prints the ratio: issue 5's GPU target is quantized <= 1.3x unquantized.
 
-A timed step (the median of --steps) is what convert's training loop runs: forward both models, backward, gradient clipping
-and the AdamW update (convert's process memory settings included).
+A timed step (the median of --steps) is what convert's training loop runs: forward both models,
+backward, gradient clipping and the AdamW update (convert's process memory settings included).
 
 FLOPs per step count the matmuls only: teacher forward 2*P, student forward 2*P, student backward
 2*P_body (weight gradients) + 2*P (input gradients), where P = body linears + lm_head and the
@@ -41,7 +41,6 @@ from converter.quantize import calibrate, quantize, quantized_modules  # noqa: E
 from qad.config import QADConfig  # noqa: E402
 from qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
 
-
 PRESETS = {  # LlamaConfig fields of the models a random run can stand in for
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
@@ -54,7 +53,9 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device) -> torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**PRESETS[preset], max_position_embeddings=8192)).to(device, dtype).eval()
+    with torch.device(device):  # initialised where it runs: a 1B model's init is slow on a few CPU cores
+        model = LlamaForCausalLM(LlamaConfig(**PRESETS[preset], max_position_embeddings=8192))
+    return model.to(dtype).eval()
 
 
 def synchronize(device: torch.device) -> None:
