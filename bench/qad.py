@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converter.config import QuantConfig  # noqa: E402
 from converter.models import load_causal_lm  # noqa: E402
-from converter.pipeline import keep_freed_memory  # noqa: E402
+from converter.pipeline import compute_dtype, keep_freed_memory, torch_device  # noqa: E402
 from converter.quantize import calibrate, quantize, quantized_modules  # noqa: E402
 from qad.config import QADConfig  # noqa: E402
 from qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
@@ -139,8 +139,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--baseline", action="store_true", help="also time the step with an unquantized student")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # as convert computes
+    device = torch_device(args.device)
+    dtype = compute_dtype(device)
     keep_freed_memory()
     teacher = random_model(args.random, dtype, device) if args.random else load_causal_lm(args.model, dtype, device)[0]
     batch = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)

@@ -37,6 +37,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 TrainStage = Callable[..., dict]
 
 
+def torch_device(choice: str) -> torch.device:
+    """--device auto | cpu | cuda -> where convert (and QAD) compute; auto takes CUDA when there is one."""
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmul is ~70x slower on CPU
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc to keep freed blocks for reuse instead of handing them back to the OS.
 
@@ -82,7 +91,7 @@ class ConvertConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device("cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()) else "cpu")
+        return torch_device(self.device)
 
     @property
     def workdir(self) -> Path:
@@ -187,10 +196,9 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
     torch.manual_seed(cfg.seed)
     device = cfg.torch_device
     keep_freed_memory()
-    compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmul is ~70x slower on CPU
     source_dir = resolve_model(cfg.source)
     with timer.stage("load"):
-        teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype, device, cfg.trust_remote_code)
+        teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype(device), device, cfg.trust_remote_code)
         teacher.requires_grad_(False)
     _check_disk_space(cfg.out.parent, teacher, cfg.targets)
     student, batches = copy.deepcopy(teacher), None
