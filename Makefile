@@ -25,7 +25,7 @@ $(VENV)/.dev: $(VENV)/.base
 	touch $@
 
 $(VENV)/.ui: $(VENV)/.base
-	$(PIP) install -q -e '.[ui]'
+	$(PIP) install -q -e '.[serve,ui]'
 	touch $@
 
 # vLLM for CPU (`--engine vllm` tests) in a venv of its own: its pins clash with ours. ~3 min here.
@@ -48,11 +48,13 @@ test-tools:
 	@command -v chromium >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 
+# -P: the working directory stays off sys.path, so the repository's top-level folders (kernels/, serve/ ...)
+# never shadow installed packages of those names (Hugging Face's `kernels`); ours import as nvfp4.*.
 test: $(VENV)/.dev test-tools vllm
-	$(PY) -m pytest -q
+	$(PY) -P -m pytest -q
 
 test-fast: $(VENV)/.dev test-tools
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -P -m pytest -q -m "not slow"
 
 demo: $(VENV)/.ui
 	$(NVFP4) convert -o $(DEMO_OUT) --force

@@ -26,12 +26,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from converter.calibration import calibration_batches  # noqa: E402
-from converter.config import QuantConfig  # noqa: E402
-from converter.models import load_causal_lm, resolve_model  # noqa: E402
-from converter.quantize import calibrate, quantize  # noqa: E402
-from converter.pipeline import DTYPES, TARGETS, export_targets, keep_freed_memory  # noqa: E402
-from converter.writers import hf  # noqa: E402
+from nvfp4.converter.calibration import calibration_batches  # noqa: E402
+from nvfp4.converter.config import QuantConfig  # noqa: E402
+from nvfp4.converter.models import load_causal_lm, resolve_model  # noqa: E402
+from nvfp4.converter.quantize import calibrate, quantize  # noqa: E402
+from nvfp4.converter.pipeline import DTYPES, TARGETS, export_targets, keep_freed_memory  # noqa: E402
+from nvfp4.converter.writers import hf  # noqa: E402
 
 
 class Timer:

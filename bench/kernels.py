@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import numerics  # noqa: E402
+from nvfp4.kernels import numerics  # noqa: E402
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -42,7 +42,7 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.interpret:
         print("no CUDA device: the W4A16 GEMM benchmark needs a GPU (use --interpret to smoke-test on CPU)")
         return
-    from kernels.triton_nvfp4 import matmul_w4a16_triton
+    from nvfp4.kernels.triton_nvfp4 import matmul_w4a16_triton
 
     device = "cpu" if args.interpret else "cuda"
     sizes, ms = ([64], [1, 16]) if args.interpret else ([4096, 8192], [1, 16, 128, 2048])

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.pipeline import keep_freed_memory  # noqa: E402
-from kernels.kl import token_kl, token_kl_ref  # noqa: E402
+from nvfp4.converter.pipeline import keep_freed_memory  # noqa: E402
+from nvfp4.kernels.kl import token_kl, token_kl_ref  # noqa: E402
 
 
 def best_ms(fn, repeats: int) -> float:

@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     sys.path.insert(0, str(args.repo))
-    from converter.pipeline import keep_freed_memory
-    from kernels import numerics
-    from kernels.ops import fake_quantize_learned
+    from nvfp4.converter.pipeline import keep_freed_memory
+    from nvfp4.kernels import numerics
+    from nvfp4.kernels.ops import fake_quantize_learned
 
     keep_freed_memory()
     torch.manual_seed(0)

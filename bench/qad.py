@@ -34,12 +34,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.config import QuantConfig  # noqa: E402
-from converter.models import load_causal_lm  # noqa: E402
-from converter.pipeline import compute_dtype, keep_freed_memory, torch_device  # noqa: E402
-from converter.quantize import calibrate, quantize, quantized_modules  # noqa: E402
-from qad.config import QADConfig  # noqa: E402
-from qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
+from nvfp4.converter.config import QuantConfig  # noqa: E402
+from nvfp4.converter.models import load_causal_lm  # noqa: E402
+from nvfp4.converter.pipeline import compute_dtype, keep_freed_memory, torch_device  # noqa: E402
+from nvfp4.converter.quantize import calibrate, quantize, quantized_modules  # noqa: E402
+from nvfp4.qad.config import QADConfig  # noqa: E402
+from nvfp4.qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
 
 PRESETS = {  # LlamaConfig fields of the models a random run can stand in for
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

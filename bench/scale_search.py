@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.calibration import calibration_batches, chat_prompt_ids  # noqa: E402
-from converter.config import QuantConfig  # noqa: E402
-from converter.models import load_causal_lm  # noqa: E402
-from converter.quantize import calibrate, eligible_linears, quantize, quantized_modules  # noqa: E402
-from converter.smoothing import smooth  # noqa: E402
-from kernels import numerics, scale_search  # noqa: E402
-from kernels.scale_search import block_errors, search_block_scales  # noqa: E402
+from nvfp4.converter.calibration import calibration_batches, chat_prompt_ids  # noqa: E402
+from nvfp4.converter.config import QuantConfig  # noqa: E402
+from nvfp4.converter.models import load_causal_lm  # noqa: E402
+from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules  # noqa: E402
+from nvfp4.converter.smoothing import smooth  # noqa: E402
+from nvfp4.kernels import numerics, scale_search  # noqa: E402
+from nvfp4.kernels.scale_search import block_errors, search_block_scales  # noqa: E402
 
 # Not in converter/data/calibration_prompts.txt: the KL is measured on prompts calibration never saw.
 HELD_OUT_PROMPTS = [

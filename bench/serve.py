@@ -81,11 +81,11 @@ def _pct(values: list[float], p: float) -> float:
 
 def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
     """Child process: student = OUT/trtllm (or the PTQ-packed default model), teacher; prints weight bytes."""
-    from converter.models import load_causal_lm
-    from serve.app import build_app
-    from serve.cli import run_server
-    from serve.engine import NativeEngine
-    from serve.engine.loader import SharedTensors, hold_vocab_compact, load_student, load_teacher, pack_model, teacher_source
+    from nvfp4.converter.models import load_causal_lm
+    from nvfp4.serve.app import build_app
+    from nvfp4.serve.cli import run_server
+    from nvfp4.serve.engine import NativeEngine
+    from nvfp4.serve.engine.loader import SharedTensors, hold_vocab_compact, load_student, load_teacher, pack_model, teacher_source
 
     if out:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
@@ -109,7 +109,7 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
 
 def start_child(args) -> tuple[subprocess.Popen, str]:
     """The server runs in its own process so the load generator does not share its GIL."""
-    from serve.engines.base import free_port
+    from nvfp4.serve.engines.base import free_port
 
     port = free_port()
     command = [sys.executable, __file__, "--serve-only", str(port), "--max-num-seqs", str(args.max_num_seqs)]
@@ -131,7 +131,7 @@ def start_child(args) -> tuple[subprocess.Popen, str]:
 
 
 def weight_table(engines) -> list[str]:
-    from serve.engine.loader import weight_bytes
+    from nvfp4.serve.engine.loader import weight_bytes
 
     teacher = engines["teacher"].model
     bf16 = sum(p.numel() for p in teacher.parameters()) * 2
@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.serve_only:
-        from serve.cli import set_threads
+        from nvfp4.serve.cli import set_threads
 
         set_threads(args.threads, 2)
         return serve_local(args.out, args.max_num_seqs, args.serve_only)

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from converter.errors import UserError
-from converter.generate import generate_batch, pad_and_eos
+from nvfp4.errors import UserError
+from nvfp4.converter.generate import generate_batch, pad_and_eos
 
 _PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
 

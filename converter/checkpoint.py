@@ -1,5 +1,5 @@
 """Read an NVFP4 checkpoint (OUT/trtllm, ModelOpt's unified format) into a model that keeps the
-4-bit codes packed (`kernels.linear.NVFP4PackedLinear`). Safetensors only; nothing is unpickled."""
+4-bit codes packed (`nvfp4.kernels.linear.NVFP4PackedLinear`). Safetensors only; nothing is unpickled."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from converter.errors import UserError
-from converter.quantize import set_module
-from kernels.linear import NVFP4PackedLinear, PackedWeight
+from nvfp4.errors import UserError
+from nvfp4.converter.quantize import set_module
+from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 
 
 def _read_tensors(folder: Path) -> dict[str, Tensor]:

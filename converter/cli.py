@@ -15,7 +15,7 @@ import click
 def verify(out: Path, prompt: str | None, tolerance: float | None, json_path: Path | None) -> None:
     """Reload each target in OUT through an independent reader and compare its logits with the student's."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from converter import verify as checks
+    from nvfp4.converter import verify as checks
 
     rows = checks.verify(out, prompt or checks.DEFAULT_PROMPT, tolerance)
     click.echo(checks.render(rows))

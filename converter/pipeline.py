@@ -20,14 +20,14 @@ import click
 import torch
 from tqdm import tqdm
 
-from converter.calibration import calibration_batches
-from converter.config import QuantConfig
-from converter.errors import UserError
-from converter.models import load_causal_lm, resolve_model
-from converter.quantize import calibrate, gptq_hessian_bytes, quantize, quantized_modules
-from converter.smoothing import smooth
-from converter.writers import load_all_writers
-from converter.writers.hf import packed_weights
+from nvfp4.converter.calibration import calibration_batches
+from nvfp4.converter.config import QuantConfig
+from nvfp4.errors import UserError
+from nvfp4.converter.models import load_causal_lm, resolve_model
+from nvfp4.converter.quantize import calibrate, gptq_hessian_bytes, quantize, quantized_modules
+from nvfp4.converter.smoothing import smooth
+from nvfp4.converter.writers import load_all_writers
+from nvfp4.converter.writers.hf import packed_weights
 
 TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -280,7 +280,7 @@ class _Heldout:
 
 def _evaluate_untrained(teacher, student, tokenizer, quant: QuantConfig, batches) -> _Heldout:
     """Rows before training: the teacher, PTQ (ModelOpt's rule), and QAD's start where it differs from that."""
-    from converter.evaluate import build_eval_set, evaluate
+    from nvfp4.converter.evaluate import build_eval_set, evaluate
 
     data = build_eval_set(teacher, tokenizer)
     modelopt_ptq = _modelopt_rule_ptq(teacher, student, quant, batches)
@@ -293,7 +293,7 @@ def _evaluate_untrained(teacher, student, tokenizer, quant: QuantConfig, batches
 
 def _evaluate_trained(teacher, student, tokenizer, heldout: _Heldout | None, name: str) -> dict:
     """The report's accuracy: the untrained rows (when training ran) and this student's row."""
-    from converter.evaluate import evaluate, format_table
+    from nvfp4.converter.evaluate import evaluate, format_table
 
     if heldout is None:
         results = evaluate(teacher, {"NVFP4": student}, tokenizer)

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from converter.config import FUSED_GROUPS, QuantConfig
-from kernels import numerics
-from kernels.linear import NVFP4FakeQuantLinear, PackedWeight
+from nvfp4.converter.config import FUSED_GROUPS, QuantConfig
+from nvfp4.kernels import numerics
+from nvfp4.kernels.linear import NVFP4FakeQuantLinear, PackedWeight
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
             module.gptq_rounding = cfg.rounding == "gptq"  # done by calibrate(), which has the inputs' Hessians
             set_module(model, name, module)
     if cfg.scale_search == "mse":
-        from kernels.scale_search import search_block_scales
+        from nvfp4.kernels.scale_search import search_block_scales
 
         for module in quantized_modules(model).values():
             module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse")
@@ -210,7 +210,7 @@ def gptq_hessian_bytes(model: nn.Module) -> int:
 def _round_with_gptq(hessians: dict[str, Tensor], modules: dict[str, NVFP4FakeQuantLinear]) -> None:
     """GPTQ-round every fused group whose lead has a Hessian; groups of one shape (the same linear in
     every layer) go through kernels.gptq together, one column loop for all of them."""
-    from kernels.gptq import gptq_round
+    from nvfp4.kernels.gptq import gptq_round
 
     by_shape: dict[tuple, list[list[str]]] = {}
     for group in _gptq_groups(modules):
@@ -229,7 +229,7 @@ def _round_with_gptq(hessians: dict[str, Tensor], modules: dict[str, NVFP4FakeQu
 
 
 def _search_with_activations(mean_square: dict[str, Tensor], modules: dict[str, NVFP4FakeQuantLinear]) -> None:
-    from kernels.scale_search import search_block_scales
+    from nvfp4.kernels.scale_search import search_block_scales
 
     for name, stats in mean_square.items():
         module = modules[name]

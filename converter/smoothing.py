@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from converter.quantize import run_calibration_forwards
+from nvfp4.converter.quantize import run_calibration_forwards
 
 log = logging.getLogger(__name__)
 

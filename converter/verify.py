@@ -1,9 +1,9 @@
 """`nvfp4 verify OUT`: reload every exported target through a reader independent of ours and compare
-its logits with the student's (the student = OUT/trtllm loaded by `converter.checkpoint`).
+its logits with the student's (the student = OUT/trtllm loaded by `nvfp4.converter.checkpoint`).
 
 Readers form a small registry, `READERS[target] = Reader(fn, quantizes_activations, rel_tol)` with
-`fn(folder, ids [T]) -> logits [T, vocab]`. The llama.cpp reader lives with the GGUF writer and is
-imported lazily.
+`fn(folder, ids [T]) -> logits [T, vocab]`, each registered once, here. Each reader imports its peer
+(ModelOpt, compressed-tensors, llama-cpp-python: the `verify` extra) when it runs.
 """
 
 import json
@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from converter.errors import UserError
+from nvfp4.errors import UserError, require
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -46,8 +47,12 @@ def _config_without_quantization(folder: Path):
     return config
 
 
+def _modelopt_qtensor():
+    return require("verify", "modelopt.torch.quantization.qtensor").NVFP4QTensor
+
+
 def _modelopt_activation_hook(input_scale: Tensor):
-    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+    NVFP4QTensor = _modelopt_qtensor()
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
@@ -61,10 +66,10 @@ def _modelopt_activation_hook(input_scale: Tensor):
 def trtllm_logits(folder: Path, ids: Tensor) -> Tensor:
     """ModelOpt's own NVFP4QTensor dequantizes the weights (and fake-quantizes W4A4 inputs) into a
     plain transformers model."""
-    from modelopt.torch.quantization.qtensor import NVFP4QTensor
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    NVFP4QTensor = _modelopt_qtensor()
     tensors = load_file(folder / "model.safetensors")
     model = AutoModelForCausalLM.from_config(_config_without_quantization(folder), dtype=torch.float32)
     hooks = {}
@@ -92,6 +97,7 @@ def vllm_logits(folder: Path, ids: Tensor) -> Tensor:
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
+    require("verify", "compressed_tensors")
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
     )
@@ -99,16 +105,22 @@ def vllm_logits(folder: Path, ids: Tensor) -> Tensor:
         return model.eval()(ids[None]).logits[0]
 
 
-def load_readers() -> dict[str, Reader]:
-    """The registry, with the GGUF module's reader when that module (and gguf) can be imported."""
+@register_reader("llamacpp", quantizes_activations=False, rel_tol=0.1)
+def llamacpp_logits(folder: Path, ids: Tensor, n_threads: int = 2) -> Tensor:
+    """Logits llama.cpp computes for every position of `ids` from folder/model.gguf. Its CPU path has no 4-bit
+    activations (it rounds them to Q8_0 blocks), so it is compared with the student's weight-only forward;
+    measured relative logit diff 0.049 on the default model."""
+    from nvfp4.converter.writers.gguf import FILE_NAME
+
+    Llama = require("verify", "llama_cpp").Llama
+    ids = [int(i) for i in ids.reshape(-1).tolist()]
+    llm = Llama(model_path=str(Path(folder) / FILE_NAME), n_ctx=max(len(ids), 64), n_batch=max(len(ids), 64),
+                logits_all=True, n_threads=n_threads, verbose=False)
     try:
-        from converter.writers import gguf
-    except ImportError:
-        return READERS
-    if "llamacpp" not in READERS and hasattr(gguf, "llamacpp_logits"):
-        # llama.cpp's CPU kernels round activations to 8 bits per block: compare loosely
-        READERS["llamacpp"] = Reader(lambda folder, ids: gguf.llamacpp_logits(folder / gguf.FILE_NAME, ids), True, 0.15)
-    return READERS
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
 
 
 @dataclass
@@ -148,7 +160,7 @@ def present_targets(out: Path, readers: dict[str, Reader]) -> list[str]:
         raise UserError(f"{out} is not a folder")
     if not (out / "trtllm" / "hf_quant_config.json").is_file():
         raise UserError(f"{out} has no trtllm/hf_quant_config.json: the student is read from OUT/trtllm")
-    from converter.writers import Writer, load_all_writers
+    from nvfp4.converter.writers import Writer, load_all_writers
 
     try:
         load_all_writers()
@@ -163,10 +175,10 @@ def present_targets(out: Path, readers: dict[str, Reader]) -> list[str]:
 
 def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None) -> list[Row]:
     """One row per target present in `out`: logits of the independent reader against the student's."""
-    from converter.checkpoint import load_nvfp4_checkpoint
+    from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
 
     out = Path(out)
-    readers = load_readers()
+    readers = READERS
     targets = present_targets(out, readers)
     student, tokenizer = load_nvfp4_checkpoint(out / "trtllm")
     ids = prompt_ids(tokenizer, prompt)

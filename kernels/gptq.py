@@ -20,7 +20,7 @@ possible: a QAD pass at lr 1e-5 then changes nothing (measured, docs/BENCHMARKS.
 import torch
 from torch import Tensor
 
-from kernels import numerics
+from nvfp4.kernels import numerics
 
 # rounding interval [low, high] of each E2M1 magnitude 0, 0.5, 1, 1.5, 2, 3, 4, 6 (in block-scale units)
 _INTERVAL_LOW = (0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)

@@ -9,7 +9,7 @@ is not of that form; nothing is ever approximated.
 import torch
 from torch import Tensor
 
-from kernels import cpu
+from nvfp4.kernels import cpu
 
 BLOCK = 32
 # amax/127 from a bf16-rounded amax is within 2^-9 (~4 fp16 steps) of the block's scale: the steps tried

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels import cpu
+from nvfp4.kernels import cpu
 
 TOKEN_CHUNK = 256
 

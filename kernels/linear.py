@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import int8_blocks
-from kernels.numerics import block_scales, scales_from_log
-from kernels.ops import (fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16,
+from nvfp4.kernels import int8_blocks
+from nvfp4.kernels.numerics import block_scales, scales_from_log
+from nvfp4.kernels.ops import (fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16,
                          quantize)
 
 

@@ -3,11 +3,11 @@
 import torch
 from torch import Tensor
 
-from kernels import numerics as ref
+from nvfp4.kernels import numerics as ref
 
 
 def _use_c(x: Tensor) -> bool:
-    from kernels import cpu
+    from nvfp4.kernels import cpu
 
     return x.device.type == "cpu" and x.dim() >= 1 and cpu.available()
 
@@ -27,12 +27,12 @@ def quantize(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = No
     if gscale is None:
         gscale = ref.global_scale(ref.tensor_amax(x))
     if scales is None and x.dim() == 2 and _use_triton(x):
-        from kernels.triton_nvfp4 import quantize_triton
+        from nvfp4.kernels.triton_nvfp4 import quantize_triton
 
         packed, scales = quantize_triton(x, gscale)
         return packed, scales, gscale
     if x.dim() == 2 and _use_c(x):
-        from kernels import cpu
+        from nvfp4.kernels import cpu
 
         packed, scales = cpu.quantize(x, gscale, scales)
         return packed, scales, gscale
@@ -45,11 +45,11 @@ def dequantize(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtyp
 
 def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
     if x.dim() >= 1 and x.shape[-1] % ref.BLOCK == 0 and _use_triton(x):  # any [..., K] activation, or a weight
-        from kernels.triton_nvfp4 import fake_quantize_triton
+        from nvfp4.kernels.triton_nvfp4 import fake_quantize_triton
 
         return fake_quantize_triton(x, gscale, scales)
     if _use_c(x) and x.shape[-1] % ref.BLOCK == 0:
-        from kernels import cpu
+        from nvfp4.kernels import cpu
 
         flat = x.detach().reshape(-1, x.shape[-1])
         out = cpu.fake_quantize(flat, gscale, None if scales is None else scales.reshape(-1, scales.shape[-1]))
@@ -77,11 +77,11 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
 
 def _scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
     if x.dim() == 2 and _use_triton(x):
-        from kernels.triton_nvfp4 import scale_gradient_triton
+        from nvfp4.kernels.triton_nvfp4 import scale_gradient_triton
 
         return scale_gradient_triton(x, grad, scale, scales, gscale)
     if x.dim() == 2 and _use_c(x):
-        from kernels import cpu
+        from nvfp4.kernels import cpu
 
         return cpu.scale_gradient(x, grad, scale, scales, gscale)
     return ref.scale_gradient_ref(x, grad, scale, gscale)
@@ -116,7 +116,7 @@ def fake_quantize_activation(x: Tensor, input_gscale: Tensor) -> Tensor:
 
 def _cpu_weight(packed: Tensor, scales: Tensor, gscale: Tensor, workspace: dict | None) -> Tensor:
     """The dequantized weight in a buffer reused by every layer sharing `workspace` (no resident copy)."""
-    from kernels import cpu
+    from nvfp4.kernels import cpu
 
     rows, cols = packed.shape[0], packed.shape[1] * 2
     workspace = {} if workspace is None else workspace
@@ -136,11 +136,11 @@ def linear_w4a16(
     """
     x2d = x.reshape(-1, x.shape[-1])
     if _use_triton(x):
-        from kernels.triton_nvfp4 import matmul_w4a16_triton
+        from nvfp4.kernels.triton_nvfp4 import matmul_w4a16_triton
 
         y = matmul_w4a16_triton(x2d, packed, scales, gscale)
     elif _use_c(x):
-        from kernels import cpu
+        from nvfp4.kernels import cpu
 
         if x.dtype == torch.float32 and x2d.shape[0] <= cpu.GEMV_MAX_BATCH:
             y = cpu.gemv(x2d, packed, scales, gscale)
@@ -157,7 +157,7 @@ def linear_bf16_weight(x: Tensor, weight: Tensor, max_gemv_rows: int = 64) -> Te
     bytes (16 rows of x per pass, up to `max_gemv_rows`); otherwise W is upcast for the call."""
     x2d = x.reshape(-1, x.shape[-1])
     if _use_c(x) and x.dtype == torch.float32 and x2d.shape[0] <= max_gemv_rows:
-        from kernels import cpu
+        from nvfp4.kernels import cpu
 
         y = torch.cat([cpu.bf16_gemv(part, weight) for part in x2d.split(cpu.GEMV_MAX_BATCH)])
     else:

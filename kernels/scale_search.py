@@ -18,8 +18,8 @@ is the expected output error of the linear when channels are uncorrelated.
 import torch
 from torch import Tensor
 
-from kernels import numerics
-from kernels.ops import fake_quantize
+from nvfp4.kernels import numerics
+from nvfp4.kernels.ops import fake_quantize
 
 SEARCH_MODES = ("mse", "mse-act")
 FACTOR_RANGE = (0.4, 1.5)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.numerics import block_multiplier, log_scale_chain
+from nvfp4.kernels.numerics import block_multiplier, log_scale_chain
 
 BLOCKS_PER_PROGRAM = 64
 

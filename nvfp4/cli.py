@@ -4,15 +4,15 @@ import importlib
 
 import click
 
-from converter.errors import UserError
+from nvfp4.errors import UserError, require
 
 # name -> "module:attribute"; imported lazily so `nvfp4 --help` stays fast.
 SUBCOMMANDS = {
-    "convert": "qad.convert:convert",
-    "verify": "converter.cli:verify",
-    "eval": "qad.cli:eval_command",
-    "serve": "serve.cli:serve",
-    "ui": "ui.cli:ui",
+    "convert": "nvfp4.qad.convert:convert",
+    "verify": "nvfp4.converter.cli:verify",
+    "eval": "nvfp4.qad.cli:eval_command",
+    "serve": "nvfp4.serve.cli:serve",
+    "ui": "nvfp4.ui.cli:ui",
 }
 HELP = {
     "convert": "Quantize a model to NVFP4 (PTQ + QAD) and export for TensorRT-LLM, vLLM, llama.cpp.",
@@ -45,10 +45,21 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, HELP[name]) for name in SUBCOMMANDS])
 
 
+def mount_ui(app, base_url: str, teacher_model: str, student_model: str, api_key: str | None):
+    """`nvfp4 serve OUT --ui`: the ui package's page mounted at /ui on the serve package's app, which
+    reaches the models over HTTP like any client; neither package imports the other."""
+    require("ui", "gradio", "openai")
+    from nvfp4.ui.app import mount_page
+
+    return mount_page(app, base_url, teacher_model, student_model, api_key)
+
+
 @click.group(cls=LazyGroup)
 @click.version_option(package_name="nvfp4")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """NVFP4 toolchain: QAD, export and serving."""
+    ctx.obj = {"mount_ui": mount_ui}
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
-from converter.checkpoint import load_nvfp4_checkpoint
-from converter.evaluate import build_eval_set, evaluate, format_table
-from converter.models import load_causal_lm, resolve_model
+from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
+from nvfp4.converter.evaluate import build_eval_set, evaluate, format_table
+from nvfp4.converter.models import load_causal_lm, resolve_model
 
 
 def _nvfp4_folder(path: str) -> Path | None:

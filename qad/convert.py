@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from converter.config import ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
-from converter.errors import UserError
-from converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
-from qad.config import QADConfig
+from nvfp4.converter.config import ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
+from nvfp4.errors import UserError
+from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
+from nvfp4.qad.config import QADConfig
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -104,7 +104,7 @@ def _qad_stage(options: dict, resume: bool, started: float):
     start to the end of the report's evaluation, fits --qad-budget-minutes: the pipeline passes what
     it still does after the exports (the trained row's evaluation) as `reserve_seconds`.
     """
-    from qad.distill import run_qad
+    from nvfp4.qad.distill import run_qad
 
     if options["steps"] is not None and options["steps"] < 0:
         raise UserError(f"--qad-steps must be >= 0, got {options['steps']}")

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from converter.calibration import chat_prompt_ids, read_text_file
-from converter.errors import UserError
-from converter.generate import generate_batch, pad_and_eos
+from nvfp4.converter.calibration import chat_prompt_ids, read_text_file
+from nvfp4.errors import UserError
+from nvfp4.converter.generate import generate_batch, pad_and_eos
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from converter.errors import UserError
-from converter.quantize import quantized_modules
-from kernels.kl import token_kl
-from qad.config import QADConfig
-from qad.data import TeacherSamples, file_rows, random_rows
+from nvfp4.errors import UserError
+from nvfp4.converter.quantize import quantized_modules
+from nvfp4.kernels.kl import token_kl
+from nvfp4.qad.config import QADConfig
+from nvfp4.qad.data import TeacherSamples, file_rows, random_rows
 
 _POOL = "qad_pool.pt"
 

@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.engine.types import Engine, EngineError, GenerationRequest, SamplingParams, TokenEvent
-from serve.metrics import RequestTimer, ServerMetrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest, make_id, now
+from nvfp4.serve.engine.types import Engine, EngineError, GenerationRequest, SamplingParams, TokenEvent
+from nvfp4.serve.metrics import RequestTimer, ServerMetrics
+from nvfp4.serve.protocol import ChatCompletionRequest, CompletionRequest, make_id, now
 
 log = logging.getLogger(__name__)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from converter.errors import UserError
+from nvfp4.errors import UserError, require
 
 ENGINES = ("native", "vllm", "trtllm", "llamacpp")  # all but native: serve/engines/ adapters
 
@@ -39,9 +39,9 @@ def set_threads(threads: int | None, num_models: int) -> int:
 
 
 def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
-    from converter.models import resolve_model
-    from serve.engine import NativeEngine
-    from serve.engine.loader import SharedTensors, load_student, load_teacher, teacher_source
+    from nvfp4.converter.models import resolve_model
+    from nvfp4.serve.engine import NativeEngine
+    from nvfp4.serve.engine.loader import SharedTensors, load_student, load_teacher, teacher_source
 
     if not (out / "trtllm" / "config.json").is_file():
         raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
@@ -61,9 +61,9 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
                     vllm_bin, trtllm_bin, engine_timeout) -> dict:
     import os
 
-    from serve.engine import NativeEngine
-    from serve.engine.loader import load_teacher
-    from serve.engines import EngineOptions, adapter_models
+    from nvfp4.serve.engine import NativeEngine
+    from nvfp4.serve.engine.loader import load_teacher
+    from nvfp4.serve.engines import EngineOptions, adapter_models
 
     opts = EngineOptions(engine, max_model_len, tuple(engine_args), vllm_bin, trtllm_bin,
                          threads or max(1, (os.cpu_count() or 1) // 2), engine_timeout)
@@ -73,17 +73,6 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
         return NativeEngine(name, lambda: load_teacher(source)[:2], **kwargs)
 
     return adapter_models(out, teacher, opts, native_teacher)
-
-
-def mount_ui(app, base_url: str, models: dict, api_key: str | None):
-    try:
-        import gradio as gr
-
-        from ui.app import build_ui
-    except ImportError as error:
-        raise UserError(f"--ui needs the ui extra (pip install 'nvfp4[ui]'): {error}") from error
-    teacher = "teacher" if "teacher" in models else "student"
-    return gr.mount_gradio_app(app, build_ui(base_url, teacher, "student", api_key), path="/ui")
 
 
 @click.command()
@@ -104,13 +93,15 @@ def mount_ui(app, base_url: str, models: dict, api_key: str | None):
 @click.option("--trtllm-bin", default=None, help="--engine trtllm: the `trtllm-serve` executable (default: $NVFP4_TRTLLM_BIN, PATH).")
 @click.option("--engine-timeout", default=900.0, show_default=True, type=click.FloatRange(1), help="Seconds an engine process may take to become ready.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
-def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, threads, ui, log_level,
+@click.pass_obj
+def serve(glue: dict | None, out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, threads, ui, log_level,
           vllm_bin, trtllm_bin, engine_timeout, engine_args) -> None:
     """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API.
 
     With --engine vllm|trtllm|llamacpp, arguments after `--` go to the engine's own server."""
-    from serve.app import build_app
-    from serve.engine.loader import report_facts
+    require("serve", "fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "httpx")
+    from nvfp4.serve.app import build_app
+    from nvfp4.serve.engine.loader import report_facts
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not out.is_dir():
@@ -128,9 +119,13 @@ def serve(out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_que
     set_threads(threads, len(models))
     app = build_app(models, api_key=api_key, drain_timeout=drain_timeout)
     if engine != "native":
-        from serve.engines import mount_engine_metrics
+        from nvfp4.serve.engines import mount_engine_metrics
 
         mount_engine_metrics(app, models)
-    if ui:
-        app = mount_ui(app, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", models, api_key)
+    if ui:  # the page comes from the ui package, which the `nvfp4` command stitches in (serve never imports it)
+        if not glue or "mount_ui" not in glue:
+            raise UserError("--ui is mounted by the `nvfp4` command: run `nvfp4 serve OUT --ui`")
+        teacher_alias = "teacher" if "teacher" in models else "student"
+        app = glue["mount_ui"](app, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}",
+                               teacher_alias, "student", api_key)
     run_server(app, host, port, drain_timeout, log_level)

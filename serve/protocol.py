@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.engine.types import SamplingParams
+from nvfp4.serve.engine.types import SamplingParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20

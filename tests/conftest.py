@@ -43,7 +43,7 @@ TINY_CONFIG = dict(
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The embedded SmolLM2-135M-Instruct as a cached BF16 Hugging Face folder."""
-    from converter.models import resolve_model
+    from nvfp4.converter.models import resolve_model
 
     return resolve_model(None)
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from converter.pipeline import keep_freed_memory
-from converter.writers import Writer, load_all_writers
+from nvfp4.converter.pipeline import keep_freed_memory
+from nvfp4.converter.writers import Writer, load_all_writers
 from nvfp4.cli import cli
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels import cpu, numerics as nv
-from kernels.linear import NVFP4PackedLinear, PackedWeight
-from kernels.ops import linear_w4a16
-from tests.conftest import sqnr
+from nvfp4.kernels import cpu, numerics as nv
+from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
+from nvfp4.kernels.ops import linear_w4a16
+from conftest import sqnr
 
 SHAPES = [(16, 16), (48, 96), (100, 160), (1536, 576), (576, 1536)]
 
@@ -39,7 +39,7 @@ def test_gemv_matches_dense_matmul(shape, batch):
 @pytest.mark.parametrize("cols", [64, 576, 100], ids=lambda c: f"K{c}")  # 100: a tail past the last 8
 @pytest.mark.parametrize("rows", [1, 3, 16, 40, 90], ids=lambda r: f"M{r}")
 def test_bf16_weight_linear_matches_fp32_matmul(rows, cols):
-    from kernels.ops import linear_bf16_weight
+    from nvfp4.kernels.ops import linear_bf16_weight
 
     weight = torch.randn(300, cols).bfloat16()
     x = torch.randn(rows, cols)

@@ -15,14 +15,14 @@ import time
 import httpx
 import pytest
 
-from converter.errors import UserError
-from serve.app import build_app
-from serve.engines import EngineOptions, engine_metrics_text, mount_engine_metrics, student_engine
-from serve.engine.types import GenerationRequest, NotReady, SamplingParams
-from serve.engines.base import ProxyEngine, UpstreamError
-from serve.engines.llamacpp import LlamaCppEngine
-from serve.engines.trtllm import TRTLLMEngine
-from serve.engines.vllm import VLLMEngine, find_vllm, vllm_argv
+from nvfp4.errors import UserError
+from nvfp4.serve.app import build_app
+from nvfp4.serve.engines import EngineOptions, engine_metrics_text, mount_engine_metrics, student_engine
+from nvfp4.serve.engine.types import GenerationRequest, NotReady, SamplingParams
+from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
+from nvfp4.serve.engines.llamacpp import LlamaCppEngine
+from nvfp4.serve.engines.trtllm import TRTLLMEngine
+from nvfp4.serve.engines.vllm import VLLMEngine, find_vllm, vllm_argv
 from test_engines_helpers import ServerProcess, alive, cmdline, descendants, wait_gone
 from test_serve_helpers import LiveServer, metric
 
@@ -33,8 +33,8 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 @pytest.fixture(scope="module")
 def tiny_out(tiny_model_dir, tmp_path_factory):
     """`nvfp4 convert` output of the tiny Llama with the trtllm and llamacpp targets (W4A16)."""
-    from converter.config import QuantConfig
-    from converter.pipeline import ConvertConfig, convert
+    from nvfp4.converter.config import QuantConfig
+    from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=QuantConfig(scheme="nvfp4-a16"), targets=("trtllm", "llamacpp"),
@@ -137,7 +137,7 @@ def test_missing_engine_binaries_are_user_errors(tiny_out, monkeypatch, tmp_path
 
 
 def test_cli_rejects_engine_args_for_native(tiny_out):
-    result = subprocess.run([sys.executable, "-m", "nvfp4.cli", "serve", str(tiny_out), "--", "--n_ctx", "8"],
+    result = subprocess.run([sys.executable, "-P", "-m", "nvfp4.cli", "serve", str(tiny_out), "--", "--n_ctx", "8"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not native" in result.stderr
 
@@ -316,8 +316,8 @@ CHAT_PROMPTS = ["What is the capital of France?", "Give me a tip for learning to
 
 @pytest.fixture(scope="module")
 def default_out(tmp_path_factory):
-    from converter.config import QuantConfig
-    from converter.pipeline import ConvertConfig, convert
+    from nvfp4.converter.config import QuantConfig
+    from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path_factory.mktemp("engines-default") / "smollm2"
     convert(ConvertConfig(out=out, quant=QuantConfig(scheme="nvfp4-a16"), targets=("trtllm", "llamacpp"),
@@ -329,8 +329,8 @@ def default_out(tmp_path_factory):
 def test_llamacpp_default_model_greedy_equals_native(default_out):
     import torch
 
-    from serve.engine import NativeEngine
-    from serve.engine.loader import load_student
+    from nvfp4.serve.engine import NativeEngine
+    from nvfp4.serve.engine.loader import load_student
 
     student, tokenizer, _ = load_student(default_out)
     native = NativeEngine("native", lambda: load_student(default_out)[:2], max_model_len=512)

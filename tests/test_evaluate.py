@@ -7,10 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from converter.config import QuantConfig
-from converter.evaluate import METRICS, build_eval_set, evaluate, format_table, frozen_fake_quant
-from converter.models import load_causal_lm
-from converter.quantize import quantize, quantized_modules
+from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.evaluate import METRICS, build_eval_set, evaluate, format_table, frozen_fake_quant
+from nvfp4.converter.models import load_causal_lm
+from nvfp4.converter.quantize import quantize, quantized_modules
 from nvfp4.cli import cli
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import numerics
-from kernels.gptq import gptq_round
+from nvfp4.kernels import numerics
+from nvfp4.kernels.gptq import gptq_round
 
 
 def _layer(rows: int, columns: int, tokens: int, seed: int, correlated: bool = True):
@@ -104,7 +104,7 @@ def test_dead_inputs_and_zero_blocks_stay_finite_and_zero():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_model_dir):
-    from converter.models import load_causal_lm
+    from nvfp4.converter.models import load_causal_lm
 
     model, _, _ = load_causal_lm(tiny_model_dir)
     return model
@@ -129,8 +129,8 @@ def _recorded_inputs(model, batches) -> dict[str, torch.Tensor]:
 def test_calibrate_gptq_rounds_every_linear_with_lower_output_error(tiny_teacher, scheme):
     import copy
 
-    from converter.config import QuantConfig
-    from converter.quantize import calibrate, export_weights, quantize, quantized_modules
+    from nvfp4.converter.config import QuantConfig
+    from nvfp4.converter.quantize import calibrate, export_weights, quantize, quantized_modules
 
     batches = [torch.randint(0, tiny_teacher.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(i))
                for i in range(2)]
@@ -174,8 +174,8 @@ def test_convert_cli_with_gptq_rounding(tiny_model_dir, tmp_path):
 def test_gptq_hessian_bytes_counts_one_matrix_per_fused_group(tiny_teacher):
     import copy
 
-    from converter.config import QuantConfig
-    from converter.quantize import gptq_hessian_bytes, quantize
+    from nvfp4.converter.config import QuantConfig
+    from nvfp4.converter.quantize import gptq_hessian_bytes, quantize
 
     config = tiny_teacher.config
     hidden, intermediate = config.hidden_size, config.intermediate_size
@@ -188,10 +188,10 @@ def test_gptq_hessian_bytes_counts_one_matrix_per_fused_group(tiny_teacher):
 def test_convert_refuses_gptq_without_memory_for_its_hessians(tiny_model_dir, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import converter.pipeline
     from nvfp4.cli import cli
+    from nvfp4.converter import pipeline
 
-    monkeypatch.setattr(converter.pipeline, "available_memory", lambda device: 1024)  # the tiny model's Hessians: ~0.2 MiB
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1024)  # the tiny model's Hessians: ~0.2 MiB
     out = tmp_path / "out"
     args = ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16", "--qad-steps", "0",
             "--calib-data", "random", "--calib-tokens", "256", "--targets", "trtllm", "--no-eval"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import int8_blocks
-from tests.conftest import sqnr
+from nvfp4.kernels import int8_blocks
+from conftest import sqnr
 
 
 def q8_0_source(rows: int, cols: int, magnitude: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_linear_matches_fp32_matmul_on_the_bf16_weight(rows):
 
 
 def test_linear_without_c_kernels_matches_too(monkeypatch):
-    from kernels import cpu
+    from nvfp4.kernels import cpu
 
     weight = q8_0_source(100, 64)
     codes, scales = int8_blocks.exact_int8_blocks(weight.float())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import cpu
-from kernels.kl import token_kl, token_kl_ref
+from nvfp4.kernels import cpu
+from nvfp4.kernels.kl import token_kl, token_kl_ref
 
 VOCABS = [37, 1000, 49152]  # 37: no full 8-lane vector, a scalar tail; 49152: the default model's vocabulary
 

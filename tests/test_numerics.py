@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels import numerics as nv
-from kernels.ops import fake_quantize, fake_quantize_activation, fake_quantize_learned
-from tests.conftest import FLOORS, sqnr
+from nvfp4.kernels import numerics as nv
+from nvfp4.kernels.ops import fake_quantize, fake_quantize_activation, fake_quantize_learned
+from conftest import FLOORS, sqnr
 
 SHAPES = [(16, 16), (64, 128), (100, 96), (33, 160), (8, 1024)]
 MAGNITUDES = [1e-6, 1e-3, 1.0, 30.0, 1e4]
@@ -260,14 +260,3 @@ def test_default_model_weights_bit_identical(default_model_dir):
         disagreements += int(differs.sum())
         total += differs.numel()
     assert disagreements / total < 0.005, f"{disagreements} of {total} codes differ"
-
-
-def test_an_installed_hugging_face_kernels_package_is_reported(monkeypatch):
-    import importlib.metadata
-
-    import kernels
-
-    assert not kernels.warn_if_shadowing()  # this environment: transformers < 5.25, no Hugging Face `kernels`
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())
-    with pytest.warns(UserWarning, match="shadows it"):
-        assert kernels.warn_if_shadowing()

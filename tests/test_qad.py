@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from converter import evaluate as evaluate_module
-from converter.config import QuantConfig
-from converter.errors import UserError
-from converter.models import load_causal_lm
-from converter.quantize import quantize, quantized_modules
-from kernels import numerics as nv
-from qad import distill
-from qad.config import QADConfig
-from qad.data import TeacherSamples, file_rows, random_rows
-from qad.distill import chunked_loss, run_qad, trainable_parameters, update
+from nvfp4.converter import evaluate as evaluate_module
+from nvfp4.converter.config import QuantConfig
+from nvfp4.errors import UserError
+from nvfp4.converter.models import load_causal_lm
+from nvfp4.converter.quantize import quantize, quantized_modules
+from nvfp4.kernels import numerics as nv
+from nvfp4.qad import distill
+from nvfp4.qad.config import QADConfig
+from nvfp4.qad.data import TeacherSamples, file_rows, random_rows
+from nvfp4.qad.distill import chunked_loss, run_qad, trainable_parameters, update
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, m
 
 
 def test_w4a4_student_trains_with_activation_quantization(models, tmp_path):
-    from converter.quantize import calibrate
+    from nvfp4.converter.quantize import calibrate
 
     teacher, tokenizer = models
     student = fresh_student(teacher, "nvfp4")
@@ -345,8 +345,8 @@ def test_resume_with_other_options_is_refused(models, tmp_path):
 
 
 def test_batched_greedy_equals_transformers_generate_per_prompt(models):
-    from converter.calibration import chat_prompt_ids
-    from converter.generate import generate_batch
+    from nvfp4.converter.calibration import chat_prompt_ids
+    from nvfp4.converter.generate import generate_batch
 
     teacher, tokenizer = models
     prompts = chat_prompt_ids(tokenizer, ["Hi there", "What is the tallest mountain on Earth?", "Name a color."])
@@ -362,7 +362,7 @@ def test_batched_greedy_equals_transformers_generate_per_prompt(models):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_tokens_follow_the_tempered_distribution(temperature):
-    from converter.generate import _next_tokens
+    from nvfp4.converter.generate import _next_tokens
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]]).repeat(20000, 1)
     drawn = _next_tokens(logits, torch.Generator().manual_seed(0), temperature)
@@ -373,7 +373,7 @@ def test_sampled_tokens_follow_the_tempered_distribution(temperature):
 
 
 def test_sampling_is_seeded_and_stops_at_eos(models):
-    from converter.generate import generate_batch
+    from nvfp4.converter.generate import generate_batch
 
     teacher, tokenizer = models
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
@@ -403,7 +403,7 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp
     student = fresh_student(teacher)
     cfg = QADConfig(steps=4, lr=1e-3, batch=4, seq_len=16, data="random", checkpoint_every=2)
     run_qad(student, teacher, tokenizer, cfg, tmp_path / "one" / "work", tmp_path / "one" / "log")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            __file__, str(tiny_model_dir), str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -484,9 +484,9 @@ def test_w4a4_qad_starts_from_smoothed_weights_and_the_report_keeps_modelopts_pt
 def test_budgeted_convert_fits_its_budget_with_the_report_evaluation(tiny_model_dir, tmp_path, monkeypatch):
     """--qad-budget-minutes bounds the whole command: training ends early enough for the exports and the
     trained row's evaluation, whose cost the untrained rows' evaluation (before training) measured."""
-    import qad.convert
+    from nvfp4.qad import convert as qad_convert
 
-    monkeypatch.setattr(qad.convert, "EXPORT_RESERVE_SECONDS", 1.0)  # the tiny model exports in a blink
+    monkeypatch.setattr(qad_convert, "EXPORT_RESERVE_SECONDS", 1.0)  # the tiny model exports in a blink
     evaluated = []
     real_evaluate = evaluate_module.evaluate
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from converter.config import QuantConfig
-from converter.models import load_causal_lm
-from converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
-from kernels import numerics
-from kernels.linear import NVFP4FakeQuantLinear
+from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.models import load_causal_lm
+from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
+from nvfp4.kernels import numerics
+from nvfp4.kernels.linear import NVFP4FakeQuantLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -52,7 +52,7 @@ def test_default_exclusion_keeps_lm_head_and_quantizes_every_other_linear(teache
 
 def test_user_exclusion_patterns_and_whole_fused_groups(teacher, caplog):
     cfg = QuantConfig(exclude=("model.layers.1.*", "model.layers.0.self_attn.k_proj"))
-    with caplog.at_level(logging.WARNING, logger="converter.quantize"):
+    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.quantize"):
         chosen = set(eligible_linears(teacher, cfg))
     assert not any(n.startswith("model.layers.1.") for n in chosen)
     # excluding k_proj alone keeps the whole q/k/v group unquantized: engines fuse it
@@ -72,7 +72,7 @@ class Odd(nn.Module):
 
 
 def test_in_features_not_multiple_of_16_stays_unquantized_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="converter.quantize"):
+    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.quantize"):
         model = quantize(Odd(), QuantConfig(scheme="nvfp4-a16"))
     assert isinstance(model.fine, NVFP4FakeQuantLinear) and type(model.odd) is nn.Linear
     assert "odd" in caplog.text and "16" in caplog.text

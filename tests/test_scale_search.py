@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converter.config import QuantConfig
-from converter.quantize import calibrate, export_weights, quantize, quantized_modules
-from kernels import numerics
-from kernels.scale_search import FACTOR_RANGE, block_errors, search_block_scales
+from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.quantize import calibrate, export_weights, quantize, quantized_modules
+from nvfp4.kernels import numerics
+from nvfp4.kernels.scale_search import FACTOR_RANGE, block_errors, search_block_scales
 
 E4M3 = torch.float8_e4m3fn
 
@@ -151,7 +151,7 @@ def test_weight_not_multiple_of_16():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_model_dir):
-    from converter.models import load_causal_lm
+    from nvfp4.converter.models import load_causal_lm
 
     model, _, _ = load_causal_lm(tiny_model_dir)
     return model
@@ -159,7 +159,7 @@ def tiny_teacher(tiny_model_dir):
 
 def model_weight_error(model: torch.nn.Module) -> float:
     return sum(
-        float(errors64(m.weight, m.weight_gscale, m.export().scales).sum()) for m in quantized_modules(model).values()
+        float(errors64(m.weight.detach(), m.weight_gscale, m.export().scales).sum()) for m in quantized_modules(model).values()
     )
 
 
@@ -234,7 +234,7 @@ def test_qad_trains_from_fixed_searched_scales(tiny_teacher):
 
 @pytest.fixture(scope="module")
 def mse_student(tiny_model_dir, tiny_teacher):
-    from converter.calibration import calibration_batches
+    from nvfp4.converter.calibration import calibration_batches
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -246,7 +246,7 @@ def mse_student(tiny_model_dir, tiny_teacher):
 def test_llamacpp_export_of_mse_scales_reads_back(mse_student, tiny_model_dir, tmp_path):
     import gguf
 
-    from converter.writers.gguf import GGUFWriter, permute_rows
+    from nvfp4.converter.writers.gguf import GGUFWriter, permute_rows
 
     student, tokenizer = mse_student
     path = GGUFWriter(QuantConfig(scale_search="mse")).write(student, tokenizer, tiny_model_dir, tmp_path)
@@ -269,7 +269,7 @@ def test_llamacpp_export_of_mse_scales_reads_back(mse_student, tiny_model_dir, t
 def test_hf_export_of_mse_scales_carries_them(mse_student, tiny_model_dir, tmp_path, target):
     from safetensors.torch import load_file
 
-    from converter.writers import load_all_writers
+    from nvfp4.converter.writers import load_all_writers
 
     student, tokenizer = mse_student
     load_all_writers()[target](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
@@ -287,7 +287,7 @@ def test_vllm_export_of_mse_scales_reloads_in_transformers(mse_student, tiny_mod
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    from converter.writers import load_all_writers
+    from nvfp4.converter.writers import load_all_writers
 
     student, tokenizer = mse_student
     load_all_writers()["vllm"](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
@@ -305,8 +305,8 @@ def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
 
     from safetensors.torch import load_file
 
-    from converter.calibration import calibration_batches
-    from converter.pipeline import ConvertConfig, convert
+    from nvfp4.converter.calibration import calibration_batches
+    from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path / "out"
     cfg = QuantConfig(scheme="nvfp4-a16", scale_search="mse-act")

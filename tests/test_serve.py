@@ -196,8 +196,8 @@ def test_auth_and_queue_full(tiny_model_dir):
 def test_ready_503_until_loaded(tiny_model_dir):
     import threading
 
-    from serve.app import build_app
-    from serve.engine import NativeEngine
+    from nvfp4.serve.app import build_app
+    from nvfp4.serve.engine import NativeEngine
 
     gate = threading.Event()
 
@@ -219,12 +219,12 @@ def test_ready_503_until_loaded(tiny_model_dir):
 @pytest.mark.slow
 def test_default_model_served(default_model_dir):
     """The real default model, teacher and packed student, through HTTP: greedy equals transformers."""
-    from serve.app import build_app
-    from serve.engine import NativeEngine
-    from serve.engine.loader import pack_model
+    from nvfp4.serve.app import build_app
+    from nvfp4.serve.engine import NativeEngine
+    from nvfp4.serve.engine.loader import pack_model
 
     def load(packed):
-        from converter.models import load_causal_lm
+        from nvfp4.converter.models import load_causal_lm
 
         model, tokenizer, _ = load_causal_lm(default_model_dir)
         return (pack_model(model) if packed else model), tokenizer

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from serve.engine import ContextTooLong, GenerationRequest, NativeEngine, QueueFull, SamplingParams
-from serve.engine.detokenize import TextStream
+from nvfp4.serve.engine import ContextTooLong, GenerationRequest, NativeEngine, QueueFull, SamplingParams
+from nvfp4.serve.engine.detokenize import TextStream
 from test_serve_helpers import load_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,8 +94,8 @@ def test_stop_string_held_back_across_tokens():
 
 @pytest.mark.slow
 def test_default_model_greedy_matches_transformers(default_model_dir):
-    from converter.models import load_causal_lm
-    from serve.engine.loader import pack_model
+    from nvfp4.converter.models import load_causal_lm
+    from nvfp4.serve.engine.loader import pack_model
 
     teacher, tokenizer, _ = load_causal_lm(default_model_dir)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
@@ -123,7 +123,7 @@ def test_model_facts_come_from_the_convert_report(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from nvfp4.cli import cli
-    from serve.engine.loader import report_facts
+    from nvfp4.serve.engine.loader import report_facts
 
     out = tmp_path / "out"
     done = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
@@ -140,7 +140,7 @@ def test_model_facts_come_from_the_convert_report(tiny_model_dir, tmp_path):
 
 
 def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
-    from serve.engine.loader import SharedTensors, weight_bytes
+    from nvfp4.serve.engine.loader import SharedTensors, weight_bytes
 
     shared = SharedTensors()
     teacher, tokenizer = shared.loader(lambda: load_tiny(tiny_model_dir, packed=False))()
@@ -164,9 +164,9 @@ def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
 
 
 def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_dir):
-    from converter.models import load_causal_lm
-    from kernels.linear import BF16HeldEmbedding, BF16HeldLinear
-    from serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
+    from nvfp4.converter.models import load_causal_lm
+    from nvfp4.kernels.linear import BF16HeldEmbedding, BF16HeldLinear
+    from nvfp4.serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
 
     model, tokenizer, _ = load_causal_lm(tiny_model_dir)
     reference = pack_model(copy.deepcopy(model))
@@ -190,10 +190,10 @@ def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_
 def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_model_dir):
     """A vocabulary converted from a GGUF Q8_0 tensor (the embedded default model's) is held as its
     int8 codes and fp16 scales: 8.5 of bf16's 16 bits a value, the same logits and greedy output."""
-    from converter.models import load_causal_lm
-    from kernels.linear import Int8BlockEmbedding, Int8BlockLinear
-    from serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
-    from tests.test_int8_blocks import q8_0_source
+    from nvfp4.converter.models import load_causal_lm
+    from nvfp4.kernels.linear import Int8BlockEmbedding, Int8BlockLinear
+    from nvfp4.serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
+    from test_int8_blocks import q8_0_source
 
     model, tokenizer, _ = load_causal_lm(tiny_model_dir)
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_mode
 
 
 def _fp32_with_noise(model_dir):
-    from converter.models import load_causal_lm
+    from nvfp4.converter.models import load_causal_lm
 
     model = load_causal_lm(model_dir)[0]
     with torch.no_grad():

@@ -8,9 +8,9 @@ import time
 import httpx
 import uvicorn
 
-from serve.app import build_app
-from serve.engines.base import free_port  # noqa: F401 (re-exported for the tests)
-from serve.engine import NativeEngine
+from nvfp4.serve.app import build_app
+from nvfp4.serve.engines.base import free_port  # noqa: F401 (re-exported for the tests)
+from nvfp4.serve.engine import NativeEngine
 
 
 def wait_ready(url: str, process, deadline_s: float = 180.0) -> None:
@@ -28,8 +28,8 @@ def wait_ready(url: str, process, deadline_s: float = 180.0) -> None:
 
 
 def load_tiny(model_dir, packed: bool):
-    from converter.models import load_causal_lm
-    from serve.engine.loader import pack_model
+    from nvfp4.converter.models import load_causal_lm
+    from nvfp4.serve.engine.loader import pack_model
 
     model, tokenizer, _ = load_causal_lm(model_dir)
     return (pack_model(model) if packed else model), tokenizer

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from converter.smoothing import input_channel_amax, smooth
-from kernels.numerics import activation_global_scale
-from kernels.ops import fake_quantize_activation
-from tests.conftest import TINY_CONFIG
+from nvfp4.converter.smoothing import input_channel_amax, smooth
+from nvfp4.kernels.numerics import activation_global_scale
+from nvfp4.kernels.ops import fake_quantize_activation
+from conftest import TINY_CONFIG
 
 
 def _tiny(architecture: str) -> nn.Module:
@@ -71,7 +71,7 @@ def test_a_norm_that_cannot_absorb_the_scales_is_left_alone(caplog):
     model = _tiny("llama")
     model.model.layers[0].input_layernorm = OnePlusWeightNorm(TINY_CONFIG["hidden_size"])
     smoothed = copy.deepcopy(model)
-    with caplog.at_level(logging.WARNING, logger="converter.smoothing"):
+    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.smoothing"):
         count = smooth(smoothed, _batches(), 0.5)
     assert count == 7 * TINY_CONFIG["num_hidden_layers"] - 3
     assert "not smoothing model.layers.0" in caplog.text and "q_proj/k_proj/v_proj" in caplog.text
@@ -110,8 +110,8 @@ def _activation_error(model: nn.Module, batches: list[torch.Tensor]) -> float:
 
 @pytest.mark.slow
 def test_smoothing_lowers_the_default_models_activation_error(default_model_dir):
-    from converter.calibration import calibration_batches
-    from converter.models import load_causal_lm
+    from nvfp4.converter.calibration import calibration_batches
+    from nvfp4.converter.models import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(default_model_dir, torch.float32, torch.device("cpu"), False)
     text = Path(__file__).parents[1] / "converter" / "data" / "calibration_prompts.txt"

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHECKS = r"""
 import json, sys, torch
-from kernels import numerics as nv
-from kernels.triton_nvfp4 import fake_quantize_triton, matmul_w4a16_triton, quantize_triton, scale_gradient_triton
+from nvfp4.kernels import numerics as nv
+from nvfp4.kernels.triton_nvfp4 import fake_quantize_triton, matmul_w4a16_triton, quantize_triton, scale_gradient_triton
 
 device = sys.argv[1]
 results = []
@@ -79,8 +79,8 @@ print(json.dumps({"quant": results, "learned": learned, "gemm": gemm}))
 
 
 def run_checks(device: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHECKS, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
+    done = subprocess.run([sys.executable, "-P", "-c", CHECKS, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -116,8 +116,8 @@ def test_triton_kernels_match_reference_on_cuda():
 def test_dispatch_uses_triton_on_cuda(monkeypatch):
     """On CUDA tensors kernels.ops runs the Triton kernels: the torch reference is made to fail after it
     computed the expected values on CPU copies."""
-    from kernels import numerics as nv
-    from kernels import ops
+    from nvfp4.kernels import numerics as nv
+    from nvfp4.kernels import ops
 
     w = torch.randn(64, 128, device="cuda")
     gscale = nv.global_scale(nv.tensor_amax(w))

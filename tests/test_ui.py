@@ -12,8 +12,8 @@ from gradio_client import Client
 from nvfp4.cli import cli
 from test_serve_helpers import free_port, load_tiny, tiny_engines
 from test_ui_helpers import live_on, serve_tiny_with_ui, text_of
-from serve.app import build_app
-from ui.app import (Answer, Conversation, Endpoint, Score, _close_turn, build_ui, first_divergence, header_html,
+from nvfp4.serve.app import build_app
+from nvfp4.ui.app import (Answer, Conversation, Endpoint, Score, _close_turn, build_ui, first_divergence, header_html,
                     render_chat, score_html, scoring_context, transcript)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

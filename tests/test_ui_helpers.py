@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uvicorn
 
-from serve.app import build_app
-from serve.cli import mount_ui
+from nvfp4.serve.app import build_app
+from nvfp4.cli import mount_ui
 from test_serve_helpers import LiveServer, free_port, tiny_engines
 
 
@@ -18,9 +18,10 @@ def live_on(app, port: int) -> LiveServer:
 
 
 def serve_with_ui(engines: dict) -> LiveServer:
-    """What `nvfp4 serve OUT --ui` runs: build_app, then serve.cli.mount_ui at /ui, on one port."""
+    """What `nvfp4 serve OUT --ui` runs: build_app, then the page mounted at /ui (nvfp4.cli.mount_ui), on one port."""
     port = free_port()
-    app = mount_ui(build_app(engines), f"http://127.0.0.1:{port}", engines, None)
+    app = mount_ui(build_app(engines), f"http://127.0.0.1:{port}", "teacher" if "teacher" in engines else "student",
+                   "student", None)
     return live_on(app, port)
 
 

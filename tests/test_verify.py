@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from converter.config import QuantConfig
-from converter.models import load_causal_lm
-from converter.quantize import calibrate, quantize
-from converter.verify import READERS, load_readers, prompt_ids, verify
-from converter.writers import Writer, load_all_writers
+from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.models import load_causal_lm
+from nvfp4.converter.quantize import calibrate, quantize
+from nvfp4.converter.verify import READERS, prompt_ids, verify
+from nvfp4.converter.writers import Writer, load_all_writers
 from nvfp4.cli import cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,7 +102,9 @@ def test_folders_that_are_not_exports_are_ignored(w4a4_out, tmp_path):
     assert [r.target for r in verify(out)] == ["trtllm", "vllm"]
 
 
-def test_llamacpp_reader_registers_lazily_from_the_gguf_module():
-    pytest.importorskip("gguf")
-    readers = load_readers()
-    assert "llamacpp" in readers and readers["llamacpp"].rel_tol > READERS["trtllm"].rel_tol
+def test_every_target_has_one_reader_registered_in_verify():
+    from nvfp4.converter.pipeline import TARGETS
+
+    assert sorted(READERS) == sorted(TARGETS)
+    assert READERS["llamacpp"].rel_tol > READERS["trtllm"].rel_tol
+    assert READERS["llamacpp"].quantizes_activations is False, "llama.cpp's CPU path runs 8-bit activations"

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from converter.config import QuantConfig
-from converter.errors import UserError
-from converter.models import cache_dir, load_causal_lm
-from converter.quantize import calibrate, export_weights, quantize, quantized_modules
-from converter.writers import Writer
-from converter.writers.gguf import GGUFWriter, bpe_merges, llamacpp_logits, permute_rows, vocab_tokens
-from kernels.numerics import dequantize_ref
-from tests.conftest import TINY_CONFIG
+from nvfp4.converter.config import QuantConfig
+from nvfp4.errors import UserError
+from nvfp4.converter.models import cache_dir, load_causal_lm
+from nvfp4.converter.quantize import calibrate, export_weights, quantize, quantized_modules
+from nvfp4.converter.writers import Writer
+from nvfp4.converter.verify import READERS, llamacpp_logits
+from nvfp4.converter.writers.gguf import GGUFWriter, bpe_merges, permute_rows, vocab_tokens
+from nvfp4.kernels.numerics import dequantize_ref
+from conftest import TINY_CONFIG
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -187,7 +188,7 @@ def test_rows_not_multiple_of_64_stay_unquantized(tiny_model_dir, tmp_path, capl
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "intermediate_size": 80})  # 80 % 16 == 0, % 64 != 0
     student = quantize(LlamaForCausalLM(config), QuantConfig(scheme="nvfp4-a16"))
-    with caplog.at_level(logging.WARNING, logger="converter.writers.gguf"):
+    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.writers.gguf"):
         path = GGUFWriter(QuantConfig(scheme="nvfp4-a16")).write(student, tokenizer, tiny_model_dir, tmp_path)
     assert "blk.0.ffn_down.weight" in caplog.text and "not a multiple of 64" in caplog.text
     found = tensors(path)
@@ -368,7 +369,7 @@ def test_llama_cpp_logits_close_to_student(default_w4a16):
     ids = calibration_batch(tokenizer)[0]
     with torch.no_grad():
         ours = student(ids[None]).logits[0]
-    theirs = llamacpp_logits(path, ids)
+    theirs = llamacpp_logits(path.parent, ids)
     assert theirs.shape == ours.shape
     kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
@@ -376,11 +377,8 @@ def test_llama_cpp_logits_close_to_student(default_w4a16):
 
 
 def test_verify_reader_reads_the_tiny_gguf(tiny_model_dir, tmp_path):
-    from converter.verify import load_readers
-
     student, tokenizer, path = build_gguf(tiny_model_dir, "nvfp4-a16", tmp_path / "llamacpp")
-    reader = load_readers()["llamacpp"]
-    assert reader.quantizes_activations is False, "llama.cpp's CPU path runs 8-bit activations"
+    reader = READERS["llamacpp"]
     ids = chat_ids(tokenizer, CHAT_PROMPTS[0])[0]
     with torch.no_grad():
         ours = frozen(student)(ids[None]).logits[0]

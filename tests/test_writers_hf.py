@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from converter.config import QuantConfig
-from converter.checkpoint import load_nvfp4_checkpoint
-from converter.models import load_causal_lm
-from converter.quantize import calibrate, quantize
-from converter.writers import Writer, load_all_writers
+from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
+from nvfp4.converter.models import load_causal_lm
+from nvfp4.converter.quantize import calibrate, quantize
+from nvfp4.converter.writers import Writer, load_all_writers
 
 SCHEMES = ["nvfp4", "nvfp4-a16"]
 
@@ -125,8 +125,8 @@ def test_vllm_packed_equals_compressed_tensors_compressor_except_exact_ties(tiny
     on exact rounding ties where its x / (scale / global) rounds differently from x / (scale * s2)."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from kernels.numerics import unpack_codes
-    from tests.test_numerics import _near_rounding_boundary
+    from nvfp4.kernels.numerics import unpack_codes
+    from test_numerics import _near_rounding_boundary
 
     student, out = our_export(tiny_model_dir, "nvfp4-a16", tmp_path, "vllm")
     tensors = load_file(out / "model.safetensors")
@@ -147,7 +147,7 @@ def test_vllm_global_scales_are_compressed_tensors_gparam_of_the_group_amax(tiny
     """weight_global_scale = compressed-tensors' generate_gparam(group amax), one value per fused group."""
     from compressed_tensors.quantization.utils.helpers import generate_gparam
 
-    from converter.quantize import fused_groups, quantized_modules
+    from nvfp4.converter.quantize import fused_groups, quantized_modules
 
     student, out = our_export(tiny_model_dir, "nvfp4-a16", tmp_path, "vllm")
     tensors = load_file(out / "model.safetensors")
@@ -165,8 +165,8 @@ def test_vllm_global_scales_are_compressed_tensors_gparam_of_the_group_amax(tiny
 
 
 def test_packed_weights_are_shared_between_targets_until_the_student_changes(tiny_model_dir):
-    from converter.quantize import export_weights
-    from converter.writers.hf import packed_weights
+    from nvfp4.converter.quantize import export_weights
+    from nvfp4.converter.writers.hf import packed_weights
 
     teacher, _, _ = load_causal_lm(tiny_model_dir)
     student = quantize(teacher, QuantConfig(scheme="nvfp4"))

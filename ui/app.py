@@ -485,3 +485,8 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         score_btn.click(score, [system, conv], scored, api_name="score")
         demo.load(headers, None, [status, head_t, head_s], api_name="models")
     return demo
+
+
+def mount_page(app, base_url: str, teacher_model: str, student_model: str, api_key: str | None, path: str = "/ui"):
+    """The page for the endpoint at base_url mounted on `app` (an ASGI app, such as the server's own) at `path`."""
+    return gr.mount_gradio_app(app, build_ui(base_url, teacher_model, student_model, api_key), path=path)

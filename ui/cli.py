@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from converter.errors import UserError
+from nvfp4.errors import UserError, require
 
 
 @click.command()
@@ -20,8 +20,7 @@ def ui(url: str, teacher_model: str, student_model: str, api_key: str | None, ho
         raise UserError(f"--url must start with http:// or https:// (got {url!r})")
     if teacher_model == student_model:
         raise UserError(f"--teacher-model and --student-model are both `{teacher_model}`: choose two models")
-    try:
-        from ui.app import build_ui
-    except ImportError as error:
-        raise UserError(f"the UI needs the ui extra (pip install 'nvfp4[ui]'): {error}") from error
+    require("ui", "gradio", "openai")
+    from nvfp4.ui.app import build_ui
+
     build_ui(url, teacher_model, student_model, api_key).queue().launch(server_name=host, server_port=port, show_error=True)

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from converter.errors import UserError
-from converter.writers import TOKENIZER_LOCK, Writer
-from converter.writers.hf import packed_weights
-from kernels import numerics
-from kernels.linear import PackedWeight
+from nvfp4.errors import UserError
+from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
+from nvfp4.converter.writers.hf import packed_weights
+from nvfp4.kernels import numerics
+from nvfp4.kernels.linear import PackedWeight
 
 log = logging.getLogger(__name__)
 
@@ -404,36 +404,3 @@ def bpe_merges(merges: list) -> list[str]:
     if not merges or isinstance(merges[0], str):
         return list(merges)
     return [left.replace(" ", "\u0120") + " " + right.replace(" ", "\u0120") for left, right in merges]
-
-
-# ---------------------------------------------------------------------------------------------
-# reader (verification oracle)
-
-
-def llamacpp_logits(path: Path, ids: Tensor, n_threads: int = 2) -> Tensor:  # ids [T] -> fp32 [T, vocab]
-    """Logits llama.cpp computes for every position of `ids` (needs llama-cpp-python)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError as error:
-        raise UserError("reading GGUF logits needs llama-cpp-python: pip install 'nvfp4[llamacpp]'") from error
-    ids = [int(i) for i in ids.reshape(-1).tolist()]
-    llm = Llama(model_path=str(path), n_ctx=max(len(ids), 64), n_batch=max(len(ids), 64), logits_all=True,
-                n_threads=n_threads, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
-
-
-def _register_reader() -> None:
-    from converter.verify import register_reader
-
-    # llama.cpp's CPU path has no 4-bit activations (it rounds them to Q8_0 blocks), so it is compared
-    # with the student's weight-only forward; measured relative logit diff 0.049 on the default model.
-    register_reader("llamacpp", quantizes_activations=False, rel_tol=0.1)(
-        lambda folder, ids: llamacpp_logits(Path(folder) / FILE_NAME, ids)
-    )
-
-
-_register_reader()

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from converter.quantize import export_weights
-from converter.writers import TOKENIZER_LOCK, Writer
-from kernels import numerics
-from kernels.linear import NVFP4FakeQuantLinear, PackedWeight
+from nvfp4.converter.quantize import export_weights
+from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
+from nvfp4.kernels import numerics
+from nvfp4.kernels.linear import NVFP4FakeQuantLinear, PackedWeight
 
 PRODUCER = {"name": "nvfp4", "version": "0.1.0"}
 _QUANT_BUFFERS = ("weight_gscale", "block_scales", "input_gscale")

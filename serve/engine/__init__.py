@@ -1,7 +1,7 @@
 """Serving engines: the interface (types) and the native NVFP4 engine with continuous batching."""
 
-from serve.engine.native import NativeEngine
-from serve.engine.types import (
+from nvfp4.serve.engine.native import NativeEngine
+from nvfp4.serve.engine.types import (
     ContextTooLong,
     Engine,
     EngineError,

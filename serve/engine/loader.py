@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from converter.config import QuantConfig
-from converter.errors import UserError
-from converter.quantize import export_weights, quantize, quantized_modules, set_module
-from kernels.int8_blocks import exact_int8_blocks
-from kernels.linear import BF16HeldEmbedding, BF16HeldLinear, Int8BlockEmbedding, Int8BlockLinear, NVFP4PackedLinear
+from nvfp4.converter.config import QuantConfig
+from nvfp4.errors import UserError
+from nvfp4.converter.quantize import export_weights, quantize, quantized_modules, set_module
+from nvfp4.kernels.int8_blocks import exact_int8_blocks
+from nvfp4.kernels.linear import BF16HeldEmbedding, BF16HeldLinear, Int8BlockEmbedding, Int8BlockLinear, NVFP4PackedLinear
 
 
 def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
@@ -37,7 +37,7 @@ def load_student(out: Path):
     if not (folder / "config.json").is_file():
         raise UserError(f"no student checkpoint at {folder} (run `nvfp4 convert ... -o {out}` first)")
     try:
-        from converter.checkpoint import load_nvfp4_checkpoint
+        from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
     except ImportError as error:
         raise UserError(f"this build cannot read NVFP4 checkpoints yet: {error}") from error
     model, tokenizer = load_nvfp4_checkpoint(folder)
@@ -77,7 +77,7 @@ def report_facts(out: Path, teacher: str | None, target: str) -> dict[str, dict]
 
 def load_teacher(source: str | None):
     """(model, tokenizer, name): fp32 on CPU (bf16 matmul is far slower there)."""
-    from converter.models import DEFAULT_MODEL_NAME, load_causal_lm
+    from nvfp4.converter.models import DEFAULT_MODEL_NAME, load_causal_lm
 
     model, tokenizer, folder = load_causal_lm(source, dtype=torch.float32)
     return hold_vocab_compact(model), tokenizer, DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from serve.engine.kv_cache import KVCache
+from nvfp4.serve.engine.kv_cache import KVCache
 
 
 @dataclass

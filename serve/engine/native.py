@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from serve.engine.detokenize import TextStream
-from serve.engine.kv_cache import KVCache
-from serve.engine.model import BatchedCausalLM, Chunk
-from serve.engine.sampling import apply_penalties, choose, make_generator, token_logprobs
-from serve.engine.types import (
+from nvfp4.serve.engine.detokenize import TextStream
+from nvfp4.serve.engine.kv_cache import KVCache
+from nvfp4.serve.engine.model import BatchedCausalLM, Chunk
+from nvfp4.serve.engine.sampling import apply_penalties, choose, make_generator, token_logprobs
+from nvfp4.serve.engine.types import (
     ContextTooLong,
     Engine,
     EngineStats,

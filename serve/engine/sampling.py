@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from serve.engine.types import SamplingParams
+from nvfp4.serve.engine.types import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

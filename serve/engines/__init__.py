@@ -14,9 +14,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from converter.errors import UserError
-from serve.engine.types import Engine
-from serve.engines.base import ProxyEngine
+from nvfp4.errors import UserError
+from nvfp4.serve.engine.types import Engine
+from nvfp4.serve.engines.base import ProxyEngine
 
 ADAPTERS = ("vllm", "trtllm", "llamacpp")
 
@@ -49,20 +49,20 @@ def _student_tokenizer_dir(out: Path) -> Path:
 def student_engine(out: Path, name: str, opts: EngineOptions) -> ProxyEngine:
     common = dict(extra_args=opts.extra_args, ready_timeout=opts.ready_timeout, env=opts.env)
     if opts.engine == "llamacpp":
-        from serve.engines import llamacpp
+        from nvfp4.serve.engines import llamacpp
 
         llamacpp.check_installed()
         gguf = llamacpp.student_gguf(out)
         return llamacpp.LlamaCppEngine(name, str(gguf), _tokenizer(_student_tokenizer_dir(out)), opts.max_model_len,
                                        threads=opts.threads, **common)
     if opts.engine == "vllm":
-        from serve.engines import vllm
+        from nvfp4.serve.engines import vllm
 
         folder, model_args = vllm.student_checkpoint(out)
         return vllm.VLLMEngine(name, str(folder), _tokenizer(_student_tokenizer_dir(out)), opts.max_model_len,
                                vllm.find_vllm(opts.vllm_bin), model_args=tuple(model_args), **common)
     if opts.engine == "trtllm":
-        from serve.engines import trtllm
+        from nvfp4.serve.engines import trtllm
 
         folder = trtllm.student_checkpoint(out)
         return trtllm.TRTLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, trtllm.find_trtllm(opts.trtllm_bin), **common)
@@ -71,21 +71,21 @@ def student_engine(out: Path, name: str, opts: EngineOptions) -> ProxyEngine:
 
 def teacher_engine(source: str | None, name: str, opts: EngineOptions, native: Callable[[], Engine]) -> Engine:
     """The teacher on the student's engine where that engine reads its format, else `native()`."""
-    from converter.models import embedded_gguf, resolve_model
+    from nvfp4.converter.models import embedded_gguf, resolve_model
 
     common = dict(extra_args=opts.extra_args, ready_timeout=opts.ready_timeout, env=opts.env)
     gguf = embedded_gguf() if source is None else Path(source) if str(source).endswith(".gguf") else None
     if opts.engine == "llamacpp" and gguf is not None:
-        from serve.engines.llamacpp import LlamaCppEngine
+        from nvfp4.serve.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(name, str(gguf), _tokenizer(resolve_model(source)), opts.max_model_len, threads=opts.threads, **common)
     folder = resolve_model(source)
     if opts.engine == "vllm":
-        from serve.engines import vllm
+        from nvfp4.serve.engines import vllm
 
         return vllm.VLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, vllm.find_vllm(opts.vllm_bin), **common)
     if opts.engine == "trtllm":
-        from serve.engines import trtllm
+        from nvfp4.serve.engines import trtllm
 
         return trtllm.TRTLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, trtllm.find_trtllm(opts.trtllm_bin), **common)
     return native()
@@ -94,8 +94,8 @@ def teacher_engine(source: str | None, name: str, opts: EngineOptions, native: C
 def adapter_models(out: Path, teacher: str | None, opts: EngineOptions,
                    native_teacher: Callable[[str | None, str], Engine]) -> dict[str, Engine]:
     """{"student": adapter, "teacher": adapter or native} as `nvfp4 serve --engine ADAPTER` serves them."""
-    from converter.models import resolve_model
-    from serve.engine.loader import teacher_source
+    from nvfp4.converter.models import resolve_model
+    from nvfp4.serve.engine.loader import teacher_source
 
     models: dict[str, Engine] = {"student": student_engine(out, out.name + "-nvfp4", opts)}
     if teacher is None or teacher.lower() != "none":

@@ -1,6 +1,6 @@
 """A real engine's OpenAI server as a child process, behind our Engine interface.
 
-`ProxyEngine` starts the engine server on a free local port (under `serve.engines.reaper`, so no
+`ProxyEngine` starts the engine server on a free local port (under `nvfp4.serve.engines.reaper`, so no
 engine process outlives ours), waits for its readiness, restarts it with backoff when it dies
 (`ready` is false meanwhile, so /ready answers 503), and turns each GenerationRequest into one
 streamed /v1/completions call whose chunks become TokenEvents as they arrive. Our routes,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from serve.engine.types import Engine, EngineError, EngineStats, GenerationRequest, NotReady, SamplingParams, TokenEvent
+from nvfp4.serve.engine.types import Engine, EngineError, EngineStats, GenerationRequest, NotReady, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -157,12 +157,13 @@ class ProxyEngine(Engine):
         self.port = free_port()
         argv = self.command(self.port)
         log.info("starting %s: %s", self.kind, " ".join(argv))
-        env = {**os.environ, **self.env, "NVFP4_REAPER_PARENT": str(os.getpid())}
+        # PYTHONSAFEPATH: a `python -m` engine never imports from the working directory (a source checkout's
+        # top-level kernels/ would shadow Hugging Face's `kernels`, which transformers imports)
+        env = {**os.environ, **self.env, "NVFP4_REAPER_PARENT": str(os.getpid()), "PYTHONSAFEPATH": "1"}
         logfile = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "serve.engines.reaper", *argv], env=env,
-                                            stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                            cwd=Path(__file__).resolve().parents[2])
+            self.process = subprocess.Popen([sys.executable, "-m", "nvfp4.serve.engines.reaper", *argv], env=env,
+                                            stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT)
         finally:
             logfile.close()
 

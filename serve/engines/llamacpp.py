@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from converter.errors import UserError
-from serve.engine.types import SamplingParams
-from serve.engines.base import ProxyEngine, UpstreamError
+from nvfp4.errors import UserError
+from nvfp4.serve.engine.types import SamplingParams
+from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
 
 
 def check_installed() -> None:

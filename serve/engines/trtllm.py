@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from converter.errors import UserError
-from serve.engines.vllm import VLLMEngine
+from nvfp4.errors import UserError
+from nvfp4.serve.engines.vllm import VLLMEngine
 
 
 def find_trtllm(trtllm_bin: str | None) -> str:

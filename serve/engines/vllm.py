@@ -6,9 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from converter.errors import UserError
-from serve.engine.types import SamplingParams
-from serve.engines.base import ProxyEngine, UpstreamError
+from nvfp4.errors import UserError
+from nvfp4.serve.engine.types import SamplingParams
+from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
