@@ -146,8 +146,6 @@ def weight_table(engines) -> list[str]:
 
 
 def _dtypes(model) -> str:
-    import torch
-
     counts: dict = {}
     for t in [*model.parameters(), *model.buffers()]:
         counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() * t.element_size()

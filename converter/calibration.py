@@ -13,7 +13,10 @@ _PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
 
 
 def chat_prompt_ids(tokenizer, user_messages: list[str]) -> list[list[int]]:
-    """Token ids of each message rendered with the model's chat template (generation prompt added)."""
+    """Token ids of each message rendered with the model's chat template (generation prompt added); a base
+    model without a chat template gets the message as plain text to continue (with its BOS, if it adds one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(m)["input_ids"] for m in user_messages]
     rendered = [
         tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=False)
         for m in user_messages
@@ -41,6 +44,8 @@ def read_text_file(path: Path, tokenizer) -> list[list[int]]:
         if isinstance(record, dict) and isinstance(record.get("text"), str):
             text = record["text"]
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            if not getattr(tokenizer, "chat_template", None):
+                raise UserError(f"{path}:{number}: `messages` need a chat template, and the model has none; give `text`")
             text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
         else:
             raise UserError(f"{path}:{number}: expected a `text` string or a `messages` list")

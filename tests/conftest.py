@@ -64,6 +64,33 @@ def tiny_model_dir(tmp_path_factory, default_model_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, default_model_dir):
+    """family name -> the folder of its tiny random model (tests/families.py), built on first use."""
+    from transformers import AutoTokenizer
+
+    from families import build
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def folder(name: str):
+        if name not in built:
+            built[name] = build(name, tokenizer, root)
+        return built[name]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter():
+    """llama.cpp's own convert_hf_to_gguf.py (from llama-cpp-python's source release), the GGUF oracle."""
+    from nvfp4.converter.models import cache_dir
+    from oracles import llama_cpp_converter as tree
+
+    return tree(cache_dir())
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

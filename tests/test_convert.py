@@ -57,7 +57,7 @@ def test_missing_model_path(tmp_path):
 def test_not_a_causal_lm(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    assert_one_line_error(run("convert", str(tmp_path / "bert"), "-o", str(tmp_path / "o")), "not a causal LM")
+    assert_one_line_error(run("convert", str(tmp_path / "bert"), "-o", str(tmp_path / "o")), "unsupported model architecture BertModel")
 
 
 def test_corrupt_safetensors(tiny_model_dir, tmp_path):

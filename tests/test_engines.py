@@ -22,7 +22,7 @@ from nvfp4.serve.engine.types import GenerationRequest, NotReady, SamplingParams
 from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
 from nvfp4.serve.engines.llamacpp import LlamaCppEngine
 from nvfp4.serve.engines.trtllm import TRTLLMEngine
-from nvfp4.serve.engines.vllm import VLLMEngine, find_vllm, vllm_argv
+from nvfp4.serve.engines.vllm import find_vllm, vllm_argv
 from test_engines_helpers import ServerProcess, alive, cmdline, descendants, wait_gone
 from test_serve_helpers import LiveServer, metric
 

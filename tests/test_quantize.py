@@ -1,12 +1,12 @@
 """converter/quantize.py: fused groups share scales, exclusion, the in_features % 16 rule, calibration."""
 
 import copy
-import logging
 
 import pytest
 import torch
 from torch import nn
 
+from nvfp4.errors import UserError
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
@@ -50,15 +50,15 @@ def test_default_exclusion_keeps_lm_head_and_quantizes_every_other_linear(teache
     assert kinds and all(kind is NVFP4FakeQuantLinear for kind in kinds.values())
 
 
-def test_user_exclusion_patterns_and_whole_fused_groups(teacher, caplog):
-    cfg = QuantConfig(exclude=("model.layers.1.*", "model.layers.0.self_attn.k_proj"))
-    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.quantize"):
-        chosen = set(eligible_linears(teacher, cfg))
+def test_user_exclusion_patterns_and_whole_fused_groups(teacher):
+    cfg = QuantConfig(exclude=("model.layers.1.*",))
+    chosen = set(eligible_linears(teacher, cfg))
     assert not any(n.startswith("model.layers.1.") for n in chosen)
-    # excluding k_proj alone keeps the whole q/k/v group unquantized: engines fuse it
-    assert not any(f"layers.0.self_attn.{p}" in n for n in chosen for p in GROUPS[0])
     assert {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj"} <= chosen
-    assert "fused group" in caplog.text
+    # excluding k_proj alone would split the q/k/v group that engines fuse: refused, naming the group
+    with pytest.raises(UserError, match="fused group model.layers.0.self_attn.q_proj, .*k_proj, .*v_proj"):
+        eligible_linears(teacher, QuantConfig(exclude=("model.layers.0.self_attn.k_proj",)))
+    assert not any(".layers.0.self_attn." in n for n in eligible_linears(teacher, QuantConfig(exclude=("*.layers.0.self_attn.*",))))
 
 
 class Odd(nn.Module):
@@ -71,13 +71,12 @@ class Odd(nn.Module):
         return self.odd(self.fine(x)[..., :4].repeat(1, 5))
 
 
-def test_in_features_not_multiple_of_16_stays_unquantized_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.quantize"):
-        model = quantize(Odd(), QuantConfig(scheme="nvfp4-a16"))
+def test_in_features_not_multiple_of_16_is_refused_unless_excluded():
+    with pytest.raises(UserError, match=r"cannot quantize odd \(in_features 20\).*--exclude"):
+        quantize(Odd(), QuantConfig(scheme="nvfp4-a16"))
+    model = quantize(Odd(), QuantConfig(scheme="nvfp4-a16", exclude=("odd",)))
     assert isinstance(model.fine, NVFP4FakeQuantLinear) and type(model.odd) is nn.Linear
-    assert "odd" in caplog.text and "16" in caplog.text
     assert model(torch.randn(3, 32)).shape == (3, 16)
-
 
 def test_calibration_matches_modelopt_input_amax(teacher):
     import modelopt.torch.quantization as mtq

@@ -3,13 +3,7 @@ dequantizer, llama.cpp's own convert_hf_to_gguf.py (byte parity on a ModelOpt ex
 llama.cpp itself through llama-cpp-python (greedy tokens and logits vs the in-memory student)."""
 
 import json
-import logging
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -19,18 +13,17 @@ import torch
 
 from nvfp4.converter.config import QuantConfig
 from nvfp4.errors import UserError
-from nvfp4.converter.models import cache_dir, load_causal_lm
+from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, export_weights, quantize, quantized_modules
 from nvfp4.converter.writers import Writer
 from nvfp4.converter.verify import READERS, llamacpp_logits
 from nvfp4.converter.writers.gguf import GGUFWriter, bpe_merges, permute_rows, vocab_tokens
 from nvfp4.kernels.numerics import dequantize_ref
 from conftest import TINY_CONFIG
+from oracles import NVFP4, assert_gguf_quantized_equal, gguf_tensors as tensors, modelopt_export, reference_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-NVFP4 = gguf.GGMLQuantizationType.NVFP4
-LLAMA_CPP_PYTHON = "0.3.36"  # source release whose vendored llama.cpp is the reference converter
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "List three primary colors.",
@@ -57,10 +50,6 @@ def build_gguf(source, scheme: str, out: Path):
         calibrate(student, [calibration_batch(tokenizer)])
     out.mkdir(parents=True, exist_ok=True)
     return student, tokenizer, Writer.targets["llamacpp"](cfg).write(student, tokenizer, folder, out)
-
-
-def tensors(path: Path) -> dict:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
 def field(reader: gguf.GGUFReader, key: str):
@@ -182,100 +171,33 @@ def test_weight_only_marks_prec_a4_and_has_no_input_scales(tiny_model_dir, tmp_p
     assert not [t.name for t in reader.tensors if t.name.endswith(".input_scale")]
 
 
-def test_rows_not_multiple_of_64_stay_unquantized(tiny_model_dir, tmp_path, caplog):
+def test_rows_not_multiple_of_64_are_refused(tiny_model_dir, tmp_path):
+    """llama.cpp's NVFP4 blocks span 64 inputs: a quantized linear that does not divide is refused, never
+    written in high precision behind the user's back."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "intermediate_size": 80})  # 80 % 16 == 0, % 64 != 0
-    student = quantize(LlamaForCausalLM(config), QuantConfig(scheme="nvfp4-a16"))
-    with caplog.at_level(logging.WARNING, logger="nvfp4.converter.writers.gguf"):
-        path = GGUFWriter(QuantConfig(scheme="nvfp4-a16")).write(student, tokenizer, tiny_model_dir, tmp_path)
-    assert "blk.0.ffn_down.weight" in caplog.text and "not a multiple of 64" in caplog.text
-    found = tensors(path)
-    down = found["blk.0.ffn_down.weight"]
-    assert down.tensor_type == gguf.GGMLQuantizationType.BF16
-    expected = student.model.layers[0].mlp.down_proj.quantized_weight().detach().to(torch.bfloat16)
-    assert np.array_equal(np.asarray(down.data).view(np.uint16).reshape(64, 80), expected.view(torch.int16).numpy().view(np.uint16))
-    assert "blk.0.ffn_down.scale" not in found and found["blk.0.ffn_up.weight"].tensor_type == NVFP4
+    model = LlamaForCausalLM(config)
+    cfg = QuantConfig(scheme="nvfp4-a16")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    with pytest.raises(UserError, match=r"model.layers.0.mlp.down_proj \(80\)"):
+        GGUFWriter(cfg).check(model, tokenizer, linears)
+    GGUFWriter(cfg).check(model, tokenizer, {n: m for n, m in linears.items() if not n.endswith("down_proj")})
 
 
-def test_unsupported_architecture_is_a_user_error(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+def test_a_sentencepiece_tokenizer_is_refused(tiny_model_dir):
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    student = quantize(model, QuantConfig())
-    with pytest.raises(UserError, match="llama.cpp .GGUF. writer does not support Qwen2ForCausalLM"):
-        GGUFWriter(QuantConfig()).write(student, tokenizer, tiny_model_dir, tmp_path)
-    assert not list(tmp_path.iterdir()), "a failed write left files behind"
+    model, _, _ = load_causal_lm(tiny_model_dir)
+    unigram = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.Unigram([("a", 0.0), ("b", -1.0)], 0, False)))
+    with pytest.raises(UserError, match="byte-level BPE"):
+        GGUFWriter(QuantConfig()).check(model, unigram, {})
+    GGUFWriter(QuantConfig()).check(model, AutoTokenizer.from_pretrained(tiny_model_dir), {})
 
 
 # --- byte parity with llama.cpp's own converter -------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def llama_cpp_converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py and gguf-py, from llama-cpp-python's source release (cached)."""
-    root = cache_dir() / "llama-cpp-python-src"
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp"
-    tree = root / prefix
-    if (tree / "convert_hf_to_gguf.py").is_file():
-        return tree
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not sdist.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)], check=True)
-    wanted = (f"{prefix}/convert_hf_to_gguf.py", f"{prefix}/conversion/", f"{prefix}/gguf-py/")
-    staging = Path(tempfile.mkdtemp(dir=root))
-    with tarfile.open(sdist) as tar:
-        tar.extractall(staging, members=[m for m in tar.getmembers() if m.name.startswith(wanted)], filter="data")
-    (staging / prefix).parent.mkdir(parents=True, exist_ok=True)
-    tree.parent.mkdir(parents=True, exist_ok=True)
-    if not tree.exists():
-        (staging / prefix).rename(tree)
-    shutil.rmtree(staging, ignore_errors=True)
-    return tree
-
-
-def modelopt_export(source: Path, out: Path, scheme: str, batch: torch.Tensor) -> None:
-    """ModelOpt PTQ (same calibration batch as ours, fp32 like our CPU student) + unified HF export."""
-    import modelopt.torch.quantization as mtq
-    from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    cfg = mtq.NVFP4_DEFAULT_CFG if scheme == "nvfp4" else mtq.W4A16_NVFP4_CFG
-    mtq.quantize(model, cfg, forward_loop=lambda m: m(batch))
-    with torch.inference_mode():
-        export_hf_checkpoint(model, export_dir=out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-
-
-def reference_gguf(converter: Path, hf_dir: Path, out: Path) -> Path:
-    env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out)],
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"llama.cpp's converter failed:\n{result.stderr[-3000:]}"
-    return out
-
-
-def assert_quantized_tensors_byte_equal(ours: Path, theirs: Path) -> int:
-    mine, ref = tensors(ours), tensors(theirs)
-    quantized = {n for n, t in ref.items() if t.tensor_type == NVFP4}
-    scales = {n for n in ref if n.endswith((".scale", ".input_scale"))}
-    assert quantized and scales
-    assert quantized == {n for n, t in mine.items() if t.tensor_type == NVFP4}, "NVFP4 tensor sets differ"
-    assert scales == {n for n in mine if n.endswith((".scale", ".input_scale"))}, "scale tensor sets differ"
-    assert set(mine) == set(ref), f"tensor names differ: {sorted(set(mine) ^ set(ref))[:8]}"
-    bad = []
-    for name in sorted(quantized | scales):
-        a, b = mine[name], ref[name]
-        if a.tensor_type != b.tensor_type or not np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)):
-            bad.append(name)
-    assert not bad, f"{len(bad)} tensors differ from llama.cpp's converter, e.g. {bad[:5]}"
-    return len(quantized)
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4-a16"])
@@ -283,7 +205,7 @@ def test_byte_parity_with_llama_cpp_converter_tiny(tiny_model_dir, llama_cpp_con
     student, tokenizer, ours = build_gguf(tiny_model_dir, scheme, tmp_path / "ours")
     modelopt_export(tiny_model_dir, tmp_path / "modelopt", scheme, calibration_batch(tokenizer))
     theirs = reference_gguf(llama_cpp_converter, tmp_path / "modelopt", tmp_path / "theirs.gguf")
-    assert assert_quantized_tensors_byte_equal(ours, theirs) == 14
+    assert assert_gguf_quantized_equal(ours, theirs) == 14
     mine, ref = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
     tokenizer_keys = {k for k in ref.fields if k.startswith("tokenizer.")}
     assert tokenizer_keys == {k for k in mine.fields if k.startswith("tokenizer.")}
@@ -299,7 +221,7 @@ def test_byte_parity_with_llama_cpp_converter_default_model(default_model_dir, l
     del student
     modelopt_export(default_model_dir, tmp_path / "modelopt", "nvfp4", calibration_batch(tokenizer))
     theirs = reference_gguf(llama_cpp_converter, tmp_path / "modelopt", tmp_path / "theirs.gguf")
-    assert assert_quantized_tensors_byte_equal(ours, theirs) == 210
+    assert assert_gguf_quantized_equal(ours, theirs) == 210
 
 
 # --- llama.cpp runs the file ---------------------------------------------------------------------

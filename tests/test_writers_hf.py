@@ -11,13 +11,10 @@ from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, quantize
-from nvfp4.converter.writers import Writer, load_all_writers
+from nvfp4.converter.writers import load_all_writers
+from oracles import assert_same_quantized_tensors, calibration_batch, modelopt_export
 
 SCHEMES = ["nvfp4", "nvfp4-a16"]
-
-
-def calibration_batch(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
 
 
 def our_export(model_dir, scheme, tmp_path, target):
@@ -30,34 +27,9 @@ def our_export(model_dir, scheme, tmp_path, target):
     return student, out
 
 
-def modelopt_export(model_dir, scheme, out):
-    import modelopt.torch.quantization as mtq
-    from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    batch = calibration_batch(model.config.vocab_size)
-    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG if scheme == "nvfp4" else mtq.W4A16_NVFP4_CFG, forward_loop=lambda m: m(batch))
-    with torch.inference_mode():
-        export_hf_checkpoint(model, export_dir=out)
-    return out
-
-
-def assert_same_quantized_tensors(ours: dict, theirs: dict) -> None:
-    quantized = [k for k in theirs if k.endswith(("weight_scale", "weight_scale_2", "input_scale"))]
-    quantized += [k.removesuffix("_scale_2") for k in quantized if k.endswith("weight_scale_2")]
-    assert quantized, "the reference export holds no NVFP4 tensor"
-    assert sorted(k for k in ours if k in quantized) == sorted(quantized)
-    for key in quantized:
-        a, b = ours[key], theirs[key]
-        assert a.dtype == b.dtype and a.shape == b.shape, key
-        equal = torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn else torch.equal(a, b)
-        assert equal, f"{key}: differs from ModelOpt's export"
-
-
 def check_against_modelopt(model_dir, scheme, tmp_path):
-    _, ours = our_export(model_dir, scheme, tmp_path, "trtllm")
-    theirs = modelopt_export(model_dir, scheme, tmp_path / "modelopt")
+    student, ours = our_export(model_dir, scheme, tmp_path, "trtllm")
+    theirs = modelopt_export(model_dir, tmp_path / "modelopt", scheme, calibration_batch(student.config.vocab_size))
     assert_same_quantized_tensors(load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors"))
     our_quant = json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
     their_quant = json.loads((theirs / "hf_quant_config.json").read_text())["quantization"]

@@ -34,5 +34,9 @@ class Writer:
         self.cfg = cfg
         self.dtype = dtype  # for the tensors left unquantized
 
+    def check(self, model: nn.Module, tokenizer, linears: dict[str, nn.Linear]) -> None:
+        """Refuse, before any calibration or training, a model this target cannot hold (a UserError naming
+        what); `linears` are those that will be quantized."""
+
     def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
         raise NotImplementedError

@@ -15,10 +15,10 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from nvfp4.errors import UserError
 from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
-from nvfp4.converter.writers.hf import packed_weights
+from nvfp4.converter.families import Family, family_of, hub_names
+from nvfp4.converter.writers.hf import hub_packed_weights, packed_weights
 from nvfp4.kernels import numerics
 from nvfp4.kernels.linear import PackedWeight
 
@@ -39,17 +40,6 @@ GGUF_BLOCK = 64  # elements per NVFP4 block in GGUF (4 sub-blocks of 16)
 GGUF_BLOCK_BYTES = 36
 FILE_NAME = "model.gguf"
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool  # HF rotate-half RoPE -> llama.cpp interleaved RoPE
-
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-}
 
 # BPE pre-tokenizers llama.cpp implements, keyed by the hash its converter computes (facts taken
 # from llama.cpp's convert_hf_to_gguf: sha256 of str(token ids) of CHECK_TEXT).
@@ -140,19 +130,29 @@ class _BulkArrayGGUFWriter(gguf.GGUFWriter):
 class GGUFWriter(Writer, target="llamacpp"):
     """Writes `out/model.gguf` for llama.cpp (general.file_type 39 = MOSTLY_NVFP4)."""
 
-    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        config = student.config
-        spec = _arch_spec(student)
+    def check(self, model: nn.Module, tokenizer, linears: dict[str, nn.Linear]) -> None:
         if self.dtype not in _PLAIN_TYPES:
             raise UserError(f"the GGUF writer stores unquantized tensors as bf16, fp16 or fp32, not {self.dtype}")
+        family_of(model.config)
+        check_tokenizer(tokenizer)
+        odd = [f"{n} ({m.in_features})" for n, m in linears.items() if m.in_features % GGUF_BLOCK]
+        if odd:
+            raise UserError(f"llama.cpp's NVFP4 blocks span {GGUF_BLOCK} inputs, and {', '.join(odd[:3])}"
+                            f"{' ...' if len(odd) > 3 else ''} do not divide: drop llamacpp from --targets, or "
+                            "--exclude those linears")
+
+    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
+        config = student.config
+        family = family_of(config)
+        self.check(student, tokenizer, {})
         path = Path(out) / FILE_NAME
         tmp_name = str(Path(out) / f".{FILE_NAME}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's file mode
         try:
-            writer = _BulkArrayGGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[spec.arch])
+            writer = _BulkArrayGGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[_arch(family)])
             _add_hparams(writer, config, Path(source_dir).name)
             with TOKENIZER_LOCK:
                 _add_tokenizer(writer, tokenizer, config)
-            a16 = _add_tensors(writer, student, spec, self.dtype)
+            a16 = _add_tensors(writer, student, family, self.dtype)
             if a16:  # weight-only layers must not get 4-bit activations on backends that could
                 writer.add_array("general.tensor_extra.name", sorted(a16))
                 writer.add_array("general.tensor_extra.prec_a4", [False] * len(a16))
@@ -167,19 +167,14 @@ class GGUFWriter(Writer, target="llamacpp"):
         return path
 
 
-def _arch_spec(student: nn.Module) -> ArchSpec:
-    architecture = (getattr(student.config, "architectures", None) or [type(student).__name__])[0]
-    spec = ARCHITECTURES.get(architecture)
-    if spec is None:
-        raise UserError(
-            f"the llama.cpp (GGUF) writer does not support {architecture}; "
-            f"supported: {', '.join(ARCHITECTURES)} (drop llamacpp from --targets)"
-        )
-    return spec
+def _arch(family: Family) -> gguf.MODEL_ARCH:
+    return getattr(gguf.MODEL_ARCH, family.gguf_arch)
 
 
 def _rope(config) -> dict:
+    """The (global attention's) RoPE parameters: transformers 5 nests them per layer type for Gemma 3."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params = dict(params.get("full_attention", params))
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.setdefault("rope_type", params.get("type", "default"))
     return params
@@ -202,10 +197,13 @@ def _add_hparams(writer: gguf.GGUFWriter, config, name: str) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(_head_dim(config))
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    writer.add_rope_dimension_count(int(partial * _head_dim(config)))
     if getattr(config, "head_dim", None):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    _add_moe_hparams(writer, config)
+    _add_attention_hparams(writer, config)
     rope = _rope(config)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":
@@ -213,6 +211,31 @@ def _add_hparams(writer: gguf.GGUFWriter, config, name: str) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif rope["rope_type"] not in ("default", "llama3"):  # llama3 is the rope_freqs tensor
         raise UserError(f"the GGUF writer does not support rope type {rope['rope_type']!r}")
+
+
+def _add_moe_hparams(writer: gguf.GGUFWriter, config) -> None:
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
+def _add_attention_hparams(writer: gguf.GGUFWriter, config) -> None:
+    """Sliding-window attention (Gemma 3, Phi-3), partial rotary (Phi-3) and logit soft-capping (Gemma)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
+        writer.add_sliding_window(config.sliding_window)
+        swa_theta = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {}).get("rope_theta")
+        if swa_theta is not None:
+            writer.add_rope_freq_base_swa(float(swa_theta))
+    elif config.model_type == "phi3":  # llama.cpp tells Phi-4 (no sliding window) by a window of 0
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+        writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None)
+                                             or config.max_position_embeddings)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def llama3_rope_factors(config) -> Tensor:  # -> fp32 [head_dim / 2]
@@ -238,31 +261,61 @@ def llama3_rope_factors(config) -> Tensor:  # -> fp32 [head_dim / 2]
 # tensors
 
 
-def _add_tensors(writer: gguf.GGUFWriter, student: nn.Module, spec: ArchSpec, dtype: torch.dtype) -> list[str]:
-    """Add every tensor; returns the NVFP4 tensors that are weight-only (W4A16)."""
+def _add_tensors(writer: gguf.GGUFWriter, student: nn.Module, family: Family, dtype: torch.dtype) -> list[str]:
+    """Add every tensor under llama.cpp's names; returns the NVFP4 tensors that are weight-only (W4A16).
+    A MoE layer's experts are stacked into one 3-D tensor per projection (`ffn_gate_exps` ...)."""
     config = student.config
-    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
-    packed = packed_weights(student)  # shared with the other writers of the same student state
+    names = gguf.get_tensor_name_map(_arch(family), config.num_hidden_layers)
+    packed = hub_packed_weights(student)  # shared with the other writers of the same student state
+    quantized = set(packed_weights(student))
+    experts: dict[str, dict[int, PackedWeight | Tensor]] = {}  # merged Hub name -> expert -> weight
     weight_only = []
+
+    def gguf_name(hub: str) -> tuple[gguf.MODEL_TENSOR, str]:
+        found = names.get_type_and_name(hub, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise UserError(f"the GGUF writer cannot map tensor {hub} of {family.name}")
+        return found
+
     for hf_name, param in student.named_parameters():  # tied lm_head appears once, as the embedding
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UserError(f"the GGUF writer cannot map tensor {hf_name} of {type(student).__name__}")
         module_name, _, leaf = hf_name.rpartition(".")
-        heads = _permute_heads(config, module_name) if spec.permute_qk else None
-        if leaf == "weight" and module_name in packed:
-            if _add_nvfp4(writer, gguf_name, packed[module_name], heads, student.get_submodule(module_name), dtype):
-                if packed[module_name].input_gscale is None:
-                    weight_only.append(gguf_name)
-            continue
-        data = param.detach()
-        if heads is not None:
-            data = permute_rows(data, heads)
-        array, qtype = _plain_array(data, dtype)
-        writer.add_tensor(gguf_name, array, raw_dtype=qtype)
-    if spec.arch == gguf.MODEL_ARCH.LLAMA and _rope(config)["rope_type"] == "llama3":
+        hubs = [f"{hub}.{leaf}" for hub in hub_names(family, module_name)]
+        rows = param.shape[0] // len(hubs)
+        for part, hub in enumerate(hubs):
+            expert = _EXPERT.match(hub)
+            value = packed[hub.removesuffix(".weight")] if module_name in quantized and leaf == "weight" else \
+                param.detach()[part * rows : (part + 1) * rows]
+            if expert is not None:
+                experts.setdefault(f"{expert['prefix']}.{expert['leaf']}.weight", {})[int(expert["expert"])] = value
+                continue
+            heads = _permute_heads(config, module_name) if family.permute_qk else None
+            kind, name = gguf_name(hub)
+            if isinstance(value, PackedWeight):
+                _add_nvfp4(writer, name, value, heads)
+                weight_only += [name] if value.input_gscale is None else []
+                continue
+            if heads is not None:
+                value = permute_rows(value, heads)
+            if family.norm_offset and value.dim() == 1 and hub.endswith("norm.weight"):
+                value = value.float() + family.norm_offset  # llama.cpp multiplies by the stored (offset + weight)
+            router = kind == gguf.MODEL_TENSOR.FFN_GATE_INP  # routers stay F32, as llama.cpp's converter writes them
+            array, qtype = _plain_array(value, torch.float32 if router else dtype)
+            writer.add_tensor(name, array, raw_dtype=qtype)
+    for merged, by_expert in experts.items():
+        _, name = gguf_name(merged)
+        weights = [by_expert[e] for e in sorted(by_expert)]
+        if isinstance(weights[0], PackedWeight):
+            _add_nvfp4_experts(writer, name, weights)
+            weight_only += [name] if weights[0].input_gscale is None else []
+        else:
+            array, qtype = _plain_array(torch.stack(weights), dtype)
+            writer.add_tensor(name, array, raw_dtype=qtype)
+    if _arch(family) == gguf.MODEL_ARCH.LLAMA and _rope(config)["rope_type"] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config).numpy())
     return weight_only
+
+
+_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>[^.]+)\.weight$")
 
 
 def _permute_heads(config, module_name: str) -> int | None:
@@ -273,19 +326,9 @@ def _permute_heads(config, module_name: str) -> int | None:
     return None
 
 
-def _add_nvfp4(writer, name: str, weight: PackedWeight, heads: int | None, module: nn.Module, dtype) -> bool:
-    """Add one quantized linear as NVFP4 (+ scale tensors); False when it had to stay unquantized."""
+def _add_nvfp4(writer, name: str, weight: PackedWeight, heads: int | None) -> None:
+    """One quantized linear as NVFP4, its s2 as `<base>.scale` and (W4A4) its input scale as `<base>.input_scale`."""
     packed, scales = weight.packed, weight.scales
-    if packed.shape[1] * 2 % GGUF_BLOCK:
-        # GGUF NVFP4 blocks span 64 elements: store what the student computes with, unquantized.
-        log.warning("%s: in_features %d is not a multiple of %d; written as %s in the GGUF",
-                    name, packed.shape[1] * 2, GGUF_BLOCK, dtype)
-        data = module.quantized_weight().detach()
-        if heads is not None:
-            data = permute_rows(data, heads)
-        array, qtype = _plain_array(data, dtype)
-        writer.add_tensor(name, array, raw_dtype=qtype)
-        return False
     if heads is not None:
         packed, scales = permute_rows(packed, heads), permute_rows(scales.view(torch.uint8), heads)
     writer.add_tensor(name, to_gguf_nvfp4(packed, scales.view(torch.float8_e4m3fn)), raw_dtype=gguf.GGMLQuantizationType.NVFP4)
@@ -293,7 +336,16 @@ def _add_nvfp4(writer, name: str, weight: PackedWeight, heads: int | None, modul
     writer.add_tensor(f"{base}.scale", _scalar(weight.gscale))
     if weight.input_gscale is not None:
         writer.add_tensor(f"{base}.input_scale", _scalar(weight.input_gscale))
-    return True
+
+
+def _add_nvfp4_experts(writer, name: str, weights: list[PackedWeight]) -> None:
+    """A layer's experts of one projection as one NVFP4 tensor [E, rows, cols], with F32 [E] scales."""
+    stacked = np.stack([to_gguf_nvfp4(w.packed, w.scales) for w in weights])
+    writer.add_tensor(name, stacked, raw_dtype=gguf.GGMLQuantizationType.NVFP4)
+    base = name.removesuffix(".weight")
+    writer.add_tensor(f"{base}.scale", np.array([float(w.gscale) for w in weights], dtype=np.float32))
+    if weights[0].input_gscale is not None:
+        writer.add_tensor(f"{base}.input_scale", np.array([float(w.input_gscale) for w in weights], dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,13 +394,19 @@ def _adds_special(tokenizer) -> dict[str, bool]:
     return adds
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
+def check_tokenizer(tokenizer) -> None:
+    """The GGUF writer describes byte-level BPE (GPT-2 style) vocabularies to llama.cpp, nothing else."""
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
-        raise UserError("the GGUF writer needs a fast (tokenizer.json) tokenizer")
+        raise UserError("the GGUF writer needs a fast (tokenizer.json) tokenizer; drop llamacpp from --targets")
     backend = tokenizer.backend_tokenizer
     if type(backend.model).__name__ != "BPE" or getattr(backend.model, "byte_fallback", False):
-        raise UserError("the GGUF writer supports byte-level BPE (GPT-2 style) tokenizers only, "
-                        "not SentencePiece-style vocabularies")
+        raise UserError("the GGUF writer supports byte-level BPE (GPT-2 style) tokenizers only, not SentencePiece-"
+                        "style vocabularies; drop llamacpp from --targets")
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
+    check_tokenizer(tokenizer)
+    backend = tokenizer.backend_tokenizer
     with _collector_paused():
         merges = bpe_merges(_json_merges(backend.to_str()))
     if not merges:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from nvfp4.converter.families import family_of, hub_names, hub_tensor_name
 from nvfp4.converter.quantize import export_weights
 from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
 from nvfp4.kernels import numerics
@@ -21,10 +22,9 @@ _SIDE_FILES = ("generation_config.json",)
 
 
 def unquantized_tensors(student: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Every tensor of the student except the quantized linears' weights and our quantizer buffers.
-
-    A tied lm_head is left out, as ModelOpt and transformers do.
-    """
+    """Every tensor of the student except the quantized linears' weights and our quantizer buffers, under
+    its name on the Hub. A tied lm_head is left out, as ModelOpt and transformers do."""
+    family = family_of(student.config)
     quantized = {n for n, m in student.named_modules() if isinstance(m, NVFP4FakeQuantLinear)}
     tied = getattr(student.config, "tie_word_embeddings", False)
     tensors = {}
@@ -34,13 +34,38 @@ def unquantized_tensors(student: nn.Module, dtype: torch.dtype) -> dict[str, Ten
             continue
         if tied and name == "lm_head.weight":
             continue
-        tensors[name] = tensor.detach().to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+        value = tensor.detach().to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+        tensors[hub_tensor_name(family, name)] = value
     return tensors
 
 
-def excluded_modules(student: nn.Module) -> list[str]:
-    """Linears and embeddings left in high precision (ModelOpt's `exclude_modules`)."""
-    return sorted(n for n, m in student.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)))
+def high_precision_modules(student: nn.Module, embeddings: bool = True) -> list[str]:
+    """Hub names of the modules left in high precision: linears not quantized, MoE routers, and (ModelOpt's
+    `exclude_modules` lists them too) embeddings."""
+    family = family_of(student.config)
+    # exactly nn.Embedding, as ModelOpt lists them: not subclasses such as Gemma's scaled embedding
+    names = [n for n, m in student.named_modules() if isinstance(m, nn.Linear) or embeddings and type(m) is nn.Embedding]
+    if family.moe is not None:
+        names += [n for n, m in student.named_modules() if n.endswith(f".mlp.{family.moe.router}") and hasattr(m, "weight")]
+    return sorted(hub for name in names for hub in hub_names(family, name))
+
+
+def hub_packed_weights(student: nn.Module) -> dict[str, PackedWeight]:
+    """`packed_weights(student)` under the Hub's module names: an expert's gate_up splits into its gate and
+    up rows (one global and input scale for both, as ModelOpt's export writes them)."""
+    family = family_of(student.config)
+    out = {}
+    for name, weight in packed_weights(student).items():
+        hubs = hub_names(family, name)
+        if len(hubs) == 1:
+            out[hubs[0]] = weight
+            continue
+        rows = weight.packed.shape[0] // len(hubs)
+        for part, hub in enumerate(hubs):  # copies: a checkpoint holds no two tensors in one storage
+            piece = slice(part * rows, (part + 1) * rows)
+            out[hub] = PackedWeight(weight.packed[piece].clone(), weight.scales[piece].clone(), weight.gscale.clone(),
+                                    None if weight.input_gscale is None else weight.input_gscale.clone())
+    return out
 
 
 _EXPORTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, PackedWeight]]]" = weakref.WeakKeyDictionary()
@@ -100,11 +125,11 @@ class TRTLLMWriter(Writer, target="trtllm"):
             "quant_algo": self.cfg.quant_algo,
             "kv_cache_quant_algo": None,
             "group_size": self.cfg.group_size,
-            "exclude_modules": excluded_modules(student),
+            "exclude_modules": high_precision_modules(student),
         }
 
     def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(packed_weights(student))
+        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(hub_packed_weights(student))
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         quantization = self.quantization(student)
         (out / "hf_quant_config.json").write_text(
@@ -166,13 +191,13 @@ class VLLMWriter(Writer, target="vllm"):
             "format": "nvfp4-pack-quantized",
             "quantization_status": "compressed",
             "config_groups": {"group_0": group},
-            "ignore": [n for n, m in student.named_modules() if isinstance(m, nn.Linear)],
+            "ignore": high_precision_modules(student, embeddings=False),
             "kv_cache_scheme": None,
             "producer": PRODUCER,
         }
 
     def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(packed_weights(student))
+        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(hub_packed_weights(student))
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         _write_config(student, out, self.dtype, self.quantization_config(student))
         _copy_side_files(tokenizer, source_dir, out)

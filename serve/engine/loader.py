@@ -31,6 +31,16 @@ def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
     return model
 
 
+def check_native(folder: Path, role: str) -> None:
+    """Refuse, before anything loads, a model of a family the native engine does not run, naming what does."""
+    from nvfp4.converter.families import engine_hint, family_of
+    from nvfp4.converter.models import load_config
+
+    family = family_of(load_config(folder))
+    if not family.native:
+        raise UserError(f"the native engine does not run {family.name} models (the {role}); serve with {engine_hint(family)}")
+
+
 def load_student(out: Path):
     """(model, tokenizer, name) from OUT/trtllm, the ModelOpt unified checkpoint."""
     folder = Path(out) / "trtllm"
