@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nvfp4.converter.calibration import calibration_batches  # noqa: E402
@@ -31,7 +30,7 @@ from nvfp4.converter.config import QuantConfig  # noqa: E402
 from nvfp4.converter.models import load_causal_lm, resolve_model  # noqa: E402
 from nvfp4.converter.quantize import calibrate, quantize  # noqa: E402
 from nvfp4.converter.pipeline import DTYPES, TARGETS, export_targets, keep_freed_memory  # noqa: E402
-from nvfp4.converter.writers import hf  # noqa: E402
+from nvfp4.converter.writers import base as writers_base  # noqa: E402
 
 
 class Timer:
@@ -73,7 +72,7 @@ def run_ours(source: Path, scheme: str, batches, out: Path, dtype: torch.dtype) 
         student = quantize(teacher, QuantConfig(scheme=scheme))  # in place: PTQ needs no teacher copy
         calibrate(student, _advancing(batches, bar))
     for name, targets in (("export trtllm", ("trtllm",)), (f"export all {len(TARGETS)}", TARGETS)):
-        hf._EXPORTS.pop(student, None)  # each export packs the weights itself, as a convert run does
+        writers_base._EXPORTS.pop(student, None)  # each export packs the weights itself, as a convert run does
         with timer.stage(name):
             (out / name).mkdir(parents=True)
             export_targets(student, tokenizer, source, out / name, targets, QuantConfig(scheme=scheme), dtype)

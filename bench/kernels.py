@@ -5,13 +5,10 @@
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4.kernels import numerics  # noqa: E402
 

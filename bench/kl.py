@@ -6,13 +6,10 @@ formula, forward + backward (a QAD chunk) and forward only (the evaluation), in 
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4.converter.pipeline import keep_freed_memory  # noqa: E402
 from nvfp4.kernels.kl import token_kl, token_kl_ref  # noqa: E402

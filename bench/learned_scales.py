@@ -1,7 +1,7 @@
 """Learned-scale fake-quant forward + backward of one QAD step's linears, at the default model's shapes.
 
-    .venv/bin/python bench/learned_scales.py                    # this checkout
-    .venv/bin/python bench/learned_scales.py --repo /tmp/old    # another checkout, for a before/after pair
+    .venv/bin/python bench/learned_scales.py      # the installed nvfp4 (for a before/after pair, run it in each
+                                                  # checkout with that checkout's own .venv)
 
 Times `fake_quantize_learned` forward and backward over 30 layers of q, k, v, o, gate, up, down
 (SmolLM2-135M: hidden 576, intermediate 1536, 3 KV heads of 64) on random weights: the weight-sized
@@ -9,9 +9,7 @@ work of a W4A4/W4A16 QAD step with learned block scales, which does not shrink w
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -20,11 +18,9 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    sys.path.insert(0, str(args.repo))
     from nvfp4.converter.pipeline import keep_freed_memory
     from nvfp4.kernels import numerics
     from nvfp4.kernels.ops import fake_quantize_learned

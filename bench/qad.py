@@ -24,15 +24,12 @@ this BLAS leaves at these shapes (at batch 1, 127-row GEMMs run well below the 2
 import argparse
 import copy
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4.converter.config import QuantConfig  # noqa: E402
 from nvfp4.converter.models import load_causal_lm  # noqa: E402

@@ -12,14 +12,11 @@ the weight-error ratio amax/mode over every quantized linear, and the held-out c
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 from unittest.mock import patch
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4.converter.calibration import calibration_batches, chat_prompt_ids  # noqa: E402
 from nvfp4.converter.config import QuantConfig  # noqa: E402
@@ -112,7 +109,7 @@ def bench_model(args) -> None:
         rows.append((label, seconds, weight_error(student), held_out_kl(teacher, student, sequences)))
         del student
     amax_error = next((error for mode, _, error, _ in rows if mode == "amax"), rows[0][2])
-    print(f"\n| PTQ scales | quantize+calibrate s | weight error amax/mode | held-out KL |")
+    print("\n| PTQ scales | quantize+calibrate s | weight error amax/mode | held-out KL |")
     print("|---|---:|---:|---:|")
     for mode, seconds, error, kl in rows:
         print(f"| PTQ-{mode} | {seconds:.1f} | {amax_error / error:.3f} | {kl:.4f} |")

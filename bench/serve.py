@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROMPTS = [
     "Explain in simple words why the sky is blue.",
     "Write a short poem about the sea.",

@@ -70,7 +70,8 @@ def _teacher_answers(model, tokenizer, total_tokens: int, seed: int) -> list[lis
 
 
 def calibration_batches(source: str, model, tokenizer, total_tokens: int, seed: int, seq_len: int = 256) -> list[Tensor]:
-    """`self` (teacher's sampled answers to shipped prompts), `random` (uniform tokens) or a file PATH."""
+    """`self` (teacher's sampled answers to shipped prompts), `prompts` (those prompts alone), `random` (uniform
+    tokens) or a file PATH."""
     if total_tokens <= 0:
         raise UserError(f"--calib-tokens must be positive, got {total_tokens}")
     if source == "random":
@@ -79,4 +80,6 @@ def calibration_batches(source: str, model, tokenizer, total_tokens: int, seed: 
         return [chunk.unsqueeze(0) for chunk in ids.split(seq_len)]
     if source == "self":
         return _pack(_teacher_answers(model, tokenizer, total_tokens, seed), seq_len, total_tokens)
+    if source == "prompts":
+        return _pack(chat_prompt_ids(tokenizer, _PROMPTS.read_text().splitlines()), seq_len, total_tokens)
     return _pack(read_text_file(Path(source), tokenizer), seq_len, total_tokens)

@@ -5,31 +5,17 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from nvfp4.errors import UserError
 from nvfp4.converter.families import family_of, internal_name
 from nvfp4.converter.moe import unfuse_experts
 from nvfp4.converter.quantize import set_module
+from nvfp4.converter.shards import Checkpoint
 from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 
 
-def _read_tensors(folder: Path) -> dict[str, Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"no safetensors in {folder}")
-    tensors = {}
-    try:
-        for file in files:
-            with safe_open(file, "pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"corrupt checkpoint {folder}: {error}") from error
-    return tensors
-
-
-def _materialise_non_persistent_buffers(model: nn.Module) -> None:
+def materialise_non_persistent_buffers(model: nn.Module) -> None:
     """Buffers a checkpoint does not hold (RoPE frequencies, Gemma's embedding scale) are left on the meta
     device: give them storage and let transformers' own initialisation compute them, every loaded tensor
     marked as initialised so that nothing else is touched."""
@@ -72,7 +58,7 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
     config.quantization_config = None
     del config.quantization_config
     family = family_of(config)
-    tensors = _read_tensors(folder)
+    tensors = Checkpoint(folder).all()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     unfuse_experts(model)
@@ -106,7 +92,7 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
     missing = [k for k in missing if k.rpartition(".")[0] not in pieces]
     if missing:
         raise UserError(f"{folder}: missing tensors {missing[:3]}")
-    _materialise_non_persistent_buffers(model)
+    materialise_non_persistent_buffers(model)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise UserError(f"{folder}: tensors not found in the checkpoint: {leftovers[:3]}")

@@ -45,9 +45,13 @@ def build_eval_set(teacher: nn.Module, tokenizer, answer_tokens: int = 64, greed
     prompts = chat_prompt_ids(tokenizer, (_DATA / "heldout_chat_prompts.txt").read_text().splitlines())
     answers = _greedy_answers(teacher, prompts, answer_tokens, tokenizer)
     chat = [(torch.tensor([p + a]), len(p)) for p, a in zip(prompts, answers)]
+    return EvalSet(chat, prose_samples(tokenizer, prose_tokens), prompts, [a[:greedy_tokens] for a in answers])
+
+
+def prose_samples(tokenizer, prose_tokens: int = 256) -> list[Tensor]:
+    """The held-out prose cut into samples ids [1, L]."""
     prose_ids = tokenizer((_DATA / "heldout_prose.txt").read_text(), add_special_tokens=False)["input_ids"]
-    prose = [torch.tensor([prose_ids[i : i + prose_tokens]]) for i in range(0, len(prose_ids) - 16, prose_tokens)]
-    return EvalSet(chat, prose, prompts, [a[:greedy_tokens] for a in answers])
+    return [torch.tensor([prose_ids[i : i + prose_tokens]]) for i in range(0, len(prose_ids) - 16, prose_tokens)]
 
 
 @contextmanager

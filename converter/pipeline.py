@@ -6,7 +6,10 @@ failure or Ctrl-C leaves no half-written OUT.
 
 import copy
 import ctypes
+import errno
 import json
+import os
+import math
 import re
 import shutil
 import tempfile
@@ -26,10 +29,12 @@ from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.families import family_of
 from nvfp4.errors import UserError
 from nvfp4.converter.models import load_causal_lm, resolve_model
-from nvfp4.converter.quantize import calibrate, eligible_linears, gptq_hessian_bytes, quantize, quantized_modules
+from nvfp4.converter.plan import Needs, Plan, make_plan, skeleton
+from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
 from nvfp4.converter.smoothing import smooth
 from nvfp4.converter.writers import load_all_writers
-from nvfp4.converter.writers.hf import high_precision_modules, packed_weights
+from nvfp4.converter.writers import Entry, packed_weights, student_entries
+from nvfp4.converter.writers.hf import high_precision_modules
 
 TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -77,6 +82,8 @@ class ConvertConfig:
     force: bool = False
     trust_remote_code: bool = False
     evaluate: bool = True
+    layerwise: bool = False  # PTQ one decoder layer at a time from the shards (converter/layerwise.py)
+    dry_run: bool = False  # print the memory plan and stop
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.targets) - set(TARGETS))
@@ -123,6 +130,15 @@ def _check_out(cfg: ConvertConfig) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def memory_plan(cfg: "ConvertConfig", source_dir: Path, train: TrainStage | None) -> Plan:
+    """What each stage needs against what the machine has, from config.json alone (converter/plan.py)."""
+    model = skeleton(source_dir)
+    needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, qad=train is not None, qad_batch=getattr(train, "batch", 1),
+                  qad_seq_len=getattr(train, "seq_len", 128), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                  device=cfg.torch_device.type, evaluate=cfg.evaluate)
+    return make_plan(model, eligible_linears(model, cfg.quant), needs, cfg.out.parent)
+
+
 def check_targets(model: torch.nn.Module, tokenizer, cfg: ConvertConfig) -> dict[str, torch.nn.Linear]:
     """Before any calibration or training: every linear is quantizable or excluded, and every requested target
     can hold the model (family, tokenizer, dimensions); -> the linears that will be quantized."""
@@ -137,36 +153,6 @@ def check_targets(model: torch.nn.Module, tokenizer, cfg: ConvertConfig) -> dict
         click.echo(f"warning: llama.cpp loads {family.name}'s NVFP4 GGUF but does not apply its feed-forward "
                    "per-tensor scales yet (llama-cpp-python 0.3.36): OUT/llamacpp is written for when it does", err=True)
     return linears
-
-
-def _check_disk_space(folder: Path, model: torch.nn.Module, targets: tuple[str, ...]) -> None:
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 2  # BF16-sized upper bound per target
-    needed = weight_bytes * len(targets)
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise UserError(f"not enough disk space in {folder}: {free / 2**20:.0f} MiB free, ~{needed / 2**20:.0f} MiB needed")
-
-
-def _check_gptq_memory(student: torch.nn.Module, device: torch.device) -> None:
-    needed = gptq_hessian_bytes(student)
-    free = available_memory(device)
-    if needed and free is not None and needed > free:
-        raise UserError(f"--rounding gptq holds the Hessians of every layer at once, ~{needed / 2**20:.1f} MiB, "
-                        f"but {free / 2**20:.1f} MiB is available on {device}; use --rounding nearest")
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Free bytes on the device (CUDA) or available RAM (Linux MemAvailable); None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _folder_bytes(path: Path) -> int:
@@ -206,19 +192,34 @@ def _replace_atomically(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = False) -> dict:
-    """Run the whole conversion; returns the report (also written to OUT/report.json and report.md)."""
+def convert(cfg: ConvertConfig, train: TrainStage | None = None) -> dict:
+    """Run the whole conversion; returns the report (also written to OUT/report.json and report.md). A disk
+    that fills up all the same (the plan checked it first) is one error line; nothing half-written stays."""
+    try:
+        return _convert(cfg, train)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"the disk holding {cfg.out.parent} filled up while writing: {error}") from error
+
+
+def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
     _check_out(cfg)
     load_all_writers()  # an import problem in a writer shows before any work
     timer = Timer()
     torch.manual_seed(cfg.seed)
     device = cfg.torch_device
-    keep_freed_memory()
     source_dir = resolve_model(cfg.source)
+    plan = memory_plan(cfg, source_dir, train)
+    click.echo(plan.render(), err=True)
+    if cfg.dry_run:
+        return {"plan": plan.render()}
+    if plan.choose(cfg.layerwise) == "layerwise":
+        return _convert_layerwise(cfg, source_dir, timer, device)
+    keep_freed_memory()  # not when streaming: kept pages would hold the peak of every layer
     with timer.stage("load"):
         teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype(device), device, cfg.trust_remote_code)
         teacher.requires_grad_(False)
-    _check_disk_space(cfg.out.parent, teacher, cfg.targets)
     check_targets(teacher, tokenizer, cfg)
     all_experts = cfg.quant.expert_calibration == "all"
     student, batches = copy.deepcopy(teacher), None
@@ -228,7 +229,6 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
             smooth(student, batches, cfg.quant.smooth_alpha, all_experts)
     with timer.stage("quantize"):
         student = quantize(student, cfg.quant)
-    _check_gptq_memory(student, device)
     if cfg.quant.needs_calibration:
         with timer.stage("calibrate"):
             batches = batches or calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
@@ -244,19 +244,72 @@ def convert(cfg: ConvertConfig, train: TrainStage | None = None, resume: bool = 
                 cfg.workdir.mkdir(exist_ok=True)
                 qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad",
                                     reserve_seconds=heldout.trained_row_seconds if heldout else 0.0)
+        if int(os.environ.get("RANK", "0")):  # under torchrun every rank trains; rank 0 alone writes OUT
+            return {}
         with timer.stage("export"):
             exports = export_targets(student, tokenizer, source_dir, tmp, cfg.targets, cfg.quant, DTYPES[cfg.dtype])
         if cfg.evaluate:
             with timer.stage("evaluate"):
                 accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, _trained_name(qad_metrics))
-        report = _report(cfg, source_dir, teacher, student, exports, timer, accuracy, qad_metrics)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(render_report_md(report))
-        _replace_atomically(tmp, cfg.out)
+        report = _report(cfg, source_dir, teacher, student_entries(student), exports, timer, accuracy, qad_metrics)
+        _finish(tmp, cfg, report)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(cfg.workdir, ignore_errors=True)
     return report
+
+
+def _finish(tmp: Path, cfg: "ConvertConfig", report: dict) -> None:
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "report.md").write_text(render_report_md(report))
+    _replace_atomically(tmp, cfg.out)
+
+
+def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", device: torch.device) -> dict:
+    """PTQ one decoder layer at a time from the shards, every target written as the layers stream
+    (converter/layerwise.py); the held-out evaluation streams beside it (prose rows)."""
+    from transformers import AutoTokenizer
+
+    from nvfp4.converter.evaluate import prose_samples
+    from nvfp4.converter.layerwise import ShardedModel, export_stream, quantize_layerwise
+
+    with timer.stage("load"):
+        source = ShardedModel(source_dir, compute_dtype(device))
+        tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    check_targets(source.model, tokenizer, cfg)
+    batches = None
+    if cfg.quant.needs_calibration:
+        data = "prompts" if cfg.calib_data == "self" else cfg.calib_data  # sampling answers needs the whole model
+        if data != cfg.calib_data:
+            click.echo("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
+                       "whole model in memory; --calib-data PATH gives your own text)", err=True)
+        batches = calibration_batches(data, source.model, tokenizer, cfg.calib_tokens, cfg.seed)
+    tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
+    try:
+        stream, writers = export_stream(source, cfg.quant), []
+        for target in cfg.targets:
+            (tmp / target).mkdir()
+            writer = load_all_writers()[target](cfg.quant, DTYPES[cfg.dtype])
+            writer.begin(source.model, tokenizer, source_dir, tmp / target, stream)
+            writers.append(writer)
+        with timer.stage("quantize, calibrate, export (layer by layer)"):
+            metrics = quantize_layerwise(source, cfg.quant, batches, writers,
+                                         prose_samples(tokenizer) if cfg.evaluate else None,
+                                         cfg.quant.expert_calibration == "all")
+            for writer in writers:
+                writer.finish()
+        exports = {target: {"seconds": None, "bytes": _folder_bytes(tmp / target)} for target in cfg.targets}
+        accuracy = {"results": {"NVFP4": metrics}, "table": format_prose_table(metrics)} if metrics else None
+        _finish(tmp, cfg, _report(cfg, source_dir, source.model, stream, exports, timer, accuracy, None))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads((cfg.out / "report.json").read_text())
+
+
+def format_prose_table(metrics: dict[str, float]) -> str:
+    header = f"{'model':<14}{'prose KL':>10}{'prose top1':>12}{'prose PPL':>14}"
+    row = f"{'NVFP4':<14}{metrics['prose_kl']:>10.4f}{metrics['prose_top1']:>12.3f}{metrics['prose_ppl']:>14.2f}"
+    return "\n".join([header, "-" * len(header), row])
 
 
 def _trained_name(qad_metrics: dict | None) -> str:
@@ -320,13 +373,13 @@ def _evaluate_trained(teacher, student, tokenizer, heldout: _Heldout | None, nam
     return {"results": results, "table": format_table(results)}
 
 
-def nvfp4_parameter_share(student: torch.nn.Module) -> float:
-    """Of the student's parameters (tied ones once), the share its NVFP4 linears hold."""
-    total = sum(p.numel() for p in student.parameters())
-    return sum(m.weight.numel() for m in quantized_modules(student).values()) / total
+def nvfp4_parameter_share(stream: list[Entry]) -> float:
+    """Of the exported values (a tied head once), the share held in NVFP4."""
+    numel = [(math.prod(entry.shape), entry.packed) for entry in stream]
+    return sum(n for n, packed in numel if packed) / sum(n for n, _ in numel)
 
 
-def _report(cfg, source_dir, teacher, student, exports, timer, accuracy, qad_metrics) -> dict:
+def _report(cfg, source_dir, teacher, stream, exports, timer, accuracy, qad_metrics) -> dict:
     bf16_bytes = sum(p.numel() for p in teacher.parameters()) * 2
     sizes = {target: result["bytes"] for target, result in exports.items()}
     return {
@@ -335,8 +388,8 @@ def _report(cfg, source_dir, teacher, student, exports, timer, accuracy, qad_met
         "model": teacher.config.architectures[0] if teacher.config.architectures else type(teacher).__name__,
         "scheme": cfg.quant.scheme,
         "quant_config": cfg.quant.to_dict(),
-        "nvfp4_parameter_share": round(nvfp4_parameter_share(student), 4),
-        "high_precision_modules": high_precision_modules(student),
+        "nvfp4_parameter_share": round(nvfp4_parameter_share(stream), 4),
+        "high_precision_modules": high_precision_modules(teacher, {e.name for e in stream if e.packed}),
         "targets": list(cfg.targets),
         "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in timer.seconds else None,
         "seed": cfg.seed,
@@ -352,7 +405,7 @@ def _report(cfg, source_dir, teacher, student, exports, timer, accuracy, qad_met
 
 def render_report_md(report: dict) -> str:
     lines = [
-        f"# NVFP4 conversion report",
+        "# NVFP4 conversion report",
         "",
         f"- model: `{report['model']}` from `{report['source'] or 'embedded SmolLM2-135M-Instruct'}`",
         f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`, "
@@ -365,7 +418,8 @@ def render_report_md(report: dict) -> str:
         "|---|---:|---:|---:|",
         f"| bf16 (teacher) | {report['sizes_bytes']['bf16']:,} | 1.000 | |",
     ]
-    lines += [f"| {t} | {report['sizes_bytes'][t]:,} | {report['size_vs_bf16'][t]:.3f} | {report['export_seconds'][t]:.1f} |"
+    seconds = {t: "written layer by layer" if s is None else f"{s:.1f}" for t, s in report["export_seconds"].items()}
+    lines += [f"| {t} | {report['sizes_bytes'][t]:,} | {report['size_vs_bf16'][t]:.3f} | {seconds[t]} |"
               for t in report["targets"]]
     lines += ["", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["timings_seconds"].items()]

@@ -21,11 +21,12 @@ def is_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def eligible_linears(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear) -> dict[str, nn.Linear]:
+def eligible_linears(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear, prefix: str = "") -> dict[str, nn.Linear]:
     """Linears that will be quantized: every one not excluded by cfg's patterns. A linear that is neither
     quantizable (in_features a multiple of 16) nor excluded is an error, never a silent high-precision
-    leftover; so is a fused group (q/k/v, gate/up) excluded in part: engines fuse its matrices."""
-    linears = {n: m for n, m in model.named_modules() if filter_fn(m, n)}
+    leftover; so is a fused group (q/k/v, gate/up) excluded in part: engines fuse its matrices. Names are
+    the model's own (`prefix` names `model` inside a larger one: one decoder layer)."""
+    linears = {n: m for n, m in model.named_modules(prefix=prefix) if filter_fn(m, n)}
     chosen = {name: module for name, module in linears.items() if not cfg.is_excluded(name)}
     odd = [f"{name} (in_features {m.in_features})" for name, m in chosen.items() if m.in_features % cfg.group_size]
     if odd:
@@ -73,22 +74,25 @@ def input_scale_groups(names: Iterable[str]) -> list[list[str]]:
     return fused_groups(others) + list(by_experts.values())
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted `name`."""
+def set_module(model: nn.Module, name: str, module: nn.Module, prefix: str = "") -> None:
+    """Replace the submodule at dotted `name` (relative to `model`, or under `prefix` when given)."""
+    if prefix:
+        name = name.removeprefix(prefix + ".")
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear) -> nn.Module:
-    """Replace every eligible linear with NVFP4FakeQuantLinear (in place); returns the model."""
-    linears = eligible_linears(model, cfg, filter_fn)
+def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear, prefix: str = "") -> nn.Module:
+    """Replace every eligible linear with NVFP4FakeQuantLinear (in place); returns the model. `prefix`: the
+    name `model` has inside a larger model (a decoder layer quantized on its own: the same result)."""
+    linears = eligible_linears(model, cfg, filter_fn, prefix)
     for group in fused_groups(linears):
         gscale = numerics.shared_global_scale(linears[n].weight for n in group)
         for name in group:
             module = NVFP4FakeQuantLinear(linears[name], gscale, cfg.quantize_activations)
             module.gptq_rounding = cfg.rounding == "gptq"  # done by calibrate(), which has the inputs' Hessians
-            set_module(model, name, module)
+            set_module(model, name, module, prefix)
     if cfg.scale_search == "mse":
         from nvfp4.kernels.scale_search import search_block_scales
 
@@ -99,8 +103,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear
     return model
 
 
-def quantized_modules(model: nn.Module) -> dict[str, NVFP4FakeQuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, NVFP4FakeQuantLinear)}
+def quantized_modules(model: nn.Module, prefix: str = "") -> dict[str, NVFP4FakeQuantLinear]:
+    return {n: m for n, m in model.named_modules(prefix=prefix) if isinstance(m, NVFP4FakeQuantLinear)}
 
 
 def _calibration_forward(model: nn.Module, modules: Iterable[nn.Module]) -> nn.Module:
@@ -115,18 +119,36 @@ def _calibration_forward(model: nn.Module, modules: Iterable[nn.Module]) -> nn.M
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Tensor], all_experts: bool = True) -> None:
-    """Record each quantized linear's input amax on the unquantized forward; set W4A4 input scales.
-
-    Runs with weight and activation quantization off, so the ranges are the original model's.
-    Modules quantized with `scale_search="mse-act"` also get their per-input-channel E[x^2] recorded
-    and their block scales re-searched with it; with `rounding="gptq"` the inputs' X^T X is recorded
-    (once per fused group: its members share the input) and the weights are then GPTQ-rounded.
-    With `all_experts`, every expert of a MoE layer sees every calibration token (converter/moe.py).
-    """
-    modules = {n: m for n, m in quantized_modules(model).items()
-               if m.quantize_input or _wants_act_stats(m) or _wants_gptq(m)}
+    """Record each quantized linear's input statistics on the unquantized forward of the whole model and
+    set what they decide (calibrate_modules). With `all_experts`, every expert of a MoE layer sees every
+    calibration token (converter/moe.py)."""
+    modules = {n: m for n, m in quantized_modules(model).items() if needs_calibration(m)}
     if not modules:
         return
+
+    def forward() -> None:
+        with calibrating_all_experts(model, all_experts):
+            run_calibration_forwards(model, modules.values(), batches)
+
+    calibrate_modules(modules, forward)
+
+
+def needs_calibration(module: NVFP4FakeQuantLinear) -> bool:
+    """Its inputs decide something: a W4A4 input scale, mse-act's channel energies or GPTQ's Hessian."""
+    return module.quantize_input or _wants_act_stats(module) or _wants_gptq(module)
+
+
+@torch.no_grad()
+def calibrate_modules(modules: dict[str, NVFP4FakeQuantLinear], forward: Callable[[], object]) -> object:
+    """Record each module's input amax while `forward()` runs with weight and activation quantization off
+    (so the ranges are the original model's); set W4A4 input scales. Modules quantized with
+    `scale_search="mse-act"` also get their per-input-channel E[x^2] recorded and their block scales
+    re-searched with it; with `rounding="gptq"` the inputs' X^T X is recorded (once per fused group: its
+    members share the input) and the weights are then GPTQ-rounded. The whole model at once (calibrate) or
+    one decoder layer (converter/layerwise.py): the same numbers. -> what `forward()` returned."""
+    modules = {n: m for n, m in modules.items() if needs_calibration(m)}
+    if not modules:
+        return forward()
     amax: dict[str, Tensor] = {}
     square_sum: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
@@ -161,8 +183,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], all_experts: bool = T
         for module in modules.values():
             module.quantized_weight = lambda m=module: m.weight  # unquantized during calibration
             module.quantize_input = False
-        with calibrating_all_experts(model, all_experts):
-            run_calibration_forwards(model, modules.values(), batches)
+        result = forward()
     finally:
         last_input.clear()
         for handle in handles:
@@ -180,6 +201,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], all_experts: bool = T
             modules[name].input_gscale = numerics.activation_global_scale(shared).to(modules[name].weight.device)
     _search_with_activations({n: square_sum[n] / rows[n] for n in square_sum}, modules)
     _round_with_gptq({n: h / rows[n] for n, h in hessian.items()}, modules)
+    return result
 
 
 def run_calibration_forwards(model: nn.Module, modules: Iterable[nn.Module], batches: Iterable[Tensor]) -> None:
@@ -188,7 +210,7 @@ def run_calibration_forwards(model: nn.Module, modules: Iterable[nn.Module], bat
     forward = _calibration_forward(model, list(modules))
     device = next(model.parameters()).device
     for batch in _stacked(batches):
-        forward(batch.to(device))
+        forward(batch.to(device), use_cache=False)
 
 
 def _stacked(batches: Iterable[Tensor], max_tokens: int = 4096) -> Iterable[Tensor]:
@@ -217,10 +239,9 @@ def _gptq_groups(modules: dict[str, nn.Module]) -> list[list[str]]:
     return fused_groups(n for n, m in modules.items() if _wants_gptq(m))
 
 
-def gptq_hessian_bytes(model: nn.Module) -> int:
-    """Bytes calibrate() holds at once for GPTQ: one fp32 K x K Hessian per fused group of every layer."""
-    modules = quantized_modules(model)
-    return sum(4 * modules[group[0]].in_features ** 2 for group in _gptq_groups(modules))
+def hessian_bytes(linears: dict[str, nn.Module]) -> int:
+    """Bytes GPTQ holds for these linears: one fp32 K x K Hessian per fused group (its members share the input)."""
+    return sum(4 * linears[group[0]].in_features ** 2 for group in fused_groups(linears))
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ quantized from the smoothed values.
 
 import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,15 @@ log = logging.getLogger(__name__)
 def input_channel_amax(model: nn.Module, batches: Iterable[Tensor], all_experts: bool = True) -> dict[str, Tensor]:
     """Per-input-channel max |x| of every decoder linear over the batches, keyed by module name (every expert
     of a MoE layer sees every token with `all_experts`)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
+    with recording_channel_amax(linears) as amax, calibrating_all_experts(model, all_experts):
+        run_calibration_forwards(model, linears.values(), batches)
+    return amax
+
+
+@contextmanager
+def recording_channel_amax(linears: dict[str, nn.Module]):
+    """Context yielding {name: per-input-channel max |x|}, filled by the forwards run inside it."""
     amax: dict[str, Tensor] = {}
 
     def record(name: str):
@@ -43,15 +53,12 @@ def input_channel_amax(model: nn.Module, batches: Iterable[Tensor], all_experts:
 
         return hook
 
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
     handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
     try:
-        with calibrating_all_experts(model, all_experts):
-            run_calibration_forwards(model, linears.values(), batches)
+        yield amax
     finally:
         for handle in handles:
             handle.remove()
-    return amax
 
 
 def smoothing_scales(input_amax: Tensor, weights: Iterable[Tensor], alpha: float) -> Tensor:
@@ -132,41 +139,53 @@ def _mlp_parts(mlp: nn.Module, family: Family) -> tuple[list[nn.Module], list[tu
 def smooth(model: nn.Module, batches: Iterable[Tensor], alpha: float, all_experts: bool = True) -> int:
     """Smooth every decoder layer of a supported family in place (same function); returns how many linears'
     inputs were smoothed. A norm that cannot absorb the scales leaves its readers as they are (a warning)."""
+    check_alpha(alpha)
+    amax = input_channel_amax(model, batches, all_experts)
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder.layers)
+    return sum(smooth_layer(layer, f"{prefix}.{i}", amax, model.config, alpha) for i, layer in enumerate(decoder.layers))
+
+
+def check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
         raise ValueError(f"smoothing alpha must be in (0, 1), got {alpha}")
-    family, config = family_of(model.config), model.config
-    amax = input_channel_amax(model, batches, all_experts)
+
+
+@torch.no_grad()
+def smooth_layer(layer: nn.Module, name: str, amax: dict[str, Tensor], config, alpha: float) -> int:
+    """Smooth one decoder layer (`name` its module name, `amax` the per-channel input ranges of its linears,
+    from the unsmoothed model) in place; -> how many linears' inputs were smoothed."""
+    family = family_of(config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(m): n for n, m in layer.named_modules(prefix=name)}
+    attention, mlp = layer.self_attn, layer.mlp
+    attention_parts = _attention_parts(attention, heads, kv_heads, head_dim)
+    mlp_parts = _mlp_parts(mlp, family)
     smoothed = 0
-    for layer in model.get_decoder().layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        attention_parts = _attention_parts(attention, heads, kv_heads, head_dim)
-        mlp_parts = _mlp_parts(mlp, family)
-        # rows first: v's and up's scaled rows are then part of what their input's scales balance
-        for up_rows, down in mlp_parts[1] if mlp_parts else []:
-            if names[id(down)] in amax:
-                scales = smoothing_scales(amax[names[id(down)]], [down.weight], alpha)
-                up_rows.divide(scales)
-                down.weight.mul_(scales.to(down.weight.dtype))
-                smoothed += 1
-        if attention_parts and names[id(attention.o_proj)] in amax:
-            _smooth_attention_output(attention_parts[1], attention.o_proj, amax[names[id(attention.o_proj)]], alpha,
-                                     heads, kv_heads)
+    # rows first: v's and up's scaled rows are then part of what their input's scales balance
+    for up_rows, down in mlp_parts[1] if mlp_parts else []:
+        if names[id(down)] in amax:
+            scales = smoothing_scales(amax[names[id(down)]], [down.weight], alpha)
+            up_rows.divide(scales)
+            down.weight.mul_(scales.to(down.weight.dtype))
             smoothed += 1
-        for norm, parts in ((getattr(layer, family.norms[0], None), attention_parts),
-                            (getattr(layer, family.norms[1], None), mlp_parts)):
-            readers = parts[0] if parts else []
-            measured = [amax[names[id(r)]] for r in readers if names[id(r)] in amax]
-            if norm is None or not measured or not _scales_output(norm, family.norm_offset):
-                log.warning("not smoothing %s: no x * weight norm before %s", names[id(layer)],
-                            "/".join(names[id(r)].rpartition(".")[2] for r in readers) or "its linears")
-                continue
-            scales = smoothing_scales(torch.stack(measured).amax(0), [r.weight for r in readers], alpha)
-            _fold_into_norm(norm, family.norm_offset, readers, scales)
-            smoothed += sum(isinstance(r, nn.Linear) for r in readers)
+    if attention_parts and names[id(attention.o_proj)] in amax:
+        _smooth_attention_output(attention_parts[1], attention.o_proj, amax[names[id(attention.o_proj)]], alpha,
+                                 heads, kv_heads)
+        smoothed += 1
+    for norm, parts in ((getattr(layer, family.norms[0], None), attention_parts),
+                        (getattr(layer, family.norms[1], None), mlp_parts)):
+        readers = parts[0] if parts else []
+        measured = [amax[names[id(r)]] for r in readers if names[id(r)] in amax]
+        if norm is None or not measured or not _scales_output(norm, family.norm_offset):
+            log.warning("not smoothing %s: no x * weight norm before %s", name,
+                        "/".join(names[id(r)].rpartition(".")[2] for r in readers) or "its linears")
+            continue
+        scales = smoothing_scales(torch.stack(measured).amax(0), [r.weight for r in readers], alpha)
+        _fold_into_norm(norm, family.norm_offset, readers, scales)
+        smoothed += sum(isinstance(r, nn.Linear) for r in readers)
     return smoothed
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from nvfp4.converter.families import family_of, internal_name
 from nvfp4.converter.moe import unfuse_experts
+from nvfp4.converter.shards import Checkpoint
 from nvfp4.errors import UserError, require
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -68,10 +69,8 @@ def _modelopt_activation_hook(input_scale: Tensor):
 def trtllm_logits(folder: Path, ids: Tensor) -> Tensor:
     """ModelOpt's own NVFP4QTensor dequantizes the weights (and fake-quantizes W4A4 inputs); transformers loads
     the result as a plain checkpoint."""
-    from safetensors.torch import load_file
-
     NVFP4QTensor = _modelopt_qtensor()
-    tensors = load_file(folder / "model.safetensors")
+    tensors = Checkpoint(folder).all()
     input_scales = {}
     for key in [k for k in tensors if k.endswith(".weight_scale_2")]:
         name = key.removesuffix(".weight_scale_2")
@@ -112,9 +111,8 @@ def vllm_logits(folder: Path, ids: Tensor) -> Tensor:
 
 def _compressed_tensors_dequantized(folder: Path) -> dict[str, Tensor]:
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-    from safetensors.torch import load_file
 
-    tensors = load_file(folder / "model.safetensors")
+    tensors = Checkpoint(folder).all()
     for key in [k for k in tensors if k.endswith(".weight_packed")]:
         name = key.removesuffix(".weight_packed")
         packed, scales = tensors.pop(key), tensors.pop(f"{name}.weight_scale")

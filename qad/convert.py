@@ -25,7 +25,8 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--scheme", type=click.Choice(SCHEMES), default="nvfp4", show_default=True,
               help="nvfp4 = W4A4 (Blackwell); nvfp4-a16 = weight-only (Hopper, Ampere).")
 @click.option("--targets", default=",".join(TARGETS), show_default=True, help="Comma-separated export targets.")
-@click.option("--calib-data", default="self", show_default=True, help="self | random | PATH (txt or JSONL).")
+@click.option("--calib-data", default="self", show_default=True,
+              help="self (the teacher's answers to shipped prompts) | prompts (those prompts alone) | random | PATH (txt or JSONL).")
 @click.option("--calib-tokens", type=int, default=2048, show_default=True)
 @click.option("--exclude", multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable).")
 @click.option("--scale-search", type=click.Choice(SCALE_SEARCHES), default=None,
@@ -39,6 +40,10 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--expert-calibration", type=click.Choice(EXPERT_CALIBRATIONS), default="all", show_default=True,
               help="MoE: every expert sees every calibration token (its statistics only), or only the tokens the "
                    "router sends it (ModelOpt's input scales).")
+@click.option("--layerwise", is_flag=True,
+              help="PTQ one decoder layer at a time, reading the weights from the shards and writing every target as "
+                   "they stream (peak memory: about two layers); chosen by itself when the model does not fit.")
+@click.option("--dry-run", is_flag=True, help="Print the memory and disk plan and stop.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
@@ -61,7 +66,7 @@ def _targets(value: str) -> tuple[str, ...]:
               help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
 def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, smooth_alpha,
-            expert_calibration, seed, device, dtype, force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr,
+            expert_calibration, layerwise, dry_run, seed, device, dtype, force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr,
             qad_batch, qad_seq_len, qad_budget_minutes, qad_data, loss, qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
@@ -74,12 +79,14 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
         raise UserError(str(error)) from error
     cfg = ConvertConfig(out=out, source=model, quant=quant, targets=_targets(targets), calib_data=calib_data,
                         calib_tokens=calib_tokens, seed=seed, device=device, dtype=dtype, force=force,
-                        trust_remote_code=trust_remote_code, evaluate=not no_eval)
+                        trust_remote_code=trust_remote_code, evaluate=not no_eval, layerwise=layerwise, dry_run=dry_run)
     qad_options = dict(steps=qad_steps, lr=qad_lr, scale_lr=qad_scale_lr, batch=qad_batch, seq_len=qad_seq_len,
                        budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed,
                        checkpoint_every=qad_checkpoint_every)
     stage = _qad_stage(qad_options, resume, started)
     report = run_convert(cfg, train=stage)
+    if dry_run:
+        return
     click.echo(f"wrote {out}: " + ", ".join(f"{t} {report['size_vs_bf16'][t]:.2f}x BF16" for t in cfg.targets))
     if report["accuracy"]:
         click.echo(report["accuracy"]["table"])
@@ -123,4 +130,5 @@ def _qad_stage(options: dict, resume: bool, started: float):
         deadline = started + qad_cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS - reserve_seconds
         return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume, deadline=deadline)
 
+    stage.batch, stage.seq_len = qad_cfg.batch, qad_cfg.seq_len  # for the memory plan
     return stage

@@ -18,7 +18,8 @@ def run(*args: str):
 
 def assert_one_line_error(result, fragment: str) -> None:
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.splitlines() if l.strip() and not l.startswith("[")]  # "[stage]" progress
+    # "[stage]" progress and the memory plan (its first line, then indented rows) are not errors
+    lines = [l for l in result.output.splitlines() if l.strip() and not l.startswith(("[", "memory plan:", "  "))]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert "Traceback" not in result.output
 

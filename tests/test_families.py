@@ -3,6 +3,7 @@
 import copy
 import json
 import time
+from pathlib import Path
 
 import gguf
 import pytest
@@ -65,8 +66,6 @@ def hub_linears(student) -> set[str]:
 
 
 def test_every_family_has_a_tiny_model_and_the_readme_its_row():
-    from pathlib import Path
-
     from nvfp4.converter.families import support_table
 
     assert {family(name).name for name in TINY} == {f.name for f in FAMILIES}
@@ -282,7 +281,7 @@ def test_a_linear_neither_quantizable_nor_excluded_is_an_error(family_dirs, tmp_
 NATIVE = [f.name for f in FAMILIES if f.native]
 
 
-def converted(family_dirs, family, tmp_path, *extra) -> "Path":
+def converted(family_dirs, family, tmp_path, *extra) -> Path:
     out = tmp_path / f"out-{family}"
     args = ["convert", str(family_dirs(family)), "-o", str(out), "--qad-steps", "0", "--scheme", "nvfp4-a16",
             "--targets", "trtllm", "--no-eval", *extra]

@@ -171,32 +171,39 @@ def test_convert_cli_with_gptq_rounding(tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "best" in bad.output
 
 
-def test_gptq_hessian_bytes_counts_one_matrix_per_fused_group(tiny_teacher):
-    import copy
-
+def test_gptq_hessian_bytes_count_one_matrix_per_fused_group(tiny_teacher):
     from nvfp4.converter.config import QuantConfig
-    from nvfp4.converter.quantize import gptq_hessian_bytes, quantize
+    from nvfp4.converter.quantize import eligible_linears, hessian_bytes
 
     config = tiny_teacher.config
     hidden, intermediate = config.hidden_size, config.intermediate_size
     per_layer = 3 * hidden**2 + intermediate**2  # q/k/v, o_proj, gate/up (input: hidden); down_proj (input: intermediate)
-    gptq = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme="nvfp4-a16", rounding="gptq"))
-    assert gptq_hessian_bytes(gptq) == 4 * per_layer * config.num_hidden_layers
-    assert gptq_hessian_bytes(quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme="nvfp4-a16"))) == 0
+    linears = eligible_linears(tiny_teacher, QuantConfig(scheme="nvfp4-a16", rounding="gptq"))
+    assert hessian_bytes(linears) == 4 * per_layer * config.num_hidden_layers
 
 
-def test_convert_refuses_gptq_without_memory_for_its_hessians(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny_model_dir, tmp_path, monkeypatch):
+    """Whole model: every layer's Hessians; layer by layer: one layer's. Without the memory, convert stops in one
+    line naming --rounding nearest, and writes nothing."""
     from click.testing import CliRunner
 
     from nvfp4.cli import cli
-    from nvfp4.converter import pipeline
+    from nvfp4.converter import plan as plans
+    from nvfp4.converter.config import QuantConfig
 
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1024)  # the tiny model's Hessians: ~0.2 MiB
+    model = plans.skeleton(tiny_model_dir)
+    shapes = {}
+    for rounding in ("nearest", "gptq"):
+        needs = plans.Needs(QuantConfig(scheme="nvfp4-a16", rounding=rounding), ("trtllm",), 256, qad=False, evaluate=False)
+        shapes[rounding] = (plans.make_plan(model, plans.eligible_linears(model, needs.quant), needs, tmp_path), needs)
+    plan, needs = shapes["gptq"]
+    assert plan.shape.hessians == 2 * plan.shape.layer_hessians > 0
+    assert plans.ptq_whole(plan.shape, needs) - plans.ptq_whole(shapes["nearest"][0].shape, shapes["nearest"][1]) >= plan.shape.hessians
+    monkeypatch.setattr(plans, "available_memory", lambda device: 1024)
     out = tmp_path / "out"
     args = ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16", "--qad-steps", "0",
             "--calib-data", "random", "--calib-tokens", "256", "--targets", "trtllm", "--no-eval"]
     result = CliRunner().invoke(cli, args + ["--rounding", "gptq"])
-    assert result.exit_code == 2, result.output
-    assert "0.2 MiB" in result.output and "--rounding nearest" in result.output
+    assert result.exit_code == 2 and "--rounding nearest" in result.output, result.output
+    assert result.output.count("error:") == 1 and "memory plan" in result.output
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
-    assert CliRunner().invoke(cli, args).exit_code == 0  # nearest rounding needs no Hessians

@@ -138,7 +138,7 @@ def test_vllm_global_scales_are_compressed_tensors_gparam_of_the_group_amax(tiny
 
 def test_packed_weights_are_shared_between_targets_until_the_student_changes(tiny_model_dir):
     from nvfp4.converter.quantize import export_weights
-    from nvfp4.converter.writers.hf import packed_weights
+    from nvfp4.converter.writers import packed_weights
 
     teacher, _, _ = load_causal_lm(tiny_model_dir)
     student = quantize(teacher, QuantConfig(scheme="nvfp4"))

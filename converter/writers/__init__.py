@@ -1,6 +1,6 @@
 """Export targets: one Writer class per format (converter/writers/base.py), registered by name."""
 
-from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
+from nvfp4.converter.writers.base import TOKENIZER_LOCK, Entry, Writer, entries, packed_weights, student_entries
 
 
 def load_all_writers() -> dict[str, type[Writer]]:
@@ -10,4 +10,4 @@ def load_all_writers() -> dict[str, type[Writer]]:
     return Writer.targets
 
 
-__all__ = ["TOKENIZER_LOCK", "Writer", "load_all_writers"]
+__all__ = ["TOKENIZER_LOCK", "Entry", "Writer", "entries", "load_all_writers", "packed_weights", "student_entries"]

@@ -19,6 +19,7 @@ import re
 import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
@@ -28,9 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from nvfp4.errors import UserError
-from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
+from nvfp4.converter.writers.base import TOKENIZER_LOCK, Entry, Writer
 from nvfp4.converter.families import Family, family_of, hub_names
-from nvfp4.converter.writers.hf import hub_packed_weights, packed_weights
 from nvfp4.kernels import numerics
 from nvfp4.kernels.linear import PackedWeight
 
@@ -86,20 +86,6 @@ def to_gguf_nvfp4(packed: Tensor, scales: Tensor) -> np.ndarray:  # [N, K/2] u8,
     return blocks.reshape(rows, k // GGUF_BLOCK * GGUF_BLOCK_BYTES).numpy()
 
 
-def _plain_array(x: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    x = x.detach().cpu()
-    if x.ndim <= 1:  # norms and biases stay F32, as llama.cpp's converter writes them
-        dtype = torch.float32
-    x = x.to(dtype).contiguous()
-    if dtype == torch.bfloat16:
-        return x.view(torch.int16).numpy().view(np.uint16), _PLAIN_TYPES[dtype]
-    return x.numpy(), _PLAIN_TYPES[dtype]
-
-
-def _scalar(x: Tensor) -> np.ndarray:  # -> F32 [1]
-    return x.detach().float().cpu().reshape(1).numpy()
-
-
 # ---------------------------------------------------------------------------------------------
 # writer
 
@@ -128,7 +114,8 @@ class _BulkArrayGGUFWriter(gguf.GGUFWriter):
 
 
 class GGUFWriter(Writer, target="llamacpp"):
-    """Writes `out/model.gguf` for llama.cpp (general.file_type 39 = MOSTLY_NVFP4)."""
+    """Writes `out/model.gguf` for llama.cpp (general.file_type 39 = MOSTLY_NVFP4): the header and every
+    tensor's description first (from the entries' shapes), then the tensors as the entries come."""
 
     def check(self, model: nn.Module, tokenizer, linears: dict[str, nn.Linear]) -> None:
         if self.dtype not in _PLAIN_TYPES:
@@ -141,30 +128,55 @@ class GGUFWriter(Writer, target="llamacpp"):
                             f"{' ...' if len(odd) > 3 else ''} do not divide: drop llamacpp from --targets, or "
                             "--exclude those linears")
 
-    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        config = student.config
-        family = family_of(config)
-        self.check(student, tokenizer, {})
-        path = Path(out) / FILE_NAME
-        tmp_name = str(Path(out) / f".{FILE_NAME}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's file mode
+    def begin(self, model: nn.Module, tokenizer, source_dir: Path, out: Path, stream: list[Entry]) -> None:
+        config = model.config
+        self.check(model, tokenizer, {})
+        self.path = Path(out) / FILE_NAME
+        self.tmp_name = str(Path(out) / f".{FILE_NAME}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's mode
+        self.tensors = _Tensors(model, self.dtype)
+        self.writer = _BulkArrayGGUFWriter(self.tmp_name, gguf.MODEL_ARCH_NAMES[_arch(self.tensors.family)])
         try:
-            writer = _BulkArrayGGUFWriter(tmp_name, gguf.MODEL_ARCH_NAMES[_arch(family)])
-            _add_hparams(writer, config, Path(source_dir).name)
+            _add_hparams(self.writer, config, Path(source_dir).name)
             with TOKENIZER_LOCK:
-                _add_tokenizer(writer, tokenizer, config)
-            a16 = _add_tensors(writer, student, family, self.dtype)
-            if a16:  # weight-only layers must not get 4-bit activations on backends that could
-                writer.add_array("general.tensor_extra.name", sorted(a16))
-                writer.add_array("general.tensor_extra.prec_a4", [False] * len(a16))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(tmp_name, path)
+                _add_tokenizer(self.writer, tokenizer, config)
+            planner = _Tensors(model, self.dtype)
+            planned = [t for entry in stream for t in planner.of(entry, None)] + planner.tail(planned=True)
+            weight_only = sorted(t.name for t in planned if t.raw_dtype == NVFP4 and not t.input_scale)
+            if weight_only:  # weight-only layers must not get 4-bit activations on backends that could
+                self.writer.add_array("general.tensor_extra.name", weight_only)
+                self.writer.add_array("general.tensor_extra.prec_a4", [False] * len(weight_only))
+            for tensor in planned:
+                self.writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(tensor.dtype), tensor.nbytes,
+                                            raw_dtype=tensor.raw_dtype)
+            self.writer.write_header_to_file()
+            self.writer.write_kv_data_to_file()
+            self.writer.write_ti_data_to_file()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def add(self, entry: Entry, value: Tensor | PackedWeight) -> None:
+        try:
+            for tensor in self.tensors.of(entry, value):
+                self.writer.write_tensor_data(tensor.array)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def finish(self) -> Path:
+        try:
+            for tensor in self.tensors.tail(planned=False):
+                self.writer.write_tensor_data(tensor.array)
+            self.writer.close()
+            os.replace(self.tmp_name, self.path)
         finally:
-            if os.path.exists(tmp_name):
-                os.remove(tmp_name)
-        return path
+            self._abandon()
+        return self.path
+
+    def _abandon(self) -> None:
+        self.writer.close()
+        if os.path.exists(self.tmp_name):
+            os.remove(self.tmp_name)
 
 
 def _arch(family: Family) -> gguf.MODEL_ARCH:
@@ -261,61 +273,136 @@ def llama3_rope_factors(config) -> Tensor:  # -> fp32 [head_dim / 2]
 # tensors
 
 
-def _add_tensors(writer: gguf.GGUFWriter, student: nn.Module, family: Family, dtype: torch.dtype) -> list[str]:
-    """Add every tensor under llama.cpp's names; returns the NVFP4 tensors that are weight-only (W4A16).
-    A MoE layer's experts are stacked into one 3-D tensor per projection (`ffn_gate_exps` ...)."""
-    config = student.config
-    names = gguf.get_tensor_name_map(_arch(family), config.num_hidden_layers)
-    packed = hub_packed_weights(student)  # shared with the other writers of the same student state
-    quantized = set(packed_weights(student))
-    experts: dict[str, dict[int, PackedWeight | Tensor]] = {}  # merged Hub name -> expert -> weight
-    weight_only = []
+NVFP4 = gguf.GGMLQuantizationType.NVFP4
+_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>[^.]+)\.weight$")
 
-    def gguf_name(hub: str) -> tuple[gguf.MODEL_TENSOR, str]:
-        found = names.get_type_and_name(hub, try_suffixes=(".weight", ".bias"))
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the file: its description, and (when written) its data."""
+
+    name: str
+    shape: tuple[int, ...]  # of the array as stored (bytes for NVFP4)
+    dtype: type  # numpy dtype of the array
+    raw_dtype: gguf.GGMLQuantizationType
+    array: np.ndarray | None = None
+    input_scale: bool = False  # an NVFP4 tensor whose inputs are quantized (W4A4)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class _Tensors:
+    """The export stream as llama.cpp's tensors, in file order: `of(entry, value)` gives an entry's tensors
+    (described only, when the value is None), each scale right after its weight. A MoE layer's experts are
+    stacked into one 3-D tensor per projection (`ffn_gate_exps` ...), given once its last expert came."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.config, self.family, self.dtype = model.config, family_of(model.config), dtype
+        self.names = gguf.get_tensor_name_map(_arch(self.family), self.config.num_hidden_layers)
+        self.num_experts = getattr(self.config, "num_local_experts", None) or getattr(self.config, "num_experts", None)
+        self.experts: dict[str, dict[int, PackedWeight | Tensor | None]] = {}  # merged Hub name -> expert -> value
+
+    def gguf_name(self, hub: str) -> tuple[gguf.MODEL_TENSOR, str]:
+        found = self.names.get_type_and_name(hub, try_suffixes=(".weight", ".bias"))
         if found is None:
-            raise UserError(f"the GGUF writer cannot map tensor {hub} of {family.name}")
+            raise UserError(f"the GGUF writer cannot map tensor {hub} of {self.family.name}")
         return found
 
-    for hf_name, param in student.named_parameters():  # tied lm_head appears once, as the embedding
-        module_name, _, leaf = hf_name.rpartition(".")
-        hubs = [f"{hub}.{leaf}" for hub in hub_names(family, module_name)]
-        rows = param.shape[0] // len(hubs)
+    def of(self, entry: Entry, value: Tensor | PackedWeight | None) -> list[GGUFTensor]:
+        module, leaf = (entry.name, "weight") if entry.packed else entry.name.rpartition(".")[::2]
+        hubs = [f"{hub}.{leaf}" for hub in hub_names(self.family, module)]
+        rows = entry.shape[0] // len(hubs) if entry.shape else None
+        tensors = []
         for part, hub in enumerate(hubs):
+            piece = None if value is None else _rows(value, part * rows, (part + 1) * rows)
             expert = _EXPERT.match(hub)
-            value = packed[hub.removesuffix(".weight")] if module_name in quantized and leaf == "weight" else \
-                param.detach()[part * rows : (part + 1) * rows]
             if expert is not None:
-                experts.setdefault(f"{expert['prefix']}.{expert['leaf']}.weight", {})[int(expert["expert"])] = value
+                merged = self.experts.setdefault(f"{expert['prefix']}.{expert['leaf']}.weight", {})
+                merged[int(expert["expert"])] = piece
+                if len(merged) == self.num_experts:
+                    name = f"{expert['prefix']}.{expert['leaf']}.weight"
+                    tensors += self._experts(name, entry, [merged[e] for e in sorted(merged)], (rows, entry.shape[1]))
+                    del self.experts[name]
                 continue
-            heads = _permute_heads(config, module_name) if family.permute_qk else None
-            kind, name = gguf_name(hub)
-            if isinstance(value, PackedWeight):
-                _add_nvfp4(writer, name, value, heads)
-                weight_only += [name] if value.input_gscale is None else []
+            kind, name = self.gguf_name(hub)
+            heads = _permute_heads(self.config, module) if self.family.permute_qk else None
+            if entry.packed:
+                tensors += _nvfp4(name, piece, (rows, entry.shape[1]), heads, entry.input_scale)
                 continue
-            if heads is not None:
-                value = permute_rows(value, heads)
-            if family.norm_offset and value.dim() == 1 and hub.endswith("norm.weight"):
-                value = value.float() + family.norm_offset  # llama.cpp multiplies by the stored (offset + weight)
+            if piece is not None and heads is not None:
+                piece = permute_rows(piece, heads)
+            offset = self.family.norm_offset if len(entry.shape) == 1 and hub.endswith("norm.weight") else 0.0
+            if piece is not None and offset:
+                piece = piece.float() + offset  # llama.cpp multiplies by the stored (offset + weight)
             router = kind == gguf.MODEL_TENSOR.FFN_GATE_INP  # routers stay F32, as llama.cpp's converter writes them
-            array, qtype = _plain_array(value, torch.float32 if router else dtype)
-            writer.add_tensor(name, array, raw_dtype=qtype)
-    for merged, by_expert in experts.items():
-        _, name = gguf_name(merged)
-        weights = [by_expert[e] for e in sorted(by_expert)]
-        if isinstance(weights[0], PackedWeight):
-            _add_nvfp4_experts(writer, name, weights)
-            weight_only += [name] if weights[0].input_gscale is None else []
-        else:
-            array, qtype = _plain_array(torch.stack(weights), dtype)
-            writer.add_tensor(name, array, raw_dtype=qtype)
-    if _arch(family) == gguf.MODEL_ARCH.LLAMA and _rope(config)["rope_type"] == "llama3":
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config).numpy())
-    return weight_only
+            shape = (rows, *entry.shape[1:]) if entry.shape else ()
+            tensors.append(_plain(name, piece, shape, torch.float32 if router else self.dtype))
+        return tensors
+
+    def _experts(self, hub: str, entry: Entry, values: list, shape: tuple[int, int]) -> list[GGUFTensor]:
+        _, name = self.gguf_name(hub)
+        if not entry.packed:
+            return [_plain(name, None if values[0] is None else torch.stack(values), (len(values), *shape), self.dtype)]
+        base, scales = name.removesuffix(".weight"), [("scale", lambda w: w.gscale)]
+        stacked = None if values[0] is None else np.stack([to_gguf_nvfp4(w.packed, w.scales) for w in values])
+        tensors = [GGUFTensor(name, (len(values), shape[0], shape[1] // GGUF_BLOCK * GGUF_BLOCK_BYTES), np.uint8, NVFP4,
+                              stacked, entry.input_scale)]
+        if entry.input_scale:
+            scales.append(("input_scale", lambda w: w.input_gscale))
+        for suffix, scale in scales:
+            array = None if values[0] is None else np.array([float(scale(w)) for w in values], dtype=np.float32)
+            tensors.append(GGUFTensor(f"{base}.{suffix}", (len(values),), np.float32, gguf.GGMLQuantizationType.F32, array))
+        return tensors
+
+    def tail(self, planned: bool) -> list[GGUFTensor]:
+        """What follows the entries: Llama 3's RoPE frequency factors."""
+        if _arch(self.family) != gguf.MODEL_ARCH.LLAMA or _rope(self.config)["rope_type"] != "llama3":
+            return []
+        factors = llama3_rope_factors(self.config)
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        return [GGUFTensor(name, tuple(factors.shape), np.float32, gguf.GGMLQuantizationType.F32,
+                           None if planned else factors.numpy())]
 
 
-_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>[^.]+)\.weight$")
+def _rows(value: Tensor | PackedWeight, start: int, stop: int) -> Tensor | PackedWeight:
+    if isinstance(value, PackedWeight):
+        return PackedWeight(value.packed[start:stop], value.scales[start:stop], value.gscale, value.input_gscale)
+    return value.detach()[start:stop] if value.dim() else value.detach()
+
+
+def _nvfp4(name: str, weight: PackedWeight | None, shape: tuple[int, int], heads: int | None,
+           input_scale: bool) -> list[GGUFTensor]:
+    """One quantized linear as NVFP4, its s2 as `<base>.scale` and (W4A4) its input scale as `<base>.input_scale`."""
+    array = None
+    if weight is not None:
+        packed, scales = weight.packed, weight.scales
+        if heads is not None:
+            packed, scales = permute_rows(packed, heads), permute_rows(scales.view(torch.uint8), heads)
+        array = to_gguf_nvfp4(packed, scales.view(torch.float8_e4m3fn))
+    base = name.removesuffix(".weight")
+    tensors = [GGUFTensor(name, (shape[0], shape[1] // GGUF_BLOCK * GGUF_BLOCK_BYTES), np.uint8, NVFP4, array, input_scale),
+               _scalar(f"{base}.scale", None if weight is None else weight.gscale)]
+    if input_scale:
+        tensors.append(_scalar(f"{base}.input_scale", None if weight is None else weight.input_gscale))
+    return tensors
+
+
+def _scalar(name: str, value: Tensor | None) -> GGUFTensor:  # -> F32 [1]
+    array = None if value is None else value.detach().float().cpu().reshape(1).numpy()
+    return GGUFTensor(name, (1,), np.float32, gguf.GGMLQuantizationType.F32, array)
+
+
+def _plain(name: str, value: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> GGUFTensor:
+    """A tensor kept in high precision: norms and biases (1-D) in F32, as llama.cpp's converter writes them."""
+    dtype = torch.float32 if len(shape) <= 1 else dtype
+    np_dtype = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}[dtype]
+    array = None
+    if value is not None:
+        x = value.detach().cpu().to(dtype).contiguous()
+        array = x.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else x.numpy()
+    return GGUFTensor(name, tuple(shape), np_dtype, _PLAIN_TYPES[dtype], array)
 
 
 def _permute_heads(config, module_name: str) -> int | None:
@@ -324,28 +411,6 @@ def _permute_heads(config, module_name: str) -> int | None:
     if module_name.endswith("k_proj"):
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return None
-
-
-def _add_nvfp4(writer, name: str, weight: PackedWeight, heads: int | None) -> None:
-    """One quantized linear as NVFP4, its s2 as `<base>.scale` and (W4A4) its input scale as `<base>.input_scale`."""
-    packed, scales = weight.packed, weight.scales
-    if heads is not None:
-        packed, scales = permute_rows(packed, heads), permute_rows(scales.view(torch.uint8), heads)
-    writer.add_tensor(name, to_gguf_nvfp4(packed, scales.view(torch.float8_e4m3fn)), raw_dtype=gguf.GGMLQuantizationType.NVFP4)
-    base = name.removesuffix(".weight")
-    writer.add_tensor(f"{base}.scale", _scalar(weight.gscale))
-    if weight.input_gscale is not None:
-        writer.add_tensor(f"{base}.input_scale", _scalar(weight.input_gscale))
-
-
-def _add_nvfp4_experts(writer, name: str, weights: list[PackedWeight]) -> None:
-    """A layer's experts of one projection as one NVFP4 tensor [E, rows, cols], with F32 [E] scales."""
-    stacked = np.stack([to_gguf_nvfp4(w.packed, w.scales) for w in weights])
-    writer.add_tensor(name, stacked, raw_dtype=gguf.GGMLQuantizationType.NVFP4)
-    base = name.removesuffix(".weight")
-    writer.add_tensor(f"{base}.scale", np.array([float(w.gscale) for w in weights], dtype=np.float32))
-    if weights[0].input_gscale is not None:
-        writer.add_tensor(f"{base}.input_scale", np.array([float(w.input_gscale) for w in weights], dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

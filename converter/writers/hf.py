@@ -1,97 +1,68 @@
 """Hugging Face safetensors targets: ModelOpt's unified checkpoint (TensorRT-LLM, vLLM modelopt_fp4)
-and compressed-tensors `nvfp4-pack-quantized` (vLLM, transformers)."""
+and compressed-tensors `nvfp4-pack-quantized` (vLLM, transformers).
+
+Both write Hugging Face's shard layout (converter/shards.py) under the Hub's tensor names
+(converter/families.py: a MoE expert's gate_up is written as its gate and up rows).
+"""
 
 import json
 import shutil
-import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from nvfp4.converter.families import family_of, hub_names, hub_tensor_name
-from nvfp4.converter.quantize import export_weights
-from nvfp4.converter.writers.base import TOKENIZER_LOCK, Writer
+from nvfp4.converter.families import Family, family_of, hub_names, hub_tensor_name
+from nvfp4.converter.shards import ShardWriter, Spec
+from nvfp4.converter.writers.base import TOKENIZER_LOCK, Entry, Writer
 from nvfp4.kernels import numerics
-from nvfp4.kernels.linear import NVFP4FakeQuantLinear, PackedWeight
+from nvfp4.kernels.linear import PackedWeight
 
 PRODUCER = {"name": "nvfp4", "version": "0.1.0"}
-_QUANT_BUFFERS = ("weight_gscale", "block_scales", "input_gscale")
 _SIDE_FILES = ("generation_config.json",)
 
 
-def unquantized_tensors(student: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Every tensor of the student except the quantized linears' weights and our quantizer buffers, under
-    its name on the Hub. A tied lm_head is left out, as ModelOpt and transformers do."""
-    family = family_of(student.config)
-    quantized = {n for n, m in student.named_modules() if isinstance(m, NVFP4FakeQuantLinear)}
-    tied = getattr(student.config, "tie_word_embeddings", False)
-    tensors = {}
-    for name, tensor in student.state_dict().items():
-        module, _, leaf = name.rpartition(".")
-        if module in quantized and (leaf == "weight" or leaf in _QUANT_BUFFERS):
-            continue
-        if tied and name == "lm_head.weight":
-            continue
-        value = tensor.detach().to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
-        tensors[hub_tensor_name(family, name)] = value
-    return tensors
-
-
-def high_precision_modules(student: nn.Module, embeddings: bool = True) -> list[str]:
+def high_precision_modules(model: nn.Module, quantized: set[str], embeddings: bool = True) -> list[str]:
     """Hub names of the modules left in high precision: linears not quantized, MoE routers, and (ModelOpt's
     `exclude_modules` lists them too) embeddings."""
-    family = family_of(student.config)
+    family = family_of(model.config)
     # exactly nn.Embedding, as ModelOpt lists them: not subclasses such as Gemma's scaled embedding
-    names = [n for n, m in student.named_modules() if isinstance(m, nn.Linear) or embeddings and type(m) is nn.Embedding]
+    names = [n for n, m in model.named_modules()
+             if n not in quantized and (isinstance(m, nn.Linear) or embeddings and type(m) is nn.Embedding)]
     if family.moe is not None:
-        names += [n for n, m in student.named_modules() if n.endswith(f".mlp.{family.moe.router}") and hasattr(m, "weight")]
+        names += [n for n, m in model.named_modules() if n.endswith(f".mlp.{family.moe.router}") and hasattr(m, "weight")]
     return sorted(hub for name in names for hub in hub_names(family, name))
 
 
-def hub_packed_weights(student: nn.Module) -> dict[str, PackedWeight]:
-    """`packed_weights(student)` under the Hub's module names: an expert's gate_up splits into its gate and
-    up rows (one global and input scale for both, as ModelOpt's export writes them)."""
-    family = family_of(student.config)
-    out = {}
-    for name, weight in packed_weights(student).items():
-        hubs = hub_names(family, name)
-        if len(hubs) == 1:
-            out[hubs[0]] = weight
-            continue
-        rows = weight.packed.shape[0] // len(hubs)
-        for part, hub in enumerate(hubs):  # copies: a checkpoint holds no two tensors in one storage
-            piece = slice(part * rows, (part + 1) * rows)
-            out[hub] = PackedWeight(weight.packed[piece].clone(), weight.scales[piece].clone(), weight.gscale.clone(),
-                                    None if weight.input_gscale is None else weight.input_gscale.clone())
-    return out
+def hub_packed(family: Family, name: str, weight: PackedWeight) -> list[tuple[str, PackedWeight]]:
+    """A quantized linear under its Hub name(s): an expert's gate_up as its gate and up rows (one global and
+    input scale for both, as ModelOpt's export writes them; copies, as a checkpoint holds no shared storage)."""
+    hubs = hub_names(family, name)
+    if len(hubs) == 1:
+        return [(hubs[0], weight)]
+    rows = weight.packed.shape[0] // len(hubs)
+    parts = []
+    for part, hub in enumerate(hubs):
+        piece = slice(part * rows, (part + 1) * rows)
+        parts.append((hub, PackedWeight(weight.packed[piece].clone(), weight.scales[piece].clone(), weight.gscale.clone(),
+                                        None if weight.input_gscale is None else weight.input_gscale.clone())))
+    return parts
 
 
-_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, PackedWeight]]]" = weakref.WeakKeyDictionary()
+def meta_value(entry: Entry) -> Tensor | PackedWeight:
+    """A stand-in on the meta device with the entry's dtypes and shapes: writers lay their files out from it."""
+    if not entry.packed:
+        return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+    rows, cols = entry.shape
+    scalar = torch.empty((), dtype=torch.float32, device="meta")
+    return PackedWeight(torch.empty(rows, cols // 2, dtype=torch.uint8, device="meta"),
+                        torch.empty(rows, cols // 16, dtype=torch.float8_e4m3fn, device="meta"), scalar,
+                        scalar if entry.input_scale else None)
 
 
-def _fingerprint(student: nn.Module) -> tuple:
-    """Changes whenever a quantized weight, block scale or input scale is replaced or edited in place."""
-    state = []
-    for name, module in student.named_modules():
-        if isinstance(module, NVFP4FakeQuantLinear):
-            tensors = (module.weight, module.weight_gscale, module.block_scales, module.input_gscale)
-            state.append((name, module.quantize_input, *((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors)))
-    return tuple(state)
-
-
-def packed_weights(student: nn.Module) -> dict[str, PackedWeight]:
-    """`export_weights(student)`, computed once for all the targets written from the same student state."""
-    key = _fingerprint(student)
-    cached = _EXPORTS.get(student)
-    if cached is None or cached[0] != key:
-        cached = _EXPORTS[student] = (key, export_weights(student))
-    return cached[1]
-
-
-def _write_config(student: nn.Module, out: Path, dtype: torch.dtype, quantization_config: dict) -> None:
-    config = student.config.to_dict()
+def _write_config(model: nn.Module, out: Path, dtype: torch.dtype, quantization_config: dict) -> None:
+    config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = quantization_config
@@ -106,40 +77,62 @@ def _copy_side_files(tokenizer, source_dir: Path, out: Path) -> None:
             shutil.copyfile(source_dir / name, out / name)
 
 
-class TRTLLMWriter(Writer, target="trtllm"):
+class SafetensorsWriter(Writer, target=None):
+    """What both safetensors targets share: the Hub's names, shards, config.json and the tokenizer."""
+
+    def quantized_tensors(self, name: str, weight: PackedWeight) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def quantization_config(self, model: nn.Module, quantized: set[str]) -> dict:
+        raise NotImplementedError
+
+    def tensors(self, entry: Entry, value: Tensor | PackedWeight) -> Iterator[tuple[str, Tensor]]:
+        if not entry.packed:
+            yield hub_tensor_name(self.family, entry.name), value.to(self.dtype) if value.is_floating_point() else value
+            return
+        for hub, weight in hub_packed(self.family, entry.name, value):
+            yield from self.quantized_tensors(hub, weight).items()
+
+    def begin(self, model: nn.Module, tokenizer, source_dir: Path, out: Path, stream: list[Entry]) -> None:
+        self.family, self.out = family_of(model.config), Path(out)
+        specs = [Spec(name, t.dtype, tuple(t.shape)) for entry in stream for name, t in self.tensors(entry, meta_value(entry))]
+        self.shards = ShardWriter(self.out, specs)
+        quantized = {entry.name for entry in stream if entry.packed}
+        _write_config(model, self.out, self.dtype, self.quantization_config(model, quantized))
+        _copy_side_files(tokenizer, source_dir, self.out)
+
+    def add(self, entry: Entry, value: Tensor | PackedWeight) -> None:
+        for name, tensor in self.tensors(entry, value):
+            self.shards.write(name, tensor)
+
+    def finish(self) -> Path:
+        self.shards.close()
+        return self.out
+
+
+class TRTLLMWriter(SafetensorsWriter, target="trtllm"):
     """ModelOpt unified HF checkpoint: weight u8 [out, in/2], weight_scale e4m3 [out, in/16],
     weight_scale_2 fp32 scalar, input_scale fp32 scalar (W4A4)."""
 
-    def quantized_tensors(self, packed: dict[str, PackedWeight]) -> dict[str, Tensor]:
-        tensors = {}
-        for name, weight in packed.items():
-            tensors[f"{name}.weight"] = weight.packed.contiguous()
-            tensors[f"{name}.weight_scale"] = weight.scales.contiguous()
-            tensors[f"{name}.weight_scale_2"] = weight.gscale.float().reshape(())
-            if weight.input_gscale is not None:
-                tensors[f"{name}.input_scale"] = weight.input_gscale.float().reshape(())
+    def quantized_tensors(self, name: str, weight: PackedWeight) -> dict[str, Tensor]:
+        tensors = {f"{name}.weight": weight.packed, f"{name}.weight_scale": weight.scales,
+                   f"{name}.weight_scale_2": weight.gscale.float().reshape(())}
+        if weight.input_gscale is not None:
+            tensors[f"{name}.input_scale"] = weight.input_gscale.float().reshape(())
         return tensors
 
-    def quantization(self, student: nn.Module) -> dict:
+    def quantization(self, model: nn.Module, quantized: set[str]) -> dict:
         return {
             "quant_algo": self.cfg.quant_algo,
             "kv_cache_quant_algo": None,
             "group_size": self.cfg.group_size,
-            "exclude_modules": high_precision_modules(student),
+            "exclude_modules": high_precision_modules(model, quantized),
         }
 
-    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(hub_packed_weights(student))
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        quantization = self.quantization(student)
-        (out / "hf_quant_config.json").write_text(
-            json.dumps({"producer": PRODUCER, "quantization": quantization}, indent=4) + "\n"
-        )
-        _write_config(student, out, self.dtype, self._config_json_quantization(quantization))
-        _copy_side_files(tokenizer, source_dir, out)
-        return out
-
-    def _config_json_quantization(self, quantization: dict) -> dict:
+    def quantization_config(self, model: nn.Module, quantized: set[str]) -> dict:
+        quantization = self.quantization(model, quantized)
+        (self.out / "hf_quant_config.json").write_text(
+            json.dumps({"producer": PRODUCER, "quantization": quantization}, indent=4) + "\n")
         args = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": self.cfg.group_size}
         group = {"weights": args, "targets": ["Linear"]}
         if self.cfg.quantize_activations:
@@ -159,7 +152,7 @@ def _reciprocal(gscale: Tensor) -> Tensor:  # s2 -> fp32 [1], compressed-tensors
     return numerics.reciprocal_global_scale(amax)
 
 
-class VLLMWriter(Writer, target="vllm"):
+class VLLMWriter(SafetensorsWriter, target="vllm"):
     """compressed-tensors `nvfp4-pack-quantized`: weight_packed, weight_scale, and the reciprocal
     global scales weight_global_scale and input_global_scale, fp32 [1].
 
@@ -170,17 +163,14 @@ class VLLMWriter(Writer, target="vllm"):
     two ulps (exact unless s2 * 2688 does not round back to amax).
     """
 
-    def quantized_tensors(self, packed: dict[str, PackedWeight]) -> dict[str, Tensor]:
-        tensors = {}
-        for name, weight in packed.items():
-            tensors[f"{name}.weight_packed"] = weight.packed.contiguous()
-            tensors[f"{name}.weight_scale"] = weight.scales.contiguous()
-            tensors[f"{name}.weight_global_scale"] = _reciprocal(weight.gscale)
-            if weight.input_gscale is not None:
-                tensors[f"{name}.input_global_scale"] = _reciprocal(weight.input_gscale)
+    def quantized_tensors(self, name: str, weight: PackedWeight) -> dict[str, Tensor]:
+        tensors = {f"{name}.weight_packed": weight.packed, f"{name}.weight_scale": weight.scales,
+                   f"{name}.weight_global_scale": _reciprocal(weight.gscale)}
+        if weight.input_gscale is not None:
+            tensors[f"{name}.input_global_scale"] = _reciprocal(weight.input_gscale)
         return tensors
 
-    def quantization_config(self, student: nn.Module) -> dict:
+    def quantization_config(self, model: nn.Module, quantized: set[str]) -> dict:
         args = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": self.cfg.group_size,
                 "strategy": "tensor_group", "dynamic": False, "observer": "minmax"}
         group = {"targets": ["Linear"], "weights": args}
@@ -191,14 +181,7 @@ class VLLMWriter(Writer, target="vllm"):
             "format": "nvfp4-pack-quantized",
             "quantization_status": "compressed",
             "config_groups": {"group_0": group},
-            "ignore": high_precision_modules(student, embeddings=False),
+            "ignore": high_precision_modules(model, quantized, embeddings=False),
             "kv_cache_scheme": None,
             "producer": PRODUCER,
         }
-
-    def write(self, student: nn.Module, tokenizer, source_dir: Path, out: Path) -> Path:
-        tensors = unquantized_tensors(student, self.dtype) | self.quantized_tensors(hub_packed_weights(student))
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        _write_config(student, out, self.dtype, self.quantization_config(student))
-        _copy_side_files(tokenizer, source_dir, out)
-        return out

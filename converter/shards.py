@@ -1,0 +1,146 @@
+"""Safetensors checkpoints larger than memory: a lazy reader over a folder's shards and a writer that
+streams tensors into shards laid out before any data exists.
+
+Reader: nothing is read until a tensor is asked for, and then that tensor alone. Writer: Hugging Face's layout, `model-0000N-of-0000M.safetensors` of at most
+`max_shard_bytes` each plus `model.safetensors.index.json` (one `model.safetensors` when it all fits in
+one), each file's header written first from the declared names, dtypes and shapes, then the data as it
+comes, in the declared order.
+"""
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nvfp4.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8", torch.int8: "I8",
+           torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3"}
+_FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+class Checkpoint:
+    """The tensors of a folder's safetensors files, each read from its file when asked for.
+
+    Plain reads, not memory maps: a mapped file's pages stay resident in the process (and count in its
+    peak memory) for as long as the mapping lives; a read tensor is freed with its last reference."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        files = sorted(set(json.loads((self.folder / INDEX).read_text())["weight_map"].values())) \
+            if (self.folder / INDEX).is_file() else [p.name for p in sorted(self.folder.glob("*.safetensors"))]
+        if not files:
+            raise UserError(f"no safetensors weights in {self.folder} (pickled checkpoints are not loaded)")
+        self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, its header entry, data start)
+        for name in files:
+            path = self.folder / name
+            header, start = _header(path)
+            self.entries.update({key: (path, value, start) for key, value in header.items() if key != "__metadata__"})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> Tensor:
+        path, entry, start = self.entries[name]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with open(path, "rb") as handle:
+            handle.seek(start + begin)
+            if handle.readinto(data) != len(data):
+                raise UserError(f"corrupt checkpoint {path}: {name} is cut short")
+        if entry["dtype"] not in _FROM_CODE:
+            raise UserError(f"{path}: {name} has dtype {entry['dtype']}, which is not read")
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return flat.view(_FROM_CODE[entry["dtype"]]).reshape(entry["shape"])
+
+    def all(self) -> dict[str, Tensor]:
+        """Every tensor, read at once (a checkpoint that fits in memory)."""
+        return {name: self.get(name) for name in self.entries}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 2**20:
+                raise ValueError(f"a {length}-byte header")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise UserError(f"corrupt checkpoint {path}: {error}") from error
+    if not isinstance(header, dict):
+        raise UserError(f"corrupt checkpoint {path}: not a safetensors header")
+    return header, 8 + length
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardWriter:
+    """Writes tensors declared up front (`specs`, in the order they will come) into shards of `out`."""
+
+    def __init__(self, out: Path, specs: list[Spec], metadata: dict[str, str] | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.out, self.metadata = Path(out), {"format": "pt", **(metadata or {})}
+        self.shards: list[list[Spec]] = [[]]
+        for spec in specs:
+            if self.shards[-1] and sum(s.nbytes for s in self.shards[-1]) + spec.nbytes > max_shard_bytes:
+                self.shards.append([])
+            self.shards[-1].append(spec)
+        self._pending = [spec for shard in self.shards for spec in shard]
+        self._starts = {sum(len(s) for s in self.shards[:i]) for i in range(len(self.shards))}  # each shard's first
+        self._next, self._shard, self._file = 0, -1, None
+
+    def file_name(self, index: int) -> str:
+        return "model.safetensors" if len(self.shards) == 1 else f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def _open_next_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard += 1
+        header, offset = {"__metadata__": self.metadata}, 0
+        for spec in self.shards[self._shard]:
+            header[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        self._file = open(self.out / self.file_name(self._shard), "wb")  # noqa: SIM115 - closed by the next shard / close()
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        spec = self._pending[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"expected {spec}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if self._next in self._starts:
+            self._open_next_shard()
+        self._file.write(memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))  # no copy
+        self._next += 1
+
+    def close(self) -> list[Path]:
+        if self._next != len(self._pending):
+            raise ValueError(f"{len(self._pending) - self._next} declared tensors were never written")
+        if self._file is not None:
+            self._file.close()
+        files = [self.out / self.file_name(i) for i in range(len(self.shards))]
+        if len(self.shards) > 1:
+            weight_map = {spec.name: self.file_name(i) for i, shard in enumerate(self.shards) for spec in shard}
+            total = sum(spec.nbytes for spec in self._pending)
+            (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        return files
