@@ -172,11 +172,18 @@ def _attached(modules: Iterable[tuple[nn.Module, str]], source: "ShardedModel"):
 
 
 def quantize_layerwise(source: ShardedModel, cfg: QuantConfig, batches: list[Tensor] | None, writers: list[Writer],
-                       eval_samples: list[Tensor] | None, all_experts: bool = True) -> dict | None:
+                       eval_samples: list[Tensor] | None, all_experts: bool = True,
+                       train_layer: Callable | None = None) -> dict | None:
     """Quantize `source` one decoder layer at a time into the writers (begun by the caller with the entries of
-    `export_stream`); -> the held-out prose metrics of the student against its teacher, when `eval_samples`."""
-    run = _Run(source, cfg, writers, all_experts)
-    run.begin(list(_stacked(batches)) if batches is not None and cfg.needs_calibration else [], eval_samples)
+    `export_stream`); -> the held-out prose metrics of the student against its teacher, when `eval_samples`.
+    `train_layer(layer, index, layers, student inputs, targets, arguments)` (layer-local QAD) trains each quantized
+    layer on the calibration sequences before it is written: its inputs are the quantized layers' outputs, its
+    targets the unquantized layer's."""
+    run = _Run(source, cfg, writers, all_experts, train_layer)
+    if train_layer is not None:  # one sequence a step: the calibration batches unstacked
+        run.begin(list(batches), eval_samples)
+    else:
+        run.begin(list(_stacked(batches)) if batches is not None and cfg.needs_calibration else [], eval_samples)
     for index in tqdm(range(len(source.decoder.layers)), desc="layers", unit="layer"):
         run.layer(index)
     return run.end()
@@ -186,8 +193,10 @@ class _Run:
     """The state that flows from layer to layer: the calibration stream (and, when smoothing, the unsmoothed
     one its statistics come from), the evaluation streams, and the entries still to write."""
 
-    def __init__(self, source: ShardedModel, cfg: QuantConfig, writers: list[Writer], all_experts: bool):
+    def __init__(self, source: ShardedModel, cfg: QuantConfig, writers: list[Writer], all_experts: bool,
+                 train_layer: Callable | None = None):
         self.source, self.cfg, self.writers, self.all_experts = source, cfg, writers, all_experts
+        self.train_layer = train_layer
         stream = export_stream(source, cfg)
         inside = [i for i, entry in enumerate(stream) if entry.layer is not None]
         self.prefix, self.suffix = stream[: inside[0]], stream[inside[-1] + 1 :]
@@ -208,7 +217,7 @@ class _Run:
         with _attached([(model.get_input_embeddings(), self.source.embedding_name), _final_norm(self.source)], self.source):
             if stacked:
                 self.calibration, self.arguments = capture_layer_inputs(model, stacked)
-                self.unsmoothed = self.calibration
+                self.unsmoothed = self.student = self.calibration
             if eval_samples:
                 self.evaluation = _Evaluation(eval_samples)
                 self.evaluation.teacher, self.evaluation.arguments = capture_layer_inputs(model, eval_samples)
@@ -234,6 +243,10 @@ class _Run:
                 self.calibration = calibrate_modules(modules, lambda: run_layer(layer, inputs, arguments))
             if not cfg.smooth_alpha:
                 self.unsmoothed = self.calibration
+        if self.train_layer is not None:
+            self.train_layer(layer, index, len(self.source.decoder.layers), self.student, self.calibration,
+                             self.arguments[index])
+            self.student = run_layer(layer, self.student, self.arguments[index])
         if evaluation:
             evaluation.student = run_layer(layer, evaluation.student, evaluation.arguments[index])
         packed = {n: m.export() for n, m in quantized_modules(layer, prefix=name).items()}

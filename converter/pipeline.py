@@ -133,7 +133,8 @@ def _check_out(cfg: ConvertConfig) -> None:
 def memory_plan(cfg: "ConvertConfig", source_dir: Path, train: TrainStage | None) -> Plan:
     """What each stage needs against what the machine has, from config.json alone (converter/plan.py)."""
     model = skeleton(source_dir)
-    needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, qad=train is not None, qad_batch=getattr(train, "batch", 1),
+    needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, qad=getattr(train, "whole_model", train is not None),
+                  qad_batch=getattr(train, "batch", 1),
                   qad_seq_len=getattr(train, "seq_len", 128), world_size=int(os.environ.get("WORLD_SIZE", "1")),
                   device=cfg.torch_device.type, evaluate=cfg.evaluate)
     return make_plan(model, eligible_linears(model, cfg.quant), needs, cfg.out.parent)
@@ -215,7 +216,7 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
     if cfg.dry_run:
         return {"plan": plan.render()}
     if plan.choose(cfg.layerwise) == "layerwise":
-        return _convert_layerwise(cfg, source_dir, timer, device)
+        return _convert_layerwise(cfg, source_dir, timer, device, getattr(train, "layer_hook", None))
     keep_freed_memory()  # not when streaming: kept pages would hold the peak of every layer
     with timer.stage("load"):
         teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype(device), device, cfg.trust_remote_code)
@@ -233,6 +234,8 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
         with timer.stage("calibrate"):
             batches = batches or calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
             calibrate(student, batches, all_experts)
+    if getattr(train, "needs_calibration_data", False) and batches is None:
+        batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
     try:
         qad_metrics, heldout, accuracy = None, None, None
@@ -243,7 +246,7 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
             with timer.stage("qad"):
                 cfg.workdir.mkdir(exist_ok=True)
                 qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad",
-                                    reserve_seconds=heldout.trained_row_seconds if heldout else 0.0)
+                                    reserve_seconds=heldout.trained_row_seconds if heldout else 0.0, calibration=batches)
         if int(os.environ.get("RANK", "0")):  # under torchrun every rank trains; rank 0 alone writes OUT
             return {}
         with timer.stage("export"):
@@ -265,9 +268,11 @@ def _finish(tmp: Path, cfg: "ConvertConfig", report: dict) -> None:
     _replace_atomically(tmp, cfg.out)
 
 
-def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", device: torch.device) -> dict:
+def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", device: torch.device,
+                       train_layer: Callable | None) -> dict:
     """PTQ one decoder layer at a time from the shards, every target written as the layers stream
-    (converter/layerwise.py); the held-out evaluation streams beside it (prose rows)."""
+    (converter/layerwise.py), each layer trained by `train_layer` (layer-local QAD) when given; the held-out
+    evaluation streams beside it (prose rows)."""
     from transformers import AutoTokenizer
 
     from nvfp4.converter.evaluate import prose_samples
@@ -278,7 +283,7 @@ def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", d
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
     check_targets(source.model, tokenizer, cfg)
     batches = None
-    if cfg.quant.needs_calibration:
+    if cfg.quant.needs_calibration or train_layer is not None:
         data = "prompts" if cfg.calib_data == "self" else cfg.calib_data  # sampling answers needs the whole model
         if data != cfg.calib_data:
             click.echo("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
@@ -295,12 +300,13 @@ def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", d
         with timer.stage("quantize, calibrate, export (layer by layer)"):
             metrics = quantize_layerwise(source, cfg.quant, batches, writers,
                                          prose_samples(tokenizer) if cfg.evaluate else None,
-                                         cfg.quant.expert_calibration == "all")
+                                         cfg.quant.expert_calibration == "all", train_layer)
             for writer in writers:
                 writer.finish()
         exports = {target: {"seconds": None, "bytes": _folder_bytes(tmp / target)} for target in cfg.targets}
         accuracy = {"results": {"NVFP4": metrics}, "table": format_prose_table(metrics)} if metrics else None
-        _finish(tmp, cfg, _report(cfg, source_dir, source.model, stream, exports, timer, accuracy, None))
+        qad = train_layer.summary() if train_layer is not None else None
+        _finish(tmp, cfg, _report(cfg, source_dir, source.model, stream, exports, timer, accuracy, qad))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads((cfg.out / "report.json").read_text())

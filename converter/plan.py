@@ -205,7 +205,8 @@ class Plan:
 
     def _choose_qad(self, layerwise: bool) -> str:
         if layerwise:
-            raise UserError("QAD trains the whole model at once: --layerwise runs PTQ only (add --qad-steps 0)")
+            raise UserError("this QAD trains the whole model at once: --layerwise runs PTQ or --qad-mode layer "
+                            "(add --qad-steps 0, or --qad-mode layer)")
         need = qad_per_device(self.shape, self.needs)
         if self.fits(need) and self.fits(ptq_whole(self.shape, self.needs)):
             return "whole"

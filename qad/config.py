@@ -3,6 +3,7 @@
 from dataclasses import asdict, dataclass
 
 LOSSES = ("kl", "ce")
+MODES = ("global", "layer", "layer+global")  # whole-model KL; layer-local output matching; the first, then the second
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class QADConfig:
     checkpoint_every: int | None = None  # steps between checkpoints; None: by time, every checkpoint_seconds
     checkpoint_seconds: float = 60.0  # a checkpoint is ~3x the trained weights: not every small CPU step
     kl_chunk_tokens: int = 256
+    mode: str = "global"
+    layer_fraction: float = 0.5  # layer+global: the layer-local stage's share of the training window
+    layer_lr: float = 1e-3  # layer-local: the weights' LR (Adam, constant) as a fraction of each weight's RMS
+    layer_scale_lr: float = 1e-3  # layer-local: the block scales' logarithms' LR
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -34,6 +39,10 @@ class QADConfig:
                      "kl_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--qad-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.mode not in MODES:
+            raise ValueError(f"--qad-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 < self.layer_fraction < 1:
+            raise ValueError(f"--qad-layer-fraction must be in (0, 1), got {self.layer_fraction}")
         if self.scale_lr < 0:
             raise ValueError(f"--qad-scale-lr must be >= 0, got {self.scale_lr}")
         if self.seq_len < 8:

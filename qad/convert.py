@@ -12,7 +12,7 @@ import click
 from nvfp4.converter.config import EXPERT_CALIBRATIONS, ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
 from nvfp4.errors import UserError
 from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
-from nvfp4.qad.config import QADConfig
+from nvfp4.qad.config import MODES, QADConfig
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -62,12 +62,17 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--qad-data", default=None, help="self | random | PATH (txt or JSONL).")
 @click.option("--loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
               help="kl = QAD (forward KL to the teacher); ce = plain QAT.")
+@click.option("--qad-mode", type=click.Choice(MODES), default=None,
+              help="global = KL of the whole model (default); layer = each decoder layer trained to match its teacher "
+                   "layer's output, one after another; layer+global = the first, then the second.")
+@click.option("--qad-layer-fraction", type=float, default=None, help="layer+global: the layer stage's share (0.5).")
 @click.option("--qad-checkpoint-every", type=int, default=None,
               help="Steps between QAD checkpoints (for --resume); default: one a minute.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted QAD run from its last checkpoint.")
 def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scale_search, rounding, smooth_alpha,
             expert_calibration, layerwise, dry_run, seed, device, dtype, force, trust_remote_code, no_eval, qad_steps, qad_lr, qad_scale_lr,
-            qad_batch, qad_seq_len, qad_budget_minutes, qad_data, loss, qad_checkpoint_every, resume) -> None:
+            qad_batch, qad_seq_len, qad_budget_minutes, qad_data, loss, qad_mode, qad_layer_fraction,
+            qad_checkpoint_every, resume) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
     scale_search = scale_search or _default_scale_search(qad_steps, qad_scale_lr)
@@ -82,7 +87,7 @@ def convert(model, out, scheme, targets, calib_data, calib_tokens, exclude, scal
                         trust_remote_code=trust_remote_code, evaluate=not no_eval, layerwise=layerwise, dry_run=dry_run)
     qad_options = dict(steps=qad_steps, lr=qad_lr, scale_lr=qad_scale_lr, batch=qad_batch, seq_len=qad_seq_len,
                        budget_minutes=qad_budget_minutes, data=qad_data, loss=loss, seed=seed,
-                       checkpoint_every=qad_checkpoint_every)
+                       checkpoint_every=qad_checkpoint_every, mode=qad_mode, layer_fraction=qad_layer_fraction)
     stage = _qad_stage(qad_options, resume, started)
     report = run_convert(cfg, train=stage)
     if dry_run:
@@ -116,6 +121,7 @@ def _qad_stage(options: dict, resume: bool, started: float):
     it still does after the exports (the trained row's evaluation) as `reserve_seconds`.
     """
     from nvfp4.qad.distill import run_qad
+    from nvfp4.qad.layerlocal import distill_layers, layer_hook
 
     if options["steps"] is not None and options["steps"] < 0:
         raise UserError(f"--qad-steps must be >= 0, got {options['steps']}")
@@ -126,9 +132,24 @@ def _qad_stage(options: dict, resume: bool, started: float):
     except (TypeError, ValueError) as error:
         raise UserError(str(error)) from error
 
-    def stage(student, teacher, tokenizer, workdir: Path, logdir: Path, reserve_seconds: float = 0.0) -> dict:
+    def stage(student, teacher, tokenizer, workdir: Path, logdir: Path, reserve_seconds: float = 0.0,
+              calibration: list | None = None) -> dict:
         deadline = started + qad_cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS - reserve_seconds
-        return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume, deadline=deadline)
+        if qad_cfg.mode == "global":
+            return run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume, deadline=deadline)
+        budgeted = qad_cfg.steps is None
+        now = time.monotonic()
+        layer_deadline = deadline if qad_cfg.mode == "layer" else now + (deadline - now) * qad_cfg.layer_fraction
+        layer_metrics = distill_layers(student, teacher, calibration, qad_cfg, layer_deadline if budgeted else None)
+        if qad_cfg.mode == "layer":
+            return {"config": qad_cfg.to_dict(), "steps": layer_metrics["steps"], "layer_local": layer_metrics}
+        metrics = run_qad(student, teacher, tokenizer, qad_cfg, workdir, logdir, resume=resume, deadline=deadline)
+        return {**metrics, "layer_local": layer_metrics}
 
     stage.batch, stage.seq_len = qad_cfg.batch, qad_cfg.seq_len  # for the memory plan
+    stage.needs_calibration_data = qad_cfg.mode != "global"  # the layer-local stage trains on it
+    stage.whole_model = qad_cfg.mode != "layer"  # layer-local alone also streams with the layer-by-layer PTQ
+    if not stage.whole_model:
+        budget_end = started + qad_cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS
+        stage.layer_hook = layer_hook(qad_cfg, budget_end if qad_cfg.steps is None else None)
     return stage
