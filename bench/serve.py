@@ -83,8 +83,8 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
     from nvfp4.converter.models import load_causal_lm
     from nvfp4.serve.app import build_app
     from nvfp4.serve.cli import run_server
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import SharedTensors, hold_vocab_compact, load_student, load_teacher, pack_model, teacher_source
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import SharedTensors, hold_vocab_compact, load_student, load_teacher, pack_model, teacher_source
 
     if out:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
@@ -108,7 +108,7 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
 
 def start_child(args) -> tuple[subprocess.Popen, str]:
     """The server runs in its own process so the load generator does not share its GIL."""
-    from nvfp4.serve.engines.base import free_port
+    from nvfp4.serve.adapters.base import free_port
 
     port = free_port()
     command = [sys.executable, __file__, "--serve-only", str(port), "--max-num-seqs", str(args.max_num_seqs)]
@@ -130,7 +130,7 @@ def start_child(args) -> tuple[subprocess.Popen, str]:
 
 
 def weight_table(engines) -> list[str]:
-    from nvfp4.serve.engine.loader import weight_bytes
+    from nvfp4.serve.native.loader import weight_bytes
 
     teacher = engines["teacher"].model
     bf16 = sum(p.numel() for p in teacher.parameters()) * 2

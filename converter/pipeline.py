@@ -7,6 +7,7 @@ failure or Ctrl-C leaves no half-written OUT.
 import copy
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import math
@@ -125,6 +126,8 @@ def _check_out(cfg: ConvertConfig) -> None:
         raise UserError(f"{cfg.out} exists; pass --force to replace it")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UserError(f"{cfg.out} exists and is not a folder")
+    if cfg.out.exists():
+        check_replaceable(cfg.out, [Path(cfg.source)] if cfg.source else [])
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     for stale in cfg.out.parent.glob(f".{cfg.out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -182,6 +185,40 @@ def export_targets(student: torch.nn.Module, tokenizer, source_dir: Path, folder
     return {target: results[target] for target in targets}
 
 
+def check_replaceable(out: Path, sources: list[Path]) -> None:
+    """--force replaces an earlier convert output (it holds report.json) or an empty folder, and never a folder
+    that is, or holds, the model being converted."""
+    out = out.resolve()
+    for source in sources:
+        source = source.resolve()
+        if source == out or out in source.parents:
+            raise UserError(f"--force would delete {out}, which holds the source model {source}; choose another -o")
+    if any(out.iterdir()) and not (out / "report.json").is_file():
+        raise UserError(f"{out} is not an earlier convert output (no report.json) and not empty; --force replaces "
+                        f"only those: choose another -o or empty it yourself")
+
+
+def origin(cfg: ConvertConfig, source_dir: Path) -> str:
+    """What QAD checkpoints belong to: the source model (its config and weight files' names, sizes and
+    times), the quantization and the calibration. A checkpoint of anything else must never be restored."""
+    digest = hashlib.sha256()
+    digest.update((source_dir / "config.json").read_bytes())
+    for file in sorted(source_dir.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    digest.update(json.dumps([cfg.quant.to_dict(), cfg.calib_data, cfg.calib_tokens, cfg.seed], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def claim_workdir(workdir: Path, fingerprint: str, resume: bool) -> None:
+    """--resume only from checkpoints of the same origin; a fresh run takes the folder over."""
+    stamp = workdir / "origin.sha256"
+    if resume and stamp.is_file() and stamp.read_text().strip() != fingerprint:
+        raise UserError(f"the QAD checkpoints in {workdir} belong to another model, quantization or calibration; "
+                        f"drop --resume (or remove {workdir})")
+    stamp.write_text(fingerprint)
+
+
 def _replace_atomically(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old"
@@ -215,6 +252,9 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
     click.echo(plan.render(), err=True)
     if cfg.dry_run:
         return {"plan": plan.render()}
+    if getattr(train, "whole_model", False):  # before any work: checkpoints of another origin never resume
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        claim_workdir(cfg.workdir, origin(cfg, source_dir), getattr(train, "resume", False))
     if plan.choose(cfg.layerwise) == "layerwise":
         return _convert_layerwise(cfg, source_dir, timer, device, getattr(train, "layer_hook", None))
     keep_freed_memory()  # not when streaming: kept pages would hold the peak of every layer

@@ -19,6 +19,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_nvfp4.c")
 GEMV_MAX_BATCH = 16  # beyond this, dequantize once into a buffer and let BLAS do the GEMM
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
 def _build_dir() -> Path:
@@ -30,15 +31,13 @@ def library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or os.environ.get("NVFP4_NO_C_KERNELS"):
         return None
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    digest = build_key(compiler)
     target = _build_dir() / f"cpu_nvfp4-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            result = subprocess.run([compiler, *FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 log.warning("C kernels unavailable, using torch: %s", result.stderr.strip()[:500])
                 return None
@@ -55,6 +54,14 @@ def library() -> ctypes.CDLL | None:
     lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
     lib.kl_rows.argtypes = [pointer, pointer, pointer, pointer, i64, i64]
     return lib
+
+
+def build_key(compiler: str) -> str:
+    """The cache key of a build: the source, the flags, and what the compiler makes of them on this CPU
+    (`-###` prints its version and `-march=native` expanded to this CPU's target and features), so a cache
+    shared with another CPU never hands it a library built for instructions it lacks."""
+    probe = subprocess.run([compiler, *FLAGS, "-###", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(FLAGS).encode() + probe.stderr.encode()).hexdigest()[:16]
 
 
 def available() -> bool:

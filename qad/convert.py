@@ -147,6 +147,7 @@ def _qad_stage(options: dict, resume: bool, started: float):
         return {**metrics, "layer_local": layer_metrics}
 
     stage.batch, stage.seq_len = qad_cfg.batch, qad_cfg.seq_len  # for the memory plan
+    stage.resume = resume
     stage.needs_calibration_data = qad_cfg.mode != "global"  # the layer-local stage trains on it
     stage.whole_model = qad_cfg.mode != "layer"  # layer-local alone also streams with the layer-by-layer PTQ
     if not stage.whole_model:

@@ -9,6 +9,7 @@ and each rank trains on its slice of the global batch; a single process is the w
 """
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -26,6 +27,8 @@ from nvfp4.converter.quantize import quantized_modules
 from nvfp4.kernels.kl import token_kl
 from nvfp4.qad.config import QADConfig
 from nvfp4.qad.data import TeacherSamples, file_rows, random_rows
+
+log = logging.getLogger(__name__)
 
 _POOL = "qad_pool.pt"
 
@@ -331,7 +334,11 @@ def _load_checkpoint(workdir: Path, cfg: QADConfig) -> dict | None:
     found = {}
     for path in _state_files(workdir, rank):
         if path.is_file():
-            state = torch.load(path, weights_only=True)
+            try:
+                state = torch.load(path, weights_only=True)
+            except Exception as error:  # torn or corrupt: the other file (the previous checkpoint) may be whole
+                log.warning("skipping the unreadable QAD checkpoint %s: %s", path, error)
+                continue
             found[state["step"]] = state
     common = set(found)
     if size > 1:

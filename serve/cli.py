@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from nvfp4.errors import UserError, require
+from nvfp4.serve.limits import Limits
 
-ENGINES = ("native", "vllm", "trtllm", "llamacpp")  # all but native: serve/engines/ adapters
+ENGINES = ("native", "vllm", "trtllm", "llamacpp")  # all but native: serve/adapters/
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def run_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
@@ -27,6 +29,16 @@ def run_server(app, host: str, port: int, drain_timeout: float, log_level: str =
     Server(config).run()
 
 
+def check_key(api_key: str | None, host: str, published_on: str | None) -> None:
+    """An empty key is a mistake; no key is one too where other machines reach the server."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key (or NVFP4_API_KEY) is empty: set a real key, or leave it unset on a loopback host")
+    reachable_on = published_on or host
+    if api_key is None and reachable_on not in LOOPBACK:
+        raise UserError(f"serving on {reachable_on} without a key lets any machine that reaches it use the models: "
+                        f"set --api-key (or NVFP4_API_KEY), or bind 127.0.0.1")
+
+
 def set_threads(threads: int | None, num_models: int) -> int:
     """Each model's engine thread computes at the same time as the other's: split the cores between them."""
     import os
@@ -40,8 +52,8 @@ def set_threads(threads: int | None, num_models: int) -> int:
 
 def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
     from nvfp4.converter.models import resolve_model
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import SharedTensors, check_native, load_student, load_teacher, teacher_source
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import SharedTensors, check_native, load_student, load_teacher, teacher_source
 
     if not (out / "trtllm" / "config.json").is_file():
         raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
@@ -63,12 +75,12 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
     import os
 
     from nvfp4.converter.models import resolve_model
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import check_native, load_teacher
-    from nvfp4.serve.engines import EngineOptions, adapter_models
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import check_native, load_teacher
+    from nvfp4.serve.adapters import EngineOptions, adapter_models
 
     opts = EngineOptions(engine, max_model_len, tuple(engine_args), vllm_bin, trtllm_bin,
-                         threads or max(1, (os.cpu_count() or 1) // 2), engine_timeout)
+                         threads or max(1, (os.cpu_count() or 1) // 2), engine_timeout, max_num_seqs=max_num_seqs)
 
     def native_teacher(source, name):
         check_native(resolve_model(source), "teacher")
@@ -84,9 +96,14 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 exposes it).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--engine", type=click.Choice(ENGINES), default="native", show_default=True)
-@click.option("--api-key", envvar="NVFP4_API_KEY", default=None, help="Require `Authorization: Bearer KEY` on /v1/* (or NVFP4_API_KEY).")
+@click.option("--api-key", envvar="NVFP4_API_KEY", default=None, help="Require `Authorization: Bearer KEY` (or NVFP4_API_KEY) everywhere but /health and /ready; the /ui page takes it as a browser password.")
+@click.option("--published-on", envvar="NVFP4_PUBLISHED_ON", default=None, help="In a container: the host interface its port is published on (compose sets it). A key is required unless the server is reachable from this machine only.")
+@click.option("--key-metrics", is_flag=True, help="Require the API key on /metrics too (Prometheus then sends it).")
 @click.option("--max-num-seqs", default=16, show_default=True, type=click.IntRange(1, 1024), help="Running batch size (KV slots).")
-@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0), help="Waiting requests before 429.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0), help="Waiting choices per model before 429 (every engine).")
+@click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True, type=click.IntRange(1024), help="Largest request body (413 above).")
+@click.option("--max-choices", default=Limits.max_choices, show_default=True, type=click.IntRange(1), help="Prompts x n per request (400 above).")
+@click.option("--max-stop-chars", default=Limits.max_stop_chars, show_default=True, type=click.IntRange(1), help="Longest stop string (400 above).")
 @click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
@@ -97,16 +114,18 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
 @click.option("--engine-timeout", default=900.0, show_default=True, type=click.FloatRange(1), help="Seconds an engine process may take to become ready.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def serve(glue: dict | None, out: Path, teacher, host, port, engine, api_key, max_num_seqs, max_queue, max_model_len, drain_timeout, threads, ui, log_level,
+def serve(glue: dict | None, out: Path, teacher, host, port, engine, api_key, published_on, key_metrics, max_num_seqs,
+          max_queue, max_body_bytes, max_choices, max_stop_chars, max_model_len, drain_timeout, threads, ui, log_level,
           vllm_bin, trtllm_bin, engine_timeout, engine_args) -> None:
     """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API.
 
     With --engine vllm|trtllm|llamacpp, arguments after `--` go to the engine's own server."""
     require("serve", "fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "httpx")
     from nvfp4.serve.app import build_app
-    from nvfp4.serve.engine.loader import report_facts
+    from nvfp4.serve.native.loader import report_facts
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_key(api_key, host, published_on)
     if not out.is_dir():
         raise UserError(f"not a convert output folder: {out}")
     if engine == "native" and engine_args:
@@ -120,9 +139,10 @@ def serve(glue: dict | None, out: Path, teacher, host, port, engine, api_key, ma
         if alias in models:
             models[alias].facts = facts
     set_threads(threads, len(models))
-    app = build_app(models, api_key=api_key, drain_timeout=drain_timeout)
+    limits = Limits(max_body_bytes, max_choices, max_stop_chars, max_num_seqs, max_queue)
+    app = build_app(models, api_key=api_key, drain_timeout=drain_timeout, limits=limits, open_metrics=not key_metrics)
     if engine != "native":
-        from nvfp4.serve.engines import mount_engine_metrics
+        from nvfp4.serve.adapters import mount_engine_metrics
 
         mount_engine_metrics(app, models)
     if ui:  # the page comes from the ui package, which the `nvfp4` command stitches in (serve never imports it)

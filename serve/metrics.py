@@ -11,15 +11,16 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from nvfp4.serve.engine.types import EngineStats
+from nvfp4.serve.interface import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 NO_MODEL = "none"  # label of errors raised before a known model is named
+ERROR_STATUSES = ("400", "401", "404", "411", "413", "429", "499", "500", "502", "503")  # series that exist at 0
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, EngineStats]]):
+    def __init__(self, stats: Callable[[], dict[str, EngineStats]], models: list[str] = ()):
         self.registry = CollectorRegistry()
         labels, r = ["model"], self.registry
         self.ttft = Histogram("nvfp4_time_to_first_token_seconds", "Request arrival to first token", labels, registry=r, buckets=LATENCY_BUCKETS)
@@ -33,6 +34,9 @@ class ServerMetrics:
         self.requests = Counter("nvfp4_requests", "Finished requests (one per choice) by finish reason", ["model", "finish_reason"], registry=r)
         self.errors = Counter("nvfp4_request_errors", "Error responses by HTTP status", ["model", "status"], registry=r)
         r.register(_EngineGauges(stats))
+        for model in [*models, NO_MODEL]:  # a healthy server shows 0 errors, not "no data"
+            for status in ERROR_STATUSES:
+                self.errors.labels(model, status)
 
     def error(self, model: str | None, status: int) -> None:
         self.errors.labels(model or NO_MODEL, str(status)).inc()
@@ -41,7 +45,7 @@ class ServerMetrics:
 class _EngineGauges:
     """Running / waiting requests and KV cache use, read from each engine at scrape time."""
 
-    def __init__(self, stats: Callable[[], dict[str, EngineStats]]):
+    def __init__(self, stats: Callable[[], dict[str, EngineStats]], models: list[str] = ()):
         self.stats = stats
 
     def collect(self):

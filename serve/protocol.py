@@ -1,4 +1,5 @@
-"""The OpenAI API subset we serve, as pydantic models (requests validate themselves; responses build JSON)."""
+"""The OpenAI API subset we serve, as pydantic models: requests validate themselves, responses are built
+through their models (so /openapi.json describes both), errors have one shape."""
 
 from __future__ import annotations
 
@@ -6,17 +7,30 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nvfp4.serve.engine.types import SamplingParams
+from nvfp4.serve.interface import SamplingParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 64  # list prompts of one completion request (the server's --max-choices bounds prompts x n)
+# OpenAI fields we cannot honour: a 400 naming the field (as vLLM answers) rather than a silent ignore
+UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call", "logit_bias",
+               "parallel_tool_calls", "suffix", "best_of", "audio", "modalities", "prediction")
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name in UNSUPPORTED:
+                if data.get(name) not in (None, [], {}) and not (name == "best_of" and data[name] == 1):
+                    raise ValueError(f"`{name}` is not supported by this server")
+        return data
 
 
 class StreamOptions(OpenAIModel):
@@ -33,8 +47,8 @@ class _Sampling(OpenAIModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # accepted, not applied
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # accepted, not applied
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
@@ -66,6 +80,8 @@ class _Sampling(OpenAIModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
@@ -105,7 +121,135 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=0, le=1_000_000)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, value):
+        if isinstance(value, list) and value and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return value
+
+    def prompt_count(self) -> int:
+        return 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               411: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """A request the server answers with an OpenAI error (status, message, the parameter at fault)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    detail = ErrorDetail(message=message, type=ERROR_TYPES.get(status, "internal_error"), param=param,
+                         code=code if code is not None else status)
+    return ErrorResponse(error=detail).model_dump()
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "nvfp4"
+    root: str
+    parent: str | None = None  # the alias a real model name stands for
+    nvfp4: dict | None = None  # scheme, sizes, held-out KL and chat template of the served checkpoint
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def openapi_responses(ok: type[BaseModel] | None, stream: bool = False) -> dict:
+    """The `responses` of a route: its 200 model (plus SSE where it streams) and the error shape."""
+    responses: dict = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+    if ok is not None:
+        responses[200] = {"model": ok, **({"content": {"text/event-stream": {}}} if stream else {})}
+    return responses
 
 
 def make_id(prefix: str) -> str:

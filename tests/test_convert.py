@@ -51,6 +51,45 @@ def test_existing_out_needs_force(tiny_out, tiny_model_dir):
     assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tiny_out), "--qad-steps", "0"), "--force")
 
 
+@pytest.mark.parametrize("target", ["source", "parent", "stranger"])
+def test_force_replaces_only_an_earlier_output_never_the_source(tiny_model_dir, tmp_path, target):
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    source = tmp_path / "models" / "tiny"
+    out = {"source": source, "parent": tmp_path / "models", "stranger": tmp_path / "notes"}[target]
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("mine")
+    result = run("convert", str(source), "-o", str(out), "--qad-steps", "0", "--force")
+    assert_one_line_error(result, "holds the source model" if target != "stranger" else "not an earlier convert output")
+    assert (out / "keep.txt").read_text() == "mine" and (source / "config.json").is_file()
+
+
+def test_resume_refuses_checkpoints_of_another_origin(tmp_path):
+    from nvfp4.converter.pipeline import claim_workdir
+    from nvfp4.errors import UserError
+
+    claim_workdir(tmp_path, "a" * 64, resume=False)
+    claim_workdir(tmp_path, "a" * 64, resume=True)  # the same model, quantization and calibration
+    with pytest.raises(UserError, match="belong to another model"):
+        claim_workdir(tmp_path, "b" * 64, resume=True)
+    claim_workdir(tmp_path, "b" * 64, resume=False)  # a fresh run takes the folder over
+    assert (tmp_path / "origin.sha256").read_text() == "b" * 64
+
+
+def test_origin_changes_with_the_source_and_the_quantization(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    from nvfp4.converter.pipeline import ConvertConfig, origin
+
+    shutil.copytree(tiny_model_dir, tmp_path / "a")
+    cfg = ConvertConfig(source=str(tmp_path / "a"), out=tmp_path / "out")
+    first = origin(cfg, tmp_path / "a")
+    assert origin(cfg, tmp_path / "a") == first
+    assert origin(replace(cfg, calib_tokens=cfg.calib_tokens + 1), tmp_path / "a") != first
+    config = tmp_path / "a" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'))
+    assert origin(cfg, tmp_path / "a") != first
+
+
 def test_missing_model_path(tmp_path):
     assert_one_line_error(run("convert", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "does not exist")
 

@@ -134,3 +134,25 @@ def test_c_exact_ties_round_to_even():
     codes = nv.unpack_codes(packed)
     assert codes[:, 1].tolist() == [0, 2, 2, 4, 4, 6, 6]
     assert codes[:, 2].tolist() == [8, 10, 10, 12, 12, 14, 14]
+
+
+def test_the_build_cache_key_follows_the_cpu_that_march_native_targets(monkeypatch):
+    """A cache shared by two machines must not give one the other's -march=native build (SIGILL)."""
+    import shutil
+    import subprocess
+
+    from nvfp4.kernels import cpu
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")  # the C kernels themselves are skipped then too
+    here = cpu.build_key(compiler)
+    real_run = subprocess.run
+
+    def other_cpu(argv, **kwargs):
+        result = real_run(argv, **kwargs)
+        result.stderr = result.stderr.replace("-mavx2", "-mno-avx2")
+        return result
+
+    monkeypatch.setattr(cpu.subprocess, "run", other_cpu)
+    assert "-march=native" in cpu.FLAGS and cpu.build_key(compiler) != here

@@ -71,10 +71,25 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert _run(_tool("hadolint"), "--no-color", str(bad)).returncode != 0
 
 
+def _compose_config(**env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("NVFP4_", "GRAFANA_"))}
+    return subprocess.run([_tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), "config"],
+                          capture_output=True, text=True, timeout=120, env={**environment, **env})
+
+
+def test_compose_publishes_on_loopback_and_needs_a_grafana_password():
+    missing = _compose_config(NVFP4_OUT="/tmp")
+    assert missing.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in missing.stderr
+    config = _compose_config(NVFP4_OUT="/tmp", GRAFANA_ADMIN_PASSWORD="pw").stdout
+    published = re.findall(r"- (\S+):\d+:\d+/tcp", config)
+    assert published and set(published) == {"127.0.0.1"}, config
+    assert "NVFP4_PUBLISHED_ON: 127.0.0.1" in config and "stop_grace_period: 45s" in config
+    elsewhere = _compose_config(NVFP4_OUT="/tmp", GRAFANA_ADMIN_PASSWORD="pw", NVFP4_BIND="0.0.0.0").stdout
+    assert "NVFP4_PUBLISHED_ON: 0.0.0.0" in elsewhere  # and the server then refuses to start without a key
+
+
 def test_compose_config_validates():
-    env = {**os.environ, "NVFP4_OUT": "/tmp"}
-    result = subprocess.run([_tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), "config"],
-                            capture_output=True, text=True, timeout=120, env=env)
+    result = _compose_config(NVFP4_OUT="/tmp", GRAFANA_ADMIN_PASSWORD="pw")
     assert result.returncode == 0, result.stderr
     services = result.stdout.split("\nservices:\n", 1)[-1] if "\nservices:\n" in result.stdout else result.stdout
     for name in ("nvfp4:", "nvfp4-vllm:", "nvfp4-trtllm:", "prometheus:", "grafana:"):

@@ -17,12 +17,12 @@ import pytest
 
 from nvfp4.errors import UserError
 from nvfp4.serve.app import build_app
-from nvfp4.serve.engines import EngineOptions, engine_metrics_text, mount_engine_metrics, student_engine
-from nvfp4.serve.engine.types import GenerationRequest, NotReady, SamplingParams
-from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
-from nvfp4.serve.engines.llamacpp import LlamaCppEngine
-from nvfp4.serve.engines.trtllm import TRTLLMEngine
-from nvfp4.serve.engines.vllm import find_vllm, vllm_argv
+from nvfp4.serve.adapters import EngineOptions, adapter, engine_metrics_text, mount_engine_metrics
+from nvfp4.serve.interface import GenerationRequest, NotReady, SamplingParams
+from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
+from nvfp4.serve.adapters.llamacpp import LlamaCppEngine
+from nvfp4.serve.adapters.trtllm import TRTLLMEngine
+from nvfp4.serve.adapters.vllm import find_vllm, vllm_argv
 from test_engines_helpers import ServerProcess, alive, cmdline, descendants, wait_gone
 from test_serve_helpers import LiveServer, metric
 
@@ -44,7 +44,7 @@ def tiny_out(tiny_model_dir, tmp_path_factory):
 
 def llamacpp_engine(out, **kwargs) -> LlamaCppEngine:
     opts = EngineOptions("llamacpp", max_model_len=512, threads=1, ready_timeout=120, **kwargs)
-    engine = student_engine(out, "tiny-nvfp4", opts)
+    engine = adapter(opts.engine).for_student(out, "tiny-nvfp4", opts)
     assert isinstance(engine, LlamaCppEngine)
     return engine
 
@@ -92,7 +92,7 @@ def test_vllm_command_lines(tiny_out, tmp_path):
     fake_bin.write_text("#!/bin/sh\n")
     fake_bin.chmod(0o755)
     opts = EngineOptions("vllm", max_model_len=1024, vllm_bin=str(fake_bin), extra_args=("--enforce-eager",))
-    engine = student_engine(tiny_out, "tiny-nvfp4", opts)  # no OUT/vllm: the ModelOpt checkpoint
+    engine = adapter(opts.engine).for_student(tiny_out, "tiny-nvfp4", opts)  # no OUT/vllm: the ModelOpt checkpoint
     argv = engine.command(5555)
     assert argv[:3] == [str(fake_bin), "serve", str(tiny_out / "trtllm")]
     assert argv[argv.index("--quantization") + 1] == "modelopt_fp4"
@@ -102,7 +102,7 @@ def test_vllm_command_lines(tiny_out, tmp_path):
     (tiny_out / "vllm").mkdir()
     try:
         (tiny_out / "vllm" / "config.json").write_text("{}")
-        argv = student_engine(tiny_out, "s", opts).command(1)
+        argv = adapter(opts.engine).for_student(tiny_out, "s", opts).command(1)
         assert argv[2] == str(tiny_out / "vllm") and "--quantization" not in argv  # compressed-tensors: detected by vLLM
     finally:
         (tiny_out / "vllm" / "config.json").unlink()
@@ -113,8 +113,9 @@ def test_trtllm_command_line(tiny_out, tmp_path):
     fake_bin = tmp_path / "trtllm-serve"
     fake_bin.write_text("#!/bin/sh\n")
     fake_bin.chmod(0o755)
-    engine = student_engine(tiny_out, "tiny-nvfp4", EngineOptions("trtllm", max_model_len=4096, trtllm_bin=str(fake_bin),
-                                                                  extra_args=("--kv_cache_free_gpu_memory_fraction", "0.5")))
+    opts = EngineOptions("trtllm", max_model_len=4096, trtllm_bin=str(fake_bin),
+                         extra_args=("--kv_cache_free_gpu_memory_fraction", "0.5"))
+    engine = adapter("trtllm").for_student(tiny_out, "tiny-nvfp4", opts)
     assert isinstance(engine, TRTLLMEngine)
     argv = engine.command(7777)
     assert argv[:4] == [str(fake_bin), str(tiny_out / "trtllm"), "--backend", "pytorch"]
@@ -131,9 +132,9 @@ def test_missing_engine_binaries_are_user_errors(tiny_out, monkeypatch, tmp_path
     with pytest.raises(UserError, match="no such executable"):
         find_vllm(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="trtllm-serve"):
-        student_engine(tiny_out, "s", EngineOptions("trtllm"))
+        adapter("trtllm").for_student(tiny_out, "s", EngineOptions("trtllm"))
     with pytest.raises(UserError, match="no GGUF"):
-        student_engine(tmp_path, "s", EngineOptions("llamacpp"))
+        adapter("llamacpp").for_student(tmp_path, "s", EngineOptions("llamacpp"))
 
 
 def test_cli_rejects_engine_args_for_native(tiny_out):
@@ -329,8 +330,8 @@ def default_out(tmp_path_factory):
 def test_llamacpp_default_model_greedy_equals_native(default_out):
     import torch
 
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import load_student
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import load_student
 
     student, tokenizer, _ = load_student(default_out)
     native = NativeEngine("native", lambda: load_student(default_out)[:2], max_model_len=512)

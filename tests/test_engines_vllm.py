@@ -42,8 +42,8 @@ def vllm_server(default_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def native_teacher(default_model_dir):
     from nvfp4.serve.app import build_app
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import load_teacher
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import load_teacher
 
     engine = NativeEngine("teacher", lambda: load_teacher(str(default_model_dir))[:2], max_model_len=256)
     with LiveServer(build_app({"teacher": engine})) as live:

@@ -360,8 +360,8 @@ def test_a_base_model_without_chat_template_calibrates_trains_and_serves_complet
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["qad"]["steps"] == 1 and report["accuracy"]["results"]["QAD"]["chat_kl"] >= 0
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import load_student
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import load_student
 
     engines = {"student": NativeEngine("student", lambda: load_student(out)[:2])}
     with LiveServer(build_app(engines)) as server:

@@ -154,9 +154,9 @@ def test_qad_lowers_kl_and_beats_qat_on_the_same_data(models, tmp_path):
     assert qad_after < qat_after, f"QAD {qad_after:.4f} should beat QAT {qat_after:.4f}"
 
 
-@pytest.mark.parametrize("lose_latest, scale_lr", [(False, 0.0), (True, 0.0), (False, 1e-2)],
-                         ids=["checkpoint", "killed-while-saving", "learned-scales"])
-def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, monkeypatch, lose_latest, scale_lr):
+@pytest.mark.parametrize("latest, scale_lr", [("whole", 0.0), ("lost", 0.0), ("corrupt", 0.0), ("whole", 1e-2)],
+                         ids=["checkpoint", "killed-while-saving", "corrupt-latest", "learned-scales"])
+def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, monkeypatch, latest, scale_lr):
     teacher, tokenizer = models
     cfg = QADConfig(steps=6, lr=1e-3, scale_lr=scale_lr, batch=2, seq_len=16, data="random", checkpoint_every=2)
     straight = fresh_student(teacher)
@@ -175,8 +175,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run_qad(interrupted, teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b-log")
     monkeypatch.setattr(distill, "train_step", real_step)
-    if lose_latest:  # a kill -9 between setting the last checkpoint aside and writing the new one
+    if latest == "lost":  # a kill -9 between setting the last checkpoint aside and writing the new one
         (tmp_path / "b" / "qad_state.rank0.pt").unlink()
+    if latest == "corrupt":  # a torn write or a bad disk: the previous checkpoint takes over
+        (tmp_path / "b" / "qad_state.rank0.pt").write_bytes(b"\x00garbage" * 100)
     resumed = fresh_student(teacher)  # a new process starts from the PTQ student again
     run_qad(resumed, teacher, tokenizer, cfg, tmp_path / "b", tmp_path / "b-log", resume=True)
     for (name, a), b in zip(quantized_modules(straight).items(), quantized_modules(resumed).values()):

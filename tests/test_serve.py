@@ -197,7 +197,7 @@ def test_ready_503_until_loaded(tiny_model_dir):
     import threading
 
     from nvfp4.serve.app import build_app
-    from nvfp4.serve.engine import NativeEngine
+    from nvfp4.serve.native import NativeEngine
 
     gate = threading.Event()
 
@@ -220,8 +220,8 @@ def test_ready_503_until_loaded(tiny_model_dir):
 def test_default_model_served(default_model_dir):
     """The real default model, teacher and packed student, through HTTP: greedy equals transformers."""
     from nvfp4.serve.app import build_app
-    from nvfp4.serve.engine import NativeEngine
-    from nvfp4.serve.engine.loader import pack_model
+    from nvfp4.serve.native import NativeEngine
+    from nvfp4.serve.native.loader import pack_model
 
     def load(packed):
         from nvfp4.converter.models import load_causal_lm

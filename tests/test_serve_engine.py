@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from nvfp4.serve.engine import ContextTooLong, GenerationRequest, NativeEngine, QueueFull, SamplingParams
-from nvfp4.serve.engine.detokenize import TextStream
+from nvfp4.serve.interface import ContextTooLong, EngineStats, GenerationRequest, QueueFull, SamplingParams
+from nvfp4.serve.native import NativeEngine
+from nvfp4.serve.native.detokenize import TextStream
 from test_serve_helpers import load_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +19,7 @@ async def _generate(engine, ids, n, delay=0.0, **params) -> tuple[list[int], str
     await asyncio.sleep(delay)
     tokens, text = [], ""
     # min_tokens masks EOS as transformers' min_new_tokens does
-    request = GenerationRequest("t", ids, SamplingParams(max_tokens=n, temperature=0, min_tokens=n, **params))
+    request = GenerationRequest("t", ids, SamplingParams(**{"max_tokens": n, "temperature": 0, "min_tokens": n, **params}))
     async for event in engine.generate(request):
         tokens.append(event.token_id)
         text += event.text
@@ -95,7 +96,7 @@ def test_stop_string_held_back_across_tokens():
 @pytest.mark.slow
 def test_default_model_greedy_matches_transformers(default_model_dir):
     from nvfp4.converter.models import load_causal_lm
-    from nvfp4.serve.engine.loader import pack_model
+    from nvfp4.serve.native.loader import pack_model
 
     teacher, tokenizer, _ = load_causal_lm(default_model_dir)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
@@ -123,7 +124,7 @@ def test_model_facts_come_from_the_convert_report(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from nvfp4.cli import cli
-    from nvfp4.serve.engine.loader import report_facts
+    from nvfp4.serve.native.loader import report_facts
 
     out = tmp_path / "out"
     done = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
@@ -140,7 +141,7 @@ def test_model_facts_come_from_the_convert_report(tiny_model_dir, tmp_path):
 
 
 def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
-    from nvfp4.serve.engine.loader import SharedTensors, weight_bytes
+    from nvfp4.serve.native.loader import SharedTensors, weight_bytes
 
     shared = SharedTensors()
     teacher, tokenizer = shared.loader(lambda: load_tiny(tiny_model_dir, packed=False))()
@@ -166,7 +167,7 @@ def test_student_shares_the_teachers_unquantized_tensors(tiny_model_dir):
 def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_dir):
     from nvfp4.converter.models import load_causal_lm
     from nvfp4.kernels.linear import BF16HeldEmbedding, BF16HeldLinear
-    from nvfp4.serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
+    from nvfp4.serve.native.loader import hold_vocab_compact, pack_model, weight_bytes
 
     model, tokenizer, _ = load_causal_lm(tiny_model_dir)
     reference = pack_model(copy.deepcopy(model))
@@ -192,7 +193,7 @@ def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_mode
     int8 codes and fp16 scales: 8.5 of bf16's 16 bits a value, the same logits and greedy output."""
     from nvfp4.converter.models import load_causal_lm
     from nvfp4.kernels.linear import Int8BlockEmbedding, Int8BlockLinear
-    from nvfp4.serve.engine.loader import hold_vocab_compact, pack_model, weight_bytes
+    from nvfp4.serve.native.loader import hold_vocab_compact, pack_model, weight_bytes
     from test_int8_blocks import q8_0_source
 
     model, tokenizer, _ = load_causal_lm(tiny_model_dir)
@@ -222,3 +223,120 @@ def _fp32_with_noise(model_dir):
     with torch.no_grad():
         model.get_input_embeddings().weight.add_(1e-7 * torch.randn_like(model.get_input_embeddings().weight))
     return model
+
+
+def test_near_zero_temperature_and_penalty_are_greedy_and_finite(tiny_model_dir):
+    """temperature=1e-40 and repetition_penalty=1e-300 once overflowed the sampler and aborted every running
+    sequence; now the first is greedy and the second is clamped."""
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+    ids = tokenizer.encode("Tell me a story")
+
+    async def run():
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4)
+        await engine.start()
+        try:
+            return await asyncio.gather(_generate(engine, ids, 12), _generate(engine, ids, 12, temperature=1e-40),
+                                        _generate(engine, ids, 12, repetition_penalty=1e-300))
+        finally:
+            await engine.close()
+
+    greedy, tiny_temperature, tiny_penalty = asyncio.run(run())
+    assert tiny_temperature == greedy and len(tiny_penalty[0]) == 12
+    assert SamplingParams(temperature=1e-40).temperature == 0.0
+    assert SamplingParams(repetition_penalty=1e-300).repetition_penalty == 1e-2
+
+
+def test_a_failing_request_ends_alone_while_the_batch_goes_on(tiny_model_dir, monkeypatch):
+    from nvfp4.serve.native import engine as native
+
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+    real_choose = native.choose
+
+    def choose(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("sampler broke")
+        return real_choose(logits, params, generator)
+
+    monkeypatch.setattr(native, "choose", choose)
+    ids = tokenizer.encode("Hello there")
+
+    async def events(engine, **params):
+        request = GenerationRequest("r", ids, SamplingParams(max_tokens=10, temperature=0, min_tokens=10, **params))
+        return [event async for event in engine.generate(request)]
+
+    async def run():
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4)
+        await engine.start()
+        try:
+            return await asyncio.gather(events(engine), events(engine, seed=666), events(engine))
+        finally:
+            await engine.close()
+
+    good, bad, other = asyncio.run(run())
+    assert [e.finish_reason for e in bad] == ["error"] and "sampler broke" in bad[0].error
+    assert len(good) == 10 and good[-1].finish_reason == "length"
+    assert [e.token_id for e in other] == [e.token_id for e in good]
+
+
+def test_closing_a_request_that_never_started_takes_it_out_of_the_queue(tiny_model_dir):
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+
+    async def run():
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=1, max_queue=4)
+        await engine.start()
+        try:
+            busy = engine.generate(GenerationRequest("busy", [5, 6], SamplingParams(max_tokens=200, ignore_eos=True)))
+            first = await anext(busy)
+            queued = [engine.generate(GenerationRequest(f"q{i}", [5], SamplingParams(max_tokens=5))) for i in range(3)]
+            for stream in queued:  # closed before iterating: an async generator would skip its cleanup
+                await stream.aclose()
+            await busy.aclose()
+            for _ in range(100):
+                if engine.stats() == EngineStats():
+                    break
+                await asyncio.sleep(0.02)
+            return first, engine.stats()
+        finally:
+            await engine.close()
+
+    first, stats = asyncio.run(run())
+    assert first.token_id is not None and stats.running == 0 and stats.waiting == 0
+
+
+def test_a_request_gets_the_same_tokens_alone_and_in_any_batch(tiny_model_dir, monkeypatch):
+    """Prompts joining a batch of decoding sequences (steps that mix prompt rows and decode rows, short and
+    long prompts) give token for token what each gives alone: decode rows always take the packed GEMV,
+    prompt rows the matrix path. The model's logits are coarsened so that a one-ulp change of path flips
+    near-ties within a few tokens (a random tiny model otherwise hides it)."""
+    from nvfp4.serve.native import model as native_model
+    from nvfp4.serve.native.loader import hold_vocab_compact
+
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+    model = hold_vocab_compact(model)  # as load_student holds it: the head read by a C GEMV
+    real_logits = native_model.BatchedCausalLM._logits
+    monkeypatch.setattr(native_model.BatchedCausalLM, "_logits",
+                        lambda self, hidden, chunks: [l * 1e4 % 7.0 for l in real_logits(self, hidden, chunks)])
+    prompts = [tokenizer.encode(t) for t in ["Hi", "A longer prompt that goes on " * 3, "x y", "Tell me about cats"]]
+
+    async def run(together: bool):
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4)
+        await engine.start()
+        try:
+            if together:
+                return await asyncio.gather(*(_generate(engine, p, 24, delay=0.03 * i) for i, p in enumerate(prompts)))
+            return [await _generate(engine, p, 24) for p in prompts]
+        finally:
+            await engine.close()
+
+    alone, together = asyncio.run(run(False)), asyncio.run(run(True))
+    assert [t for t, _ in together] == [t for t, _ in alone]
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    from nvfp4.serve.native.sampling import apply_penalties
+
+    logits = torch.zeros(6)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits.clone(), params, history=[1, 2, 2, 3], banned=[], generated=[2, 2, 3])
+    # token 2 generated twice: 0.25 x 2 + 0.5; token 3 once: 0.25 + 0.5; token 1 only in the prompt: untouched
+    assert out.tolist() == [0.0, 0.0, -1.0, -0.75, 0.0, 0.0]

@@ -9,8 +9,8 @@ import httpx
 import uvicorn
 
 from nvfp4.serve.app import build_app
-from nvfp4.serve.engines.base import free_port  # noqa: F401 (re-exported for the tests)
-from nvfp4.serve.engine import NativeEngine
+from nvfp4.serve.adapters.base import free_port  # noqa: F401 (re-exported for the tests)
+from nvfp4.serve.native import NativeEngine
 
 
 def wait_ready(url: str, process, deadline_s: float = 180.0) -> None:
@@ -29,7 +29,7 @@ def wait_ready(url: str, process, deadline_s: float = 180.0) -> None:
 
 def load_tiny(model_dir, packed: bool):
     from nvfp4.converter.models import load_causal_lm
-    from nvfp4.serve.engine.loader import pack_model
+    from nvfp4.serve.native.loader import pack_model
 
     model, tokenizer, _ = load_causal_lm(model_dir)
     return (pack_model(model) if packed else model), tokenizer

@@ -4,6 +4,7 @@ import asyncio
 import os
 import re
 
+import httpx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -186,6 +187,23 @@ def test_endpoint_down_then_recovers(tiny_model_dir):
         up = send(page, "Hi")
     assert up["status"] == "" and text_of(up["teacher"][1]) and text_of(up["student"][1])
     assert len(up["teacher"]) == 2  # the failed turn was dropped, not kept as an empty answer
+
+
+def test_the_mounted_page_and_its_api_routes_need_the_key(tiny_model_dir):
+    """The page's server side holds the key: without one, /ui and Gradio's callable routes are closed."""
+    import base64
+
+    from test_ui_helpers import serve_with_ui
+
+    with serve_with_ui(tiny_engines(tiny_model_dir), api_key="sekret") as live:
+        basic = {"authorization": "Basic " + base64.b64encode(b"me:sekret").decode()}
+        page = httpx.get(f"{live.url}/ui/", timeout=30)
+        assert page.status_code == 401 and page.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(f"{live.url}/ui/config", timeout=30).status_code == 401
+        call = httpx.post(f"{live.url}/ui/gradio_api/call/send", json={"data": []}, timeout=30)
+        assert call.status_code == 401
+        assert httpx.get(f"{live.url}/ui/", headers=basic, timeout=30).status_code == 200
+        assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
 
 
 def test_cli_rejects_bad_options():

@@ -12,7 +12,7 @@ from PIL import Image, ImageStat
 from playwright.sync_api import Page, expect, sync_playwright
 
 from nvfp4.serve.app import build_app
-from nvfp4.serve.engine import NativeEngine
+from nvfp4.serve.native import NativeEngine
 from test_serve_helpers import free_port, load_tiny, tiny_engines
 from test_ui_helpers import live_on, serve_tiny_with_ui, serve_with_ui
 from nvfp4.ui.app import build_ui

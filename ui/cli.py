@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import click
 
 from nvfp4.errors import UserError, require
@@ -23,4 +25,7 @@ def ui(url: str, teacher_model: str, student_model: str, api_key: str | None, ho
     require("ui", "gradio", "openai")
     from nvfp4.ui.app import build_ui
 
-    build_ui(url, teacher_model, student_model, api_key).queue().launch(server_name=host, server_port=port, show_error=True)
+    # the page's server side holds the key: with one, the page asks its visitors for it (any user name)
+    auth = (lambda _user, password: secrets.compare_digest(password.encode(), api_key.encode())) if api_key else None
+    build_ui(url, teacher_model, student_model, api_key).queue().launch(server_name=host, server_port=port,
+                                                                        show_error=True, auth=auth)

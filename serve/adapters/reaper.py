@@ -1,4 +1,4 @@
-"""`python -m nvfp4.serve.engines.reaper CMD...`: run an engine server so that it never outlives us.
+"""`python -m nvfp4.serve.adapters.reaper CMD...`: run an engine server so that it never outlives us.
 
 The engine runs in a process group of its own (vLLM forks an EngineCore, llama.cpp threads, ...).
 This reaper asks the kernel for SIGTERM when its parent (our server) dies, even by SIGKILL
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     parent = int(os.environ.get("NVFP4_REAPER_PARENT", os.getppid()))
     die_with_parent(parent)
     if not argv:
-        print("usage: python -m nvfp4.serve.engines.reaper CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m nvfp4.serve.adapters.reaper CMD [ARGS...]", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -8,6 +8,7 @@ or TensorRT-LLM, a .gguf on llama.cpp), otherwise on the native engine.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,14 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvfp4.errors import UserError
-from nvfp4.serve.engine.types import Engine
-from nvfp4.serve.engines.base import ProxyEngine
+from nvfp4.serve.interface import Engine
+from nvfp4.serve.adapters.base import ProxyEngine
 
-ADAPTERS = ("vllm", "trtllm", "llamacpp")
+ADAPTERS = {  # --engine NAME -> the ProxyEngine subclass that runs it, as module:class
+    "vllm": "nvfp4.serve.adapters.vllm:VLLMEngine",
+    "trtllm": "nvfp4.serve.adapters.trtllm:TRTLLMEngine",
+    "llamacpp": "nvfp4.serve.adapters.llamacpp:LlamaCppEngine",
+}
 
 
 @dataclass(frozen=True)
@@ -31,73 +36,46 @@ class EngineOptions:
     threads: int | None = None
     ready_timeout: float = 600.0
     env: dict[str, str] = field(default_factory=dict)
+    max_num_seqs: int = 16  # requests sent to the engine at once; the rest wait in our process
+
+    def common(self) -> dict:
+        """The keyword arguments every ProxyEngine takes."""
+        return dict(extra_args=self.extra_args, ready_timeout=self.ready_timeout, env=self.env, max_num_seqs=self.max_num_seqs)
 
 
-def _tokenizer(folder: Path):
+def tokenizer_of(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _student_tokenizer_dir(out: Path) -> Path:
+def student_tokenizer_dir(out: Path) -> Path:
     for target in ("trtllm", "vllm"):
         if (out / target / "tokenizer_config.json").is_file():
             return out / target
     raise UserError(f"no tokenizer in {out}/trtllm or {out}/vllm (run `nvfp4 convert ... -o {out}`)")
 
 
-def student_engine(out: Path, name: str, opts: EngineOptions) -> ProxyEngine:
-    common = dict(extra_args=opts.extra_args, ready_timeout=opts.ready_timeout, env=opts.env)
-    if opts.engine == "llamacpp":
-        from nvfp4.serve.engines import llamacpp
-
-        llamacpp.check_installed()
-        gguf = llamacpp.student_gguf(out)
-        return llamacpp.LlamaCppEngine(name, str(gguf), _tokenizer(_student_tokenizer_dir(out)), opts.max_model_len,
-                                       threads=opts.threads, **common)
-    if opts.engine == "vllm":
-        from nvfp4.serve.engines import vllm
-
-        folder, model_args = vllm.student_checkpoint(out)
-        return vllm.VLLMEngine(name, str(folder), _tokenizer(_student_tokenizer_dir(out)), opts.max_model_len,
-                               vllm.find_vllm(opts.vllm_bin), model_args=tuple(model_args), **common)
-    if opts.engine == "trtllm":
-        from nvfp4.serve.engines import trtllm
-
-        folder = trtllm.student_checkpoint(out)
-        return trtllm.TRTLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, trtllm.find_trtllm(opts.trtllm_bin), **common)
-    raise UserError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ADAPTERS)}")
+def adapter(engine: str) -> type[ProxyEngine]:
+    """The adapter class registered for `engine` (imported on demand: each pulls its own engine's helpers)."""
+    if engine not in ADAPTERS:
+        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ADAPTERS)}")
+    module, name = ADAPTERS[engine].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def teacher_engine(source: str | None, name: str, opts: EngineOptions, native: Callable[[], Engine]) -> Engine:
     """The teacher on the student's engine where that engine reads its format, else `native()`."""
-    from nvfp4.converter.models import embedded_gguf, resolve_model
-
-    common = dict(extra_args=opts.extra_args, ready_timeout=opts.ready_timeout, env=opts.env)
-    gguf = embedded_gguf() if source is None else Path(source) if str(source).endswith(".gguf") else None
-    if opts.engine == "llamacpp" and gguf is not None:
-        from nvfp4.serve.engines.llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(name, str(gguf), _tokenizer(resolve_model(source)), opts.max_model_len, threads=opts.threads, **common)
-    folder = resolve_model(source)
-    if opts.engine == "vllm":
-        from nvfp4.serve.engines import vllm
-
-        return vllm.VLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, vllm.find_vllm(opts.vllm_bin), **common)
-    if opts.engine == "trtllm":
-        from nvfp4.serve.engines import trtllm
-
-        return trtllm.TRTLLMEngine(name, str(folder), _tokenizer(folder), opts.max_model_len, trtllm.find_trtllm(opts.trtllm_bin), **common)
-    return native()
+    return adapter(opts.engine).for_teacher(source, name, opts) or native()
 
 
 def adapter_models(out: Path, teacher: str | None, opts: EngineOptions,
                    native_teacher: Callable[[str | None, str], Engine]) -> dict[str, Engine]:
     """{"student": adapter, "teacher": adapter or native} as `nvfp4 serve --engine ADAPTER` serves them."""
     from nvfp4.converter.models import resolve_model
-    from nvfp4.serve.engine.loader import teacher_source
+    from nvfp4.serve.native.loader import teacher_source
 
-    models: dict[str, Engine] = {"student": student_engine(out, out.name + "-nvfp4", opts)}
+    models: dict[str, Engine] = {"student": adapter(opts.engine).for_student(out, out.name + "-nvfp4", opts)}
     if teacher is None or teacher.lower() != "none":
         source = teacher_source(out, teacher)
         resolve_model(source)  # fail now, with one clear line, on a bad path

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from nvfp4.errors import UserError
-from nvfp4.serve.engine.types import SamplingParams
-from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
+from nvfp4.serve.interface import SamplingParams
+from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -56,6 +56,22 @@ class VLLMEngine(ProxyEngine):
         super().__init__(name, model, tokenizer, max_model_len, **kwargs)
         self.vllm_bin, self.model_args = vllm_bin, tuple(model_args)
 
+    @classmethod
+    def for_student(cls, out: Path, name: str, opts) -> VLLMEngine:
+        from nvfp4.serve.adapters import student_tokenizer_dir, tokenizer_of
+
+        folder, model_args = student_checkpoint(out)
+        return cls(name, str(folder), tokenizer_of(student_tokenizer_dir(out)), opts.max_model_len,
+                   find_vllm(opts.vllm_bin), model_args=tuple(model_args), **opts.common())
+
+    @classmethod
+    def for_teacher(cls, source: str | None, name: str, opts) -> VLLMEngine:
+        from nvfp4.converter.models import resolve_model
+        from nvfp4.serve.adapters import tokenizer_of
+
+        folder = resolve_model(source)
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, find_vllm(opts.vllm_bin), **opts.common())
+
     def command(self, port: int) -> list[str]:
         return [*vllm_argv(self.vllm_bin, self.model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", self.name, "--max-model-len", str(self.max_model_len),
@@ -68,7 +84,8 @@ class VLLMEngine(ProxyEngine):
                 "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
                 "stop": list(params.stop), "stop_token_ids": list(params.stop_token_ids),
                 "ignore_eos": params.ignore_eos, "min_tokens": params.min_tokens,
-                "repetition_penalty": params.repetition_penalty, "stream_options": {"include_usage": True}}
+                "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
+                "frequency_penalty": params.frequency_penalty, "stream_options": {"include_usage": True}}
         if params.top_k > 0:
             body["top_k"] = params.top_k
         return body

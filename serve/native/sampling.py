@@ -3,19 +3,24 @@
 import torch
 from torch import Tensor
 
-from nvfp4.serve.engine.types import SamplingParams
+from nvfp4.serve.interface import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed % 2**63)
 
 
-def apply_penalties(logits: Tensor, params: SamplingParams, history: list[int], banned: list[int]) -> Tensor:
-    """Repetition penalty (HF/vLLM rule) on every token seen so far; `banned` (EOS before min_tokens) to -inf."""
+def apply_penalties(logits: Tensor, params: SamplingParams, history: list[int], banned: list[int],
+                    generated: list[int] = ()) -> Tensor:
+    """Repetition penalty (HF/vLLM rule) on every token seen so far; presence and frequency penalties (OpenAI's
+    rule) on the generated ones; `banned` (EOS before min_tokens) to -inf."""
     if params.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), dtype=torch.long)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated:
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if banned:
         logits[torch.tensor(banned, dtype=torch.long)] = -float("inf")
     return logits

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nvfp4.serve.engine.kv_cache import KVCache
+from nvfp4.kernels.cpu import GEMV_MAX_BATCH
+from nvfp4.serve.native.kv_cache import KVCache
+
+MATRIX_ROWS = GEMV_MAX_BATCH + 1  # prompt rows are padded to this, so that they always take the matrix path
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Chunk:
     token_ids: list[int]
     start: int  # position of token_ids[0]
     all_logits: bool = False  # logits for every position (prompt scoring), else only the last
+    decode: bool = False  # one generated token (else a piece of a prompt); decode chunks come first in a step
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -55,6 +59,8 @@ class BatchedCausalLM:
     @torch.no_grad()  # not inference_mode: packed linears reuse one workspace buffer across callers
     def forward(self, chunks: list[Chunk]) -> list[Tensor]:
         """-> per chunk, fp32 logits [n, vocab] (all_logits) or [vocab] (last position)."""
+        self.decode_rows = sum(c.decode for c in chunks)
+        assert all(c.decode for c in chunks[: self.decode_rows]), "decode chunks come first"
         tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
         positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
         hidden = self.base.embed_tokens(tokens)  # [T, hidden]
@@ -62,16 +68,16 @@ class BatchedCausalLM:
         cos, sin = cos[0, :, None, :].to(hidden.dtype), sin[0, :, None, :].to(hidden.dtype)
         for index, layer in enumerate(self.base.layers):
             hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden), chunks, cos, sin)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._rowwise(layer.mlp, layer.post_attention_layernorm(hidden))
         for chunk in chunks:
             self.cache.lengths[chunk.slot] = chunk.start + len(chunk.token_ids)
         return self._logits(hidden, chunks)
 
     def _attention(self, index: int, attn: nn.Module, x: Tensor, chunks: list[Chunk], cos: Tensor, sin: Tensor) -> Tensor:
         T = x.shape[0]
-        q = attn.q_proj(x).view(T, -1, self.head_dim)
-        k = attn.k_proj(x).view(T, -1, self.head_dim)
-        v = attn.v_proj(x).view(T, -1, self.head_dim)
+        q = self._rowwise(attn.q_proj, x).view(T, -1, self.head_dim)
+        k = self._rowwise(attn.k_proj, x).view(T, -1, self.head_dim)
+        v = self._rowwise(attn.v_proj, x).view(T, -1, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
@@ -84,7 +90,19 @@ class BatchedCausalLM:
             query = q[offset : offset + n].transpose(0, 1)[None]  # [1, H, n, D]
             outputs.append(self._sdpa(query, keys[None], values[None], chunk.start, attn.scaling)[0].transpose(0, 1))
             offset += n
-        return attn.o_proj(torch.cat(outputs).reshape(T, -1))
+        return self._rowwise(attn.o_proj, torch.cat(outputs).reshape(T, -1))
+
+    def _rowwise(self, fn, x: Tensor) -> Tensor:
+        """fn (row by row: a linear, the MLP) on the decode rows and the prompt rows apart, the prompt rows padded
+        to the matrix path: the packed GEMV (decode) and the GEMM (prompts) round differently, and a row must
+        get the same numbers whatever step it shares (greedy output then equals a request's run alone, for up
+        to GEMV_MAX_BATCH decoding sequences)."""
+        decode, prompt = x[: self.decode_rows], x[self.decode_rows :]
+        if not len(prompt):
+            return fn(decode)
+        padded = torch.cat([prompt, prompt.new_zeros(max(0, MATRIX_ROWS - len(prompt)), x.shape[1])])
+        prompt_out = fn(padded)[: len(prompt)]
+        return prompt_out if not len(decode) else torch.cat([fn(decode), prompt_out])
 
     @staticmethod
     def _sdpa(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:

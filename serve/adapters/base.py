@@ -1,6 +1,6 @@
 """A real engine's OpenAI server as a child process, behind our Engine interface.
 
-`ProxyEngine` starts the engine server on a free local port (under `nvfp4.serve.engines.reaper`, so no
+`ProxyEngine` starts the engine server on a free local port (under `nvfp4.serve.adapters.reaper`, so no
 engine process outlives ours), waits for its readiness, restarts it with backoff when it dies
 (`ready` is false meanwhile, so /ready answers 503), and turns each GenerationRequest into one
 streamed /v1/completions call whose chunks become TokenEvents as they arrive. Our routes,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from nvfp4.serve.engine.types import Engine, EngineError, EngineStats, GenerationRequest, NotReady, SamplingParams, TokenEvent
+from nvfp4.serve.interface import Engine, EngineError, EngineStats, GenerationRequest, NotReady, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -68,7 +68,7 @@ class ProxyEngine(Engine):
     fails_after_submit = True  # errors arrive with the engine's answer: the app waits for it before a 200
 
     def __init__(self, name: str, model: str, tokenizer, max_model_len: int, extra_args: tuple[str, ...] = (),
-                 ready_timeout: float = 600.0, env: dict[str, str] | None = None):
+                 ready_timeout: float = 600.0, env: dict[str, str] | None = None, max_num_seqs: int = 16):
         self.name, self.model, self.tokenizer, self.max_model_len = name, model, tokenizer, max_model_len
         self.extra_args, self.ready_timeout, self.env = tuple(extra_args), ready_timeout, env or {}
         self.process: subprocess.Popen | None = None
@@ -76,14 +76,30 @@ class ProxyEngine(Engine):
         self.restarts = 0
         self._ready = False
         self._closing = False
-        self._inflight = 0
+        self._inflight = 0  # sent to the engine
+        self._waiting = 0  # admitted by the app, waiting here for one of the max_num_seqs upstream slots
+        self.max_num_seqs = max_num_seqs
+        self._slots = asyncio.Semaphore(max_num_seqs)  # binds to the running loop on first use
         self._watcher: asyncio.Task | None = None
         self._poller: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
         self._stats = EngineStats()
-        self.log_path = Path(tempfile.gettempdir()) / f"nvfp4-{self.kind}-{os.getpid()}-{id(self):x}.log"
+        # a new file only we can read, never one someone placed (or linked) at a guessable name
+        handle, path = tempfile.mkstemp(prefix=f"nvfp4-{self.kind}-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(path)
 
     # --- what an engine subclass provides -------------------------------------------------------
+    @classmethod
+    def for_student(cls, out: Path, name: str, opts) -> ProxyEngine:
+        """The engine on OUT's student in this engine's format (opts: adapters.EngineOptions)."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_teacher(cls, source: str | None, name: str, opts) -> ProxyEngine | None:
+        """The engine on the teacher (None = the embedded default), or None where it cannot read its format."""
+        raise NotImplementedError
+
     def command(self, port: int) -> list[str]:
         raise NotImplementedError
 
@@ -100,7 +116,8 @@ class ProxyEngine(Engine):
         return self._ready and not self._closing
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, pool=None),
+                                         limits=httpx.Limits(max_connections=self.max_num_seqs + 4))
         await self._launch()
         self._watcher = asyncio.create_task(self._watch())
         self._poller = asyncio.create_task(self._poll_stats()) if self.stats_series else None
@@ -114,12 +131,13 @@ class ProxyEngine(Engine):
 
     def stats(self) -> EngineStats:
         """Running = our in-flight requests; waiting and KV use come from the engine where it exports them."""
-        return EngineStats(running=self._inflight, waiting=self._stats.waiting, kv_cache_usage=self._stats.kv_cache_usage)
+        return EngineStats(running=self._inflight, waiting=self._waiting + self._stats.waiting,
+                           kv_cache_usage=self._stats.kv_cache_usage)
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         self._closing = True
         deadline = time.monotonic() + drain_timeout
-        while self._inflight and time.monotonic() < deadline:
+        while (self._inflight or self._waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for task in (self._watcher, self._poller):
             if task is not None:
@@ -162,7 +180,7 @@ class ProxyEngine(Engine):
         env = {**os.environ, **self.env, "NVFP4_REAPER_PARENT": str(os.getpid()), "PYTHONSAFEPATH": "1"}
         logfile = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "nvfp4.serve.engines.reaper", *argv], env=env,
+            self.process = subprocess.Popen([sys.executable, "-m", "nvfp4.serve.adapters.reaper", *argv], env=env,
                                             stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT)
         finally:
             logfile.close()
@@ -226,6 +244,11 @@ class ProxyEngine(Engine):
     # --- proxying -------------------------------------------------------------------------------
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         body = {**self.request_body(request.prompt_ids, request.params), "stream": True}
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
         self._inflight += 1
         answered = False
         try:
@@ -241,6 +264,7 @@ class ProxyEngine(Engine):
             raise NotReady(f"the {self.kind} engine process for `{self.name}` went away: {type(error).__name__}") from error
         finally:
             self._inflight -= 1
+            self._slots.release()
 
     async def _events(self, response: httpx.Response, params: SamplingParams) -> AsyncIterator[TokenEvent]:
         generated, held = 0, None
@@ -270,6 +294,6 @@ class ProxyEngine(Engine):
         yield held
 
     def _unfinished(self, cause: str = "") -> UpstreamError:
-        how = f", {cause}" if cause else ""
-        return UpstreamError(502, f"the {self.kind} engine ended the stream without finishing the request "
-                                  f"(its log: {self.log_path}{how})")
+        how = f" ({cause})" if cause else ""
+        log.warning("%s ended a stream unfinished%s; its log: %s", self.kind, how, self.log_path)  # clients never see paths
+        return UpstreamError(502, f"the {self.kind} engine ended the stream without finishing the request{how}")

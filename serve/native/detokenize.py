@@ -1,6 +1,6 @@
 """Incremental detokenization with stop strings held back across token boundaries."""
 
-from nvfp4.serve.engine.types import SamplingParams
+from nvfp4.serve.interface import SamplingParams
 
 
 class TextStream:

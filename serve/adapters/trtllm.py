@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from nvfp4.errors import UserError
-from nvfp4.serve.engines.vllm import VLLMEngine
+from nvfp4.serve.adapters.vllm import VLLMEngine
 
 
 def find_trtllm(trtllm_bin: str | None) -> str:
@@ -39,6 +39,21 @@ class TRTLLMEngine(VLLMEngine):
 
     def __init__(self, name: str, model: str, tokenizer, max_model_len: int, trtllm_bin: str, **kwargs):
         super().__init__(name, model, tokenizer, max_model_len, vllm_bin=trtllm_bin, **kwargs)
+
+    @classmethod
+    def for_student(cls, out: Path, name: str, opts) -> TRTLLMEngine:
+        from nvfp4.serve.adapters import tokenizer_of
+
+        folder = student_checkpoint(out)
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, find_trtllm(opts.trtllm_bin), **opts.common())
+
+    @classmethod
+    def for_teacher(cls, source: str | None, name: str, opts) -> TRTLLMEngine:
+        from nvfp4.converter.models import resolve_model
+        from nvfp4.serve.adapters import tokenizer_of
+
+        folder = resolve_model(source)
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, find_trtllm(opts.trtllm_bin), **opts.common())
 
     def command(self, port: int) -> list[str]:
         return [self.vllm_bin, self.model, "--backend", "pytorch", "--host", "127.0.0.1", "--port", str(port),

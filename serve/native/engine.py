@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nvfp4.serve.engine.detokenize import TextStream
-from nvfp4.serve.engine.kv_cache import KVCache
-from nvfp4.serve.engine.model import BatchedCausalLM, Chunk
-from nvfp4.serve.engine.sampling import apply_penalties, choose, make_generator, token_logprobs
-from nvfp4.serve.engine.types import (
+from nvfp4.serve.native.detokenize import TextStream
+from nvfp4.serve.native.kv_cache import KVCache
+from nvfp4.serve.native.model import BatchedCausalLM, Chunk
+from nvfp4.serve.native.sampling import apply_penalties, choose, make_generator, token_logprobs
+from nvfp4.serve.interface import (
     ContextTooLong,
     Engine,
     EngineStats,
+    EventStream,
     GenerationRequest,
     NotReady,
     QueueFull,
@@ -144,7 +145,7 @@ class NativeEngine(Engine):
                 raise QueueFull(f"the queue of {self.name} is full ({self.max_queue} waiting requests)")
             self._waiting.append(seq)
             self._cond.notify()
-        return self._events(seq)
+        return EventStream(self._events(seq), lambda: seq.finished or self.abort(seq))
 
     async def _events(self, seq: _Sequence) -> AsyncIterator[TokenEvent]:
         try:
@@ -196,10 +197,10 @@ class NativeEngine(Engine):
             if self._running:
                 try:
                     self._step()
-                except Exception as error:  # a bug must not hang every client: fail the batch loudly
+                except Exception as error:  # the batch's forward failed (a bug): fail its requests, never hang them
                     log.exception("engine step failed")
                     for seq in list(self._running):
-                        self._finish(seq, TokenEvent(None, "", finish_reason="abort"), error)
+                        self._finish(seq, TokenEvent(None, "", finish_reason="error", error=f"{type(error).__name__}: {error}"))
         for seq in [*self._running, *self._waiting]:
             self._finish(seq, TokenEvent(None, "", finish_reason="abort"))
 
@@ -224,26 +225,31 @@ class NativeEngine(Engine):
             self.cache.release(seq.slot)
 
     def _step(self) -> None:
-        chunks, members, budget = [], [], self.prefill_chunk
+        decodes, prompts, budget = [], [], self.prefill_chunk
         for seq in self._running:
             if seq.computed < len(seq.prompt):  # prefill, chunked so decodes keep flowing
                 if budget <= 0:
                     continue
                 n = min(len(seq.prompt) - seq.computed, budget)
                 budget -= n
-                ids, scoring = seq.prompt[seq.computed : seq.computed + n], seq.params.prompt_logprobs is not None
+                ids = seq.prompt[seq.computed : seq.computed + n]
+                prompts.append((seq, Chunk(seq.slot, ids, seq.computed, all_logits=seq.params.prompt_logprobs is not None)))
             else:
-                ids, scoring = [seq.generated[-1]], False
-            chunks.append(Chunk(seq.slot, ids, seq.computed, all_logits=scoring))
-            members.append(seq)
+                decodes.append((seq, Chunk(seq.slot, [seq.generated[-1]], seq.computed, decode=True)))
+        members, chunks = zip(*(decodes + prompts))
         outputs = self.runner.forward(chunks)
         for seq, chunk, logits in zip(members, chunks, outputs):
             seq.computed += len(chunk.token_ids)
-            if chunk.all_logits:
-                self._score_prompt(seq, chunk, logits)
-                logits = logits[-1]
-            if seq.computed >= len(seq.prompt):
-                self._advance(seq, logits)
+            try:
+                if chunk.all_logits:
+                    self._score_prompt(seq, chunk, logits)
+                    logits = logits[-1]
+                if seq.computed >= len(seq.prompt):
+                    self._advance(seq, logits)
+            except Exception as error:  # this request's sampling failed: it alone ends, the batch goes on
+                log.exception("request %s failed", seq.request.request_id)
+                self._finish(seq, TokenEvent(None, "", finish_reason="error", num_generated=len(seq.generated),
+                                             error=f"{type(error).__name__}: {error}"))
 
     def _score_prompt(self, seq: _Sequence, chunk: Chunk, logits: torch.Tensor) -> None:
         if chunk.start == 0:
@@ -261,7 +267,7 @@ class NativeEngine(Engine):
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
         banned = stop_ids if len(seq.generated) < params.min_tokens else []
         raw = logits
-        logits = apply_penalties(logits.clone(), params, seq.prompt + seq.generated, banned)
+        logits = apply_penalties(logits.clone(), params, seq.prompt + seq.generated, banned, seq.generated)
         token = choose(logits, params, seq.generator)
         seq.generated.append(token)
         chosen = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else None
@@ -286,7 +292,7 @@ class NativeEngine(Engine):
                 event.prompt_logprobs = seq.prompt_logprobs
         return event
 
-    def _finish(self, seq: _Sequence, event: TokenEvent, error: Exception | None = None) -> None:
+    def _finish(self, seq: _Sequence, event: TokenEvent) -> None:
         with self._cond:
             self._release(seq)
             if seq in self._waiting:

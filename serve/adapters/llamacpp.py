@@ -1,7 +1,9 @@
 """`--engine llamacpp`: OUT/llamacpp/model.gguf on llama.cpp through llama-cpp-python's OpenAI server.
 
 llama-cpp-python's server takes text prompts only, so the prompt ids our routes built (chat template
-applied) are decoded with special tokens kept; llama.cpp re-tokenizes them with special-token parsing.
+applied) are decoded with special tokens kept; llama.cpp re-tokenizes them with special-token parsing. So,
+unlike on the other engines, chat content that spells a special token (`<|im_end|>`) becomes that control
+token here: the server takes no token-id prompts.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import sys
 from pathlib import Path
 
 from nvfp4.errors import UserError
-from nvfp4.serve.engine.types import SamplingParams
-from nvfp4.serve.engines.base import ProxyEngine, UpstreamError
+from nvfp4.serve.interface import SamplingParams
+from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 
 
 def check_installed() -> None:
@@ -38,6 +40,25 @@ class LlamaCppEngine(ProxyEngine):
         super().__init__(name, model, tokenizer, max_model_len, **kwargs)
         self.threads = threads or max(1, os.cpu_count() or 1)
 
+    @classmethod
+    def for_student(cls, out: Path, name: str, opts) -> LlamaCppEngine:
+        from nvfp4.serve.adapters import student_tokenizer_dir, tokenizer_of
+
+        check_installed()
+        return cls(name, str(student_gguf(out)), tokenizer_of(student_tokenizer_dir(out)), opts.max_model_len,
+                   threads=opts.threads, **opts.common())
+
+    @classmethod
+    def for_teacher(cls, source: str | None, name: str, opts) -> LlamaCppEngine | None:
+        from nvfp4.converter.models import embedded_gguf, resolve_model
+        from nvfp4.serve.adapters import tokenizer_of
+
+        gguf = embedded_gguf() if source is None else Path(source) if str(source).endswith(".gguf") else None
+        if gguf is None:
+            return None
+        return cls(name, str(gguf), tokenizer_of(resolve_model(source)), opts.max_model_len, threads=opts.threads,
+                   **opts.common())
+
     def command(self, port: int) -> list[str]:
         return [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.name,
                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(self.max_model_len),
@@ -52,7 +73,8 @@ class LlamaCppEngine(ProxyEngine):
         body = {"model": self.name, "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
                 "max_tokens": params.max_tokens, "min_tokens": params.min_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "top_k": max(params.top_k, 0), "min_p": 0.0, "seed": params.seed,
-                "stop": list(params.stop), "repeat_penalty": params.repetition_penalty}
+                "stop": list(params.stop), "repeat_penalty": params.repetition_penalty,
+                "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
         if params.ignore_eos and self.tokenizer.eos_token_id is not None:
             body.update(logit_bias={str(self.tokenizer.eos_token_id): -1e9}, logit_bias_type="input_ids")
         return body

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy (1/T overflows the logits long before 0)
+PENALTY_RANGE = (1e-2, 1e2)  # repetition penalties are clamped into it: the penalised logits stay finite
 
 
 class EngineError(Exception):
@@ -16,6 +19,7 @@ class EngineError(Exception):
 
 class QueueFull(EngineError):
     status = 429
+    retry_after_s = 1
 
 
 class NotReady(EngineError):
@@ -38,8 +42,16 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's rule, over the generated tokens
+    frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = off, k = chosen token + k alternatives
     prompt_logprobs: int | None = None  # echo scoring: logprob of every prompt token
+
+    def __post_init__(self):
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        low, high = PENALTY_RANGE
+        self.repetition_penalty = min(max(self.repetition_penalty, low), high)
 
 
 @dataclass
@@ -57,7 +69,8 @@ class TokenEvent:
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last event
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last event
+    error: str | None = None  # with finish_reason "error": what failed (this request alone)
     num_generated: int = 0  # tokens generated so far (exact usage count)
     queue_seconds: float | None = None  # set on the first event: time spent waiting for a slot
     prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None  # first event, echo only
@@ -71,10 +84,10 @@ class EngineStats:
 
 
 class Engine(ABC):
-    """The interface the HTTP layer needs; `serve/engines/` adapters implement the same one.
+    """The interface the HTTP layer needs; `serve/adapters/` adapters implement the same one.
 
     `generate` raises QueueFull / NotReady / ContextTooLong before yielding; closing the iterator
-    early (client gone) cancels the request.
+    (client gone, started or not) cancels the request.
     """
 
     name: str  # the real model name (served under an alias too)
@@ -107,6 +120,26 @@ class Engine(ABC):
 
     def stats(self) -> EngineStats:
         return EngineStats()
+
+
+class EventStream:
+    """A request's events; aclose() cancels the request whether or not iteration has started (an async
+    generator that never started skips its `finally`, which would leave the request queued)."""
+
+    def __init__(self, events: AsyncIterator[TokenEvent], cancel: Callable[[], None]):
+        self._events, self._cancel, self._closed = events, cancel, False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cancel()
+            await self._events.aclose()
 
 
 @dataclass
