@@ -10,6 +10,10 @@ weights. The random model and the outputs are deleted at the end (unless --keep)
 
     .venv/bin/python bench/big_model.py                                   # Llama-3.1-8B shapes, W4A16 and W4A4
     .venv/bin/python bench/big_model.py --preset llama-3.2-1b --schemes nvfp4-a16 --workdir /tmp/big1b
+    .venv/bin/python bench/big_model.py --preset llama-3.2-1b --schemes nvfp4-a16 --qad-layer-steps 8   # layer-local QAD
+
+With --qad-layer-steps N, each layer also trains N layer-local QAD steps (`--qad-mode layer`) while it streams:
+the trained bytes are no longer a direct quantization, so the spot checks then only read every target back.
 """
 
 import argparse
@@ -114,9 +118,10 @@ def planned_peak(plan_text: str, path: str) -> float:
     return float(re.search(rf"{re.escape(stage)}\s+([\d.]+) GiB", plan_text)[1])
 
 
-def check_outputs(model: Path, out: Path, layers: tuple[int, ...]) -> list[str]:
+def check_outputs(model: Path, out: Path, layers: tuple[int, ...], trained: bool = False) -> list[str]:
     """Every target read back with the project's readers; the layers' NVFP4 bytes against a direct
-    quantization of the source weights (the amax rule: exact)."""
+    quantization of the source weights (the amax rule: exact), or, where QAD trained them, the same
+    bytes in all three targets."""
     import gguf
 
     from nvfp4.converter.shards import Checkpoint
@@ -130,7 +135,10 @@ def check_outputs(model: Path, out: Path, layers: tuple[int, ...]) -> list[str]:
     for layer in layers:
         for module, gguf_name in ((f"model.layers.{layer}.mlp.down_proj", f"blk.{layer}.ffn_down.weight"),
                                   (f"model.layers.{layer}.self_attn.o_proj", f"blk.{layer}.attn_output.weight")):
-            packed, scales, gscale = quantize(source.get(f"{module}.weight").float())
+            if trained:
+                packed, scales, gscale = (trtllm.get(f"{module}.{n}") for n in ("weight", "weight_scale", "weight_scale_2"))
+            else:
+                packed, scales, gscale = quantize(source.get(f"{module}.weight").float())
             assert torch.equal(trtllm.get(f"{module}.weight"), packed), module
             assert torch.equal(trtllm.get(f"{module}.weight_scale").view(torch.uint8), scales.view(torch.uint8)), module
             assert torch.equal(trtllm.get(f"{module}.weight_scale_2"), gscale.reshape(())), module
@@ -148,20 +156,23 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nvfp4-big-model"))
     parser.add_argument("--keep", action="store_true", help="Keep the random model and the outputs.")
     parser.add_argument("--paths", default="auto", help="auto (what convert chooses), or whole,layerwise: each path")
+    parser.add_argument("--qad-layer-steps", type=int, default=0, help="layer-local QAD steps per layer (0: PTQ)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = write_model(args.preset, args.workdir / args.preset)
     rows = []
     for scheme, forced in [(s, p) for s in args.schemes.split(",") for p in args.paths.split(",")]:
         out = args.workdir / f"out-{scheme}"
-        common = ["convert", str(model), "-o", str(out), "--qad-steps", "0", "--scheme", scheme, "--force"]
+        qad = ["--qad-mode", "layer", "--qad-steps", str(args.qad_layer_steps)] if args.qad_layer_steps else ["--qad-steps", "0"]
+        common = ["convert", str(model), "-o", str(out), *qad, "--scheme", scheme, "--force"]
         common += ["--layerwise"] if forced == "layerwise" else []
         _, _, plan = run_convert([*common, "--dry-run"], args.workdir / "status.txt")
         seconds, peak, log = run_convert(common, args.workdir / "status.txt")
         report = json.loads((out / "report.json").read_text())
         path = "layerwise" if "layer by layer" in json.dumps(report["timings_seconds"]) else "whole"
         predicted = planned_peak(plan, path)
-        checked = check_outputs(model, out, (0, PRESETS[args.preset]["num_hidden_layers"] - 1))
+        layers = (0, PRESETS[args.preset]["num_hidden_layers"] - 1)
+        checked = check_outputs(model, out, layers, trained=bool(args.qad_layer_steps))
         accuracy = (report.get("accuracy") or {}).get("results", {}).get("NVFP4", {})
         rows.append((scheme, path, seconds, peak / 2**30, predicted, sum(report["sizes_bytes"][t] for t in report["targets"]),
                      accuracy.get("prose_kl"), len(checked)))

@@ -7,8 +7,8 @@ block scales' lr (0: fixed; reports from before the option have none), steps run
 seconds of the whole command (every stage, the held-out evaluation included: what --qad-budget-minutes
 bounds since 2026-12-02; earlier runs evaluated after their budget), and the held-out metrics of PTQ (ModelOpt's rule, what `--qad-steps 0`
 writes by default), of QAD's start (the same unless a scale search or GPTQ ran; older reports held only
-that row as "PTQ") and of the trained student, with the trained chat KL as a fraction of PTQ's (the
-"halve it" target is <= 0.50).
+that row as "PTQ") and of the trained student, with the trained chat KL as a fraction of PTQ's and of
+QAD's own start (`--qad-mode`: global, layer or layer+global).
 """
 
 import argparse
@@ -23,20 +23,29 @@ def row(out: Path) -> dict:
     start = next((name for name in results if name.startswith("PTQ ")), "PTQ")  # QAD's start, if not ModelOpt's PTQ
     seconds = sum(report["timings_seconds"].values())
     return {
-        "run": out.name, "scheme": report["scheme"], "scales": report["quant_config"]["scale_search"],
+        "run": out.name, "scheme": report["scheme"], "mode": qad["config"].get("mode", "global"),
+        "scales": report["quant_config"]["scale_search"],
         "loss": qad["config"]["loss"], "data": Path(qad["config"]["data"]).name, "lr": qad["config"]["lr"],
-        "scale_lr": qad["config"].get("scale_lr", 0.0), "steps": qad["steps"], "seconds": seconds,
+        "scale_lr": qad["config"].get("scale_lr", 0.0), "steps": _steps(qad), "seconds": seconds,
         "ptq": results["PTQ"], "start": results[start], "trained": results[trained],
     }
 
 
+def _steps(qad: dict) -> str:
+    """Global steps; layer-local steps (summed over the layers) as `N L`."""
+    mode = qad["config"].get("mode", "global")
+    layer = f"{qad['layer_local']['steps']} L" if "layer_local" in qad else ""
+    return {"global": str(qad["steps"]), "layer": layer}.get(mode, f"{layer} + {qad['steps']}")
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | scheme | scales | loss | data | lr | scale lr | steps | s total | PTQ chat KL | start chat KL | chat KL | / PTQ | prose KL | chat top-1 | greedy@32 | prose PPL |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | scheme | mode | scales | loss | data | lr | scale lr | steps | s total | PTQ chat KL | start chat KL | chat KL | / PTQ | / start | prose KL | chat top-1 | greedy@32 | prose PPL |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["trained"]
-        lines.append(f"| {r['run']} | {r['scheme']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['scale_lr']:g} | {r['steps']} "
+        lines.append(f"| {r['run']} | {r['scheme']} | {r['mode']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['scale_lr']:g} | {r['steps']} "
                      f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {r['start']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
+                     f"| {t['chat_kl'] / r['start']['chat_kl']:.2f} "
                      f"| {t['prose_kl']:.4f} | {t['chat_top1']:.3f} | {t['greedy_agreement']:.3f} | {t['prose_ppl']:.2f} |")
     return "\n".join(lines)
 

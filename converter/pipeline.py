@@ -139,7 +139,8 @@ def memory_plan(cfg: "ConvertConfig", source_dir: Path, train: TrainStage | None
     needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, qad=getattr(train, "whole_model", train is not None),
                   qad_batch=getattr(train, "batch", 1),
                   qad_seq_len=getattr(train, "seq_len", 128), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                  device=cfg.torch_device.type, evaluate=cfg.evaluate)
+                  device=cfg.torch_device.type, evaluate=cfg.evaluate,
+                  layer_qad=train is not None and not getattr(train, "whole_model", True))
     return make_plan(model, eligible_linears(model, cfg.quant), needs, cfg.out.parent)
 
 

@@ -22,6 +22,7 @@ from nvfp4.errors import UserError
 
 GIB = 2**30
 RUNTIME_BYTES = int(0.45 * GIB)  # the interpreter, torch, transformers and the tokenizer (measured: 0.42)
+LAYER_QAD_IN_MEMORY = 1.5  # layer-local QAD on the whole model in memory peaked at 1.48x PTQ's need (Llama-3.2-1B shapes)
 HEADROOM = 0.9  # of what the machine reports available: a plan using more is refused
 EVAL_TOKENS = 512  # the held-out prose, in samples of EVAL_SAMPLE tokens
 EVAL_SAMPLE = 256
@@ -78,6 +79,7 @@ class Needs:
     world_size: int = 1
     device: str = "cpu"  # where QAD computes: its teacher runs in fp32 on the CPU, bf16 on CUDA
     evaluate: bool = True
+    layer_qad: bool = False  # layer-local QAD alone (--qad-mode layer): whole model in memory or streamed
 
 
 def _activations(shape: ModelShape, tokens: int, seq_len: int = 256) -> int:
@@ -95,7 +97,8 @@ def ptq_whole(shape: ModelShape, needs: Needs) -> int:
     gptq = shape.hessians if needs.quant.rounding == "gptq" else 0
     writers = 2 * (shape.params - shape.quantizable) * len(needs.targets)
     evaluation = 3 * 4 * EVAL_SAMPLE * shape.vocab if needs.evaluate else 0
-    return RUNTIME_BYTES + 8 * shape.params + calibration + gptq + shape.quantizable * 9 // 16 + writers + evaluation
+    need = RUNTIME_BYTES + 8 * shape.params + calibration + gptq + shape.quantizable * 9 // 16 + writers + evaluation
+    return int(need * LAYER_QAD_IN_MEMORY) if needs.layer_qad else need
 
 
 def ptq_layerwise(shape: ModelShape, needs: Needs) -> int:

@@ -3,8 +3,8 @@ its teacher layer's output, one layer after another (as BRECQ, OmniQuant and Aut
 
 A layer's student runs on the student's own inputs (the outputs of the layers already distilled, fake
 quantization on), so each layer also corrects what the layers before it got wrong; its target is the
-teacher layer's output on the teacher's inputs. The loss is the mean squared error relative to the
-target's mean square. One step costs one layer's forward and backward on one sequence instead of the whole
+teacher layer's output on the teacher's inputs. The loss is each token's squared error relative to its
+target's squared norm (`relative_error`). One step costs one layer's forward and backward on one sequence instead of the whole
 model's, so many more steps fit a budget; and only one layer trains at a time, so it streams with the
 layer-by-layer PTQ of models larger than memory (converter/layerwise.py takes `train_layer` as its hook).
 """
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -54,7 +53,7 @@ def train_layer(layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], a
             row = order.pop()
             args, kwargs = arguments[row]
             out = layer(inputs[row], *args, **kwargs)
-            loss = F.mse_loss(out.float(), targets[row].float()) / targets[row].float().square().mean().clamp(min=1e-12)
+            loss = relative_error(out, targets[row])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -65,6 +64,13 @@ def train_layer(layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], a
         param.requires_grad_(False)
         param.grad = None
     return LayerResult(len(losses), losses[0], _tail_mean(losses))
+
+
+def relative_error(out: Tensor, target: Tensor) -> Tensor:
+    """Each token's squared error over its target's squared norm, averaged over tokens: every token counts
+    alike, as the next RMSNorm sees them (one token's massive activations would otherwise be the whole loss)."""
+    target = target.float()
+    return ((out.float() - target).square().sum(-1) / target.square().sum(-1).clamp(min=1e-12)).mean()
 
 
 def _tail_mean(losses: list[float], tail: int = 8) -> float:

@@ -144,6 +144,19 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
     assert plans.ptq_whole(shape, ptq) > plans.ptq_layerwise(shape, ptq) and tight.choose(layerwise=False) == "layerwise"
 
 
+def test_layer_local_qad_in_memory_is_planned_above_ptq_and_streams_where_that_does_not_fit(family_dirs):
+    from nvfp4.converter.config import QuantConfig
+
+    model = plans.skeleton(family_dirs("llama"))
+    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False)
+    layer_qad = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False, layer_qad=True)
+    shape = plans.ModelShape.of(model, plans.eligible_linears(model, ptq.quant))
+    assert plans.ptq_whole(shape, layer_qad) > plans.ptq_whole(shape, ptq)
+    memory = int(plans.ptq_whole(shape, ptq) / plans.HEADROOM) + 1  # PTQ fits whole, layer-local QAD does not
+    assert plans.Plan(shape, ptq, memory=memory, disk=10**12).choose(layerwise=False) == "whole"
+    assert plans.Plan(shape, layer_qad, memory=memory, disk=10**12).choose(layerwise=False) == "layerwise"
+
+
 def test_layerwise_refuses_qad(family_dirs, tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "out"), "--layerwise",
                                       "--qad-steps", "2"])
