@@ -4,6 +4,7 @@ It lives in `qad` because dependencies flow kernels <- converter <- qad: this is
 knows both.
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -131,6 +132,9 @@ def _qad_stage(options: dict, resume: bool, started: float):
         qad_cfg = QADConfig(**{k: v for k, v in options.items() if v is not None})
     except (TypeError, ValueError) as error:
         raise UserError(str(error)) from error
+    if qad_cfg.mode != "global" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--qad-mode {qad_cfg.mode} trains layer by layer in one process; run it without torchrun, "
+                        "or use --qad-mode global across GPUs")
 
     def stage(student, teacher, tokenizer, workdir: Path, logdir: Path, reserve_seconds: float = 0.0,
               calibration: list | None = None) -> dict:

@@ -85,3 +85,10 @@ def test_layer_mode_streams_with_the_layer_by_layer_ptq_and_its_outputs_verify(f
     result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "g"), "--layerwise",
                                       "--qad-mode", "layer+global", "--qad-steps", "2"])
     assert result.exit_code == 2 and "--qad-mode layer" in result.output
+
+
+def test_layer_local_qad_under_torchrun_is_refused_before_any_work(family_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "out"),
+                                      "--qad-mode", "layer+global", "--qad-steps", "2"])
+    assert result.exit_code == 2 and "without torchrun" in result.output and not (tmp_path / "out").exists()
