@@ -39,6 +39,13 @@ def check_key(api_key: str | None, host: str, published_on: str | None) -> None:
                         f"set --api-key (or NVFP4_API_KEY), or bind 127.0.0.1")
 
 
+def engine_threads(threads: int | None, teacher: str | None, cpus: int) -> int:
+    """An engine process's threads: given, else the cores split between the served models (all of them for the
+    student alone: at one thread of two, llama.cpp decoded 72.6 tokens/s against 92.5)."""
+    served = 1 if teacher is not None and teacher.lower() == "none" else 2
+    return threads or max(1, cpus // served)
+
+
 def set_threads(threads: int | None, num_models: int) -> int:
     """Each model's engine thread computes at the same time as the other's: split the cores between them."""
     import os
@@ -80,7 +87,7 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
     from nvfp4.serve.adapters import EngineOptions, adapter_models
 
     opts = EngineOptions(engine, max_model_len, tuple(engine_args), vllm_bin, trtllm_bin,
-                         threads or max(1, (os.cpu_count() or 1) // 2), engine_timeout, max_num_seqs=max_num_seqs)
+                         engine_threads(threads, teacher, os.cpu_count() or 1), engine_timeout, max_num_seqs=max_num_seqs)
 
     def native_teacher(source, name):
         check_native(resolve_model(source), "teacher")

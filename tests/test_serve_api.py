@@ -380,3 +380,10 @@ def test_a_template_that_edits_the_content_still_renders():
 
     assert run(go()).status_code == 200
     assert engine.tokenizer.decode(engine.submitted[0].prompt_ids) == "<|user|>HI<|end|>"
+
+
+def test_an_engine_process_gets_every_core_when_it_serves_the_student_alone():
+    from nvfp4.serve.cli import engine_threads
+
+    assert engine_threads(None, "none", 8) == 8 and engine_threads(None, None, 8) == 4
+    assert engine_threads(None, "path/to/teacher", 1) == 1 and engine_threads(3, "none", 8) == 3
