@@ -253,11 +253,11 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
     click.echo(plan.render(), err=True)
     if cfg.dry_run:
         return {"plan": plan.render()}
+    if plan.choose(cfg.layerwise) == "layerwise":
+        return _convert_layerwise(cfg, source_dir, timer, device, getattr(train, "layer_hook", None))
     if getattr(train, "whole_model", False):  # before any work: checkpoints of another origin never resume
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         claim_workdir(cfg.workdir, origin(cfg, source_dir), getattr(train, "resume", False))
-    if plan.choose(cfg.layerwise) == "layerwise":
-        return _convert_layerwise(cfg, source_dir, timer, device, getattr(train, "layer_hook", None))
     keep_freed_memory()  # not when streaming: kept pages would hold the peak of every layer
     with timer.stage("load"):
         teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype(device), device, cfg.trust_remote_code)
@@ -285,7 +285,6 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
                 with timer.stage("evaluate untrained"):
                     heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant, batches)
             with timer.stage("qad"):
-                cfg.workdir.mkdir(exist_ok=True)
                 qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad",
                                     reserve_seconds=heldout.trained_row_seconds if heldout else 0.0, calibration=batches)
         if int(os.environ.get("RANK", "0")):  # under torchrun every rank trains; rank 0 alone writes OUT

@@ -54,6 +54,11 @@ def load_student(out: Path):
     return hold_vocab_compact(model), tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
 
 
+def serves_teacher(teacher: str | None) -> bool:
+    """`--teacher none` serves the student alone."""
+    return teacher is None or teacher.lower() != "none"
+
+
 def teacher_source(out: Path, teacher: str | None) -> str | None:
     """--teacher PATH wins; else report.json's `source` (null = the embedded default model)."""
     if teacher is not None:
