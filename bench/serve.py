@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                      # in-process server, default model (PTQ student)
     .venv/bin/python bench/serve.py --out OUT            # student from OUT/trtllm, teacher from OUT/report.json
     .venv/bin/python bench/serve.py --url http://HOST:PORT  # an already running server
+    .venv/bin/python bench/serve.py --compare --out OUT  # llama.cpp in process vs `nvfp4 serve` (llamacpp, native)
 
 Every request streams with ignore_eos (fixed output length) from a fixed prompt set; TTFT is the
 time to the first streamed token, ITL the gaps between streamed tokens.
@@ -114,8 +115,10 @@ def start_child(args) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, __file__, "--serve-only", str(port), "--max-num-seqs", str(args.max_num_seqs)]
     command += ["--out", args.out] if args.out else []
     command += ["--threads", str(args.threads)] if args.threads else []
-    child = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    return _ready(subprocess.Popen(command, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
+
+
+def _ready(child: subprocess.Popen, url: str) -> tuple[subprocess.Popen, str]:
     for _ in range(1200):
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
@@ -151,6 +154,61 @@ def _dtypes(model) -> str:
     return ", ".join(f"{str(d).replace('torch.', '')} {b / 2**20:.0f} MiB" for d, b in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def llamacpp_in_process(gguf: Path, max_tokens: int, threads: int, requests: int = 4) -> float:
+    """llama.cpp itself (llama-cpp-python, in this process) on the same chat prompts, one at a time, EOS masked:
+    output tokens / wall seconds, prefill included, as the HTTP rows count them."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
+    no_eos = {llm.token_eos(): -1e9}
+    tokens, start = 0, 0.0
+    for i in range(requests + 1):  # the first is a warm-up
+        if i == 1:
+            tokens, start = 0, time.perf_counter()
+        for chunk in llm.create_chat_completion([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=max_tokens,
+                                                temperature=0, logit_bias=no_eos, stream=True):
+            tokens += bool(chunk["choices"][0]["delta"].get("content"))
+    return tokens / (time.perf_counter() - start)
+
+
+def nvfp4_server(out: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`nvfp4 serve OUT ...` in its own process, as a user runs it."""
+    from nvfp4.serve.adapters.base import free_port
+
+    port = free_port()
+    command = [sys.executable, "-P", "-m", "nvfp4.cli", "serve", out, "--port", str(port), "--log-level", "warning", *extra]
+    return _ready(subprocess.Popen(command, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
+
+
+def compare(args) -> None:
+    """One table: llama.cpp in process, then the student through `nvfp4 serve --engine llamacpp` and through the
+    native engine at each concurrency (each alone, every core), then student and teacher served side by side as
+    `nvfp4 serve OUT` serves them by default; ratios against llama.cpp in process."""
+    cores = os.cpu_count() or 1
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {cores} cores; {args.max_tokens} tokens per request, greedy, "
+          f"EOS ignored")
+    reference = llamacpp_in_process(Path(args.out) / "llamacpp" / "model.gguf", args.max_tokens, cores)
+    print("| path | model | streams | output tok/s | vs llama.cpp in process |\n|---|---|---:|---:|---:|")
+    print(f"| llama.cpp in process (llama-cpp-python, {cores} threads) | student | 1 | {reference:.1f} | 1.00x |", flush=True)
+    compiled = [] if args.eager else ["--compile"]
+    native = "`nvfp4 serve" + ("" if args.eager else " --compile")
+    paths = [("`nvfp4 serve --engine llamacpp --teacher none`", ["--engine", "llamacpp", "--teacher", "none"], {"student": levels}),
+             (f"{native} --teacher none` (native, {cores} threads)", ["--teacher", "none", *compiled], {"student": levels}),
+             (f"{native}` (native, teacher beside: {max(1, cores // 2)} thread each)", compiled, {"student": [1], "teacher": [1]})]
+    for label, extra, models in paths:
+        child, url = nvfp4_server(args.out, extra)
+        try:
+            for model, model_levels in models.items():
+                for level in model_levels:
+                    r = asyncio.run(run_level(url, model, level, max(level, 4), args.max_tokens))
+                    print(f"| {label} | {model} | {level} | {r['tok_s']:.1f} | {r['tok_s'] / reference:.2f}x |", flush=True)
+        finally:
+            child.send_signal(signal.SIGTERM)
+            child.wait(60)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url")
@@ -160,9 +218,15 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--models", default="student,teacher")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default as `nvfp4 serve`: cores / 2 models)")
+    parser.add_argument("--compare", action="store_true", help="llama.cpp in process vs `nvfp4 serve` with each engine (needs --out)")
+    parser.add_argument("--eager", action="store_true", help="--compare: the native engine without --compile")
     parser.add_argument("--serve-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.compare:
+        if not args.out:
+            parser.error("--compare needs --out OUT (its llamacpp/model.gguf and trtllm/ checkpoint)")
+        return compare(args)
     if args.serve_only:
         from nvfp4.serve.cli import set_threads
 

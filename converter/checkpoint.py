@@ -45,7 +45,7 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
 
 
 def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) with packed NVFP4 linears (shared dequantization workspace) and the rest in `dtype`."""
+    """(model, tokenizer) with packed NVFP4 linears and the rest in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -75,10 +75,9 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
         )
         if f"{hub}.bias" in tensors:
             biases[name] = tensors.pop(f"{hub}.bias")
-    workspace: dict = {}
     for name, parts in pieces.items():
         bias = biases.get(name)
-        set_module(model, name, NVFP4PackedLinear(_merged(name, parts), None if bias is None else bias.to(dtype), workspace))
+        set_module(model, name, NVFP4PackedLinear(_merged(name, parts), None if bias is None else bias.to(dtype)))
     state = {}
     for key, value in tensors.items():
         module, _, leaf = key.rpartition(".")

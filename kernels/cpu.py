@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def library() -> ctypes.CDLL | None:
     lib.int8_block_gemv.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64]
     lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
     lib.kl_rows.argtypes = [pointer, pointer, pointer, pointer, i64, i64]
+    lib.decode_attention.argtypes = [pointer] * 7 + [f32, pointer] + [i64] * 5
     return lib
 
 
@@ -80,6 +82,20 @@ def dequantize_into(out: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor)
     _sync_threads(lib)
     lib.nvfp4_dequantize(packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale), out.data_ptr(), rows, cols)
     return out
+
+
+_workspace = threading.local()
+
+
+def dequantize_workspace(packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    """The dequantized weight in the calling thread's buffer, reused by every weight that thread dequantizes
+    (it grows to the largest one): a prefill never holds a dequantized copy of more than one weight, and
+    engines in separate threads never share a buffer."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    buffer = getattr(_workspace, "fp32", None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _workspace.fp32 = torch.empty(rows * cols, dtype=torch.float32)
+    return dequantize_into(buffer[: rows * cols].view(rows, cols), packed, scales, gscale)
 
 
 def gemv(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
@@ -171,3 +187,19 @@ def kl_rows(teacher: Tensor, student: Tensor, with_grad: bool) -> tuple[Tensor, 
     lib.kl_rows(teacher.data_ptr(), student.data_ptr(), kl.data_ptr(), None if grad is None else grad.data_ptr(),
                 *teacher.shape)
     return kl, grad
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                     positions: Tensor, scale: float) -> Tensor:
+    """One decode token per sequence: q [B, H, D], k, v [B, KVH, D] fp32; writes k, v into the caches
+    [slots, KVH, max_len, D] at (slots[b], positions[b]) and attends over positions 0..positions[b] -> [B, H, D]."""
+    lib = library()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    assert q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == positions.dtype == torch.int64
+    (batch, heads, dim), (_, kv_heads, max_len, _) = q.shape, k_cache.shape
+    out = torch.empty_like(q)
+    _sync_threads(lib)
+    lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         slots.data_ptr(), positions.data_ptr(), scale, out.data_ptr(), batch, heads, kv_heads, max_len, dim)
+    return out

@@ -84,7 +84,48 @@ void nvfp4_dequantize(const uint8_t *packed, const uint8_t *scales, float gscale
     }
 }
 
-// y[m, r] = sum_k x[m, k] * W[r, k] for m < batch (batch <= 16), W given as NVFP4.
+#ifdef __AVX2__
+// 8 packed bytes (one block of 16 codes) -> the 16 values 2 * e2m1(code) as int8, in element order (exact).
+static inline __m128i doubled_e2m1_16(const uint8_t *p) {
+    const __m128i doubled = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)p);
+    __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+    return _mm_shuffle_epi8(doubled, _mm_unpacklo_epi8(lo, hi));
+}
+
+// acc[m] += sum_j x[m, j] * W_j over one block, W_j = 2 e2m1(code_j) * (scale / 2): the same fp32 values as the
+// reference's e2m1 * scale (halving is exact), computed once per block and shared by every row of x.
+static inline __attribute__((always_inline)) void gemv_block(const float *x, int64_t batch, int64_t cols,
+                                                             const uint8_t *codes, float half_scale, __m256 *acc) {
+    __m128i v = doubled_e2m1_16(codes);
+    __m256 s = _mm256_set1_ps(half_scale);
+    __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
+    __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s);
+    for (int64_t m = 0; m < batch; m++)
+        acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * cols + 8), _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * cols), acc[m]));
+}
+#endif
+
+#ifdef __AVX2__
+// y[m, r] for one weight row r; inlined with a constant batch, the accumulators stay in registers.
+static inline __attribute__((always_inline)) void gemv_row(const float *x, int64_t batch, const uint8_t *row_codes,
+                                                           const uint8_t *row_scales, float half_gscale, float *y,
+                                                           int64_t rows, int64_t cols, int64_t r) {
+    int64_t blocks = cols / 16, b = 0;
+    __m256 even[16], odd[16];  // two chains: even and odd blocks (hides the FMA latency at batch 1)
+    for (int64_t m = 0; m < batch; m++) even[m] = odd[m] = _mm256_setzero_ps();
+    for (; b + 2 <= blocks; b += 2) {
+        gemv_block(x + b * 16, batch, cols, row_codes + b * 8, e4m3(row_scales[b]) * half_gscale, even);
+        gemv_block(x + (b + 1) * 16, batch, cols, row_codes + (b + 1) * 8, e4m3(row_scales[b + 1]) * half_gscale, odd);
+    }
+    if (b < blocks) gemv_block(x + b * 16, batch, cols, row_codes + b * 8, e4m3(row_scales[b]) * half_gscale, even);
+    for (int64_t m = 0; m < batch; m++) y[m * rows + r] = hsum(_mm256_add_ps(even[m], odd[m]));
+}
+#endif
+
+// y[m, r] = sum_k x[m, k] * W[r, k] for m < batch (batch <= 16), W given as NVFP4. Each row of x is summed in the
+// same order whatever the batch, so a sequence's result does not depend on the rows beside it.
 void nvfp4_gemv(const float *x, int64_t batch, const uint8_t *packed, const uint8_t *scales, float gscale,
                 float *y, int64_t rows, int64_t cols) {
     int64_t blocks = cols / 16;
@@ -93,20 +134,12 @@ void nvfp4_gemv(const float *x, int64_t batch, const uint8_t *packed, const uint
         const uint8_t *row_codes = packed + r * (cols / 2);
         const uint8_t *row_scales = scales + r * blocks;
 #ifdef __AVX2__
-        __m256 acc[16];
-        for (int64_t m = 0; m < batch; m++) acc[m] = _mm256_setzero_ps();
-        const __m256 grid = _mm256_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f);
-        for (int64_t b = 0; b < blocks; b++) {
-            __m256 magnitudes = _mm256_mul_ps(grid, _mm256_set1_ps(e4m3(row_scales[b]) * gscale));
-            __m256 w0 = values8(magnitudes, codes8(row_codes + b * 8));
-            __m256 w1 = values8(magnitudes, codes8(row_codes + b * 8 + 4));
-            for (int64_t m = 0; m < batch; m++) {
-                const float *xb = x + m * cols + b * 16;
-                acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[m]);
-                acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[m]);
-            }
+        switch (batch) {  // a constant batch per case: the compiler keeps the accumulators in registers
+#define GEMV_ROW(n) case n: gemv_row(x, n, row_codes, row_scales, gscale * 0.5f, y, rows, cols, r); break;
+            GEMV_ROW(1) GEMV_ROW(2) GEMV_ROW(3) GEMV_ROW(4) GEMV_ROW(5) GEMV_ROW(6) GEMV_ROW(7) GEMV_ROW(8)
+            default: gemv_row(x, batch, row_codes, row_scales, gscale * 0.5f, y, rows, cols, r);
+#undef GEMV_ROW
         }
-        for (int64_t m = 0; m < batch; m++) y[m * rows + r] = hsum(acc[m]);
 #else
         float acc[16] = {0}, table[16];
         for (int64_t b = 0; b < blocks; b++) {
@@ -488,4 +521,56 @@ void nvfp4_set_threads(int threads) {
     extern void omp_set_num_threads(int);
     omp_set_num_threads(threads);
 #endif
+}
+
+// One new token per sequence b: its keys and values k, v [batch, kv_heads, dim] go to position positions[b] of cache
+// slot slots[b] (caches [slots, kv_heads, max_len, dim]), then out[b, h] = softmax(scale * q[b, h] . K[0..pos]) V[0..pos]
+// for each query head h, reading kv head h / (heads / kv_heads). Each (sequence, head) is computed on its own, the same
+// whatever the batch.
+#ifdef __AVX2__
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = hsum(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+#else
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+#endif
+
+void decode_attention(const float *q, const float *k, const float *v, float *k_cache, float *v_cache,
+                      const int64_t *slots, const int64_t *positions, float scale, float *out, int64_t batch,
+                      int64_t heads, int64_t kv_heads, int64_t max_len, int64_t dim) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t g = 0; g < kv_heads; g++) {
+            int64_t at = ((slots[b] * kv_heads + g) * max_len + positions[b]) * dim;
+            memcpy(k_cache + at, k + (b * kv_heads + g) * dim, dim * sizeof(float));
+            memcpy(v_cache + at, v + (b * kv_heads + g) * dim, dim * sizeof(float));
+        }
+    int64_t group = heads / kv_heads;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        int64_t b = bh / heads, h = bh % heads, length = positions[b] + 1;
+        const float *keys = k_cache + (slots[b] * kv_heads + h / group) * max_len * dim;
+        const float *values = v_cache + (slots[b] * kv_heads + h / group) * max_len * dim;
+        const float *query = q + bh * dim;
+        float *weights = malloc(length * sizeof(float)), *o = out + bh * dim, top = -INFINITY, total = 0.f;
+        for (int64_t t = 0; t < length; t++) {
+            weights[t] = dot_f32(query, keys + t * dim, dim) * scale;
+            top = weights[t] > top ? weights[t] : top;
+        }
+        for (int64_t t = 0; t < length; t++) total += (weights[t] = expf(weights[t] - top));
+        memset(o, 0, dim * sizeof(float));
+        for (int64_t t = 0; t < length; t++) {
+            float w = weights[t] / total;
+            for (int64_t d = 0; d < dim; d++) o[d] += w * values[t * dim + d];
+        }
+        free(weights);
+    }
 }

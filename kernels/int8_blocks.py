@@ -73,13 +73,26 @@ def _exact_chunk(blocks: Tensor) -> tuple[Tensor, Tensor] | None:
     return _codes_for(blocks, scales).to(torch.int8).flatten(-2), scales
 
 
-def linear(x: Tensor, codes: Tensor, scales: Tensor, max_gemv_rows: int = 64, rows_per_chunk: int = 4096) -> Tensor:
-    """y = x @ W^T for W = values(codes, scales) and fp32 x [..., K]: on CPU a C GEMV reads the codes
-    (16 rows of x per pass, up to `max_gemv_rows`); otherwise W is rebuilt `rows_per_chunk` rows at a time."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and cpu.available() and x.dtype == torch.float32 and x2d.shape[0] <= max_gemv_rows:
-        y = torch.cat([cpu.int8_block_gemv(part, codes, scales) for part in x2d.split(cpu.GEMV_MAX_BATCH)])
-    else:
-        y = torch.cat([x2d @ values(c, s).to(x.dtype).T
-                       for c, s in zip(codes.split(rows_per_chunk), scales.split(rows_per_chunk))], dim=-1)
-    return y.reshape(*x.shape[:-1], -1)
+def linear(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """y = x @ W^T for W = values(codes, scales) and x [..., K] (torch.ops.nvfp4.linear_int8_blocks)."""
+    return torch.ops.nvfp4.linear_int8_blocks(x.reshape(-1, x.shape[-1]), codes, scales).reshape(*x.shape[:-1], -1)
+
+
+MAX_GEMV_ROWS = 64
+ROWS_PER_CHUNK = 4096
+
+
+def _linear(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """On CPU a C GEMV reads the codes (16 rows of x per pass, up to MAX_GEMV_ROWS); otherwise W is rebuilt
+    ROWS_PER_CHUNK rows at a time."""
+    if x.device.type == "cpu" and cpu.available() and x.dtype == torch.float32 and x.shape[0] <= MAX_GEMV_ROWS:
+        return torch.cat([cpu.int8_block_gemv(part, codes, scales) for part in x.split(cpu.GEMV_MAX_BATCH)])
+    chunks = zip(codes.split(ROWS_PER_CHUNK), scales.split(ROWS_PER_CHUNK))
+    return torch.cat([x @ values(c, s).to(x.dtype).T for c, s in chunks], dim=-1)
+
+
+_LIB = torch.library.Library("nvfp4", "FRAGMENT")
+_LIB.define("linear_int8_blocks(Tensor x, Tensor codes, Tensor scales) -> Tensor")
+_LIB.impl("linear_int8_blocks", _linear, "CompositeExplicitAutograd")
+torch.library.register_fake("nvfp4::linear_int8_blocks", lambda x, codes, scales: x.new_empty(x.shape[0], codes.shape[0]),
+                            lib=_LIB)

@@ -79,11 +79,11 @@ class NVFP4FakeQuantLinear(nn.Module):
 class NVFP4PackedLinear(nn.Module):
     """Serving module: keeps 4-bit codes + scales resident; never holds a dequantized copy.
 
-    CPU: a C GEMV reads the packed bytes for decode-sized batches; larger batches dequantize into a
-    buffer shared by all layers (`workspace`). CUDA: the Triton W4A16 GEMM reads the packed bytes.
+    CPU: a C GEMV reads the packed bytes for decode-sized batches; larger batches dequantize into one
+    buffer per thread, shared by all layers. CUDA: the Triton W4A16 GEMM reads the packed bytes.
     """
 
-    def __init__(self, weight: PackedWeight, bias: Tensor | None = None, workspace: dict | None = None):
+    def __init__(self, weight: PackedWeight, bias: Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.packed.shape[0], weight.packed.shape[1] * 2
         self.register_buffer("packed", weight.packed)
@@ -91,12 +91,11 @@ class NVFP4PackedLinear(nn.Module):
         self.register_buffer("gscale", weight.gscale.float().reshape(()))
         self.register_buffer("input_gscale", None if weight.input_gscale is None else weight.input_gscale.float().reshape(()))
         self.register_buffer("bias", bias)
-        self.workspace = workspace if workspace is not None else {}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_gscale is not None:
             x = fake_quantize_activation(x, self.input_gscale)
-        return linear_w4a16(x, self.packed, self.scales, self.gscale, self.bias, self.workspace)
+        return linear_w4a16(x, self.packed, self.scales, self.gscale, self.bias)
 
 
 class BF16HeldEmbedding(nn.Module):

@@ -1,6 +1,7 @@
-"""One function per NVFP4 operation for callers: Triton on CUDA, the torch reference elsewhere."""
+"""One function per NVFP4 operation for callers: C kernels on CPU, Triton on CUDA, the torch reference elsewhere."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nvfp4.kernels import numerics as ref
@@ -9,12 +10,10 @@ from nvfp4.kernels import numerics as ref
 def _use_c(x: Tensor) -> bool:
     from nvfp4.kernels import cpu
 
-    return x.device.type == "cpu" and x.dim() >= 1 and cpu.available()
+    return x.dim() >= 1 and cpu.available()
 
 
-def _use_triton(x: Tensor) -> bool:
-    if not x.is_cuda:
-        return False
+def _use_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -22,32 +21,42 @@ def _use_triton(x: Tensor) -> bool:
     return True
 
 
-def quantize(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """x [N, K] -> (packed uint8 [N, K/2], scales e4m3 [N, K/16], gscale fp32 scalar)."""
-    if gscale is None:
-        gscale = ref.global_scale(ref.tensor_amax(x))
-    if scales is None and x.dim() == 2 and _use_triton(x):
-        from nvfp4.kernels.triton_nvfp4 import quantize_triton
+# The operations are torch custom ops (torch.ops.nvfp4.*): one schema, a CPU kernel (C, else the reference), a
+# CUDA kernel (Triton, else the reference) and a fake implementation giving shapes alone, so torch.compile and
+# CUDA graphs trace through them. kernels/attention.py and kernels/int8_blocks.py add theirs to the namespace.
+_LIB = torch.library.Library("nvfp4", "DEF")
+_LIB.define("quantize(Tensor x, Tensor gscale, Tensor? scales) -> (Tensor, Tensor)")
+_LIB.define("fake_quantize(Tensor x, Tensor gscale, Tensor? scales) -> Tensor")
+_LIB.define("linear_w4a16(Tensor x, Tensor packed, Tensor scales, Tensor gscale) -> Tensor")
 
-        packed, scales = quantize_triton(x, gscale)
-        return packed, scales, gscale
+
+def _quantize_cpu(x: Tensor, gscale: Tensor, scales: Tensor | None) -> tuple[Tensor, Tensor]:
     if x.dim() == 2 and _use_c(x):
         from nvfp4.kernels import cpu
 
-        packed, scales = cpu.quantize(x, gscale, scales)
-        return packed, scales, gscale
-    return ref.quantize_ref(x, gscale, scales)
+        return cpu.quantize(x, gscale, scales)
+    return _quantize_reference(x, gscale, scales)
 
 
-def dequantize(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return ref.dequantize_ref(packed, scales, gscale, dtype)
+def _quantize_cuda(x: Tensor, gscale: Tensor, scales: Tensor | None) -> tuple[Tensor, Tensor]:
+    if scales is None and x.dim() == 2 and _use_triton():
+        from nvfp4.kernels.triton_nvfp4 import quantize_triton
+
+        return quantize_triton(x, gscale)
+    return _quantize_reference(x, gscale, scales)
 
 
-def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
-    if x.dim() >= 1 and x.shape[-1] % ref.BLOCK == 0 and _use_triton(x):  # any [..., K] activation, or a weight
-        from nvfp4.kernels.triton_nvfp4 import fake_quantize_triton
+def _quantize_reference(x: Tensor, gscale: Tensor, scales: Tensor | None) -> tuple[Tensor, Tensor]:
+    packed, out_scales, _ = ref.quantize_ref(x, gscale, scales)
+    return packed, out_scales if scales is None else out_scales.clone()  # an op's output never aliases its input
 
-        return fake_quantize_triton(x, gscale, scales)
+
+def _quantize_fake(x: Tensor, gscale: Tensor, scales: Tensor | None) -> tuple[Tensor, Tensor]:
+    packed = x.new_empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8)
+    return packed, x.new_empty(*x.shape[:-1], x.shape[-1] // ref.BLOCK, dtype=torch.float8_e4m3fn)
+
+
+def _fake_quantize_cpu(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
     if _use_c(x) and x.shape[-1] % ref.BLOCK == 0:
         from nvfp4.kernels import cpu
 
@@ -55,6 +64,62 @@ def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> 
         out = cpu.fake_quantize(flat, gscale, None if scales is None else scales.reshape(-1, scales.shape[-1]))
         return out.reshape(x.shape).to(x.dtype)
     return ref.fake_quantize_ref(x, gscale, scales)
+
+
+def _fake_quantize_cuda(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
+    if x.dim() >= 1 and x.shape[-1] % ref.BLOCK == 0 and _use_triton():  # any [..., K] activation, or a weight
+        from nvfp4.kernels.triton_nvfp4 import fake_quantize_triton
+
+        return fake_quantize_triton(x, gscale, scales)
+    return ref.fake_quantize_ref(x, gscale, scales)
+
+
+def _linear_cpu(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    """A C GEMV on the packed bytes for decode-sized batches; larger ones dequantize into the calling thread's
+    workspace (one buffer, never a resident copy) and run BLAS."""
+    if not _use_c(x):
+        return F.linear(x, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
+    from nvfp4.kernels import cpu
+
+    if x.dtype == torch.float32 and x.shape[0] <= cpu.GEMV_MAX_BATCH:
+        return cpu.gemv(x, packed, scales, gscale)
+    return F.linear(x, cpu.dequantize_workspace(packed, scales, gscale).to(x.dtype))
+
+
+def _linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    if _use_triton():
+        from nvfp4.kernels.triton_nvfp4 import matmul_w4a16_triton
+
+        return matmul_w4a16_triton(x, packed, scales, gscale)
+    return F.linear(x, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
+
+
+def _linear_fake(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+for _name, _cpu_kernel, _cuda_kernel, _fake in (("quantize", _quantize_cpu, _quantize_cuda, _quantize_fake),
+                                               ("fake_quantize", _fake_quantize_cpu, _fake_quantize_cuda, lambda x, gscale, scales: torch.empty_like(x)),
+                                               ("linear_w4a16", _linear_cpu, _linear_cuda, _linear_fake)):
+    _LIB.impl(_name, _cpu_kernel, "CPU")
+    _LIB.impl(_name, _cuda_kernel, "CUDA")
+    torch.library.register_fake(f"nvfp4::{_name}", _fake, lib=_LIB)
+
+
+def quantize(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """x [N, K] -> (packed uint8 [N, K/2], scales e4m3 [N, K/16], gscale fp32 scalar)."""
+    if gscale is None:
+        gscale = ref.global_scale(ref.tensor_amax(x))
+    packed, scales = torch.ops.nvfp4.quantize(x.detach(), gscale, scales)
+    return packed, scales, gscale
+
+
+def dequantize(packed: Tensor, scales: Tensor, gscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return ref.dequantize_ref(packed, scales, gscale, dtype)
+
+
+def _fake_quantize_forward(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
+    return torch.ops.nvfp4.fake_quantize(x.detach(), gscale, scales)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -76,11 +141,11 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
 
 
 def _scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dim() == 2 and _use_triton(x):
+    if x.dim() == 2 and x.is_cuda and _use_triton():
         from nvfp4.kernels.triton_nvfp4 import scale_gradient_triton
 
         return scale_gradient_triton(x, grad, scale, scales, gscale)
-    if x.dim() == 2 and _use_c(x):
+    if x.dim() == 2 and x.device.type == "cpu" and _use_c(x):
         from nvfp4.kernels import cpu
 
         return cpu.scale_gradient(x, grad, scale, scales, gscale)
@@ -114,52 +179,30 @@ def fake_quantize_activation(x: Tensor, input_gscale: Tensor) -> Tensor:
     return fake_quantize(x, input_gscale)
 
 
-def _cpu_weight(packed: Tensor, scales: Tensor, gscale: Tensor, workspace: dict | None) -> Tensor:
-    """The dequantized weight in a buffer reused by every layer sharing `workspace` (no resident copy)."""
-    from nvfp4.kernels import cpu
-
-    rows, cols = packed.shape[0], packed.shape[1] * 2
-    workspace = {} if workspace is None else workspace
-    buffer = workspace.get("fp32")
-    if buffer is None or buffer.numel() < rows * cols:
-        buffer = workspace["fp32"] = torch.empty(rows * cols, dtype=torch.float32)
-    return cpu.dequantize_into(buffer[: rows * cols].view(rows, cols), packed, scales, gscale)
-
-
-def linear_w4a16(
-    x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor, bias: Tensor | None = None, workspace: dict | None = None
-) -> Tensor:
-    """y = x @ W^T with W [N, K] stored as NVFP4; x [..., K] -> [..., N].
+def linear_w4a16(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W^T with W [N, K] stored as NVFP4; x [..., K] -> [..., N] (torch.ops.nvfp4.linear_w4a16).
 
     CUDA: Triton GEMM on the packed bytes. CPU: a C GEMV on the packed bytes for small batches
-    (decode), else dequantize into the shared `workspace` buffer and run BLAS (prefill).
+    (decode), else dequantize into one reused buffer and run BLAS (prefill).
     """
-    x2d = x.reshape(-1, x.shape[-1])
-    if _use_triton(x):
-        from nvfp4.kernels.triton_nvfp4 import matmul_w4a16_triton
-
-        y = matmul_w4a16_triton(x2d, packed, scales, gscale)
-    elif _use_c(x):
-        from nvfp4.kernels import cpu
-
-        if x.dtype == torch.float32 and x2d.shape[0] <= cpu.GEMV_MAX_BATCH:
-            y = cpu.gemv(x2d, packed, scales, gscale)
-        else:
-            y = torch.nn.functional.linear(x2d, _cpu_weight(packed, scales, gscale, workspace).to(x.dtype))
-    else:  # no C compiler, or a device without Triton: the torch reference
-        y = torch.nn.functional.linear(x2d, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
-    y = y.reshape(*x.shape[:-1], -1)
+    y = torch.ops.nvfp4.linear_w4a16(x.reshape(-1, x.shape[-1]), packed, scales, gscale).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
-def linear_bf16_weight(x: Tensor, weight: Tensor, max_gemv_rows: int = 64) -> Tensor:
-    """y = x @ W^T for a weight held in bf16 and fp32 activations: on CPU a C GEMV reads the bf16
-    bytes (16 rows of x per pass, up to `max_gemv_rows`); otherwise W is upcast for the call."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if _use_c(x) and x.dtype == torch.float32 and x2d.shape[0] <= max_gemv_rows:
+def linear_bf16_weight(x: Tensor, weight: Tensor) -> Tensor:
+    """y = x @ W^T for a weight held in bf16 and fp32 activations (torch.ops.nvfp4.linear_bf16_weight): on CPU a
+    C GEMV reads the bf16 bytes (16 rows of x per pass, up to 64 rows); otherwise W is upcast for the call."""
+    return torch.ops.nvfp4.linear_bf16_weight(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], -1)
+
+
+def _linear_bf16_weight(x: Tensor, weight: Tensor, max_gemv_rows: int = 64) -> Tensor:
+    if x.device.type == "cpu" and _use_c(x) and x.dtype == torch.float32 and x.shape[0] <= max_gemv_rows:
         from nvfp4.kernels import cpu
 
-        y = torch.cat([cpu.bf16_gemv(part, weight) for part in x2d.split(cpu.GEMV_MAX_BATCH)])
-    else:
-        y = torch.nn.functional.linear(x2d, weight.to(x.dtype))
-    return y.reshape(*x.shape[:-1], -1)
+        return torch.cat([cpu.bf16_gemv(part, weight) for part in x.split(cpu.GEMV_MAX_BATCH)])
+    return F.linear(x, weight.to(x.dtype))
+
+
+_LIB.define("linear_bf16_weight(Tensor x, Tensor weight) -> Tensor")
+_LIB.impl("linear_bf16_weight", _linear_bf16_weight, "CompositeExplicitAutograd")
+torch.library.register_fake("nvfp4::linear_bf16_weight", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=_LIB)

@@ -62,24 +62,36 @@ def set_threads(threads: int | None, num_models: int) -> int:
     return threads
 
 
-def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int) -> dict:
+def native_engines(out: Path, teacher: str | None, max_num_seqs: int, max_queue: int, max_model_len: int, device: str = "cpu",
+                   compile: bool = False) -> dict:
     from nvfp4.converter.models import resolve_model
     from nvfp4.serve.native import NativeEngine
     from nvfp4.serve.native.loader import SharedTensors, check_native, load_student, load_teacher, serves_teacher, teacher_source
 
+    check_device(device)
     if not (out / "trtllm" / "config.json").is_file():
         raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
     check_native(out / "trtllm", "student")
-    kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
+    kwargs = dict(max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len, compile=compile)
     student_name = out.name + "-nvfp4"
     shared = SharedTensors()  # the student's unquantized tensors are the teacher's: held once
-    engines = {"student": NativeEngine(student_name, shared.loader(lambda: load_student(out)), **kwargs)}
+    engines = {"student": NativeEngine(student_name, shared.loader(lambda: load_student(out, device)), **kwargs)}
     if serves_teacher(teacher):
         source = teacher_source(out, teacher)
         check_native(resolve_model(source), "teacher")  # fail now, with one clear line
         name = Path(source).name if source else "SmolLM2-135M-Instruct"
-        engines["teacher"] = NativeEngine(name, shared.loader(lambda: load_teacher(source)), **kwargs)
+        engines["teacher"] = NativeEngine(name, shared.loader(lambda: load_teacher(source, device)), **kwargs)
     return engines
+
+
+def check_device(device: str) -> None:
+    """The native engine runs on CPU, or on CUDA with the Triton kernels; refuse a device it cannot use."""
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; serve with --device cpu")
+        require("triton", "triton")
 
 
 def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_queue, max_model_len, threads,
@@ -119,6 +131,8 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
 @click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Native engine: where the models and KV cache live (cuda: the student's linears run the Triton W4A16 kernel, the teacher bf16).")
+@click.option("--compile/--no-compile", "compile_decode", default=False, show_default=True, help="Native engine: torch.compile the decode step (faster decode; the first start compiles for ~1 min per model, later starts reuse the cache).")
 @click.option("--ui", is_flag=True, help="Mount the Gradio side-by-side chat at /ui.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--vllm-bin", default=None, help="--engine vllm: the `vllm` executable, or a Python with vllm (default: $NVFP4_VLLM_BIN, PATH).")
@@ -127,8 +141,8 @@ def adapter_engines(out: Path, teacher, engine, engine_args, max_num_seqs, max_q
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def serve(glue: dict | None, out: Path, teacher, host, port, engine, api_key, published_on, key_metrics, max_num_seqs,
-          max_queue, max_body_bytes, max_choices, max_stop_chars, max_model_len, drain_timeout, threads, ui, log_level,
-          vllm_bin, trtllm_bin, engine_timeout, engine_args) -> None:
+          max_queue, max_body_bytes, max_choices, max_stop_chars, max_model_len, drain_timeout, threads, device,
+          compile_decode, ui, log_level, vllm_bin, trtllm_bin, engine_timeout, engine_args) -> None:
     """Serve OUT's NVFP4 student (`student`) and its teacher (`teacher`) with an OpenAI-compatible API.
 
     With --engine vllm|trtllm|llamacpp, arguments after `--` go to the engine's own server."""
@@ -143,8 +157,10 @@ def serve(glue: dict | None, out: Path, teacher, host, port, engine, api_key, pu
     if engine == "native" and engine_args:
         raise UserError(f"arguments after `--` ({' '.join(engine_args)}) go to --engine vllm|trtllm|llamacpp, not native")
     if engine == "native":
-        models = native_engines(out, teacher, max_num_seqs, max_queue, max_model_len)
+        models = native_engines(out, teacher, max_num_seqs, max_queue, max_model_len, device, compile_decode)
     else:
+        if device != "cpu":
+            raise UserError(f"--device is the native engine's; --engine {engine} places its models itself")
         models = adapter_engines(out, teacher, engine, engine_args, max_num_seqs, max_queue, max_model_len, threads,
                                  vllm_bin, trtllm_bin, engine_timeout)
     for alias, facts in report_facts(out, teacher, "trtllm" if engine == "native" else engine).items():

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import torch
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
@@ -296,8 +297,11 @@ def test_special_tokens_typed_in_chat_content_stay_text():
     (["--api-key", ""], {}, "is empty"),
     (["--host", "0.0.0.0"], {}, "without a key"),
     (["--host", "0.0.0.0"], {"NVFP4_PUBLISHED_ON": "192.168.1.5"}, "without a key"),
+    pytest.param(["--device", "cuda"], {}, "sees no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
+    (["--device", "cuda", "--engine", "llamacpp"], {}, "places its models itself"),
 ])
-def test_serve_refuses_an_empty_key_and_a_keyless_public_interface(tmp_path, args, env, fragment):
+def test_serve_refuses_bad_options_in_one_line(tmp_path, args, env, fragment):
     from click.testing import CliRunner
 
     from nvfp4.cli import cli

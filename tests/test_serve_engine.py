@@ -250,14 +250,14 @@ def test_a_failing_request_ends_alone_while_the_batch_goes_on(tiny_model_dir, mo
     from nvfp4.serve.native import engine as native
 
     model, tokenizer = load_tiny(tiny_model_dir, packed=True)
-    real_choose = native.choose
+    real_sample = native.sample
 
-    def choose(logits, params, generator):
-        if params.seed == 666:
+    def sample(logits, params, generators):
+        if any(p.seed == 666 for p in params):
             raise RuntimeError("sampler broke")
-        return real_choose(logits, params, generator)
+        return real_sample(logits, params, generators)
 
-    monkeypatch.setattr(native, "choose", choose)
+    monkeypatch.setattr(native, "sample", sample)
     ids = tokenizer.encode("Hello there")
 
     async def events(engine, **params):
@@ -315,7 +315,8 @@ def test_a_request_gets_the_same_tokens_alone_and_in_any_batch(tiny_model_dir, m
     model = hold_vocab_compact(model)  # as load_student holds it: the head read by a C GEMV
     real_logits = native_model.BatchedCausalLM._logits
     monkeypatch.setattr(native_model.BatchedCausalLM, "_logits",
-                        lambda self, hidden, chunks: [l * 1e4 % 7.0 for l in real_logits(self, hidden, chunks)])
+                        lambda self, hidden, chunks: (lambda logits, spans: (logits * 1e4 % 7.0, spans))(
+                            *real_logits(self, hidden, chunks)))
     prompts = [tokenizer.encode(t) for t in ["Hi", "A longer prompt that goes on " * 3, "x y", "Tell me about cats"]]
 
     async def run(together: bool):
@@ -340,3 +341,81 @@ def test_presence_and_frequency_penalties_follow_openai():
     out = apply_penalties(logits.clone(), params, history=[1, 2, 2, 3], banned=[], generated=[2, 2, 3])
     # token 2 generated twice: 0.25 x 2 + 0.5; token 3 once: 0.25 + 0.5; token 1 only in the prompt: untouched
     assert out.tolist() == [0.0, 0.0, -1.0, -0.75, 0.0, 0.0]
+
+
+def test_compiled_decode_gives_the_eager_tokens(tiny_model_dir):
+    """--compile: the decode step under torch.compile (graphs for one and several sequences, built at warm-up)."""
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+    prompts = [tokenizer.encode(t) for t in ["Hi", "Tell me a story about a cat", "x y z"]]
+
+    async def run(compile: bool):
+        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4, compile=compile)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(_generate(engine, p, 12, delay=0.02 * i) for i, p in enumerate(prompts)))
+        finally:
+            await engine.close()
+
+    eager, compiled = asyncio.run(run(False)), asyncio.run(run(True))
+    assert [t for t, _ in compiled] == [t for t, _ in eager]
+
+
+def test_the_engine_thread_loads_its_model(tiny_model_dir):
+    """All of a model's torch work in one thread: a loader thread's OpenMP pool would stay beside the engine's and
+    oversubscribe the cores (decode measured 1.6x slower)."""
+    import threading
+
+    model, tokenizer = load_tiny(tiny_model_dir, packed=True)
+    loaded_in = []
+
+    def load():
+        loaded_in.append(threading.current_thread().name)
+        return model, tokenizer
+
+    async def run():
+        engine = NativeEngine("m", load)
+        await engine.start()
+        await engine.close()
+        return engine._thread.name
+
+    assert loaded_in == [asyncio.run(run())]
+
+
+def test_fused_projections_are_views_of_one_matrix(tiny_model_dir):
+    from nvfp4.serve.native.model import fuse_linears
+
+    for packed in (True, False):
+        model, _ = load_tiny(tiny_model_dir, packed=packed)
+        attn = model.model.layers[0].self_attn
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        x = torch.randn(3, parts[0].in_features)
+        expected = torch.cat([p(x) for p in parts], dim=-1)
+        fused = fuse_linears(parts)
+        storage = (fused.packed if packed else fused.weight).untyped_storage().data_ptr()
+        for part in parts:  # no second copy of the weights
+            assert (part.packed if packed else part.weight).untyped_storage().data_ptr() == storage
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), expected, rtol=0, atol=0)
+
+
+def test_batched_sampler_rules():
+    from nvfp4.serve.native.sampling import make_generator, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.7, top_p=1e-6),
+              SamplingParams(temperature=1.0)]
+    assert sample(logits, params, [None] * 4)[:3] == greedy[:3]  # top-k 1 and a tiny top-p leave the best token alone
+    # a seeded row draws the same token alone and in any batch
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    alone = [sample(logits[3:], [seeded], [make_generator(7)])[0] for _ in range(3)]
+    together = sample(logits, [*params[:3], seeded], [None, None, None, make_generator(7)])[3]
+    assert alone == [together] * 3
+    # frequencies follow softmax(logits / T) within the nucleus; nothing outside it
+    row = torch.tensor([2.0, 1.0, 0.0, -5.0])
+    draws = sample(row.expand(4000, 4).clone(), [SamplingParams(temperature=1.0, top_p=0.9)] * 4000, [make_generator(1)] * 4000)
+    counts = torch.bincount(torch.tensor(draws), minlength=4).float() / 4000
+    probs = torch.softmax(row, -1)
+    kept = probs[:2] / probs[:2].sum()  # 0.665 + 0.245 reach 0.9: the nucleus is the first two
+    assert counts[2:].sum() == 0 and torch.allclose(counts[:2], kept, atol=0.03)

@@ -78,9 +78,52 @@ print(json.dumps({"quant": results, "learned": learned, "gemm": gemm}))
 """
 
 
-def run_checks(device: str) -> dict:
+ENGINE = r"""
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from nvfp4.serve.native.kv_cache import KVCache
+from nvfp4.serve.native.loader import pack_model
+from nvfp4.serve.native.model import BatchedCausalLM, Chunk
+
+device = sys.argv[1]
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2)
+model = pack_model(LlamaForCausalLM(config).eval())
+
+
+def logits(model, device):
+    layers, kv_heads, head_dim = BatchedCausalLM.kv_shape(model)
+    runner = BatchedCausalLM(model, KVCache(layers, 2, kv_heads, 32, head_dim, torch.float32, device))
+    prompts = runner.forward([Chunk(0, [5, 6, 7, 8], 0), Chunk(1, [9, 10], 0)])[0]
+    decodes = runner.forward([Chunk(0, [11], 4, decode=True), Chunk(1, [12], 2, decode=True)])[0]
+    return torch.cat([prompts, decodes]).cpu()
+
+
+reference = logits(model, "cpu")  # the C kernels
+calls = {"linear_w4a16": 0, "decode_attention": 0}
+if device == "cpu":  # the CUDA path's kernels on CPU tensors: Triton (interpreted) and the torch attention
+    from nvfp4.kernels import attention, ops
+
+    def counted(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+        return run
+
+    lib = torch.library.Library("nvfp4", "IMPL")
+    lib.impl("linear_w4a16", counted("linear_w4a16", ops._linear_cuda), "CPU")
+    lib.impl("decode_attention", counted("decode_attention", attention.decode_attention_torch), "CPU")
+    got = logits(model, "cpu")
+else:
+    got = logits(model.to(device), device)
+print(json.dumps({"max_rel": float((got - reference).abs().max() / reference.abs().max()), "calls": calls}))
+"""
+
+
+def run_checks(device: str, script: str = CHECKS) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
-    done = subprocess.run([sys.executable, "-P", "-c", CHECKS, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-P", "-c", script, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -110,6 +153,19 @@ def test_triton_kernels_match_reference_under_interpreter():
 @pytest.mark.gpu
 def test_triton_kernels_match_reference_on_cuda():
     assert_results(run_checks("cuda"))
+
+
+def test_native_engine_cuda_path_under_interpreter():
+    """`nvfp4 serve --device cuda`'s kernels (Triton W4A16 for prompts and decode rows, the torch decode attention)
+    in the native engine's forward, on CPU tensors: the logits of a prefill and a decode step = the C kernels'."""
+    result = run_checks("cpu", ENGINE)
+    assert result["calls"] == {"linear_w4a16": 2 * 2 * 4, "decode_attention": 2}  # 2 steps x 2 layers x 4 linears
+    assert result["max_rel"] < 1e-4
+
+
+@pytest.mark.gpu
+def test_native_engine_on_cuda():
+    assert run_checks("cuda", ENGINE)["max_rel"] < 1e-2  # fp32 tl.dot may run as TF32 on the GPU
 
 
 @pytest.mark.gpu

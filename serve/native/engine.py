@@ -1,9 +1,9 @@
 """The native engine: packed NVFP4 (or plain) weights, KV slots, continuous batching in a thread.
 
-Each step the scheduler admits waiting requests into free KV slots, runs one forward over every
-running sequence (prompt chunks and decode tokens together), samples per request with its own
-parameters and hands events to the asyncio side. Finished, aborted and disconnected requests leave
-before the next step.
+Each step the scheduler admits waiting requests into free KV slots, runs one decode step for every
+sequence past its prompt and one prefill for the prompt chunks, samples every request at once (each
+with its own parameters) and hands events to the asyncio side. Finished, aborted and disconnected
+requests leave before the next step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from nvfp4.serve.native.detokenize import TextStream
 from nvfp4.serve.native.kv_cache import KVCache
 from nvfp4.serve.native.model import BatchedCausalLM, Chunk
-from nvfp4.serve.native.sampling import apply_penalties, choose, make_generator, token_logprobs
+from nvfp4.serve.native.sampling import apply_penalties, make_generator, needs_penalties, sample, token_logprobs
 from nvfp4.serve.interface import (
     ContextTooLong,
     Engine,
@@ -37,6 +37,7 @@ from nvfp4.serve.interface import (
 )
 
 log = logging.getLogger(__name__)
+_FAILED = object()  # what _guarded returns for a request that failed
 _LOAD_LOCK = threading.Lock()  # transformers' from_pretrained is not thread-safe (global meta-device init)
 Loader = Callable[[], tuple[nn.Module, object]]  # -> (HF-architecture model, tokenizer)
 
@@ -74,9 +75,11 @@ class NativeEngine(Engine):
         max_queue: int = 256,
         max_model_len: int | None = None,
         prefill_chunk: int = 512,
+        compile: bool = False,
     ):
         self.name = name
         self._load = load
+        self.compile = compile
         self.max_num_seqs, self.max_queue, self.prefill_chunk = max_num_seqs, max_queue, prefill_chunk
         self._requested_len = max_model_len
         self.max_model_len = max_model_len or 0
@@ -95,7 +98,29 @@ class NativeEngine(Engine):
         return self._ready and self._accepting
 
     async def start(self) -> None:
-        model, tokenizer = await asyncio.to_thread(self._locked_load)
+        """Load and start the engine thread; that one thread does all of this model's torch work (loading
+        included): OpenMP gives each thread that computes its own pool, and beyond one worker per core the
+        pools stop spinning between kernels (decode measured 1.6x slower)."""
+        loaded = asyncio.get_running_loop().create_future()
+        self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+        await loaded
+        await self._warm_up()
+        self._ready = True
+
+    def _run(self, loaded: asyncio.Future) -> None:
+        loop = loaded.get_loop()
+        try:
+            self._set_up()
+        except BaseException as error:
+            loop.call_soon_threadsafe(lambda failure=error: loaded.done() or loaded.set_exception(failure))
+            return
+        loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_result(None))
+        self._loop()
+
+    def _set_up(self) -> None:
+        with _LOAD_LOCK:
+            model, tokenizer = self._load()
         self.model, self.tokenizer = model.eval(), tokenizer
         limit = getattr(model.config, "max_position_embeddings", 2048)
         self.max_model_len = min(self._requested_len or 2048, limit)
@@ -103,22 +128,21 @@ class NativeEngine(Engine):
         embed = model.get_input_embeddings()
         device = next(embed.parameters()).device
         dtype = embed(torch.zeros(1, dtype=torch.long, device=device)).dtype  # the hidden states' dtype
-        self.cache = KVCache(num_layers, self.max_num_seqs, kv_heads, self.max_model_len, head_dim, dtype)
+        self.cache = KVCache(num_layers, self.max_num_seqs, kv_heads, self.max_model_len, head_dim, dtype, device)
         self.runner = BatchedCausalLM(model, self.cache)
+        if self.compile:
+            self.runner.compile()
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
-        self._thread.start()
-        await self._warm_up()
-        self._ready = True
-
-    def _locked_load(self):
-        with _LOAD_LOCK:
-            return self._load()
 
     async def _warm_up(self) -> None:
-        request = GenerationRequest("warmup", [self.eos_ids[0] if self.eos_ids else 0] * 4, SamplingParams(max_tokens=2))
-        async for _ in self._submit(request):
-            pass
+        """Two short requests: a prefill, decode steps of two sequences and of one (a compiled decode step builds
+        its graphs for one and for several sequences here, not on a client's request)."""
+        async def one(max_tokens: int) -> None:
+            prompt = [self.eos_ids[0] if self.eos_ids else 0] * 4
+            async for _ in self._submit(GenerationRequest("warmup", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))):
+                pass
+
+        await asyncio.gather(*(one(3 + i) for i in range(min(2, self.max_num_seqs))))
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if not self.ready:
@@ -237,19 +261,63 @@ class NativeEngine(Engine):
             else:
                 decodes.append((seq, Chunk(seq.slot, [seq.generated[-1]], seq.computed, decode=True)))
         members, chunks = zip(*(decodes + prompts))
-        outputs = self.runner.forward(chunks)
-        for seq, chunk, logits in zip(members, chunks, outputs):
+        logits, spans = self.runner.forward(chunks)
+        choosing = []  # (sequence, its logits row) for every sequence past its prompt
+        for seq, chunk, span in zip(members, chunks, spans):
             seq.computed += len(chunk.token_ids)
-            try:
-                if chunk.all_logits:
-                    self._score_prompt(seq, chunk, logits)
-                    logits = logits[-1]
-                if seq.computed >= len(seq.prompt):
-                    self._advance(seq, logits)
-            except Exception as error:  # this request's sampling failed: it alone ends, the batch goes on
-                log.exception("request %s failed", seq.request.request_id)
-                self._finish(seq, TokenEvent(None, "", finish_reason="error", num_generated=len(seq.generated),
-                                             error=f"{type(error).__name__}: {error}"))
+            if chunk.all_logits and self._guarded(seq, self._score_prompt, seq, chunk, logits[span]) is _FAILED:
+                continue
+            if seq.computed >= len(seq.prompt):
+                if seq.params.max_tokens == 0:  # prompt scoring only
+                    self._finish(seq, self._event(seq, None, "", None, "length"))
+                else:
+                    choosing.append((seq, span.stop - 1))
+        if choosing:
+            self._choose(choosing, logits)
+
+    def _guarded(self, seq: _Sequence, fn, *args):
+        """fn(*args) for one request; if it fails, that request alone ends (with the error), the batch goes on, and
+        the result is _FAILED."""
+        try:
+            return fn(*args)
+        except Exception as error:
+            log.exception("request %s failed", seq.request.request_id)
+            self._finish(seq, TokenEvent(None, "", finish_reason="error", num_generated=len(seq.generated),
+                                         error=f"{type(error).__name__}: {error}"))
+            return _FAILED
+
+    def _choose(self, choosing: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
+        """Next tokens for every sequence at once: penalties on the rows that have them, then one batched sampler;
+        should the batch fail, each row alone, so that only the failing request ends."""
+        raw = {}  # rows before penalties, for the logprobs of penalised requests
+        ready = []
+        for seq, row in choosing:
+            params = seq.params
+            stop_ids = self._stop_ids(params)
+            banned = stop_ids if len(seq.generated) < params.min_tokens else []
+            if needs_penalties(params, banned):
+                if params.logprobs is not None:
+                    raw[row] = logits[row].clone()
+                if self._guarded(seq, self._penalise, logits, row, seq, banned) is _FAILED:
+                    continue
+            ready.append((seq, row))
+        if not ready:
+            return
+        rows = [row for _, row in ready]
+        try:
+            tokens = sample(logits[rows], [s.params for s, _ in ready], [s.generator for s, _ in ready])
+        except Exception:
+            tokens = [self._guarded(seq, sample, logits[row][None], [seq.params], [seq.generator]) for seq, row in ready]
+            tokens = [t if t is _FAILED else t[0] for t in tokens]
+        for (seq, row), token in zip(ready, tokens):
+            if token is not _FAILED:
+                self._guarded(seq, self._advance, seq, token, raw.get(row, logits[row]))
+
+    def _penalise(self, logits: torch.Tensor, row: int, seq: _Sequence, banned: list[int]) -> None:
+        logits[row] = apply_penalties(logits[row], seq.params, seq.prompt + seq.generated, banned, seq.generated)
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        return list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
 
     def _score_prompt(self, seq: _Sequence, chunk: Chunk, logits: torch.Tensor) -> None:
         if chunk.start == 0:
@@ -259,19 +327,11 @@ class NativeEngine(Engine):
             if nxt < len(seq.prompt):
                 seq.prompt_logprobs.append(token_logprobs(row, seq.prompt[nxt], seq.params.prompt_logprobs))
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
+    def _advance(self, seq: _Sequence, token: int, raw: torch.Tensor) -> None:
         params = seq.params
-        if params.max_tokens == 0:  # prompt scoring only
-            self._finish(seq, self._event(seq, None, "", None, "length"))
-            return
-        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
-        banned = stop_ids if len(seq.generated) < params.min_tokens else []
-        raw = logits
-        logits = apply_penalties(logits.clone(), params, seq.prompt + seq.generated, banned, seq.generated)
-        token = choose(logits, params, seq.generator)
         seq.generated.append(token)
         chosen = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else None
-        if token in stop_ids:
+        if token in self._stop_ids(params):
             self._finish(seq, self._event(seq, token, seq.stream.flush(), chosen, "stop"))
             return
         text, hit_stop = seq.stream.add(token, check_stop=len(seq.generated) >= params.min_tokens)

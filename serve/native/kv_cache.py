@@ -10,10 +10,11 @@ class KVCache:
     Allocated with torch.empty: untouched pages are never made resident, so memory grows with use.
     """
 
-    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int, dtype=torch.float32):
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int, dtype=torch.float32,
+                 device: torch.device | str = "cpu"):
         shape = (num_slots, kv_heads, max_len, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.lengths = [0] * num_slots  # positions written per slot

@@ -19,15 +19,11 @@ from nvfp4.kernels.linear import BF16HeldEmbedding, BF16HeldLinear, Int8BlockEmb
 
 
 def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
-    """Quantize in place and keep only packed weights (PTQ): what a student checkpoint holds.
-
-    All packed linears share one dequantization workspace, so the CPU path never holds more than
-    one layer's dequantized weight.
-    """
+    """Quantize in place and keep only packed weights (PTQ): what a student checkpoint holds."""
     quantize(model, cfg or QuantConfig())
-    packed, workspace = export_weights(model), {}
+    packed = export_weights(model)
     for name, module in quantized_modules(model).items():
-        set_module(model, name, NVFP4PackedLinear(packed[name], module.bias, workspace))
+        set_module(model, name, NVFP4PackedLinear(packed[name], module.bias))
     return model
 
 
@@ -41,8 +37,8 @@ def check_native(folder: Path, role: str) -> None:
         raise UserError(f"the native engine does not run {family.name} models (the {role}); serve with {engine_hint(family)}")
 
 
-def load_student(out: Path):
-    """(model, tokenizer, name) from OUT/trtllm, the ModelOpt unified checkpoint."""
+def load_student(out: Path, device: str = "cpu"):
+    """(model, tokenizer, name) from OUT/trtllm, the ModelOpt unified checkpoint, on `device` (cpu or cuda)."""
     folder = Path(out) / "trtllm"
     if not (folder / "config.json").is_file():
         raise UserError(f"no student checkpoint at {folder} (run `nvfp4 convert ... -o {out}` first)")
@@ -50,8 +46,8 @@ def load_student(out: Path):
         from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
     except ImportError as error:
         raise UserError(f"this build cannot read NVFP4 checkpoints yet: {error}") from error
-    model, tokenizer = load_nvfp4_checkpoint(folder)
-    return hold_vocab_compact(model), tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
+    model, tokenizer = load_nvfp4_checkpoint(folder, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    return _placed(model, device), tokenizer, _model_name(folder, Path(out).name + "-nvfp4")
 
 
 def serves_teacher(teacher: str | None) -> bool:
@@ -90,12 +86,18 @@ def report_facts(out: Path, teacher: str | None, target: str) -> dict[str, dict]
     return facts
 
 
-def load_teacher(source: str | None):
-    """(model, tokenizer, name): fp32 on CPU (bf16 matmul is far slower there)."""
+def load_teacher(source: str | None, device: str = "cpu"):
+    """(model, tokenizer, name): fp32 on CPU (bf16 matmul is far slower there), bf16 on CUDA."""
     from nvfp4.converter.models import DEFAULT_MODEL_NAME, load_causal_lm
 
-    model, tokenizer, folder = load_causal_lm(source, dtype=torch.float32)
-    return hold_vocab_compact(model), tokenizer, DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)
+    model, tokenizer, folder = load_causal_lm(source, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    name = DEFAULT_MODEL_NAME if source is None else _model_name(Path(folder), Path(folder).name)
+    return _placed(model, device), tokenizer, name
+
+
+def _placed(model: nn.Module, device: str) -> nn.Module:
+    """On CPU the vocabulary held compact (read by C GEMVs); on CUDA everything moved to the GPU as it is."""
+    return hold_vocab_compact(model) if device == "cpu" else model.to(device)
 
 
 def hold_vocab_compact(model: nn.Module) -> nn.Module:

@@ -1,8 +1,10 @@
 """A small batched Llama-family forward (gpt-fast style) over the modules of a Hugging Face model.
 
 Every sequence in a step contributes a chunk of new tokens (a whole prompt, part of one, or one
-decode token). The linears run once on all chunks concatenated, so a packed NVFP4 weight is
-dequantized once per step whatever the batch size; attention runs per sequence against its KV slot.
+decode token). Decode tokens and prompt chunks take two functions: `decode` (one token for every running sequence;
+every sequence's attention in one call against the static KV cache, torch.ops.nvfp4.decode_attention;
+compilable with torch.compile) and `prefill` (prompt chunks, SDPA one chunk at a time). Each runs its
+linears once on all its rows (q/k/v and gate/up fused into one matrix each).
 """
 
 from dataclasses import dataclass
@@ -11,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nvfp4.kernels.attention import decode_attention
 from nvfp4.kernels.cpu import GEMV_MAX_BATCH
+from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 from nvfp4.serve.native.kv_cache import KVCache
 
 MATRIX_ROWS = GEMV_MAX_BATCH + 1  # prompt rows are padded to this, so that they always take the matrix path
@@ -26,6 +30,20 @@ class Chunk:
     decode: bool = False  # one generated token (else a piece of a prompt); decode chunks come first in a step
 
 
+@dataclass
+class _Layer:
+    attn_norm: nn.Module
+    qkv: nn.Module  # q, k and v projections as one matrix
+    q_norm: nn.Module | None  # Qwen3's per-head norms
+    k_norm: nn.Module | None
+    o_proj: nn.Module
+    scaling: float
+    mlp_norm: nn.Module
+    gate_up: nn.Module  # gate and up projections as one matrix
+    act: nn.Module
+    down: nn.Module
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -33,6 +51,58 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x [T, H, D], cos/sin [T, 1, D]
     return x * cos + _rotate_half(x) * sin
+
+
+def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A Llama-family RMSNorm module's result in one fused op: normalise in fp32, cast back, times the weight."""
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * norm.weight
+
+
+def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
+    """One module computing the modules' outputs side by side (engines fuse q/k/v and gate/up the same way), or None
+    when they cannot be one matrix. The modules' tensors become views of the fused ones: no extra memory."""
+    if all(type(m) is nn.Linear for m in modules) and len({m.weight.dtype for m in modules}) == 1:
+        fused = nn.Linear(modules[0].in_features, sum(m.out_features for m in modules), bias=modules[0].bias is not None,
+                          device="meta")
+        fused.weight = nn.Parameter(torch.cat([m.weight for m in modules]), requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
+        _share_rows(modules, fused, ("weight", "bias"))
+        return fused
+    if not all(isinstance(m, NVFP4PackedLinear) for m in modules):
+        return None
+    first = modules[0]
+    same = all(torch.equal(m.gscale, first.gscale) and (m.bias is None) == (first.bias is None) for m in modules)
+    inputs = [m.input_gscale for m in modules]
+    if not same or not (all(i is None for i in inputs) or all(i is not None and torch.equal(i, inputs[0]) for i in inputs)):
+        return None  # one global scale (and one input scale) per matrix: these were quantized apart
+    weight = PackedWeight(torch.cat([m.packed for m in modules]), torch.cat([m.scales for m in modules]), first.gscale,
+                          first.input_gscale)
+    fused = NVFP4PackedLinear(weight, None if first.bias is None else torch.cat([m.bias for m in modules]))
+    _share_rows(modules, fused, ("packed", "scales", "bias"))
+    return fused
+
+
+def _share_rows(modules: list[nn.Module], fused: nn.Module, names: tuple[str, ...]) -> None:
+    start = 0
+    for module in modules:
+        rows = module.out_features
+        for name in names:
+            whole = getattr(fused, name)
+            if whole is not None:
+                part = whole[start : start + rows]
+                setattr(module, name, nn.Parameter(part, requires_grad=False) if isinstance(whole, nn.Parameter) else part)
+        start += rows
+
+
+class _Concatenated(nn.Module):
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 class BatchedCausalLM:
@@ -47,6 +117,16 @@ class BatchedCausalLM:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.cache = cache
         self.vocab_size = config.vocab_size
+        self.layers = [self._layer(layer) for layer in self.base.layers]
+
+    @staticmethod
+    def _layer(layer: nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        return _Layer(layer.input_layernorm, fuse_linears(qkv) or _Concatenated(qkv), getattr(attn, "q_norm", None),
+                      getattr(attn, "k_norm", None), attn.o_proj, attn.scaling, layer.post_attention_layernorm,
+                      fuse_linears(gate_up) or _Concatenated(gate_up), mlp.act_fn, mlp.down_proj)
 
     @staticmethod
     def kv_shape(hf_model: nn.Module) -> tuple[int, int, int]:
@@ -56,76 +136,107 @@ class BatchedCausalLM:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return config.num_hidden_layers, kv_heads, head_dim
 
-    @torch.no_grad()  # not inference_mode: packed linears reuse one workspace buffer across callers
-    def forward(self, chunks: list[Chunk]) -> list[Tensor]:
-        """-> per chunk, fp32 logits [n, vocab] (all_logits) or [vocab] (last position)."""
-        self.decode_rows = sum(c.decode for c in chunks)
-        assert all(c.decode for c in chunks[: self.decode_rows]), "decode chunks come first"
-        tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
-        hidden = self.base.embed_tokens(tokens)  # [T, hidden]
-        cos, sin = self.base.rotary_emb(hidden[None], positions[None])
-        cos, sin = cos[0, :, None, :].to(hidden.dtype), sin[0, :, None, :].to(hidden.dtype)
-        for index, layer in enumerate(self.base.layers):
-            hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden), chunks, cos, sin)
-            hidden = hidden + self._rowwise(layer.mlp, layer.post_attention_layernorm(hidden))
+    def compile(self) -> None:
+        """Compile the decode step with torch.compile (one graph for any batch size; the custom ops stay calls)."""
+        self.decode = torch.compile(self.decode, dynamic=True)
+
+    @torch.no_grad()
+    def forward(self, chunks: list[Chunk]) -> tuple[Tensor, list[slice]]:
+        """-> (fp32 logits [rows, vocab], per chunk its rows: every position (all_logits) or the last one).
+        Decode chunks (first) go through `decode`, prompt chunks through `prefill`."""
+        decode_rows = sum(c.decode for c in chunks)
+        assert all(c.decode for c in chunks[:decode_rows]), "decode chunks come first"
+        parts, spans = [], [slice(i, i + 1) for i in range(decode_rows)]
+        if decode_rows:
+            device = self.cache.k[0].device
+            columns = [[c.token_ids[0] for c in chunks[:decode_rows]], [c.start for c in chunks[:decode_rows]],
+                       [c.slot for c in chunks[:decode_rows]]]
+            parts.append(self.decode(*(torch.tensor(column, dtype=torch.long, device=device) for column in columns)))
+        if decode_rows < len(chunks):
+            logits, prompt_spans = self.prefill(chunks[decode_rows:])
+            parts.append(logits)
+            spans += [slice(span.start + decode_rows, span.stop + decode_rows) for span in prompt_spans]
         for chunk in chunks:
             self.cache.lengths[chunk.slot] = chunk.start + len(chunk.token_ids)
+        return parts[0] if len(parts) == 1 else torch.cat(parts), spans
+
+    def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        """One new token per sequence (tokens, positions, KV slots [B]) -> fp32 logits [B, vocab]; every sequence's
+        attention in one call, every row computed the same whatever the batch."""
+        hidden = self.base.embed_tokens(tokens)
+        cos, sin = self._rope_tables(hidden, positions)
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, _rms_norm(layer.attn_norm, hidden), cos, sin, _apply)
+            attended = decode_attention(q, k, v, self.cache.k[index], self.cache.v[index], slots, positions, layer.scaling)
+            hidden = hidden + layer.o_proj(attended.reshape(len(tokens), -1))
+            hidden = hidden + self._mlp(layer, _rms_norm(layer.mlp_norm, hidden), _apply)
+        return self.hf.lm_head(_rms_norm(self.base.norm, hidden)).float()
+
+    def prefill(self, chunks: list[Chunk]) -> tuple[Tensor, list[slice]]:
+        """Prompt chunks (whole prompts or pieces) -> (fp32 logits, per chunk its rows); SDPA one chunk at a time,
+        the linears once on every chunk's rows, padded to the matrix path."""
+        device = self.cache.k[0].device
+        tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks]).to(device)
+        hidden = self.base.embed_tokens(tokens)
+        cos, sin = self._rope_tables(hidden, positions)
+        masks = [None if c.start == 0 else torch.ones(len(c.token_ids), c.start + len(c.token_ids), dtype=torch.bool,
+                                                       device=device).tril(c.start) for c in chunks]  # query i sees 0..start+i
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, _rms_norm(layer.attn_norm, hidden), cos, sin, _as_matrix)
+            outputs, row = [], 0
+            for chunk, mask in zip(chunks, masks):
+                rows = slice(row, row + len(chunk.token_ids))
+                k_seen, v_seen = self.cache.write(index, chunk.slot, chunk.start, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+                attended = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k_seen[None], v_seen[None],
+                                                          attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
+                                                          enable_gqa=True)
+                outputs.append(attended[0].transpose(0, 1))
+                row = rows.stop
+            hidden = hidden + _as_matrix(layer.o_proj, torch.cat(outputs).reshape(len(tokens), -1))
+            hidden = hidden + self._mlp(layer, _rms_norm(layer.mlp_norm, hidden), _as_matrix)
         return self._logits(hidden, chunks)
 
-    def _attention(self, index: int, attn: nn.Module, x: Tensor, chunks: list[Chunk], cos: Tensor, sin: Tensor) -> Tensor:
-        T = x.shape[0]
-        q = self._rowwise(attn.q_proj, x).view(T, -1, self.head_dim)
-        k = self._rowwise(attn.k_proj, x).view(T, -1, self.head_dim)
-        v = self._rowwise(attn.v_proj, x).view(T, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        outputs, offset = [], 0
-        for chunk in chunks:
-            n = len(chunk.token_ids)
-            keys, values = self.cache.write(
-                index, chunk.slot, chunk.start, k[offset : offset + n].transpose(0, 1), v[offset : offset + n].transpose(0, 1)
-            )
-            query = q[offset : offset + n].transpose(0, 1)[None]  # [1, H, n, D]
-            outputs.append(self._sdpa(query, keys[None], values[None], chunk.start, attn.scaling)[0].transpose(0, 1))
-            offset += n
-        return self._rowwise(attn.o_proj, torch.cat(outputs).reshape(T, -1))
+    def _rope_tables(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.base.rotary_emb(hidden[None], positions[None])
+        return cos[0, :, None, :].to(hidden.dtype), sin[0, :, None, :].to(hidden.dtype)
 
-    def _rowwise(self, fn, x: Tensor) -> Tensor:
-        """fn (row by row: a linear, the MLP) on the decode rows and the prompt rows apart, the prompt rows padded
-        to the matrix path: the packed GEMV (decode) and the GEMM (prompts) round differently, and a row must
-        get the same numbers whatever step it shares (greedy output then equals a request's run alone, for up
-        to GEMV_MAX_BATCH decoding sequences)."""
-        decode, prompt = x[: self.decode_rows], x[self.decode_rows :]
-        if not len(prompt):
-            return fn(decode)
-        padded = torch.cat([prompt, prompt.new_zeros(max(0, MATRIX_ROWS - len(prompt)), x.shape[1])])
-        prompt_out = fn(padded)[: len(prompt)]
-        return prompt_out if not len(decode) else torch.cat([fn(decode), prompt_out])
+    def _qkv(self, layer: _Layer, x: Tensor, cos: Tensor, sin: Tensor, apply) -> tuple[Tensor, Tensor, Tensor]:
+        """-> q [T, H, D], k, v [T, KVH, D], RoPE applied to q and k."""
+        H, KVH = self.heads, self.kv_heads
+        qkv = apply(layer.qkv, x).view(len(x), H + 2 * KVH, self.head_dim)
+        qk, v = qkv[:, : H + KVH], qkv[:, H + KVH :]
+        if layer.q_norm is not None:
+            qk = torch.cat([layer.q_norm(qk[:, :H]), layer.k_norm(qk[:, H:])], dim=1)
+        qk = _rope(qk, cos, sin)
+        return qk[:, :H], qk[:, H:], v
 
     @staticmethod
-    def _sdpa(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
-        n, total = q.shape[2], k.shape[2]
-        if n == 1:  # decode: two small matmuls beat the CPU flash kernel's ~0.5 ms fixed cost
-            heads, kv_heads = q.shape[1], k.shape[1]
-            grouped = q.reshape(kv_heads, heads // kv_heads, q.shape[-1])  # [KVH, G, D]
-            weights = torch.softmax((grouped @ k[0].transpose(1, 2)) * scale, dim=-1)  # [KVH, G, L]
-            return (weights @ v[0]).reshape(1, heads, 1, -1)
-        mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=start)  # query i sees keys 0..start+i
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    def _mlp(layer: _Layer, x: Tensor, apply) -> Tensor:
+        gate, up = apply(layer.gate_up, x).chunk(2, dim=-1)
+        return apply(layer.down, layer.act(gate) * up)
 
-    def _logits(self, hidden: Tensor, chunks: list[Chunk]) -> list[Tensor]:
-        rows, offset = [], 0
+    def _logits(self, hidden: Tensor, chunks: list[Chunk]) -> tuple[Tensor, list[slice]]:
+        picked, spans, offset = [], [], 0
         for chunk in chunks:
             n = len(chunk.token_ids)
-            rows.append(torch.arange(offset, offset + n) if chunk.all_logits else torch.tensor([offset + n - 1]))
+            wanted = range(offset, offset + n) if chunk.all_logits else range(offset + n - 1, offset + n)
+            spans.append(slice(len(picked), len(picked) + len(wanted)))
+            picked.extend(wanted)
             offset += n
-        selected = self.base.norm(hidden[torch.cat(rows)])
-        logits = self.hf.lm_head(selected).float()
-        out, offset = [], 0
-        for chunk, index in zip(chunks, rows):
-            part = logits[offset : offset + len(index)]
-            out.append(part if chunk.all_logits else part[0])
-            offset += len(index)
-        return out
+        rows = hidden if len(picked) == len(hidden) else hidden[torch.tensor(picked, device=hidden.device)]
+        return self.hf.lm_head(_rms_norm(self.base.norm, rows)).float(), spans
+
+
+def _apply(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+def _as_matrix(fn, x: Tensor) -> Tensor:
+    """fn (row by row: a linear) on prompt rows padded to MATRIX_ROWS: a packed weight's GEMV (decode rows) and its
+    GEMM (prompt rows) round differently, and the padding keeps every prompt row on the GEMM whatever the step
+    (so a decode row gets the same numbers alone or beside prompts, and greedy output equals a request's run alone
+    for up to GEMV_MAX_BATCH decoding sequences)."""
+    if len(x) >= MATRIX_ROWS:
+        return fn(x)
+    return fn(torch.cat([x, x.new_zeros(MATRIX_ROWS - len(x), x.shape[1])]))[: len(x)]
