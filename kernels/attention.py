@@ -1,8 +1,12 @@
 """Decode attention over a static KV cache as a torch custom op, torch.ops.nvfp4.decode_attention: one new token per
-sequence, every sequence of a step in one call. A C kernel on CPU; torch elsewhere, padded to the longest sequence."""
+sequence, every sequence of a step in one call. A C kernel on CPU (kernels/cpu_ops.cpp); torch elsewhere, padded to
+the longest sequence."""
 
 import torch
 from torch import Tensor
+
+from nvfp4.kernels import cpu
+from nvfp4.kernels.ops import register
 
 _LIB = torch.library.Library("nvfp4", "FRAGMENT")
 _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
@@ -30,16 +34,5 @@ def decode_attention_torch(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
     return (weights @ values).reshape(batch, heads, dim)
 
 
-def _decode_attention_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                          positions: Tensor, scale: float) -> Tensor:
-    from nvfp4.kernels import cpu
-
-    fp32 = all(t.dtype == torch.float32 for t in (q, k, v, k_cache, v_cache))
-    if fp32 and k_cache.is_contiguous() and v_cache.is_contiguous() and cpu.available():
-        return cpu.decode_attention(q, k, v, k_cache, v_cache, slots, positions, scale)
-    return decode_attention_torch(q, k, v, k_cache, v_cache, slots, positions, scale)
-
-
-_LIB.impl("decode_attention", _decode_attention_cpu, "CPU")
-_LIB.impl("decode_attention", decode_attention_torch, "CUDA")
-torch.library.register_fake("nvfp4::decode_attention", lambda q, *rest: torch.empty_like(q), lib=_LIB)
+register(_LIB, "decode_attention", None if cpu.torch_ops() else decode_attention_torch, decode_attention_torch,
+         lambda q, *rest: torch.empty_like(q))

@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -19,31 +19,70 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_nvfp4.c")
-GEMV_MAX_BATCH = 16  # beyond this, dequantize once into a buffer and let BLAS do the GEMM
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_TORCH_OPS = Path(__file__).with_name("cpu_ops.cpp")
+GEMV_MAX_BATCH = 16  # beyond this, dequantize once into a buffer and let BLAS do the GEMM (also in cpu_ops.cpp)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
 
 
 def _build_dir() -> Path:
     return Path(os.environ.get("NVFP4_CACHE", Path.home() / ".cache" / "nvfp4")) / "kernels"
 
 
+@dataclass(frozen=True)
+class _Build:
+    """One way to build the library: its compile commands (in a temporary folder) and what keys its cache entry."""
+
+    name: str
+    commands: list[list[str]]
+    key: bytes
+
+
+def _builds(compiler: str) -> list[_Build]:
+    """The C kernels with the CPU kernels of torch.ops.nvfp4 (cpu_ops.cpp, torch's headers, ABI flag and libraries:
+    the torch build is part of the key), else the C kernels alone (those ops then run torch code)."""
+    c_only = _Build("cpu_nvfp4", [[compiler, *FLAGS, "-shared", str(_SOURCE), "-o", "{out}", "-lm"]], b"")
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        return [c_only]
+    from torch.utils import cpp_extension
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    libraries = [flag for path in cpp_extension.library_paths() for flag in (f"-L{path}", f"-Wl,-rpath,{path}")]
+    link = [cxx, *FLAGS, "-shared", "-std=c++20", abi, *includes, str(_TORCH_OPS), "{tmp}/kernels.o", "-o", "{out}",
+            *libraries, "-lc10", "-ltorch_cpu", "-lm"]
+    key = _TORCH_OPS.read_bytes() + f"{torch.__version__} {abi} {cxx} {_compiler_facts(cxx)}".encode()
+    return [_Build("cpu_nvfp4_ops", [[compiler, *FLAGS, "-c", str(_SOURCE), "-o", "{tmp}/kernels.o"], link], key), c_only]
+
+
 @cache
 def library() -> ctypes.CDLL | None:
+    """The C kernels, built once per source, flags, compiler and CPU (and torch build, for the torch ops) and cached;
+    loading the library registers its torch ops' CPU kernels."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or os.environ.get("NVFP4_NO_C_KERNELS"):
         return None
-    digest = build_key(compiler)
-    target = _build_dir() / f"cpu_nvfp4-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+    for build in _builds(compiler):
+        target = _build_dir() / f"{build.name}-{build_key(compiler, build.key)}.so"
+        if target.exists() or _compile(build, target):
+            return _bind(ctypes.CDLL(str(target)), torch_ops=build.name.endswith("_ops"))
+    return None
+
+
+def _compile(build: _Build, target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        for command in build.commands:
+            result = subprocess.run([arg.format(tmp=tmp, out=built) for arg in command], capture_output=True, text=True)
             if result.returncode != 0:
-                log.warning("C kernels unavailable, using torch: %s", result.stderr.strip()[:500])
-                return None
-            built.rename(target)
-    lib = ctypes.CDLL(str(target))
+                log.warning("%s unavailable: %s", build.name, result.stderr.strip()[-500:])
+                return False
+        built.rename(target)
+    return True
+
+
+def _bind(lib: ctypes.CDLL, torch_ops: bool) -> ctypes.CDLL:
     pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.nvfp4_dequantize.argtypes = [pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
@@ -54,16 +93,27 @@ def library() -> ctypes.CDLL | None:
     lib.int8_block_gemv.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64]
     lib.nvfp4_scale_gradient.argtypes = [pointer, pointer, pointer, pointer, f32, pointer, pointer, i64, i64]
     lib.kl_rows.argtypes = [pointer, pointer, pointer, pointer, i64, i64]
-    lib.decode_attention.argtypes = [pointer] * 7 + [f32, pointer] + [i64] * 5
+    lib.torch_ops = torch_ops
     return lib
 
 
-def build_key(compiler: str) -> str:
-    """The cache key of a build: the source, the flags, and what the compiler makes of them on this CPU
-    (`-###` prints its version and `-march=native` expanded to this CPU's target and features), so a cache
-    shared with another CPU never hands it a library built for instructions it lacks."""
-    probe = subprocess.run([compiler, *FLAGS, "-###", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
-    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(FLAGS).encode() + probe.stderr.encode()).hexdigest()[:16]
+def _compiler_facts(compiler: str) -> str:
+    """What the compiler makes of the flags on this CPU: `-###` prints its version and `-march=native` expanded to
+    this CPU's target and features."""
+    return subprocess.run([compiler, *FLAGS, "-###", "-E", "-x", "c", os.devnull], capture_output=True, text=True).stderr
+
+
+def build_key(compiler: str, extra: bytes = b"") -> str:
+    """The cache key of a build: the source, the flags, and the compiler's view of this CPU, so a cache shared with
+    another CPU never hands it a library built for instructions it lacks."""
+    facts = _SOURCE.read_bytes() + " ".join(FLAGS).encode() + _compiler_facts(compiler).encode() + extra
+    return hashlib.sha256(facts).hexdigest()[:16]
+
+
+def torch_ops() -> bool:
+    """Whether the library registered the CPU kernels of torch.ops.nvfp4.linear_w4a16 and decode_attention."""
+    lib = library()
+    return lib is not None and lib.torch_ops
 
 
 def available() -> bool:
@@ -82,20 +132,6 @@ def dequantize_into(out: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor)
     _sync_threads(lib)
     lib.nvfp4_dequantize(packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale), out.data_ptr(), rows, cols)
     return out
-
-
-_workspace = threading.local()
-
-
-def dequantize_workspace(packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
-    """The dequantized weight in the calling thread's buffer, reused by every weight that thread dequantizes
-    (it grows to the largest one): a prefill never holds a dequantized copy of more than one weight, and
-    engines in separate threads never share a buffer."""
-    rows, cols = packed.shape[0], packed.shape[1] * 2
-    buffer = getattr(_workspace, "fp32", None)
-    if buffer is None or buffer.numel() < rows * cols:
-        buffer = _workspace.fp32 = torch.empty(rows * cols, dtype=torch.float32)
-    return dequantize_into(buffer[: rows * cols].view(rows, cols), packed, scales, gscale)
 
 
 def gemv(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
@@ -188,18 +224,3 @@ def kl_rows(teacher: Tensor, student: Tensor, with_grad: bool) -> tuple[Tensor, 
                 *teacher.shape)
     return kl, grad
 
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                     positions: Tensor, scale: float) -> Tensor:
-    """One decode token per sequence: q [B, H, D], k, v [B, KVH, D] fp32; writes k, v into the caches
-    [slots, KVH, max_len, D] at (slots[b], positions[b]) and attends over positions 0..positions[b] -> [B, H, D]."""
-    lib = library()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    assert q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == positions.dtype == torch.int64
-    (batch, heads, dim), (_, kv_heads, max_len, _) = q.shape, k_cache.shape
-    out = torch.empty_like(q)
-    _sync_threads(lib)
-    lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                         slots.data_ptr(), positions.data_ptr(), scale, out.data_ptr(), batch, heads, kv_heads, max_len, dim)
-    return out

@@ -4,12 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nvfp4.kernels import numerics as ref
+from nvfp4.kernels import cpu, numerics as ref
 
 
 def _use_c(x: Tensor) -> bool:
-    from nvfp4.kernels import cpu
-
     return x.dim() >= 1 and cpu.available()
 
 
@@ -32,8 +30,6 @@ _LIB.define("linear_w4a16(Tensor x, Tensor packed, Tensor scales, Tensor gscale)
 
 def _quantize_cpu(x: Tensor, gscale: Tensor, scales: Tensor | None) -> tuple[Tensor, Tensor]:
     if x.dim() == 2 and _use_c(x):
-        from nvfp4.kernels import cpu
-
         return cpu.quantize(x, gscale, scales)
     return _quantize_reference(x, gscale, scales)
 
@@ -58,8 +54,6 @@ def _quantize_fake(x: Tensor, gscale: Tensor, scales: Tensor | None) -> tuple[Te
 
 def _fake_quantize_cpu(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Tensor:
     if _use_c(x) and x.shape[-1] % ref.BLOCK == 0:
-        from nvfp4.kernels import cpu
-
         flat = x.detach().reshape(-1, x.shape[-1])
         out = cpu.fake_quantize(flat, gscale, None if scales is None else scales.reshape(-1, scales.shape[-1]))
         return out.reshape(x.shape).to(x.dtype)
@@ -74,16 +68,8 @@ def _fake_quantize_cuda(x: Tensor, gscale: Tensor, scales: Tensor | None) -> Ten
     return ref.fake_quantize_ref(x, gscale, scales)
 
 
-def _linear_cpu(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
-    """A C GEMV on the packed bytes for decode-sized batches; larger ones dequantize into the calling thread's
-    workspace (one buffer, never a resident copy) and run BLAS."""
-    if not _use_c(x):
-        return F.linear(x, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
-    from nvfp4.kernels import cpu
-
-    if x.dtype == torch.float32 and x.shape[0] <= cpu.GEMV_MAX_BATCH:
-        return cpu.gemv(x, packed, scales, gscale)
-    return F.linear(x, cpu.dequantize_workspace(packed, scales, gscale).to(x.dtype))
+def _linear_reference(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
+    return F.linear(x, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
 
 
 def _linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
@@ -91,19 +77,25 @@ def _linear_cuda(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> T
         from nvfp4.kernels.triton_nvfp4 import matmul_w4a16_triton
 
         return matmul_w4a16_triton(x, packed, scales, gscale)
-    return F.linear(x, ref.dequantize_ref(packed, scales, gscale).to(x.dtype))
+    return _linear_reference(x, packed, scales, gscale)
 
 
 def _linear_fake(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
-for _name, _cpu_kernel, _cuda_kernel, _fake in (("quantize", _quantize_cpu, _quantize_cuda, _quantize_fake),
-                                               ("fake_quantize", _fake_quantize_cpu, _fake_quantize_cuda, lambda x, gscale, scales: torch.empty_like(x)),
-                                               ("linear_w4a16", _linear_cpu, _linear_cuda, _linear_fake)):
-    _LIB.impl(_name, _cpu_kernel, "CPU")
-    _LIB.impl(_name, _cuda_kernel, "CUDA")
-    torch.library.register_fake(f"nvfp4::{_name}", _fake, lib=_LIB)
+def register(lib: torch.library.Library, name: str, cpu_kernel, cuda_kernel, fake) -> None:
+    """An op's kernels: `cpu_kernel` on CPU (None: kernels/cpu_ops.cpp registered a C++ one), `cuda_kernel` on CUDA,
+    `fake` for tracing (shapes alone)."""
+    if cpu_kernel is not None:
+        lib.impl(name, cpu_kernel, "CPU")
+    lib.impl(name, cuda_kernel, "CUDA")
+    torch.library.register_fake(f"nvfp4::{name}", fake, lib=lib)
+
+
+register(_LIB, "quantize", _quantize_cpu, _quantize_cuda, _quantize_fake)
+register(_LIB, "fake_quantize", _fake_quantize_cpu, _fake_quantize_cuda, lambda x, gscale, scales: torch.empty_like(x))
+register(_LIB, "linear_w4a16", None if cpu.torch_ops() else _linear_reference, _linear_cuda, _linear_fake)
 
 
 def quantize(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,8 +138,6 @@ def _scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gsca
 
         return scale_gradient_triton(x, grad, scale, scales, gscale)
     if x.dim() == 2 and x.device.type == "cpu" and _use_c(x):
-        from nvfp4.kernels import cpu
-
         return cpu.scale_gradient(x, grad, scale, scales, gscale)
     return ref.scale_gradient_ref(x, grad, scale, gscale)
 
@@ -197,8 +187,6 @@ def linear_bf16_weight(x: Tensor, weight: Tensor) -> Tensor:
 
 def _linear_bf16_weight(x: Tensor, weight: Tensor, max_gemv_rows: int = 64) -> Tensor:
     if x.device.type == "cpu" and _use_c(x) and x.dtype == torch.float32 and x.shape[0] <= max_gemv_rows:
-        from nvfp4.kernels import cpu
-
         return torch.cat([cpu.bf16_gemv(part, weight) for part in x.split(cpu.GEMV_MAX_BATCH)])
     return F.linear(x, weight.to(x.dtype))
 

@@ -58,24 +58,12 @@ def test_packed_linear_equals_dense_linear_on_dequantized_weight(tokens):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_workspace_is_one_buffer_per_thread_not_grown_per_layer():
-    import threading
-
-    layers = [NVFP4PackedLinear(PackedWeight(*nv.quantize_ref(torch.randn(rows, 64)))) for rows in (64, 96, 32)]
-    x = torch.randn(40, 64)  # a prefill-sized batch takes the dequantize-into-buffer path
-
-    def run(buffers: list) -> None:
-        for layer in layers:
-            layer(x)
-            buffers.append(cpu._workspace.fp32)
-
-    here, other = [], []
-    for buffers in (here, other):  # fresh threads: no buffer from earlier work
-        thread = threading.Thread(target=run, args=(buffers,))
-        thread.start()
-        thread.join()
-    assert here[1] is here[2] and here[1].numel() == 96 * 64  # grown once to the largest weight, then reused
-    assert other[-1] is not here[-1]  # another thread (another engine) has its own
+def test_the_decode_ops_cpu_kernels_are_the_cpp_ones_here():
+    """With a C++ compiler (every machine we support) kernels/cpu_ops.cpp is built against this torch and registers
+    the CPU kernels of linear_w4a16 and decode_attention: a decode step calls them with no Python between."""
+    assert cpu.torch_ops()
+    for op in ("linear_w4a16", "decode_attention"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nvfp4::{op}", "CPU")
 
 
 def test_linear_w4a16_keeps_leading_dims():
