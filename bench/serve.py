@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -154,7 +156,7 @@ def _dtypes(model) -> str:
     return ", ".join(f"{str(d).replace('torch.', '')} {b / 2**20:.0f} MiB" for d, b in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def llamacpp_in_process(gguf: Path, max_tokens: int, threads: int, requests: int = 4) -> float:
+def llamacpp_in_process(gguf: Path, max_tokens: int, threads: int, requests: int) -> float:
     """llama.cpp itself (llama-cpp-python, in this process) on the same chat prompts, one at a time, EOS masked:
     output tokens / wall seconds, prefill included, as the HTTP rows count them."""
     from llama_cpp import Llama
@@ -188,7 +190,9 @@ def compare(args) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"load average before: {os.getloadavg()[0]:.2f} on {cores} cores; {args.max_tokens} tokens per request, greedy, "
           f"EOS ignored")
-    reference = llamacpp_in_process(Path(args.out) / "llamacpp" / "model.gguf", args.max_tokens, cores)
+    gguf = Path(args.out) / "llamacpp" / "model.gguf"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:  # its threads end with it
+        reference = child.submit(llamacpp_in_process, gguf, args.max_tokens, cores, args.requests).result()
     print("| path | model | streams | output tok/s | vs llama.cpp in process |\n|---|---|---:|---:|---:|")
     print(f"| llama.cpp in process (llama-cpp-python, {cores} threads) | student | 1 | {reference:.1f} | 1.00x |", flush=True)
     compiled = [] if args.eager else ["--compile"]
@@ -201,7 +205,7 @@ def compare(args) -> None:
         try:
             for model, model_levels in models.items():
                 for level in model_levels:
-                    r = asyncio.run(run_level(url, model, level, max(level, 4), args.max_tokens))
+                    r = asyncio.run(run_level(url, model, level, max(level, args.requests), args.max_tokens))
                     print(f"| {label} | {model} | {level} | {r['tok_s']:.1f} | {r['tok_s'] / reference:.2f}x |", flush=True)
         finally:
             child.send_signal(signal.SIGTERM)
@@ -220,6 +224,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default as `nvfp4 serve`: cores / 2 models)")
     parser.add_argument("--compare", action="store_true", help="llama.cpp in process vs `nvfp4 serve` with each engine (needs --out)")
     parser.add_argument("--eager", action="store_true", help="--compare: the native engine without --compile")
+    parser.add_argument("--requests", type=int, default=4, help="--compare: requests per row at least (one stream: one after another)")
     parser.add_argument("--serve-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,6 @@
-"""CPU fast path: the C kernels in cpu_nvfp4.c, built once with the system compiler and loaded via ctypes.
+"""CPU fast path: the C kernels in cpu_nvfp4.c and the C++ CPU kernels of the decode ops (cpu_ops.cpp), built once
+into one library with the system compilers; the C++ part registers itself with torch's dispatcher when the
+library loads, the C kernels are called through ctypes.
 
 Falls back to the torch reference (kernels.numerics) where no C compiler is available.
 """
@@ -122,29 +124,6 @@ def available() -> bool:
 
 def _sync_threads(lib: ctypes.CDLL) -> None:
     lib.nvfp4_set_threads(torch.get_num_threads())
-
-
-def dequantize_into(out: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
-    """Write dequantize(packed, scales, gscale) into the fp32 buffer `out` [N, K]; bit-identical to the reference."""
-    lib = library()
-    rows, cols = packed.shape[0], packed.shape[1] * 2
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (rows, cols)
-    _sync_threads(lib)
-    lib.nvfp4_dequantize(packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale), out.data_ptr(), rows, cols)
-    return out
-
-
-def gemv(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tensor) -> Tensor:
-    """x fp32 [M <= 16, K] -> x @ W^T [M, N] reading the packed weight directly."""
-    lib = library()
-    x = x.contiguous()
-    rows, cols = packed.shape[0], packed.shape[1] * 2
-    assert x.dtype == torch.float32 and x.shape[-1] == cols and x.shape[0] <= GEMV_MAX_BATCH
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    _sync_threads(lib)
-    lib.nvfp4_gemv(x.data_ptr(), x.shape[0], packed.data_ptr(), scales.view(torch.uint8).data_ptr(), float(gscale),
-                   y.data_ptr(), rows, cols)
-    return y
 
 
 def bf16_gemv(x: Tensor, weight: Tensor) -> Tensor:
