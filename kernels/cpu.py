@@ -44,7 +44,7 @@ def _builds(compiler: str) -> list[_Build]:
     the torch build is part of the key), else the C kernels alone (those ops then run torch code)."""
     c_only = _Build("cpu_nvfp4", [[compiler, *FLAGS, "-shared", str(_SOURCE), "-o", "{out}", "-lm"]], b"")
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
+    if cxx is None or not _TORCH_OPS.is_file():
         return [c_only]
     from torch.utils import cpp_extension
 

@@ -4,7 +4,7 @@ Every sequence in a step contributes a chunk of new tokens (a whole prompt, part
 decode token). Decode tokens and prompt chunks take two functions: `decode` (one token for every running sequence;
 every sequence's attention in one call against the static KV cache, torch.ops.nvfp4.decode_attention;
 compilable with torch.compile) and `prefill` (prompt chunks, SDPA one chunk at a time). Each runs its
-linears once on all its rows (q/k/v and gate/up fused into one matrix each).
+linears once on all its rows (a packed model's q/k/v and gate/up fused into one matrix each).
 """
 
 from dataclasses import dataclass
@@ -60,16 +60,10 @@ def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
 
 
 def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
-    """One module computing the modules' outputs side by side (engines fuse q/k/v and gate/up the same way), or None
-    when they cannot be one matrix. The modules' tensors become views of the fused ones: no extra memory."""
-    if all(type(m) is nn.Linear for m in modules) and len({m.weight.dtype for m in modules}) == 1:
-        fused = nn.Linear(modules[0].in_features, sum(m.out_features for m in modules), bias=modules[0].bias is not None,
-                          device="meta")
-        fused.weight = nn.Parameter(torch.cat([m.weight for m in modules]), requires_grad=False)
-        if fused.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
-        _share_rows(modules, fused, ("weight", "bias"))
-        return fused
+    """One packed linear computing the packed modules' outputs side by side (engines fuse q/k/v and gate/up the same
+    way), or None when they cannot be one matrix. The modules' tensors become views of the fused ones: no extra
+    memory. Plain linears stay apart: a teacher's weights may be held by SharedTensors too, and a fused copy would
+    double them."""
     if not all(isinstance(m, NVFP4PackedLinear) for m in modules):
         return None
     first = modules[0]
@@ -89,10 +83,8 @@ def _share_rows(modules: list[nn.Module], fused: nn.Module, names: tuple[str, ..
     for module in modules:
         rows = module.out_features
         for name in names:
-            whole = getattr(fused, name)
-            if whole is not None:
-                part = whole[start : start + rows]
-                setattr(module, name, nn.Parameter(part, requires_grad=False) if isinstance(whole, nn.Parameter) else part)
+            if (whole := getattr(fused, name)) is not None:
+                setattr(module, name, whole[start : start + rows])
         start += rows
 
 
