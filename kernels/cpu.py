@@ -86,8 +86,6 @@ def _compile(build: _Build, target: Path) -> bool:
 
 def _bind(lib: ctypes.CDLL, torch_ops: bool) -> ctypes.CDLL:
     pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.nvfp4_dequantize.argtypes = [pointer, pointer, f32, pointer, i64, i64]
-    lib.nvfp4_gemv.argtypes = [pointer, i64, pointer, pointer, f32, pointer, i64, i64]
     lib.nvfp4_set_threads.argtypes = [ctypes.c_int]
     lib.nvfp4_quantize.argtypes = [pointer, f32, pointer, pointer, ctypes.c_int, i64, i64]
     lib.nvfp4_fake_quantize.argtypes = [pointer, f32, pointer, pointer, i64, i64]

@@ -293,8 +293,7 @@ class NativeEngine(Engine):
         ready = []
         for seq, row in choosing:
             params = seq.params
-            stop_ids = self._stop_ids(params)
-            banned = stop_ids if len(seq.generated) < params.min_tokens else []
+            banned = self._stop_ids(params) if len(seq.generated) < params.min_tokens else []
             if needs_penalties(params, banned):
                 if params.logprobs is not None:
                     raw[row] = logits[row].clone()
