@@ -40,11 +40,11 @@ $(VLLM_VENV)/.installed:
 
 vllm: $(VLLM_VENV)/.installed
 
-# Debian tools for tests/test_docker.py (docker-compose config, promtool) and the UI browser test (chromium); skipped when present.
+# Debian tools for tests/e2e/test_docker.py (docker-compose config, promtool) and the UI browser test (chromium); skipped when present.
 test-tools:
 	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose prometheus; }
-	@# Debian's chromium for the Playwright page test (tests/test_ui_browser.py); never `playwright install`.
+	@# Debian's chromium for the Playwright page test (tests/ui/test_ui_browser.py); never `playwright install`.
 	@command -v chromium >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 

@@ -4,7 +4,7 @@ A stage asks the entry, never the architecture's name: which norms feed the atte
 (channel smoothing), whether the norms multiply by (1 + weight) (Gemma), how a mixture of experts
 is named on the Hub (exports), which llama.cpp architecture the GGUF target writes and whether its
 q/k rows need llama.cpp's RoPE permutation, and whether the native serving engine runs the family.
-Adding a family is one entry here plus its tiny model in tests/families.py.
+Adding a family is one entry here plus its tiny model in tests/support/families.py.
 """
 
 import re

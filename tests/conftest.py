@@ -1,43 +1,19 @@
-"""Shared fixtures: seeds, SQNR floors, a tiny random Llama and the embedded default model."""
+"""Shared fixtures: seeds, a tiny random Llama, the tiny families, the embedded default model, the GGUF oracle.
 
-import math
+Helpers that tests import live in support/ (tests/ is on sys.path through pytest's `pythonpath`).
+"""
+
 import os
 
 import pytest
 import torch
 
-# Error budgets (dB), seeded from torchao's NVFP4 floors and raised to measured-minus-margin.
-FLOORS = {
-    "nvfp4_weight_gaussian": 18.0,  # measured ~20.6 dB on N(0,1) weights
-    "nvfp4_roundtrip_any": 8.0,
-    "block_amax": 30.0,
-}
-
-
-def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    ref, x = ref.double(), x.double()
-    noise = (ref - x).norm()
-    return math.inf if noise == 0 else 20 * math.log10(ref.norm() / noise)
+from support.families import TINY_CONFIG
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-TINY_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +42,10 @@ def tiny_model_dir(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory, default_model_dir):
-    """family name -> the folder of its tiny random model (tests/families.py), built on first use."""
+    """family name -> the folder of its tiny random model (tests/support/families.py), built on first use."""
     from transformers import AutoTokenizer
 
-    from families import build
+    from support.families import build
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     root, built = tmp_path_factory.mktemp("families"), {}
@@ -86,7 +62,7 @@ def family_dirs(tmp_path_factory, default_model_dir):
 def llama_cpp_converter():
     """llama.cpp's own convert_hf_to_gguf.py (from llama-cpp-python's source release), the GGUF oracle."""
     from nvfp4.converter.models import cache_dir
-    from oracles import llama_cpp_converter as tree
+    from support.oracles import llama_cpp_converter as tree
 
     return tree(cache_dir())
 

@@ -18,82 +18,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from nvfp4.serve.app import build_app
-from nvfp4.serve.interface import Engine, EngineStats, EventStream, GenerationRequest, QueueFull, TokenEvent
-from nvfp4.serve.adapters.base import UpstreamError
+from nvfp4.serve.interface import Engine, GenerationRequest, TokenEvent
 from nvfp4.serve.limits import Limits
-
-
-class _Tokenizer:
-    """Characters are tokens (ids = code points); enough for routes, templates and stop strings."""
-
-    chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
-    bos_token, eos_token, eos_token_id = "<s>", "</s>", 0
-    specials = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>")
-
-    def __len__(self) -> int:
-        return 0x110000 + len(self.specials)
-
-    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
-        ids, i = [], 0
-        while i < len(text):
-            special = next((s for s in self.specials if text.startswith(s, i)), None)
-            if special and not split_special_tokens:
-                ids.append(0x110000 + self.specials.index(special))
-                i += len(special)
-            else:
-                ids.append(ord(text[i]))
-                i += 1
-        return ids
-
-    def decode(self, ids: list[int], **_) -> str:
-        return "".join(self.specials[t - 0x110000] if t >= 0x110000 else chr(t) for t in ids)
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
-        from jinja2 import Template
-
-        return Template(self.chat_template).render(messages=messages)
-
-
-class FakeEngine(Engine):
-    """Yields `reply` one character a step; `fail_after` raises UpstreamError after that many events (a proxied
-    engine dying mid-stream); `full_after` raises QueueFull on that submission. Tracks what is still open."""
-
-    def __init__(self, reply: str = "hello world", delay: float = 0.0, fail_after: int | None = None,
-                 full_after: int | None = None):
-        self.name, self.tokenizer, self.max_model_len = "fake", _Tokenizer(), 4096
-        self.reply, self.delay, self.fail_after, self.full_after = reply, delay, fail_after, full_after
-        self.submitted: list[GenerationRequest] = []
-        self.open: set[str] = set()
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self, drain_timeout: float = 0.0) -> None:
-        pass
-
-    def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.open))
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if self.full_after is not None and len(self.submitted) >= self.full_after:
-            raise QueueFull("full")
-        self.submitted.append(request)
-        self.open.add(request.request_id)
-        return EventStream(self._events(request), lambda: self.open.discard(request.request_id))
-
-    async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        text = self.reply[: request.params.max_tokens]
-        for i, char in enumerate(text):
-            if self.fail_after is not None and i == self.fail_after:
-                raise UpstreamError(502, "the engine went away")
-            await asyncio.sleep(self.delay)
-            last = i == len(text) - 1
-            yield TokenEvent(ord(char), char, finish_reason=("length" if last else None), num_generated=i + 1)
-        self.open.discard(request.request_id)
+from support.serve import FakeEngine
 
 
 def client(engine: Engine, **kwargs) -> httpx.AsyncClient:

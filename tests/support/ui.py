@@ -1,4 +1,4 @@
-"""Helpers for the UI tests: the real `nvfp4 serve` app with the page mounted at /ui (no tests here)."""
+"""UI helpers: the real `nvfp4 serve` app with the page mounted at /ui."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uvicorn
 
 from nvfp4.serve.app import build_app
 from nvfp4.cli import mount_ui
-from test_serve_helpers import LiveServer, free_port, tiny_engines
+from support.serve import LiveServer, free_port, tiny_engines
 
 
 def live_on(app, port: int) -> LiveServer:

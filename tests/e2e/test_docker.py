@@ -20,9 +20,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_serve_helpers import serve_tiny
+from support.serve import serve_tiny
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "nvfp4.json"
 # PromQL words that are not series names (functions, aggregations, keywords used by the dashboard).

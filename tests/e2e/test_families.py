@@ -1,4 +1,4 @@
-"""Every supported family (tests/families.py), every stage, every target, against the peers as oracles."""
+"""Every supported family (tests/support/families.py), every stage, every target, against the peers as oracles."""
 
 import copy
 import json
@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from families import MOE, TINY, family
+from support.families import MOE, TINY, family
 from nvfp4.cli import cli
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.families import FAMILIES, family_of, hub_names
@@ -20,7 +20,7 @@ from nvfp4.converter.moe import Experts
 from nvfp4.converter.quantize import calibrate, quantize, quantized_modules
 from nvfp4.converter.verify import READERS
 from nvfp4.converter.writers import load_all_writers
-from oracles import (assert_gguf_quantized_equal, assert_same_quantized_tensors, calibration_batch, modelopt_export,
+from support.oracles import (assert_gguf_quantized_equal, assert_same_quantized_tensors, calibration_batch, modelopt_export,
                      reference_gguf)
 
 ALL = list(TINY)
@@ -69,7 +69,7 @@ def test_every_family_has_a_tiny_model_and_the_readme_its_row():
     from nvfp4.converter.families import support_table
 
     assert {family(name).name for name in TINY} == {f.name for f in FAMILIES}
-    assert support_table() in (Path(__file__).parents[1] / "README.md").read_text(), "README's family table is stale"
+    assert support_table() in (Path(__file__).parents[2] / "README.md").read_text(), "README's family table is stale"
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -293,11 +293,11 @@ def converted(family_dirs, family, tmp_path, *extra) -> Path:
 @pytest.mark.parametrize("family", [n for n in ALL if family(n).native])
 def test_native_engine_serves_the_student_as_transformers_generates(family_dirs, family, tmp_path):
     from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
-    from test_serve_engine import _check_parity
+    from support.serve import check_parity
 
     model, tokenizer = load_nvfp4_checkpoint(converted(family_dirs, family, tmp_path) / "trtllm")
     prompts = [tokenizer.encode(t) for t in ["Hi", "A longer prompt " * 6, "x y z"]]
-    _check_parity(model, tokenizer, prompts, n=12, max_num_seqs=2, prefill_chunk=16)
+    check_parity(model, tokenizer, prompts, n=12, max_num_seqs=2, prefill_chunk=16)
 
 
 @pytest.mark.parametrize("family", [n for n in ALL if not family(n).native])
@@ -345,7 +345,7 @@ def test_a_base_model_without_chat_template_calibrates_trains_and_serves_complet
     import shutil
 
     from nvfp4.serve.app import build_app
-    from test_serve_helpers import LiveServer
+    from support.serve import LiveServer
 
     base = tmp_path / "base"
     shutil.copytree(family_dirs("qwen3"), base)

@@ -9,7 +9,7 @@ from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from test_serve_helpers import serve_tiny
+from support.serve import serve_tiny
 
 EXAMPLES_PER_OPERATION = 60  # per operation and mode; bounded so the test stays around a minute on 2 cores
 

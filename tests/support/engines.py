@@ -1,4 +1,4 @@
-"""Helpers for the engine-adapter tests: our server as a real subprocess, process trees (no tests here)."""
+"""Engine-adapter helpers: our server as a real subprocess, process trees."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from test_serve_helpers import free_port, wait_ready
+from support.serve import free_port, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def children_map() -> dict[int, list[int]]:

@@ -12,7 +12,7 @@ from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, quantize
 from nvfp4.converter.writers import load_all_writers
-from oracles import assert_same_quantized_tensors, calibration_batch, modelopt_export
+from support.oracles import assert_same_quantized_tensors, calibration_batch, modelopt_export
 
 SCHEMES = ["nvfp4", "nvfp4-a16"]
 
@@ -98,7 +98,7 @@ def test_vllm_packed_equals_compressed_tensors_compressor_except_exact_ties(tiny
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
     from nvfp4.kernels.numerics import unpack_codes
-    from test_numerics import _near_rounding_boundary
+    from support.numerics import near_rounding_boundary
 
     student, out = our_export(tiny_model_dir, "nvfp4-a16", tmp_path, "vllm")
     tensors = load_file(out / "model.safetensors")
@@ -109,7 +109,7 @@ def test_vllm_packed_equals_compressed_tensors_compressor_except_exact_ties(tiny
             theirs = quantize_and_pack_fp4(w, scales.float(), global_scale=tensors[f"{name}.weight_global_scale"])
             differs = unpack_codes(theirs) != unpack_codes(tensors[f"{name}.weight_packed"])
             scaled = (w.unflatten(-1, (-1, 16)) / (scales.float() * module.weight_gscale).unsqueeze(-1)).flatten(-2)
-            assert bool(_near_rounding_boundary(scaled[differs]).all()), f"{name}: a non-tie code differs"
+            assert bool(near_rounding_boundary(scaled[differs]).all()), f"{name}: a non-tie code differs"
             assert differs.float().mean() < 0.01, name
             checked += 1
     assert checked == 14

@@ -5,7 +5,7 @@ import torch
 
 from nvfp4.kernels import numerics as nv
 from nvfp4.kernels.ops import fake_quantize, fake_quantize_activation, fake_quantize_learned
-from conftest import FLOORS, sqnr
+from support.numerics import FLOORS, near_rounding_boundary, sqnr
 
 SHAPES = [(16, 16), (64, 128), (100, 96), (33, 160), (8, 1024)]
 MAGNITUDES = [1e-6, 1e-3, 1.0, 30.0, 1e4]
@@ -232,12 +232,6 @@ def test_packing_bit_identical_to_compressed_tensors():
     assert torch.equal(pack_fp4_to_uint8(nv.decode_e2m1(codes)), nv.pack_codes(codes))
 
 
-def _near_rounding_boundary(scaled: torch.Tensor) -> torch.Tensor:
-    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    distance = (scaled.abs().unsqueeze(-1) - bounds).abs().amin(-1)
-    return distance <= 4 * torch.finfo(torch.float32).eps * bounds.max()
-
-
 @pytest.mark.slow
 def test_default_model_weights_bit_identical(default_model_dir):
     """All 210 linears: bit-identical to ModelOpt. compressed-tensors, given the same scales, divides
@@ -256,7 +250,7 @@ def test_default_model_weights_bit_identical(default_model_dir):
         theirs = nv.unpack_codes(quantize_and_pack_fp4(w, scales.float(), global_scale=(1 / gscale).reshape(1)))
         differs = theirs != nv.unpack_codes(packed)
         scaled = (w.float().unflatten(-1, (-1, 16)) / (scales.float() * gscale).unsqueeze(-1)).flatten(-2)
-        assert bool(_near_rounding_boundary(scaled[differs]).all()), f"{name}: a non-tie code differs"
+        assert bool(near_rounding_boundary(scaled[differs]).all()), f"{name}: a non-tie code differs"
         disagreements += int(differs.sum())
         total += differs.numel()
     assert disagreements / total < 0.005, f"{disagreements} of {total} codes differ"

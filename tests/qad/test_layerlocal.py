@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from families import TINY
+from support.families import TINY
 from nvfp4.cli import cli
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.layerwise import capture_layer_inputs, run_layer

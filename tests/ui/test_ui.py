@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from gradio_client import Client
 
 from nvfp4.cli import cli
-from test_serve_helpers import free_port, load_tiny, tiny_engines
-from test_ui_helpers import live_on, serve_tiny_with_ui, text_of
+from support.serve import free_port, load_tiny, tiny_engines
+from support.ui import live_on, serve_tiny_with_ui, text_of
 from nvfp4.serve.app import build_app
 from nvfp4.ui.app import (Answer, Conversation, Endpoint, Score, _close_turn, build_ui, first_divergence, header_html,
                     render_chat, score_html, scoring_context, transcript)
@@ -193,7 +193,7 @@ def test_the_mounted_page_and_its_api_routes_need_the_key(tiny_model_dir):
     """The page's server side holds the key: without one, /ui and Gradio's callable routes are closed."""
     import base64
 
-    from test_ui_helpers import serve_with_ui
+    from support.ui import serve_with_ui
 
     with serve_with_ui(tiny_engines(tiny_model_dir), api_key="sekret") as live:
         basic = {"authorization": "Basic " + base64.b64encode(b"me:sekret").decode()}

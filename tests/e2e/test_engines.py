@@ -1,6 +1,6 @@
 """Engine adapters against real processes: llama.cpp (llama-cpp-python's server) on a tiny converted
 model for command line, readiness, proxying, errors, restart and orphans; vLLM / TensorRT-LLM
-command lines (their processes: tests/test_engines_vllm.py, and GPU machines for TensorRT-LLM)."""
+command lines (their processes: tests/e2e/test_engines_vllm.py, and GPU machines for TensorRT-LLM)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 from nvfp4.serve.adapters.llamacpp import LlamaCppEngine
 from nvfp4.serve.adapters.trtllm import TRTLLMEngine
 from nvfp4.serve.adapters.vllm import find_vllm, vllm_argv
-from test_engines_helpers import ServerProcess, alive, cmdline, descendants, wait_gone
-from test_serve_helpers import LiveServer, metric
+from support.engines import ServerProcess, alive, cmdline, descendants, wait_gone
+from support.serve import LiveServer, metric
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -309,7 +309,7 @@ def test_no_orphans_when_our_server_dies(tiny_out, sig):
 # --- the default model: llama.cpp's greedy text = the native engine's --------------------------------
 
 # llama.cpp's CPU NVFP4 kernels quantize activations to Q8_0 before the dot product (see
-# tests/test_writer_gguf.py): a greedy step whose top-2 student logits are closer than this may flip,
+# tests/converter/test_writer_gguf.py): a greedy step whose top-2 student logits are closer than this may flip,
 # so texts must agree up to the first such near-tie.
 NEAR_TIE = 0.5
 CHAT_PROMPTS = ["What is the capital of France?", "Give me a tip for learning to cook.", "Why is the sky blue?"]

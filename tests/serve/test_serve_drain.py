@@ -7,22 +7,26 @@ import sys
 
 import httpx
 
-from test_serve_helpers import free_port, wait_ready
+from pathlib import Path
+
+from support.serve import free_port, wait_ready
 
 SCRIPT = """
 import sys
 from nvfp4.serve.app import build_app
 from nvfp4.serve.cli import run_server
-from test_serve_helpers import tiny_engines
+from support.serve import tiny_engines
 app = build_app(tiny_engines(sys.argv[1]), drain_timeout=30)
 run_server(app, "127.0.0.1", int(sys.argv[2]), drain_timeout=30, log_level="warning")
 """
+
+TESTS = Path(__file__).resolve().parents[1]  # `-c` puts the working directory on sys.path: support/ imports
 
 
 def test_sigterm_drains_running_requests(tiny_model_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)], cwd=__file__.rsplit("/", 1)[0])
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)], cwd=TESTS)
     try:
         wait_ready(url, process)
         body = {"model": "student", "prompt": "Drain", "max_tokens": 300, "stream": True, "ignore_eos": True, "temperature": 0}

@@ -8,7 +8,7 @@ import openai
 import pytest
 import torch
 
-from test_serve_helpers import LiveServer, load_tiny, metric, serve_tiny
+from support.serve import LiveServer, load_tiny, metric, serve_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]

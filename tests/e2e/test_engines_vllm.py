@@ -13,8 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_engines_helpers import ROOT, ServerProcess, alive, cmdline, descendants, wait_gone
-from test_serve_helpers import LiveServer, metric
+from support.engines import ROOT, ServerProcess, alive, cmdline, descendants, wait_gone
+from support.serve import LiveServer, metric
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

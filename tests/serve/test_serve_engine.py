@@ -10,41 +10,9 @@ import torch
 from nvfp4.serve.interface import ContextTooLong, EngineStats, GenerationRequest, QueueFull, SamplingParams
 from nvfp4.serve.native import NativeEngine
 from nvfp4.serve.native.detokenize import TextStream
-from test_serve_helpers import load_tiny
+from support.serve import check_parity, generate_tokens, load_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-async def _generate(engine, ids, n, delay=0.0, **params) -> tuple[list[int], str]:
-    await asyncio.sleep(delay)
-    tokens, text = [], ""
-    # min_tokens masks EOS as transformers' min_new_tokens does
-    request = GenerationRequest("t", ids, SamplingParams(**{"max_tokens": n, "temperature": 0, "min_tokens": n, **params}))
-    async for event in engine.generate(request):
-        tokens.append(event.token_id)
-        text += event.text
-    return tokens, text
-
-
-def _greedy_reference(model, ids, n) -> list[int]:
-    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
-
-
-def _check_parity(model, tokenizer, prompts, n, max_num_seqs=4, prefill_chunk=512):
-    """Requests arriving at staggered times (joining a running batch, long prompts chunked) = HF generate alone."""
-
-    async def run():
-        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk)
-        await engine.start()
-        try:
-            return await asyncio.gather(*(_generate(engine, p, n, delay=0.02 * i) for i, p in enumerate(prompts)))
-        finally:
-            await engine.close()
-
-    for ids, (tokens, text) in zip(prompts, asyncio.run(run())):
-        expected = _greedy_reference(model, ids, n)
-        assert tokens == expected
-        assert text == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["student", "teacher"])
@@ -52,7 +20,7 @@ def test_continuous_batching_matches_transformers(tiny_model_dir, packed):
     model, tokenizer = load_tiny(tiny_model_dir, packed)
     prompts = [tokenizer.encode(t) for t in ["Hi", "A much longer prompt " * 8, "Tell me a story about a cat", "x y z"]]
     # 3 slots for 4 requests: one waits and joins when a slot frees; chunk 16 splits the long prompt
-    _check_parity(model, tokenizer, prompts, n=20, max_num_seqs=3, prefill_chunk=16)
+    check_parity(model, tokenizer, prompts, n=20, max_num_seqs=3, prefill_chunk=16)
 
 
 def test_queue_and_context_limits(tiny_model_dir):
@@ -101,9 +69,9 @@ def test_default_model_greedy_matches_transformers(default_model_dir):
     teacher, tokenizer, _ = load_causal_lm(default_model_dir)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
     prompts = [tokenizer.encode(chat, add_special_tokens=False), tokenizer.encode("The three primary colours are")]
-    _check_parity(teacher, tokenizer, prompts, n=16)
+    check_parity(teacher, tokenizer, prompts, n=16)
     student, _, _ = load_causal_lm(default_model_dir)
-    _check_parity(pack_model(student), tokenizer, prompts, n=16)
+    check_parity(pack_model(student), tokenizer, prompts, n=16)
 
 
 def test_cli_reports_bad_output_folder(tmp_path):
@@ -183,7 +151,7 @@ def test_vocab_held_in_bf16_halves_its_bytes_and_keeps_greedy_output(tiny_model_
             a, b = held(rows).logits, reference(rows).logits
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     prompts = [tokenizer.encode(t) for t in ["Hi", "Tell me a story about a cat"]]
-    _check_parity(held, tokenizer, prompts, n=12)  # the engine on it = transformers' generate on it
+    check_parity(held, tokenizer, prompts, n=12)  # the engine on it = transformers' generate on it
     # fp32 values that are not bf16 numbers would change: such a model keeps its fp32 tensors
     assert isinstance(hold_vocab_compact(_fp32_with_noise(tiny_model_dir)).get_input_embeddings(), torch.nn.Embedding)
 
@@ -194,7 +162,7 @@ def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_mode
     from nvfp4.converter.models import load_causal_lm
     from nvfp4.kernels.linear import Int8BlockEmbedding, Int8BlockLinear
     from nvfp4.serve.native.loader import hold_vocab_compact, pack_model, weight_bytes
-    from test_int8_blocks import q8_0_source
+    from support.numerics import q8_0_source
 
     model, tokenizer, _ = load_causal_lm(tiny_model_dir)
     with torch.no_grad():
@@ -213,7 +181,7 @@ def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_mode
         for rows in (ids[:, :1], ids):
             torch.testing.assert_close(held(rows).logits, reference(rows).logits, rtol=0, atol=1e-5)
     prompts = [tokenizer.encode(t) for t in ["Hi", "Tell me a story about a cat"]]
-    _check_parity(held, tokenizer, prompts, n=12)
+    check_parity(held, tokenizer, prompts, n=12)
 
 
 def _fp32_with_noise(model_dir):
@@ -235,8 +203,8 @@ def test_near_zero_temperature_and_penalty_are_greedy_and_finite(tiny_model_dir)
         engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4)
         await engine.start()
         try:
-            return await asyncio.gather(_generate(engine, ids, 12), _generate(engine, ids, 12, temperature=1e-40),
-                                        _generate(engine, ids, 12, repetition_penalty=1e-300))
+            return await asyncio.gather(generate_tokens(engine, ids, 12), generate_tokens(engine, ids, 12, temperature=1e-40),
+                                        generate_tokens(engine, ids, 12, repetition_penalty=1e-300))
         finally:
             await engine.close()
 
@@ -324,8 +292,8 @@ def test_a_request_gets_the_same_tokens_alone_and_in_any_batch(tiny_model_dir, m
         await engine.start()
         try:
             if together:
-                return await asyncio.gather(*(_generate(engine, p, 24, delay=0.03 * i) for i, p in enumerate(prompts)))
-            return [await _generate(engine, p, 24) for p in prompts]
+                return await asyncio.gather(*(generate_tokens(engine, p, 24, delay=0.03 * i) for i, p in enumerate(prompts)))
+            return [await generate_tokens(engine, p, 24) for p in prompts]
         finally:
             await engine.close()
 
@@ -352,7 +320,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_model_dir):
         engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4, compile=compile)
         await engine.start()
         try:
-            return await asyncio.gather(*(_generate(engine, p, 12, delay=0.02 * i) for i, p in enumerate(prompts)))
+            return await asyncio.gather(*(generate_tokens(engine, p, 12, delay=0.02 * i) for i, p in enumerate(prompts)))
         finally:
             await engine.close()
 

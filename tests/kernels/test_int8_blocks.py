@@ -1,22 +1,10 @@
 """Block-int8 tables (kernels/int8_blocks.py): exact for GGUF Q8_0 sources, None for anything else."""
 
-import numpy as np
 import pytest
 import torch
 
 from nvfp4.kernels import int8_blocks
-from conftest import sqnr
-
-
-def q8_0_source(rows: int, cols: int, magnitude: float = 0.05, seed: int = 0) -> torch.Tensor:
-    """What a BF16 checkpoint converted from a GGUF Q8_0 tensor holds: gguf-py's Q8_0 round trip, in bf16."""
-    from gguf import GGMLQuantizationType, quants
-
-    values = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * magnitude).numpy()
-    values[0, :32] = 0.0  # an all-zero block
-    values[1, :32] *= 1e-3  # a block of tiny values (small fp16 scale)
-    roundtrip = quants.dequantize(quants.quantize(values, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
-    return torch.from_numpy(np.ascontiguousarray(roundtrip)).bfloat16()
+from support.numerics import q8_0_source, sqnr
 
 
 @pytest.mark.parametrize("magnitude", [1e-3, 0.05, 30.0])

@@ -11,7 +11,7 @@ from torch import nn
 from nvfp4.converter.smoothing import input_channel_amax, smooth
 from nvfp4.kernels.numerics import activation_global_scale
 from nvfp4.kernels.ops import fake_quantize_activation
-from conftest import TINY_CONFIG
+from support.families import TINY_CONFIG
 
 
 def _tiny(architecture: str) -> nn.Module:
@@ -114,7 +114,7 @@ def test_smoothing_lowers_the_default_models_activation_error(default_model_dir)
     from nvfp4.converter.models import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(default_model_dir, torch.float32, torch.device("cpu"), False)
-    text = Path(__file__).parents[1] / "converter" / "data" / "calibration_prompts.txt"
+    text = Path(__file__).parents[2] / "converter" / "data" / "calibration_prompts.txt"
     batches = calibration_batches(str(text), model, tokenizer, 1024, 0)
     before = _activation_error(model, batches)
     smooth(model, batches, 0.5)

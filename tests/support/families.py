@@ -29,6 +29,21 @@ TINY = {
 }
 MOE = ("mixtral", "qwen3_moe")
 
+# The tiny random Llama of the `tiny_model_dir` fixture (conftest.py)
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
 
 def family(name: str):
     """The converter's entry (converter/families.py) for the tiny model `name`."""

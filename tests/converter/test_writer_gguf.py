@@ -19,8 +19,8 @@ from nvfp4.converter.writers import Writer
 from nvfp4.converter.verify import READERS, llamacpp_logits
 from nvfp4.converter.writers.gguf import GGUFWriter, bpe_merges, permute_rows, vocab_tokens
 from nvfp4.kernels.numerics import dequantize_ref
-from conftest import TINY_CONFIG
-from oracles import NVFP4, assert_gguf_quantized_equal, gguf_tensors as tensors, modelopt_export, reference_gguf
+from support.families import TINY_CONFIG
+from support.oracles import NVFP4, assert_gguf_quantized_equal, gguf_tensors as tensors, modelopt_export, reference_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

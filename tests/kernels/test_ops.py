@@ -7,7 +7,7 @@ import torch
 from nvfp4.kernels import int8_blocks, numerics as nv
 from nvfp4.kernels.attention import decode_attention, decode_attention_torch
 from nvfp4.kernels.ops import fake_quantize, linear_bf16_weight, linear_w4a16, quantize
-from test_int8_blocks import q8_0_source
+from support.numerics import q8_0_source
 
 
 def _packed(rows: int = 48, cols: int = 96):

@@ -6,7 +6,7 @@ import torch
 from nvfp4.kernels import cpu, numerics as nv
 from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 from nvfp4.kernels.ops import linear_w4a16
-from conftest import sqnr
+from support.numerics import sqnr
 
 SHAPES = [(16, 16), (48, 96), (100, 160), (1536, 576), (576, 1536)]
 
