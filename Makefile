@@ -6,7 +6,7 @@ NVFP4 := $(VENV)/bin/nvfp4
 DEMO_OUT ?= out/demo
 PORT ?= 8000
 
-.PHONY: demo test test-fast clean test-tools vllm
+.PHONY: demo test test-fast lint clean test-tools vllm
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -50,11 +50,18 @@ test-tools:
 
 # -P: the working directory stays off sys.path, so the repository's top-level folders (kernels/, serve/ ...)
 # never shadow installed packages of those names (Hugging Face's `kernels`); ours import as nvfp4.*.
+# Lint first, then the fast tier, then the slow one (real default model, real engine processes); each stops at the
+# first failure. Together they are every test (CI runs this target).
 test: $(VENV)/.dev test-tools vllm
-	$(PY) -P -m pytest -q
+	$(PY) -m ruff check .
+	$(PY) -P -m pytest -q -x -m "not slow"
+	$(PY) -P -m pytest -q -x -m slow
 
 test-fast: $(VENV)/.dev test-tools
 	$(PY) -P -m pytest -q -m "not slow"
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
 
 demo: $(VENV)/.ui
 	$(NVFP4) convert -o $(DEMO_OUT) --force

@@ -9,7 +9,6 @@ import time
 
 import torch
 
-
 from nvfp4.kernels import numerics  # noqa: E402
 
 

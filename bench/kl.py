@@ -10,7 +10,6 @@ import time
 
 import torch
 
-
 from nvfp4.converter.pipeline import keep_freed_memory  # noqa: E402
 from nvfp4.kernels.kl import token_kl, token_kl_ref  # noqa: E402
 

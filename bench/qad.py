@@ -30,7 +30,6 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-
 from nvfp4.converter.config import QuantConfig  # noqa: E402
 from nvfp4.converter.models import load_causal_lm  # noqa: E402
 from nvfp4.converter.pipeline import compute_dtype, keep_freed_memory, torch_device  # noqa: E402

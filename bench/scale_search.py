@@ -17,7 +17,6 @@ from unittest.mock import patch
 
 import torch
 
-
 from nvfp4.converter.calibration import calibration_batches, chat_prompt_ids  # noqa: E402
 from nvfp4.converter.config import QuantConfig  # noqa: E402
 from nvfp4.converter.models import load_causal_lm  # noqa: E402

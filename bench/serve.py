@@ -87,7 +87,14 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
     from nvfp4.serve.app import build_app
     from nvfp4.serve.cli import run_server
     from nvfp4.serve.native import NativeEngine
-    from nvfp4.serve.native.loader import SharedTensors, hold_vocab_compact, load_student, load_teacher, pack_model, teacher_source
+    from nvfp4.serve.native.loader import (
+        SharedTensors,
+        hold_vocab_compact,
+        load_student,
+        load_teacher,
+        pack_model,
+        teacher_source,
+    )
 
     if out:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731

@@ -34,7 +34,7 @@ def rss_bytes(pid: int) -> int:
         current = todo.pop()
         try:
             status = Path(f"/proc/{current}/status").read_text()
-            total += int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1]) * 1024
+            total += int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
             todo += [int(c) for t in Path(f"/proc/{current}/task").iterdir()
                      for c in (t / "children").read_text().split()]
         except (OSError, StopIteration):

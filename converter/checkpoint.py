@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from nvfp4.errors import UserError
 from nvfp4.converter.families import family_of, internal_name
 from nvfp4.converter.moe import unfuse_experts
 from nvfp4.converter.quantize import set_module
 from nvfp4.converter.shards import Checkpoint
+from nvfp4.errors import UserError
 from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 
 

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nvfp4.kernels import cpu, numerics as ref
+from nvfp4.kernels import cpu
+from nvfp4.kernels import numerics as ref
 
 
 def _use_c(x: Tensor) -> bool:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nvfp4.errors import UserError
-from nvfp4.converter.writers.base import TOKENIZER_LOCK, Entry, Writer
 from nvfp4.converter.families import Family, family_of, hub_names
+from nvfp4.converter.writers.base import TOKENIZER_LOCK, Entry, Writer
+from nvfp4.errors import UserError
 from nvfp4.kernels import numerics
 from nvfp4.kernels.linear import PackedWeight
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nvfp4.cli import cli
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.evaluate import METRICS, build_eval_set, evaluate, format_table, frozen_fake_quant
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import quantize, quantized_modules
-from nvfp4.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_teacher_scores_perfectly_and_students_rank_by_damage(setup):
     assert results["noisy"]["chat_top1"] < 1.0
     table = format_table(results)
     assert table.splitlines()[0].split()[:3] == ["model", "chat", "KL"]
-    assert [l.split()[0] for l in table.splitlines()[2:]] == ["BF16", "PTQ", "noisy"]
+    assert [row.split()[0] for row in table.splitlines()[2:]] == ["BF16", "PTQ", "noisy"]
     assert f"{results['PTQ']['chat_kl']:.4f}" in table
     long_names = format_table({"BF16": results["BF16"], "a16-mse-act-nearest-rounding": results["PTQ"]}).splitlines()
     assert len({len(line) for line in long_names}) == 1, long_names  # every row as wide as the header: aligned

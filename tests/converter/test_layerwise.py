@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from nvfp4.cli import cli
-from nvfp4.converter import layerwise, plan as plans
+from nvfp4.converter import layerwise
+from nvfp4.converter import plan as plans
 from nvfp4.converter.shards import INDEX, Checkpoint, ShardWriter, Spec
 
 
@@ -53,7 +54,7 @@ def test_at_most_one_decoder_layer_is_held_at_a_time(family_dirs, tmp_path, monk
     real_layer = layerwise.ShardedModel.layer
 
     def layer(self, index):
-        held.append(sum(any(not p.is_meta for p in l.parameters()) for l in self.decoder.layers))
+        held.append(sum(any(not p.is_meta for p in decoder_layer.parameters()) for decoder_layer in self.decoder.layers))
         return real_layer(self, index)
 
     monkeypatch.setattr(layerwise.ShardedModel, "layer", layer)

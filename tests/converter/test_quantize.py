@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from nvfp4.errors import UserError
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
+from nvfp4.errors import UserError
 from nvfp4.kernels import numerics
 from nvfp4.kernels.linear import NVFP4FakeQuantLinear
 

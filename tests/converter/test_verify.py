@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from nvfp4.cli import cli
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, quantize
 from nvfp4.converter.verify import READERS, prompt_ids, verify
 from nvfp4.converter.writers import Writer, load_all_writers
-from nvfp4.cli import cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from nvfp4.converter.config import QuantConfig
-from nvfp4.errors import UserError
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, export_weights, quantize, quantized_modules
-from nvfp4.converter.writers import Writer
 from nvfp4.converter.verify import READERS, llamacpp_logits
+from nvfp4.converter.writers import Writer
 from nvfp4.converter.writers.gguf import GGUFWriter, bpe_merges, permute_rows, vocab_tokens
+from nvfp4.errors import UserError
 from nvfp4.kernels.numerics import dequantize_ref
 from support.families import TINY_CONFIG
-from support.oracles import NVFP4, assert_gguf_quantized_equal, gguf_tensors as tensors, modelopt_export, reference_gguf
+from support.oracles import NVFP4, assert_gguf_quantized_equal, modelopt_export, reference_gguf
+from support.oracles import gguf_tensors as tensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

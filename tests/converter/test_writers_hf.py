@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
+from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import calibrate, quantize
 from nvfp4.converter.writers import load_all_writers

@@ -7,9 +7,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from nvfp4.cli import cli
 from nvfp4.converter.pipeline import keep_freed_memory
 from nvfp4.converter.writers import Writer, load_all_writers
-from nvfp4.cli import cli
 
 
 def run(*args: str):
@@ -19,7 +19,7 @@ def run(*args: str):
 def assert_one_line_error(result, fragment: str) -> None:
     assert result.exit_code == 2, result.output
     # "[stage]" progress and the memory plan (its first line, then indented rows) are not errors
-    lines = [l for l in result.output.splitlines() if l.strip() and not l.startswith(("[", "memory plan:", "  "))]
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(("[", "memory plan:", "  "))]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert "Traceback" not in result.output
 

@@ -16,13 +16,13 @@ import httpx
 import pytest
 
 from nvfp4.errors import UserError
-from nvfp4.serve.app import build_app
 from nvfp4.serve.adapters import EngineOptions, adapter, engine_metrics_text, mount_engine_metrics
-from nvfp4.serve.interface import GenerationRequest, NotReady, SamplingParams
 from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 from nvfp4.serve.adapters.llamacpp import LlamaCppEngine
 from nvfp4.serve.adapters.trtllm import TRTLLMEngine
 from nvfp4.serve.adapters.vllm import find_vllm, vllm_argv
+from nvfp4.serve.app import build_app
+from nvfp4.serve.interface import GenerationRequest, NotReady, SamplingParams
 from support.engines import ServerProcess, alive, cmdline, descendants, wait_gone
 from support.serve import LiveServer, metric
 

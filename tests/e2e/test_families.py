@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from support.families import MOE, TINY, family
 from nvfp4.cli import cli
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.families import FAMILIES, family_of, hub_names
@@ -20,8 +19,14 @@ from nvfp4.converter.moe import Experts
 from nvfp4.converter.quantize import calibrate, quantize, quantized_modules
 from nvfp4.converter.verify import READERS
 from nvfp4.converter.writers import load_all_writers
-from support.oracles import (assert_gguf_quantized_equal, assert_same_quantized_tensors, calibration_batch, modelopt_export,
-                     reference_gguf)
+from support.families import MOE, TINY, family
+from support.oracles import (
+    assert_gguf_quantized_equal,
+    assert_same_quantized_tensors,
+    calibration_batch,
+    modelopt_export,
+    reference_gguf,
+)
 
 ALL = list(TINY)
 NVFP4 = gguf.GGMLQuantizationType.NVFP4

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nvfp4.kernels import cpu, numerics as nv
+from nvfp4.kernels import cpu
+from nvfp4.kernels import numerics as nv
 from nvfp4.kernels.linear import NVFP4PackedLinear, PackedWeight
 from nvfp4.kernels.ops import linear_w4a16
 from support.numerics import sqnr

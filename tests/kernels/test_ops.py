@@ -4,7 +4,8 @@ the decode attention kernel against its torch form, and row-for-row batch invari
 import pytest
 import torch
 
-from nvfp4.kernels import int8_blocks, numerics as nv
+from nvfp4.kernels import int8_blocks
+from nvfp4.kernels import numerics as nv
 from nvfp4.kernels.attention import decode_attention, decode_attention_torch
 from nvfp4.kernels.ops import fake_quantize, linear_bf16_weight, linear_w4a16, quantize
 from support.numerics import q8_0_source

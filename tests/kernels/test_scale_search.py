@@ -234,8 +234,9 @@ def test_qad_trains_from_fixed_searched_scales(tiny_teacher):
 
 @pytest.fixture(scope="module")
 def mse_student(tiny_model_dir, tiny_teacher):
-    from nvfp4.converter.calibration import calibration_batches
     from transformers import AutoTokenizer
+
+    from nvfp4.converter.calibration import calibration_batches
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     student = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scale_search="mse"))

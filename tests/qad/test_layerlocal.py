@@ -7,7 +7,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from support.families import TINY
 from nvfp4.cli import cli
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.layerwise import capture_layer_inputs, run_layer
@@ -15,6 +14,7 @@ from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import quantize, quantized_modules
 from nvfp4.qad.config import QADConfig
 from nvfp4.qad.layerlocal import distill_layers, train_layer
+from support.families import TINY
 
 
 def sequences(vocab: int, count: int = 6, length: int = 32) -> list[torch.Tensor]:

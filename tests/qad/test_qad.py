@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from nvfp4.converter import evaluate as evaluate_module
 from nvfp4.converter.config import QuantConfig
-from nvfp4.errors import UserError
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.quantize import quantize, quantized_modules
+from nvfp4.errors import UserError
 from nvfp4.kernels import numerics as nv
 from nvfp4.qad import distill
 from nvfp4.qad.config import QADConfig
@@ -186,7 +186,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, m
         assert (a.block_scales is None) == (scale_lr == 0) and (b.block_scales is None) == (scale_lr == 0), name
         if scale_lr:
             assert torch.equal(a.block_scales.view(torch.uint8), b.block_scales.view(torch.uint8)), name
-    steps = [json.loads(l)["step"] for l in (tmp_path / "b-log" / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b-log" / "log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5]
 
 
@@ -410,7 +410,10 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp
            __file__, str(tiny_model_dir), str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    read = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "log" / "log.jsonl").read_text().splitlines()]
+
+    def read(d):
+        return [json.loads(line)["loss"] for line in (tmp_path / d / "log" / "log.jsonl").read_text().splitlines()]
+
     one, two = read("one"), read("two")
     assert len(one) == len(two) == 4
     assert one[-1] < one[0]

@@ -4,10 +4,9 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
-
-from pathlib import Path
 
 from support.serve import free_port, wait_ready
 

@@ -11,9 +11,17 @@ import httpx
 import torch
 import uvicorn
 
-from nvfp4.serve.app import build_app
 from nvfp4.serve.adapters.base import UpstreamError, free_port  # noqa: F401 (free_port: re-exported for the tests)
-from nvfp4.serve.interface import Engine, EngineStats, EventStream, GenerationRequest, QueueFull, SamplingParams, TokenEvent
+from nvfp4.serve.app import build_app
+from nvfp4.serve.interface import (
+    Engine,
+    EngineStats,
+    EventStream,
+    GenerationRequest,
+    QueueFull,
+    SamplingParams,
+    TokenEvent,
+)
 from nvfp4.serve.native import NativeEngine
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uvicorn
 
-from nvfp4.serve.app import build_app
 from nvfp4.cli import mount_ui
+from nvfp4.serve.app import build_app
 from support.serve import LiveServer, free_port, tiny_engines
 
 

@@ -11,11 +11,23 @@ from click.testing import CliRunner
 from gradio_client import Client
 
 from nvfp4.cli import cli
+from nvfp4.serve.app import build_app
+from nvfp4.ui.app import (
+    Answer,
+    Conversation,
+    Endpoint,
+    Score,
+    _close_turn,
+    build_ui,
+    first_divergence,
+    header_html,
+    render_chat,
+    score_html,
+    scoring_context,
+    transcript,
+)
 from support.serve import free_port, load_tiny, tiny_engines
 from support.ui import live_on, serve_tiny_with_ui, text_of
-from nvfp4.serve.app import build_app
-from nvfp4.ui.app import (Answer, Conversation, Endpoint, Score, _close_turn, build_ui, first_divergence, header_html,
-                    render_chat, score_html, scoring_context, transcript)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SYSTEM = "You are terse."

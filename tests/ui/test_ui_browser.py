@@ -13,9 +13,9 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from nvfp4.serve.app import build_app
 from nvfp4.serve.native import NativeEngine
+from nvfp4.ui.app import build_ui
 from support.serve import free_port, load_tiny, tiny_engines
 from support.ui import live_on, serve_tiny_with_ui, serve_with_ui
-from nvfp4.ui.app import build_ui
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CHROMIUM = "/usr/bin/chromium"
