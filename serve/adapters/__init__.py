@@ -16,8 +16,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvfp4.errors import UserError
-from nvfp4.serve.interface import Engine
 from nvfp4.serve.adapters.base import ProxyEngine
+from nvfp4.serve.interface import Engine
 
 ADAPTERS = {  # --engine NAME -> the ProxyEngine subclass that runs it, as module:class
     "vllm": "nvfp4.serve.adapters.vllm:VLLMEngine",

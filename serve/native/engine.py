@@ -19,10 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nvfp4.serve.native.detokenize import TextStream
-from nvfp4.serve.native.kv_cache import KVCache
-from nvfp4.serve.native.model import BatchedCausalLM, Chunk
-from nvfp4.serve.native.sampling import apply_penalties, make_generator, needs_penalties, sample, token_logprobs
 from nvfp4.serve.interface import (
     ContextTooLong,
     Engine,
@@ -35,6 +31,10 @@ from nvfp4.serve.interface import (
     TokenEvent,
     _Channel,
 )
+from nvfp4.serve.native.detokenize import TextStream
+from nvfp4.serve.native.kv_cache import KVCache
+from nvfp4.serve.native.model import BatchedCausalLM, Chunk
+from nvfp4.serve.native.sampling import apply_penalties, make_generator, needs_penalties, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 _FAILED = object()  # what _guarded returns for a request that failed

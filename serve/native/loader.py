@@ -12,10 +12,16 @@ import torch
 from torch import nn
 
 from nvfp4.converter.config import QuantConfig
-from nvfp4.errors import UserError
 from nvfp4.converter.quantize import export_weights, quantize, quantized_modules, set_module
+from nvfp4.errors import UserError
 from nvfp4.kernels.int8_blocks import exact_int8_blocks
-from nvfp4.kernels.linear import BF16HeldEmbedding, BF16HeldLinear, Int8BlockEmbedding, Int8BlockLinear, NVFP4PackedLinear
+from nvfp4.kernels.linear import (
+    BF16HeldEmbedding,
+    BF16HeldLinear,
+    Int8BlockEmbedding,
+    Int8BlockLinear,
+    NVFP4PackedLinear,
+)
 
 
 def pack_model(model: nn.Module, cfg: QuantConfig | None = None) -> nn.Module:
