@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nvfp4.serve.interface import Engine, EngineError, QueueFull
+from nvfp4.serve.interface import Engine, EngineError, EngineStartError, QueueFull
 from nvfp4.serve.limits import Admission, Limits
 from nvfp4.serve.metrics import ServerMetrics
 from nvfp4.serve.protocol import (
@@ -90,7 +90,10 @@ async def _start(served: Served, alias: str, engine: Engine) -> None:
     try:
         await engine.start()
         log.info("model %s (%s) is ready", alias, engine.name)
-    except Exception:  # /ready reports it; the process keeps answering /health
+    except EngineStartError as error:  # /ready reports it; the process keeps answering /health
+        log.error("loading %s failed: %s", alias, error)
+        served.failed.add(alias)
+    except Exception:  # a bug, or a load that raised: its traceback goes to the log
         log.exception("loading %s failed", alias)
         served.failed.add(alias)
 

@@ -17,6 +17,11 @@ class EngineError(Exception):
     status = 500
 
 
+class EngineStartError(RuntimeError):
+    """An engine could not start (its process exited, or it was not ready in time): serve's own type, so
+    that callers (the adapters' restart loop, the app's start-up) can tell a failed start from a bug."""
+
+
 class QueueFull(EngineError):
     status = 429
     retry_after_s = 1

@@ -24,7 +24,16 @@ from pathlib import Path
 
 import httpx
 
-from nvfp4.serve.interface import Engine, EngineError, EngineStats, GenerationRequest, NotReady, SamplingParams, TokenEvent
+from nvfp4.serve.interface import (
+    Engine,
+    EngineError,
+    EngineStartError,
+    EngineStats,
+    GenerationRequest,
+    NotReady,
+    SamplingParams,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -67,9 +76,11 @@ class ProxyEngine(Engine):
     stats_series: dict[str, str] = {}  # EngineStats field -> the engine's own gauge, polled from metrics_path
     fails_after_submit = True  # errors arrive with the engine's answer: the app waits for it before a 200
 
-    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, extra_args: tuple[str, ...] = (),
-                 ready_timeout: float = 600.0, env: dict[str, str] | None = None, max_num_seqs: int = 16):
+    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, *, executable: str | None = None,
+                 extra_args: tuple[str, ...] = (), ready_timeout: float = 600.0, env: dict[str, str] | None = None,
+                 max_num_seqs: int = 16):
         self.name, self.model, self.tokenizer, self.max_model_len = name, model, tokenizer, max_model_len
+        self.executable = executable or sys.executable  # what command() runs: the engine's binary, or a Python
         self.extra_args, self.ready_timeout, self.env = tuple(extra_args), ready_timeout, env or {}
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -190,8 +201,8 @@ class ProxyEngine(Engine):
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with code {self.process.returncode} before it was ready; "
-                                   f"last log lines ({self.log_path}):\n{self.log_tail()}")
+                raise EngineStartError(f"{self.kind} exited with code {self.process.returncode} before it was ready; "
+                                       f"last log lines ({self.log_path}):\n{self.log_tail()}")
             try:
                 if (await self._client.get(self.url + self.health_path, timeout=2.0)).status_code == 200:
                     self._ready = True
@@ -200,7 +211,8 @@ class ProxyEngine(Engine):
                 pass
             await asyncio.sleep(0.25)
         await asyncio.to_thread(self._stop_process)
-        raise TimeoutError(f"{self.kind} not ready after {self.ready_timeout:.0f} s; log: {self.log_path}\n{self.log_tail()}")
+        raise EngineStartError(f"{self.kind} not ready after {self.ready_timeout:.0f} s; log: {self.log_path}\n"
+                               f"{self.log_tail()}")
 
     async def _watch(self) -> None:
         """Restart a dead engine with exponential backoff; healthy for a minute resets the backoff."""
@@ -220,7 +232,7 @@ class ProxyEngine(Engine):
                 self.restarts += 1
                 healthy_since = time.monotonic()
                 log.info("%s for %s is back (restart %d)", self.kind, self.name, self.restarts)
-            except (RuntimeError, TimeoutError) as error:
+            except EngineStartError as error:
                 log.error("restarting %s failed: %s", self.kind, error)
             failures += 1
 

