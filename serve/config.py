@@ -1,0 +1,113 @@
+"""ServeConfig: everything `nvfp4 serve OUT` takes, checked once where it is made.
+
+A bad value is a UserError worded by its field in backquotes (`api_key`, `limits.max_queue`); the command
+rewrites the field as the flag that set it (serve/cli.py SERVE_FLAGS). A leaf besides Limits: it imports
+nothing heavy, so a config can be built (and refused) before the serve extras load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from nvfp4.errors import UserError
+from nvfp4.serve.limits import Limits
+
+ENGINES = ("native", "vllm", "trtllm", "llamacpp")  # all but native: serve/adapters/
+DEVICES = ("cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LIMIT_RANGES = {  # Limits field -> (lowest, highest or None)
+    "max_body_bytes": (1024, None),
+    "max_choices": (1, None),
+    "max_stop_chars": (1, None),
+    "max_num_seqs": (1, 1024),
+    "max_queue": (0, None),
+}
+
+
+@dataclass(frozen=True)
+class NativeSettings:
+    """The native engine's own settings."""
+
+    device: str = "cpu"  # where the models and KV cache live (cuda: the Triton W4A16 kernel)
+    compile: bool = False  # torch.compile the decode step
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The engine-process settings of `engine` vllm, trtllm and llamacpp (serve/adapters/)."""
+
+    args: tuple[str, ...] = ()  # passed through to the engine's own server
+    vllm_bin: str | None = None  # default: $NVFP4_VLLM_BIN, then PATH
+    trtllm_bin: str | None = None  # default: $NVFP4_TRTLLM_BIN, then PATH
+    ready_timeout: float = 900.0  # seconds an engine process may take to become ready
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", tuple(self.args))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    out: Path  # a `nvfp4 convert` output folder
+    teacher: str | None = None  # a path, "none" (the student alone), or None (report.json's source)
+    engine: str = "native"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)  # a secret: kept out of logs and reprs
+    published_on: str | None = None  # in a container: the host interface its port is published on
+    key_metrics: bool = False  # /metrics needs the key too
+    limits: Limits = field(default_factory=Limits)
+    max_model_len: int = 2048
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
+    threads: int | None = None  # torch threads per served model (None: the cores split between them)
+    native: NativeSettings = field(default_factory=NativeSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    ui: bool = False  # mount the side-by-side chat page at /ui
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        _one_of(self.engine, ENGINES, "engine")
+        _one_of(self.native.device, DEVICES, "native.device")
+        _one_of(self.log_level, LOG_LEVELS, "log_level")
+        _within(self.port, 0, 65535, "port")
+        _within(self.max_model_len, 16, None, "max_model_len")
+        _within(self.drain_timeout, 0, None, "drain_timeout")
+        _within(self.adapter.ready_timeout, 1, None, "adapter.ready_timeout")
+        if self.threads is not None:
+            _within(self.threads, 1, None, "threads")
+        for limit in fields(Limits):
+            _within(getattr(self.limits, limit.name), *LIMIT_RANGES[limit.name], f"limits.{limit.name}")
+        check_key(self.api_key, self.host, self.published_on)
+        self._check_engine_settings()
+
+    def _check_engine_settings(self) -> None:
+        """Settings of one kind of engine given to the other."""
+        if self.engine == "native" and self.adapter.args:
+            raise UserError(f"`adapter.args` ({' '.join(self.adapter.args)}) go to engine vllm, trtllm or llamacpp, "
+                            f"not native", field="adapter.args")
+        if self.engine != "native" and self.native.device != "cpu":
+            raise UserError(f"`native.device` is the native engine's; engine {self.engine} places its models itself",
+                            field="native.device")
+
+
+def check_key(api_key: str | None, host: str, published_on: str | None) -> None:
+    """An empty key is a mistake; no key is one too where other machines reach the server."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("`api_key` is empty: set a real key, or leave it unset on a loopback host", field="api_key")
+    reachable_on = published_on or host
+    if api_key is None and reachable_on not in LOOPBACK:
+        raise UserError(f"serving on {reachable_on} without a key lets any machine that reaches it use the models: "
+                        f"set `api_key`, or bind 127.0.0.1", field="api_key")
+
+
+def _one_of(value, choices: tuple, name: str) -> None:
+    if value not in choices:
+        raise UserError(f"`{name}` is {value!r}; choose one of {', '.join(choices)}", field=name)
+
+
+def _within(value, low, high, name: str) -> None:
+    if not low <= value or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UserError(f"`{name}` is {value}; it must be {bound}", field=name)
