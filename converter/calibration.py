@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nvfp4.errors import UserError
 from nvfp4.converter.generate import generate_batch, pad_and_eos
+from nvfp4.errors import UserError
 
 _PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
 

@@ -45,13 +45,6 @@ class QuantConfig:
         return self.scheme == "nvfp4"
 
     @property
-    def needs_calibration(self) -> bool:
-        """Activation statistics are needed: W4A4 input scales, mse-act's channel energies, GPTQ's Hessians,
-        the smoothing's channel ranges."""
-        return (self.quantize_activations or self.scale_search == "mse-act" or self.rounding == "gptq"
-                or self.smooth_alpha > 0)
-
-    @property
     def quant_algo(self) -> str:
         """ModelOpt's name for the scheme (hf_quant_config.json)."""
         return "NVFP4" if self.quantize_activations else "W4A16_NVFP4"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from nvfp4.converter.calibration import chat_prompt_ids
 from nvfp4.converter.generate import generate_batch, pad_and_eos
 from nvfp4.kernels.kl import token_kl
+from nvfp4.kernels.linear import NVFP4FakeQuantLinear, frozen
 
 _DATA = Path(__file__).parent / "data"
 METRICS = ("chat_kl", "prose_kl", "chat_top1", "prose_top1", "greedy_agreement", "prose_ppl")
@@ -57,15 +58,8 @@ def prose_samples(tokenizer, prose_tokens: int = 256) -> list[Tensor]:
 @contextmanager
 def frozen_fake_quant(model: nn.Module):
     """Fake-quantize each weight once for the whole evaluation instead of on every forward."""
-    modules = [m for m in model.modules() if hasattr(m, "quantized_weight") and hasattr(m, "weight_gscale")]
-    for module in modules:
-        cached = module.quantized_weight().detach()
-        module.quantized_weight = lambda cached=cached: cached
-    try:
+    with frozen(m for m in model.modules() if isinstance(m, NVFP4FakeQuantLinear)):
         yield model
-    finally:
-        for module in modules:
-            del module.quantized_weight
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -27,10 +27,10 @@ from tqdm import tqdm
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.families import family_of, hub_names
 from nvfp4.converter.moe import calibrating_all_experts, unfuse_experts
-from nvfp4.converter.quantize import (_stacked, calibrate_modules, eligible_linears, needs_calibration, quantize,
-                                      quantized_modules)
+from nvfp4.converter.quantize import _stacked, calibrate_modules, eligible_linears, quantize, quantized_modules
 from nvfp4.converter.shards import Checkpoint
 from nvfp4.converter.smoothing import recording_channel_amax, smooth_layer
+from nvfp4.converter.stages import needs_calibration_data
 from nvfp4.converter.writers import Entry, Writer, entries
 from nvfp4.errors import UserError
 from nvfp4.kernels.kl import token_kl
@@ -183,7 +183,7 @@ def quantize_layerwise(source: ShardedModel, cfg: QuantConfig, batches: list[Ten
     if train_layer is not None:  # one sequence a step: the calibration batches unstacked
         run.begin(list(batches), eval_samples)
     else:
-        run.begin(list(_stacked(batches)) if batches is not None and cfg.needs_calibration else [], eval_samples)
+        run.begin(list(_stacked(batches)) if batches is not None and needs_calibration_data(cfg) else [], eval_samples)
     for index in tqdm(range(len(source.decoder.layers)), desc="layers", unit="layer"):
         run.layer(index)
     return run.end()
@@ -237,10 +237,10 @@ class _Run:
             smooth_layer(layer, name, amax, self.source.config, cfg.smooth_alpha)
         quantize(layer, cfg, prefix=name)
         if self.calibration:
-            modules = {n: m for n, m in quantized_modules(layer, prefix=name).items() if needs_calibration(m)}
+            modules = quantized_modules(layer, prefix=name)
             inputs, arguments = self.calibration, self.arguments[index]
             with calibrating_all_experts(layer, self.all_experts):
-                self.calibration = calibrate_modules(modules, lambda: run_layer(layer, inputs, arguments))
+                self.calibration = calibrate_modules(modules, lambda: run_layer(layer, inputs, arguments), cfg)
             if not cfg.smooth_alpha:
                 self.unsmoothed = self.calibration
         if self.train_layer is not None:

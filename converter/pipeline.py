@@ -9,8 +9,8 @@ import ctypes
 import errno
 import hashlib
 import json
-import os
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -28,14 +28,14 @@ from tqdm import tqdm
 from nvfp4.converter.calibration import calibration_batches
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.families import family_of
-from nvfp4.errors import UserError
 from nvfp4.converter.models import load_causal_lm, resolve_model
 from nvfp4.converter.plan import Needs, Plan, make_plan, skeleton
 from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
 from nvfp4.converter.smoothing import smooth
-from nvfp4.converter.writers import load_all_writers
-from nvfp4.converter.writers import Entry, packed_weights, student_entries
+from nvfp4.converter.stages import needs_calibration_data
+from nvfp4.converter.writers import Entry, load_all_writers, packed_weights, student_entries
 from nvfp4.converter.writers.hf import high_precision_modules
+from nvfp4.errors import UserError
 
 TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -271,10 +271,10 @@ def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
             smooth(student, batches, cfg.quant.smooth_alpha, all_experts)
     with timer.stage("quantize"):
         student = quantize(student, cfg.quant)
-    if cfg.quant.needs_calibration:
+    if needs_calibration_data(cfg.quant):
         with timer.stage("calibrate"):
             batches = batches or calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
-            calibrate(student, batches, all_experts)
+            calibrate(student, batches, cfg.quant)
     if getattr(train, "needs_calibration_data", False) and batches is None:
         batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
     tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
@@ -323,7 +323,7 @@ def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", d
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
     check_targets(source.model, tokenizer, cfg)
     batches = None
-    if cfg.quant.needs_calibration or train_layer is not None:
+    if needs_calibration_data(cfg.quant) or train_layer is not None:
         data = "prompts" if cfg.calib_data == "self" else cfg.calib_data  # sampling answers needs the whole model
         if data != cfg.calib_data:
             click.echo("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
@@ -371,8 +371,8 @@ def _modelopt_rule_ptq(teacher, student, quant: QuantConfig, batches) -> torch.n
     if quant == modelopt_rule:
         return None
     baseline = quantize(copy.deepcopy(teacher), modelopt_rule)
-    if quant.smooth_alpha and modelopt_rule.needs_calibration:  # smoothing changed the student's input ranges
-        calibrate(baseline, batches, quant.expert_calibration == "all")
+    if quant.smooth_alpha and needs_calibration_data(modelopt_rule):  # smoothing changed the student's input ranges
+        calibrate(baseline, batches, modelopt_rule)
     else:  # calibration ran unquantized: the ranges do not depend on scales or rounding
         for mine, theirs in zip(quantized_modules(baseline).values(), quantized_modules(student).values()):
             mine.input_gscale = theirs.input_gscale

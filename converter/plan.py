@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nvfp4.converter.config import QuantConfig
-from nvfp4.converter.quantize import eligible_linears, hessian_bytes  # noqa: F401 - eligible_linears for callers
+from nvfp4.converter.stages import GPTQRounding, needs_calibration_data
 from nvfp4.errors import UserError
 
 GIB = 2**30
@@ -57,13 +57,13 @@ class ModelShape:
         experts_used = getattr(config, "num_experts_per_tok", None) or 1
         intermediate = (getattr(config, "moe_intermediate_size", None) or config.intermediate_size) * experts_used
         prefix = next(n for n, m in model.named_modules() if m is decoder.layers)
-        per_layer = [hessian_bytes({n: m for n, m in quantized.items() if n.startswith(f"{prefix}.{i}.")})
+        per_layer = [GPTQRounding.hessian_bytes({n: m for n, m in quantized.items() if n.startswith(f"{prefix}.{i}.")})
                      for i in range(len(decoder.layers))]
         return cls(params=params, quantizable=sum(m.weight.numel() for m in quantized.values()),
-                   layers=len(decoder.layers), layer_params=max(sum(p.numel() for p in l.parameters()) for l in decoder.layers),
+                   layers=len(decoder.layers), layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
                    embedding=embedding, head=0 if tied else head.weight.numel(), hidden=config.hidden_size,
                    intermediate=max(intermediate, config.intermediate_size), vocab=config.vocab_size,
-                   heads=config.num_attention_heads, hessians=hessian_bytes(quantized), layer_hessians=max(per_layer))
+                   heads=config.num_attention_heads, hessians=GPTQRounding.hessian_bytes(quantized), layer_hessians=max(per_layer))
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _activations(shape: ModelShape, tokens: int, seq_len: int = 256) -> int:
 def ptq_whole(shape: ModelShape, needs: Needs) -> int:
     """Teacher and student in fp32, calibration activations, GPTQ's Hessians of every layer, the packed export,
     and the writers (in parallel threads) each holding a bf16 copy of the tensors left in high precision."""
-    calibration = _activations(shape, min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS)) if needs.quant.needs_calibration else 0
+    calibration = _activations(shape, min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS)) if needs_calibration_data(needs.quant) else 0
     gptq = shape.hessians if needs.quant.rounding == "gptq" else 0
     writers = 2 * (shape.params - shape.quantizable) * len(needs.targets)
     evaluation = 3 * 4 * EVAL_SAMPLE * shape.vocab if needs.evaluate else 0
@@ -107,9 +107,9 @@ def ptq_layerwise(shape: ModelShape, needs: Needs) -> int:
     its stored bf16 read beside it); one decoder layer in fp32 with its bf16 read, the fake-quantized copy of
     its widest linear, its packed export, the activations of one forward and its GPTQ Hessians; the head in
     fp32 with the held-out prose's logits."""
-    streams = 4 * shape.hidden * ((2 if needs.quant.smooth_alpha else 1) * needs.calib_tokens * needs.quant.needs_calibration
+    streams = 4 * shape.hidden * ((2 if needs.quant.smooth_alpha else 1) * needs.calib_tokens * needs_calibration_data(needs.quant)
                                   + (2 * EVAL_TOKENS if needs.evaluate else 0))
-    forward_tokens = min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS) if needs.quant.needs_calibration else EVAL_SAMPLE
+    forward_tokens = min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS) if needs_calibration_data(needs.quant) else EVAL_SAMPLE
     gptq = shape.layer_hessians if needs.quant.rounding == "gptq" else 0
     widest = 4 * shape.intermediate * shape.hidden
     start = 6 * shape.embedding

@@ -1,9 +1,19 @@
 """`nvfp4 verify OUT`: reload every exported target through a reader independent of ours and compare
 its logits with the student's (the student = OUT/trtllm loaded by `nvfp4.converter.checkpoint`).
 
-Readers form a small registry, `READERS[target] = Reader(fn, quantizes_activations, rel_tol)` with
-`fn(folder, ids [T]) -> logits [T, vocab]`, each registered once, here. Each reader imports its peer
-(ModelOpt, compressed-tensors, llama-cpp-python: the `verify` extra) when it runs.
+Readers form a small registry, `READERS[target] = Reader(fn, ...)` with `fn(folder, ids [T]) -> logits
+[T, vocab]`, each registered once, here. Each reader imports its peer (ModelOpt, compressed-tensors,
+llama-cpp-python: the `verify` extra) when it runs.
+
+The rule. Each position's difference is max |theirs - ours| over the vocabulary, relative to max |ours|; a
+target passes when the `positions` quantile of those is within its tolerance. Readers with the student's own
+numerics (trtllm, vllm) compare every position against a fixed tolerance. A reader that rounds activations its
+own way (llama.cpp's CPU kernels round every 4-bit matmul's input to Q8_0 blocks) is judged against what that
+rounding alone does to the student: the tolerance is `ROUNDING_MARGIN` times the difference between the
+student's forward and the same forward with its inputs rounded as the reader rounds them (at least `rel_tol`),
+over 90% of the positions: a MoE router whose top-k is a near-tie picks other experts at a position or two,
+and which positions depends on the CPU's summation order (AVX2 or AVX-512), not on the export. A broken
+export (a scale, a nibble order, a permutation) moves every position far beyond either.
 """
 
 import json
@@ -19,23 +29,31 @@ from nvfp4.converter.families import family_of, internal_name
 from nvfp4.converter.moe import unfuse_experts
 from nvfp4.converter.shards import Checkpoint
 from nvfp4.errors import UserError, require
+from nvfp4.kernels.int8_blocks import q8_0_round
+from nvfp4.kernels.linear import NVFP4FakeQuantLinear, NVFP4PackedLinear
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+ROUNDING_MARGIN = 3.0
 
 
 @dataclass(frozen=True)
 class Reader:
     logits: Callable[[Path, Tensor], Tensor]
     quantizes_activations: bool  # False: compare with the student's weight-only (A16) forward
-    rel_tol: float  # max |logit difference| allowed, relative to max |student logit|
+    rel_tol: float  # the tolerance of the positions' relative difference (a floor, with `rounds_inputs`)
+    rounds_inputs: Callable[[Tensor], Tensor] | None = None  # the reader's rounding of a 4-bit matmul's input
+    positions: float = 1.0  # the quantile of the positions' differences that is checked
 
 
 READERS: dict[str, Reader] = {}
 
 
-def register_reader(target: str, quantizes_activations: bool = True, rel_tol: float = 1e-3):
+def register_reader(target: str, quantizes_activations: bool = True, rel_tol: float = 1e-3,
+                    rounds_inputs: Callable[[Tensor], Tensor] | None = None, positions: float = 1.0):
     def decorate(fn: Callable[[Path, Tensor], Tensor]) -> Callable[[Path, Tensor], Tensor]:
-        READERS[target] = Reader(fn, quantizes_activations, rel_tol)
+        READERS[target] = Reader(fn, quantizes_activations, rel_tol, rounds_inputs, positions)
         return fn
 
     return decorate
@@ -139,11 +157,10 @@ def _plain_model(folder: Path, tensors: dict[str, Tensor]) -> nn.Module:
     return model
 
 
-@register_reader("llamacpp", quantizes_activations=False, rel_tol=0.1)
+@register_reader("llamacpp", quantizes_activations=False, rel_tol=0.05, rounds_inputs=q8_0_round, positions=0.9)
 def llamacpp_logits(folder: Path, ids: Tensor, n_threads: int = 2) -> Tensor:
     """Logits llama.cpp computes for every position of `ids` from folder/model.gguf. Its CPU path has no 4-bit
-    activations (it rounds them to Q8_0 blocks), so it is compared with the student's weight-only forward;
-    measured relative logit diff 0.049 on the default model."""
+    activations (it rounds them to Q8_0 blocks), so it is compared with the student's weight-only forward."""
     from nvfp4.converter.writers.gguf import FILE_NAME
 
     Llama = require("verify", "llama_cpp").Llama
@@ -161,7 +178,7 @@ def llamacpp_logits(folder: Path, ids: Tensor, n_threads: int = 2) -> Tensor:
 class Row:
     target: str
     max_abs_diff: float
-    rel_diff: float
+    rel_diff: float  # the checked quantile of the positions' relative differences
     top1_agreement: float
     rel_tol: float
 
@@ -176,18 +193,46 @@ def prompt_ids(tokenizer, prompt: str) -> Tensor:  # -> [T]
     return torch.tensor(chat_prompt_ids(tokenizer, [prompt])[0])
 
 
-def _student_logits(student: nn.Module, ids: Tensor, quantize_activations: bool) -> Tensor:
-    saved = {}
-    if not quantize_activations:
-        for name, module in student.named_modules():
-            if getattr(module, "input_gscale", None) is not None:
-                saved[name], module.input_gscale = module.input_gscale, None
+def position_differences(theirs: Tensor, ours: Tensor) -> Tensor:
+    """[T]: each position's max |theirs - ours| relative to max |ours| over all positions."""
+    return (theirs.float() - ours.float()).abs().amax(-1) / ours.abs().max()
+
+
+def student_logits(student: nn.Module, ids: Tensor, quantize_activations: bool,
+                   rounds_inputs: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The student's logits [T, vocab]: W4A4 or weight-only, every quantized linear's input rounded by
+    `rounds_inputs` when given."""
+    modules = [m for m in student.modules() if isinstance(m, (NVFP4FakeQuantLinear, NVFP4PackedLinear))]
+    saved = [m.input_gscale for m in modules]
+    handles = [m.register_forward_pre_hook(lambda _, args: (rounds_inputs(args[0]), *args[1:]))
+               for m in modules] if rounds_inputs is not None else []
     try:
+        for module in modules:
+            module.input_gscale = module.input_gscale if quantize_activations else None
         with torch.no_grad():
             return student(ids[None]).logits[0].float()
     finally:
-        for name, scale in saved.items():
-            student.get_submodule(name).input_gscale = scale
+        for module, scale in zip(modules, saved):
+            module.input_gscale = scale
+        for handle in handles:
+            handle.remove()
+
+
+def compare(reader: Reader, target: str, theirs: Tensor, student: nn.Module, ids: Tensor,
+            rel_tol: float | None = None) -> Row:
+    """The rule (module docstring): the reader's logits against the student's, with the tolerance it earns."""
+    ours = student_logits(student, ids, reader.quantizes_activations)
+    if theirs.shape != ours.shape:
+        raise UserError(f"{target}: logits of shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+    differences = position_differences(theirs, ours)
+    tol = reader.rel_tol
+    if reader.rounds_inputs is not None:
+        rounded = student_logits(student, ids, reader.quantizes_activations, reader.rounds_inputs)
+        own = position_differences(rounded, ours).quantile(reader.positions).item()
+        tol = max(tol, ROUNDING_MARGIN * own)
+    top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    diff = (theirs.float() - ours).abs().max().item()
+    return Row(target, diff, differences.quantile(reader.positions).item(), top1, tol if rel_tol is None else rel_tol)
 
 
 def present_targets(out: Path, readers: dict[str, Reader]) -> list[str]:
@@ -213,29 +258,17 @@ def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None
     from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
 
     out = Path(out)
-    readers = READERS
-    targets = present_targets(out, readers)
+    targets = present_targets(out, READERS)
     student, tokenizer = load_nvfp4_checkpoint(out / "trtllm")
     ids = prompt_ids(tokenizer, prompt)
-    rows = []
-    for target in targets:
-        reader = readers[target]
-        ours = _student_logits(student, ids, reader.quantizes_activations)
-        theirs = reader.logits(out / target, ids).float()
-        if theirs.shape != ours.shape:
-            raise UserError(f"{out / target}: logits of shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
-        diff = (theirs - ours).abs().max().item()
-        top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-        tol = reader.rel_tol if rel_tol is None else rel_tol
-        rows.append(Row(target, diff, diff / ours.abs().max().item(), top1, tol))
-    return rows
+    return [compare(READERS[t], t, READERS[t].logits(out / t, ids).float(), student, ids, rel_tol) for t in targets]
 
 
 def render(rows: list[Row]) -> str:
-    lines = ["| target | max abs logit diff | relative | top-1 agreement | tolerance | result |", "|---|---|---|---|---|---|"]
+    lines = ["| target | max abs logit diff | relative (positions quantile) | top-1 agreement | tolerance | result |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.target} | {r.max_abs_diff:.3e} | {r.rel_diff:.3e} | {r.top1_agreement:.3f} | "
-                     f"{r.rel_tol:.0e} | {'ok' if r.ok else 'FAIL'} |")
+                     f"{r.rel_tol:.1e} | {'ok' if r.ok else 'FAIL'} |")
     return "\n".join(lines)
 
 

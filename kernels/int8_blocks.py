@@ -96,3 +96,13 @@ _LIB.define("linear_int8_blocks(Tensor x, Tensor codes, Tensor scales) -> Tensor
 _LIB.impl("linear_int8_blocks", _linear, "CompositeExplicitAutograd")
 torch.library.register_fake("nvfp4::linear_int8_blocks", lambda x, codes, scales: x.new_empty(x.shape[0], codes.shape[0]),
                             lib=_LIB)
+
+
+def q8_0_round(x: Tensor) -> Tensor:
+    """x rounded as llama.cpp's CPU kernels round a matmul's activations for 4-bit weights (GGUF Q8_0: blocks of
+    32 along the last axis, codes round(x * 127 / amax), scale amax / 127 stored as fp16)."""
+    blocks = x.float().unflatten(-1, (-1, BLOCK))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, 0.0)
+    codes = (blocks * inverse).round().clamp(-127, 127)
+    return (codes * (amax / 127).half().float()).flatten(-2).to(x.dtype)

@@ -1,5 +1,7 @@
 """NVFP4 linear modules: fake-quantized (QAD student, calibration) and packed (serving)."""
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -8,8 +10,14 @@ from torch import Tensor, nn
 
 from nvfp4.kernels import int8_blocks
 from nvfp4.kernels.numerics import block_scales, scales_from_log
-from nvfp4.kernels.ops import (fake_quantize, fake_quantize_activation, fake_quantize_learned, linear_bf16_weight, linear_w4a16,
-                         quantize)
+from nvfp4.kernels.ops import (
+    fake_quantize,
+    fake_quantize_activation,
+    fake_quantize_learned,
+    linear_bf16_weight,
+    linear_w4a16,
+    quantize,
+)
 
 
 @dataclass
@@ -30,6 +38,10 @@ class NVFP4FakeQuantLinear(nn.Module):
     search. `input_gscale` set (after calibration) turns on W4A4 activation fake-quantization.
     While `log_block_scales` is set (QAD learning the scales), the block scales are that parameter's
     e4m3 values; `fix_block_scales` makes them fixed `block_scales` again for export.
+
+    Two temporary modes, each a context manager over many modules: `calibrating` (the original linear:
+    weights and inputs unquantized, so recorded ranges are the teacher's) and `frozen` (each weight
+    fake-quantized once and reused by every forward: evaluation).
     """
 
     def __init__(self, linear: nn.Linear, weight_gscale: Tensor, quantize_input: bool):
@@ -42,8 +54,12 @@ class NVFP4FakeQuantLinear(nn.Module):
         self.register_buffer("block_scales", None)
         self.register_buffer("input_gscale", None)
         self.register_parameter("log_block_scales", None)
+        self.calibrating = False
+        self.frozen_weight: Tensor | None = None
 
     def quantized_weight(self) -> Tensor:
+        if self.frozen_weight is not None:
+            return self.frozen_weight
         if self.log_block_scales is not None:
             return fake_quantize_learned(self.weight, self.weight_gscale, self.log_block_scales)
         return fake_quantize(self.weight, self.weight_gscale, self.block_scales)
@@ -62,6 +78,8 @@ class NVFP4FakeQuantLinear(nn.Module):
             self.log_block_scales = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            return F.linear(x, self.weight, self.bias)
         if self.quantize_input and self.input_gscale is not None:
             x = fake_quantize_activation(x, self.input_gscale)
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -74,6 +92,33 @@ class NVFP4FakeQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w4a4={self.quantize_input}"
+
+
+@contextmanager
+def calibrating(modules: Iterable[NVFP4FakeQuantLinear]) -> Iterator[None]:
+    """The modules compute as the original linears inside the block."""
+    modules = list(modules)
+    for module in modules:
+        module.calibrating = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.calibrating = False
+
+
+@contextmanager
+def frozen(modules: Iterable[NVFP4FakeQuantLinear]) -> Iterator[None]:
+    """Each module's weight fake-quantized once on entry and reused by every forward inside the block."""
+    modules = list(modules)
+    with torch.no_grad():
+        for module in modules:
+            module.frozen_weight = module.quantized_weight().detach()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.frozen_weight = None
 
 
 class NVFP4PackedLinear(nn.Module):

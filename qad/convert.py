@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from nvfp4.converter.config import EXPERT_CALIBRATIONS, ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
+from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig
+from nvfp4.converter.pipeline import convert as run_convert
 from nvfp4.errors import UserError
-from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert as run_convert
 from nvfp4.qad.config import MODES, QADConfig
 
 

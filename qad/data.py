@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from nvfp4.converter.calibration import chat_prompt_ids, read_text_file
-from nvfp4.errors import UserError
 from nvfp4.converter.generate import generate_batch, pad_and_eos
+from nvfp4.errors import UserError
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 

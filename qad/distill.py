@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from nvfp4.errors import UserError
 from nvfp4.converter.quantize import quantized_modules
+from nvfp4.errors import UserError
 from nvfp4.kernels.kl import token_kl
 from nvfp4.qad.config import QADConfig
 from nvfp4.qad.data import TeacherSamples, file_rows, random_rows
@@ -379,7 +379,7 @@ def _plot(losses: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([l["step"] for l in losses], [l["loss"] for l in losses], marker="o", markersize=3)
+    ax.plot([entry["step"] for entry in losses], [entry["loss"] for entry in losses], marker="o", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("KL(teacher || student)" if losses and losses[0]["loss_kind"] == "kl" else "cross-entropy")
     ax.set_title("QAD training loss")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from nvfp4.cli import cli
 from nvfp4.converter import layerwise
 from nvfp4.converter import plan as plans
+from nvfp4.converter.quantize import eligible_linears
 from nvfp4.converter.shards import INDEX, Checkpoint, ShardWriter, Spec
 
 
@@ -130,7 +131,7 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
     from nvfp4.converter.config import QuantConfig
 
     needs = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=True, device="cuda")
-    shape = plans.ModelShape.of(model, plans.eligible_linears(model, needs.quant))
+    shape = plans.ModelShape.of(model, eligible_linears(model, needs.quant))
     one = plans.qad_per_device(shape, needs)
     two = plans.qad_per_device(shape, plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=True, device="cuda", world_size=2))
     assert two < one  # states shard over the ranks
@@ -151,7 +152,7 @@ def test_layer_local_qad_in_memory_is_planned_above_ptq_and_streams_where_that_d
     model = plans.skeleton(family_dirs("llama"))
     ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False)
     layer_qad = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False, layer_qad=True)
-    shape = plans.ModelShape.of(model, plans.eligible_linears(model, ptq.quant))
+    shape = plans.ModelShape.of(model, eligible_linears(model, ptq.quant))
     assert plans.ptq_whole(shape, layer_qad) > plans.ptq_whole(shape, ptq)
     memory = int(plans.ptq_whole(shape, ptq) / plans.HEADROOM) + 1  # PTQ fits whole, layer-local QAD does not
     assert plans.Plan(shape, ptq, memory=memory, disk=10**12).choose(layerwise=False) == "whole"

@@ -82,10 +82,11 @@ def test_calibration_matches_modelopt_input_amax(teacher):
     import modelopt.torch.quantization as mtq
 
     calibration = batches(teacher.config.vocab_size)
-    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4"))
+    cfg = QuantConfig(scheme="nvfp4")
+    student = quantize(copy.deepcopy(teacher), cfg)
     head_calls = []
     student.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
-    calibrate(student, calibration)
+    calibrate(student, calibration, cfg)
     assert not head_calls, "calibration ran the vocabulary head, which feeds no quantizer"
     reference = copy.deepcopy(teacher)
 
@@ -106,6 +107,7 @@ def test_calibration_matches_modelopt_input_amax(teacher):
 
 
 def test_weight_only_scheme_never_quantizes_activations(teacher):
-    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4-a16"))
-    calibrate(student, batches(teacher.config.vocab_size))
+    cfg = QuantConfig(scheme="nvfp4-a16")
+    student = quantize(copy.deepcopy(teacher), cfg)
+    calibrate(student, batches(teacher.config.vocab_size), cfg)
     assert all(not m.quantize_input and m.input_gscale is None for m in quantized_modules(student).values())

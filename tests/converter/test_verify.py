@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def export(model_dir, scheme, out, targets=("trtllm", "vllm")):
     teacher, tokenizer, _ = load_causal_lm(model_dir)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=scheme))
-    calibrate(student, [prompt_ids(tokenizer, "Calibrate on this question, please.")[None]])
+    calibrate(student, [prompt_ids(tokenizer, "Calibrate on this question, please.")[None]], QuantConfig(scheme=scheme))
     writers = load_all_writers()
     for target in targets:
         (out / target).mkdir(parents=True)
@@ -108,3 +108,57 @@ def test_every_target_has_one_reader_registered_in_verify():
     assert sorted(READERS) == sorted(TARGETS)
     assert READERS["llamacpp"].rel_tol > READERS["trtllm"].rel_tol
     assert READERS["llamacpp"].quantizes_activations is False, "llama.cpp's CPU path runs 8-bit activations"
+
+
+@pytest.fixture(scope="module")
+def moe_student(family_dirs):
+    teacher, _, _ = load_causal_lm(family_dirs("qwen3_moe"))
+    student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4-a16"))
+    return student, torch.randint(3, teacher.config.vocab_size, (32,), generator=torch.Generator().manual_seed(0))
+
+
+def _routers_reversed_at(student, position: int):
+    """Hooks making every MoE router at `position` prefer the experts it liked least (its input negated)."""
+    def reverse(module, args):
+        x = args[0].clone()
+        x[..., position, :] = -x[..., position, :]
+        return (x, *args[1:])
+
+    routers = [m for n, m in student.named_modules() if n.endswith(".mlp.gate")]
+    assert routers
+    return [router.register_forward_pre_hook(reverse) for router in routers]
+
+
+def test_llamacpp_rule_holds_when_another_cpu_routes_one_position_otherwise(moe_student):
+    """llama.cpp on an AVX-512 CPU sums in another order and a near-tie router picks other experts at a position
+    (rel 0.107-0.129 over a 0.1 max-over-positions tolerance on an Intel Xeon, while AVX2 passed). Modelled here:
+    the student with llama.cpp's Q8_0 input rounding and one position routed otherwise."""
+    from nvfp4.converter.verify import compare, position_differences, student_logits
+    from nvfp4.kernels.int8_blocks import q8_0_round
+
+    student, ids = moe_student
+    reader = READERS["llamacpp"]
+    handles = _routers_reversed_at(student, 7)
+    try:
+        theirs = student_logits(student, ids, False, q8_0_round)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ours = student_logits(student, ids, False)
+    assert position_differences(theirs, ours).max() > reader.rel_tol  # the max-over-positions rule failed here
+    assert compare(reader, "llamacpp", theirs, student, ids).ok
+
+
+def test_llamacpp_rule_fails_a_wrong_scale(moe_student):
+    """A per-tensor scale off by 25% in one layer (what a dropped or misnamed .scale does, milder) fails."""
+    from nvfp4.converter.quantize import quantized_modules
+    from nvfp4.converter.verify import compare, student_logits
+    from nvfp4.kernels.int8_blocks import q8_0_round
+
+    student, ids = moe_student
+    wrong = copy.deepcopy(student)
+    for name, module in quantized_modules(wrong).items():
+        if ".layers.1.self_attn." in name:
+            module.weight_gscale *= 1.25
+    row = compare(READERS["llamacpp"], "llamacpp", student_logits(wrong, ids, False, q8_0_round), student, ids)
+    assert not row.ok, row

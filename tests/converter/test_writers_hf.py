@@ -20,7 +20,7 @@ SCHEMES = ["nvfp4", "nvfp4-a16"]
 def our_export(model_dir, scheme, tmp_path, target):
     teacher, tokenizer, _ = load_causal_lm(model_dir)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=scheme))
-    calibrate(student, [calibration_batch(teacher.config.vocab_size)])
+    calibrate(student, [calibration_batch(teacher.config.vocab_size)], QuantConfig(scheme=scheme))
     out = tmp_path / target
     out.mkdir()
     load_all_writers()[target](QuantConfig(scheme=scheme), torch.float32).write(student, tokenizer, model_dir, out)
@@ -119,7 +119,8 @@ def test_vllm_global_scales_are_compressed_tensors_gparam_of_the_group_amax(tiny
     """weight_global_scale = compressed-tensors' generate_gparam(group amax), one value per fused group."""
     from compressed_tensors.quantization.utils.helpers import generate_gparam
 
-    from nvfp4.converter.quantize import fused_groups, quantized_modules
+    from nvfp4.converter.groups import fused_groups
+    from nvfp4.converter.quantize import quantized_modules
 
     student, out = our_export(tiny_model_dir, "nvfp4-a16", tmp_path, "vllm")
     tensors = load_file(out / "model.safetensors")
@@ -149,7 +150,7 @@ def test_packed_weights_are_shared_between_targets_until_the_student_changes(tin
     after_edit = packed_weights(student)
     assert after_edit is not first
     assert not torch.equal(after_edit["model.layers.0.mlp.down_proj"].packed, first["model.layers.0.mlp.down_proj"].packed)
-    calibrate(student, [calibration_batch(teacher.config.vocab_size)])  # sets input scales
+    calibrate(student, [calibration_batch(teacher.config.vocab_size)], QuantConfig(scheme="nvfp4"))  # sets input scales
     calibrated = packed_weights(student)
     assert calibrated is not after_edit and calibrated["model.layers.0.mlp.down_proj"].input_gscale is not None
     fresh = export_weights(student)

@@ -17,7 +17,7 @@ from nvfp4.converter.families import FAMILIES, family_of, hub_names
 from nvfp4.converter.models import load_causal_lm
 from nvfp4.converter.moe import Experts
 from nvfp4.converter.quantize import calibrate, quantize, quantized_modules
-from nvfp4.converter.verify import READERS
+from nvfp4.converter.verify import READERS, compare
 from nvfp4.converter.writers import load_all_writers
 from support.families import MOE, TINY, family
 from support.oracles import (
@@ -43,7 +43,7 @@ def student_of(model_dir, scheme: str, expert_calibration: str = "routed"):
     teacher, tokenizer, _ = load_causal_lm(model_dir)
     quant = QuantConfig(scheme=scheme, expert_calibration=expert_calibration)
     student = quantize(copy.deepcopy(teacher), quant)
-    calibrate(student, [calibration_batch(teacher.config.vocab_size)], expert_calibration == "all")
+    calibrate(student, [calibration_batch(teacher.config.vocab_size)], quant)
     return teacher, student, tokenizer, quant
 
 
@@ -121,7 +121,7 @@ def test_all_experts_of_a_layer_share_an_input_scale_covering_every_token(family
     scales = {}
     for mode in ("all", "routed"):
         student = quantize(copy.deepcopy(teacher), QuantConfig(scheme="nvfp4", expert_calibration=mode))
-        calibrate(student, [batch], all_experts=mode == "all")
+        calibrate(student, [batch], QuantConfig(scheme="nvfp4", expert_calibration=mode))
         scales[mode] = {n: float(m.input_gscale) for n, m in quantized_modules(student).items() if ".experts." in n}
     for mode in scales:
         for layer in range(2):
@@ -210,10 +210,8 @@ def test_gguf_against_llama_cpp(family_dirs, family, llama_cpp_converter, tmp_pa
     if family in LLAMA_CPP_DROPS_FFN_SCALES:
         assert not torch.isfinite(theirs).all(), f"llama.cpp now runs NVFP4 {family}: move it to the checked families"
         return
-    ours = weight_only_logits(student, ids)
-    rel = ((theirs - ours).abs().max() / ours.abs().max()).item()
-    top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    assert rel < READERS["llamacpp"].rel_tol and top1 > 0.8, (rel, top1)
+    row = compare(READERS["llamacpp"], "llamacpp", theirs, student, ids)
+    assert row.ok and row.top1_agreement > 0.8, row
 
 
 @pytest.mark.parametrize("family", ALL)

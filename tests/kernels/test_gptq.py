@@ -137,8 +137,8 @@ def test_calibrate_gptq_rounds_every_linear_with_lower_output_error(tiny_teacher
     inputs = _recorded_inputs(tiny_teacher, batches)
     nearest = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme))
     gptq = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme, rounding="gptq"))
-    calibrate(nearest, batches)
-    calibrate(gptq, batches)
+    calibrate(nearest, batches, QuantConfig(scheme=scheme))
+    calibrate(gptq, batches, QuantConfig(scheme=scheme, rounding="gptq"))
     exported = export_weights(gptq)
     for name, module in quantized_modules(gptq).items():
         original, x = tiny_teacher.get_submodule(name).weight.detach(), inputs[name]
@@ -173,13 +173,14 @@ def test_convert_cli_with_gptq_rounding(tiny_model_dir, tmp_path):
 
 def test_gptq_hessian_bytes_count_one_matrix_per_fused_group(tiny_teacher):
     from nvfp4.converter.config import QuantConfig
-    from nvfp4.converter.quantize import eligible_linears, hessian_bytes
+    from nvfp4.converter.quantize import eligible_linears
+    from nvfp4.converter.stages import GPTQRounding
 
     config = tiny_teacher.config
     hidden, intermediate = config.hidden_size, config.intermediate_size
     per_layer = 3 * hidden**2 + intermediate**2  # q/k/v, o_proj, gate/up (input: hidden); down_proj (input: intermediate)
     linears = eligible_linears(tiny_teacher, QuantConfig(scheme="nvfp4-a16", rounding="gptq"))
-    assert hessian_bytes(linears) == 4 * per_layer * config.num_hidden_layers
+    assert GPTQRounding.hessian_bytes(linears) == 4 * per_layer * config.num_hidden_layers
 
 
 def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny_model_dir, tmp_path, monkeypatch):
@@ -190,12 +191,13 @@ def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny
     from nvfp4.cli import cli
     from nvfp4.converter import plan as plans
     from nvfp4.converter.config import QuantConfig
+    from nvfp4.converter.quantize import eligible_linears
 
     model = plans.skeleton(tiny_model_dir)
     shapes = {}
     for rounding in ("nearest", "gptq"):
         needs = plans.Needs(QuantConfig(scheme="nvfp4-a16", rounding=rounding), ("trtllm",), 256, qad=False, evaluate=False)
-        shapes[rounding] = (plans.make_plan(model, plans.eligible_linears(model, needs.quant), needs, tmp_path), needs)
+        shapes[rounding] = (plans.make_plan(model, eligible_linears(model, needs.quant), needs, tmp_path), needs)
     plan, needs = shapes["gptq"]
     assert plan.shape.hessians == 2 * plan.shape.layer_hessians > 0
     assert plans.ptq_whole(plan.shape, needs) - plans.ptq_whole(shapes["nearest"][0].shape, shapes["nearest"][1]) >= plan.shape.hessians

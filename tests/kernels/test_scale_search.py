@@ -206,7 +206,7 @@ def test_mse_act_uses_calibration_statistics(tiny_teacher, scheme):
     mse = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme, scale_search="mse"))
     act = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme, scale_search="mse-act"))
     assert all(m.block_scales is None for m in quantized_modules(act).values())  # amax until calibrate() searches
-    calibrate(act, batches)
+    calibrate(act, batches, QuantConfig(scheme=scheme, scale_search="mse-act"))
     changed = 0
     for name, module in quantized_modules(act).items():
         reference = quantized_modules(mse)[name]
@@ -240,7 +240,7 @@ def mse_student(tiny_model_dir, tiny_teacher):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     student = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scale_search="mse"))
-    calibrate(student, calibration_batches("random", tiny_teacher, tokenizer, 128, seed=0))
+    calibrate(student, calibration_batches("random", tiny_teacher, tokenizer, 128, seed=0), QuantConfig(scale_search="mse"))
     return student, tokenizer
 
 
@@ -316,7 +316,7 @@ def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["scale_search"] == "mse-act" and report["calibration"] is not None
     expected = quantize(copy.deepcopy(tiny_teacher), cfg)
-    calibrate(expected, calibration_batches("random", tiny_teacher, None, 128, seed=0))
+    calibrate(expected, calibration_batches("random", tiny_teacher, None, 128, seed=0), cfg)
     tensors = load_file(out / "trtllm" / "model.safetensors")
     differs_from_amax = 0
     for name, module in quantized_modules(expected).items():

@@ -195,7 +195,7 @@ def test_w4a4_student_trains_with_activation_quantization(models, tmp_path):
 
     teacher, tokenizer = models
     student = fresh_student(teacher, "nvfp4")
-    calibrate(student, [torch.randint(0, 2000, (1, 32))])
+    calibrate(student, [torch.randint(0, 2000, (1, 32))], QuantConfig(scheme="nvfp4"))
     assert all(m.input_gscale is not None for m in quantized_modules(student).values())
     metrics = run_qad(student, teacher, tokenizer, QADConfig(steps=2, batch=2, seq_len=16, data="random"),
                       tmp_path / "w", tmp_path / "l")
