@@ -1,16 +1,106 @@
-"""The `verify` subcommand (mapped in nvfp4/cli.py)."""
+"""The converter's commands: `convert`, `verify` and `eval` (mapped in nvfp4/cli.py). Each is a thin map from
+flags to the library's configs; a training package's flags (nvfp4.qad) join `convert` through
+converter/stages.py's `TRAINING_FLAGS`."""
 
+import json
 import os
+import time
 from pathlib import Path
 
 import click
+
+from nvfp4.converter.config import EXPERT_CALIBRATIONS, ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
+from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert
+from nvfp4.converter.stages import TRAINING_FLAGS
+from nvfp4.errors import UserError
+
+QUANT_FLAGS = ("scheme", "exclude", "scale_search", "rounding", "smooth_alpha", "expert_calibration")
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+CONVERT_OPTIONS = [
+    click.Argument(["model"], required=False),
+    click.Option(["-o", "--out"], type=click.Path(path_type=Path), required=True, help="Output folder."),
+    click.Option(["--scheme"], type=click.Choice(SCHEMES), default="nvfp4", show_default=True,
+                 help="nvfp4 = W4A4 (Blackwell); nvfp4-a16 = weight-only (Hopper, Ampere)."),
+    click.Option(["--targets"], default=",".join(TARGETS), show_default=True, help="Comma-separated export targets."),
+    click.Option(["--calib-data"], default="self", show_default=True,
+                 help="self (the teacher's answers to shipped prompts) | prompts (those prompts alone) | random | "
+                      "PATH (txt or JSONL)."),
+    click.Option(["--calib-tokens"], type=int, default=2048, show_default=True),
+    click.Option(["--exclude"], multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable)."),
+    click.Option(["--scale-search"], type=click.Choice(SCALE_SEARCHES), default=None,
+                 help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale. Default: mse-act when "
+                      "QAD learns the scales (their start), else amax (PTQ, --qad-scale-lr 0)."),
+    click.Option(["--rounding"], type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
+                 help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration)."),
+    click.Option(["--smooth-alpha"], type=float, default=None,
+                 help="SmoothQuant-style channel smoothing folded into norms, v_proj and up_proj (0 = off). "
+                      "Default: 0.5 for a W4A4 QAD pass (its start), else 0 (ModelOpt's bytes)."),
+    click.Option(["--expert-calibration"], type=click.Choice(EXPERT_CALIBRATIONS), default="all", show_default=True,
+                 help="MoE: every expert sees every calibration token (its statistics only), or only the tokens the "
+                      "router sends it (ModelOpt's input scales)."),
+    click.Option(["--layerwise"], is_flag=True,
+                 help="PTQ one decoder layer at a time, reading the weights from the shards and writing every target "
+                      "as they stream (peak memory: about two layers); chosen by itself when the model does not fit."),
+    click.Option(["--dry-run"], is_flag=True, help="Print the memory and disk plan and stop."),
+    click.Option(["--seed"], type=int, default=0, show_default=True),
+    click.Option(["--device"], type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+    click.Option(["--dtype"], type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
+                 help="dtype of the tensors left unquantized."),
+    click.Option(["--force"], is_flag=True, help="Replace an existing OUT."),
+    click.Option(["--trust-remote-code"], is_flag=True),
+    click.Option(["--no-eval"], is_flag=True, help="Skip the held-out accuracy section of the report."),
+]
+
+
+def quant_config(flags: dict) -> QuantConfig:
+    """The quantization the flags ask for, a training package's defaults filling what they leave unset."""
+    defaults = {}
+    for training in TRAINING_FLAGS:
+        defaults |= training.quant_defaults(flags, flags["scheme"])
+    chosen = {k: flags[k] for k in QUANT_FLAGS if flags[k] is not None}
+    try:
+        return QuantConfig(**({"scale_search": "amax", "smooth_alpha": 0.0} | defaults | chosen))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+
+
+def convert_config(flags: dict) -> ConvertConfig:
+    return ConvertConfig(out=flags["out"], source=flags["model"], quant=quant_config(flags),
+                         targets=_targets(flags["targets"]), calib_data=flags["calib_data"],
+                         calib_tokens=flags["calib_tokens"], seed=flags["seed"], device=flags["device"],
+                         dtype=flags["dtype"], force=flags["force"], trust_remote_code=flags["trust_remote_code"],
+                         evaluate=not flags["no_eval"], layerwise=flags["layerwise"], dry_run=flags["dry_run"])
+
+
+def run_convert(**flags) -> None:
+    """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
+    started = time.monotonic()
+    cfg = convert_config(flags)
+    stages = [t.build(flags, flags["seed"], started) for t in TRAINING_FLAGS]
+    report = convert(cfg, next((stage for stage in stages if stage is not None), None))
+    if cfg.dry_run:
+        return
+    click.echo(f"wrote {cfg.out}: " + ", ".join(f"{t} {report['size_vs_bf16'][t]:.2f}x BF16" for t in cfg.targets))
+    if report["accuracy"]:
+        click.echo(report["accuracy"]["table"])
+
+
+def convert_command() -> click.Command:
+    """`nvfp4 convert`, with the flags of every registered training package."""
+    params = CONVERT_OPTIONS + [option for training in TRAINING_FLAGS for option in training.options]
+    return click.Command("convert", callback=run_convert, params=params, help=run_convert.__doc__)
 
 
 @click.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Chat prompt whose logits are compared (default: a fixed question).")
 @click.option("--tolerance", type=float, default=None,
-              help="Max |logit diff| relative to max |student logit|, for every target (default: per reader).")
+              help="Max relative logit difference, for every target (default: each reader's rule).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
 def verify(out: Path, prompt: str | None, tolerance: float | None, json_path: Path | None) -> None:
     """Reload each target in OUT through an independent reader and compare its logits with the student's."""
@@ -25,3 +115,45 @@ def verify(out: Path, prompt: str | None, tolerance: float | None, json_path: Pa
     if failed:
         click.echo(f"verify: {', '.join(failed)} differ from the student beyond tolerance", err=True)
         raise SystemExit(1)
+
+
+def _nvfp4_folder(path: str) -> Path | None:
+    """OUT/trtllm for an output folder of this tool (OUT or OUT/trtllm given), else None."""
+    folder = Path(path)
+    if (folder / "trtllm" / "hf_quant_config.json").is_file():
+        folder = folder / "trtllm"
+    return folder if (folder / "hf_quant_config.json").is_file() else None
+
+
+def load_student(path: str):
+    """An NVFP4 output folder of this tool (OUT or OUT/trtllm) or any model `converter` loads."""
+    from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
+    from nvfp4.converter.models import load_causal_lm
+
+    folder = _nvfp4_folder(path)
+    return load_nvfp4_checkpoint(folder)[0] if folder else load_causal_lm(path)[0]
+
+
+@click.command("eval")
+@click.argument("teacher")
+@click.argument("students", nargs=-1, required=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+def eval_command(teacher: str, students: tuple[str, ...], json_path: Path | None) -> None:
+    """Compare STUDENTS (NVFP4 output folders or any checkpoint) with TEACHER on held-out material."""
+    from nvfp4.converter.evaluate import build_eval_set, evaluate, format_table
+    from nvfp4.converter.models import load_causal_lm, resolve_model
+
+    teacher = None if teacher == "default" else teacher
+    for path in [teacher, *students]:  # a typo fails in one line before minutes of loading
+        if path is None or _nvfp4_folder(path) is None:
+            resolve_model(path)
+    teacher_model, tokenizer, _ = load_causal_lm(teacher)
+    data = build_eval_set(teacher_model, tokenizer)
+    models = {}
+    for index, path in enumerate(students):
+        name = Path(path).name or f"student{index}"
+        models[f"{name}#{index}" if name in models or name == "BF16" else name] = load_student(path)
+    results = evaluate(teacher_model, models, tokenizer, data)
+    click.echo(format_table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))

@@ -32,18 +32,13 @@ from nvfp4.converter.models import load_causal_lm, resolve_model
 from nvfp4.converter.plan import Needs, Plan, make_plan, skeleton
 from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
 from nvfp4.converter.smoothing import smooth
-from nvfp4.converter.stages import needs_calibration_data
+from nvfp4.converter.stages import TrainingContext, TrainingStage, needs_calibration_data
 from nvfp4.converter.writers import Entry, load_all_writers, packed_weights, student_entries
 from nvfp4.converter.writers.hf import high_precision_modules
 from nvfp4.errors import UserError
 
 TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# A training stage between calibration and export (QAD): (student, teacher, tokenizer, workdir, logdir,
-# reserve_seconds=what the convert still does after the exports) -> metrics
-TrainStage = Callable[..., dict]
-
 
 def torch_device(choice: str) -> torch.device:
     """--device auto | cpu | cuda -> where convert (and QAD) compute; auto takes CUDA when there is one."""
@@ -133,14 +128,11 @@ def _check_out(cfg: ConvertConfig) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def memory_plan(cfg: "ConvertConfig", source_dir: Path, train: TrainStage | None) -> Plan:
+def memory_plan(cfg: "ConvertConfig", source_dir: Path, training: TrainingStage | None) -> Plan:
     """What each stage needs against what the machine has, from config.json alone (converter/plan.py)."""
     model = skeleton(source_dir)
-    needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, qad=getattr(train, "whole_model", train is not None),
-                  qad_batch=getattr(train, "batch", 1),
-                  qad_seq_len=getattr(train, "seq_len", 128), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                  device=cfg.torch_device.type, evaluate=cfg.evaluate,
-                  layer_qad=train is not None and not getattr(train, "whole_model", True))
+    needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, None if training is None else training.requirements,
+                  world_size=int(os.environ.get("WORLD_SIZE", "1")), device=cfg.torch_device.type, evaluate=cfg.evaluate)
     return make_plan(model, eligible_linears(model, cfg.quant), needs, cfg.out.parent)
 
 
@@ -231,125 +223,172 @@ def _replace_atomically(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def convert(cfg: ConvertConfig, train: TrainStage | None = None) -> dict:
+def convert(cfg: ConvertConfig, training: TrainingStage | None = None) -> dict:
     """Run the whole conversion; returns the report (also written to OUT/report.json and report.md). A disk
     that fills up all the same (the plan checked it first) is one error line; nothing half-written stays."""
     try:
-        return _convert(cfg, train)
+        return _convert(cfg, training)
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
         raise UserError(f"the disk holding {cfg.out.parent} filled up while writing: {error}") from error
 
 
-def _convert(cfg: ConvertConfig, train: TrainStage | None) -> dict:
+def _convert(cfg: ConvertConfig, training: TrainingStage | None) -> dict:
     _check_out(cfg)
     load_all_writers()  # an import problem in a writer shows before any work
-    timer = Timer()
     torch.manual_seed(cfg.seed)
-    device = cfg.torch_device
     source_dir = resolve_model(cfg.source)
-    plan = memory_plan(cfg, source_dir, train)
+    plan = memory_plan(cfg, source_dir, training)
     click.echo(plan.render(), err=True)
     if cfg.dry_run:
         return {"plan": plan.render()}
+    run = _Run(cfg, source_dir, training, Timer())
     if plan.choose(cfg.layerwise) == "layerwise":
-        return _convert_layerwise(cfg, source_dir, timer, device, getattr(train, "layer_hook", None))
-    if getattr(train, "whole_model", False):  # before any work: checkpoints of another origin never resume
+        return run.staged(_layerwise)
+    if training is not None and training.requirements.whole_model:  # checkpoints of another origin never resume
         cfg.workdir.mkdir(parents=True, exist_ok=True)
-        claim_workdir(cfg.workdir, origin(cfg, source_dir), getattr(train, "resume", False))
+        claim_workdir(cfg.workdir, origin(cfg, source_dir), training.requirements.resume)
     keep_freed_memory()  # not when streaming: kept pages would hold the peak of every layer
-    with timer.stage("load"):
-        teacher, tokenizer, _ = load_causal_lm(source_dir, compute_dtype(device), device, cfg.trust_remote_code)
-        teacher.requires_grad_(False)
-    check_targets(teacher, tokenizer, cfg)
-    all_experts = cfg.quant.expert_calibration == "all"
-    student, batches = copy.deepcopy(teacher), None
-    if cfg.quant.smooth_alpha:
-        with timer.stage("smooth"):
-            batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
-            smooth(student, batches, cfg.quant.smooth_alpha, all_experts)
-    with timer.stage("quantize"):
-        student = quantize(student, cfg.quant)
-    if needs_calibration_data(cfg.quant):
-        with timer.stage("calibrate"):
-            batches = batches or calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
-            calibrate(student, batches, cfg.quant)
-    if getattr(train, "needs_calibration_data", False) and batches is None:
-        batches = calibration_batches(cfg.calib_data, teacher, tokenizer, cfg.calib_tokens, cfg.seed)
-    tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
-    try:
-        qad_metrics, heldout, accuracy = None, None, None
-        if train is not None:
-            if cfg.evaluate:  # the untrained rows now: no copy of the student is kept through training
-                with timer.stage("evaluate untrained"):
-                    heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant, batches)
-            with timer.stage("qad"):
-                qad_metrics = train(student, teacher, tokenizer, cfg.workdir, tmp / "qad",
-                                    reserve_seconds=heldout.trained_row_seconds if heldout else 0.0, calibration=batches)
-        if int(os.environ.get("RANK", "0")):  # under torchrun every rank trains; rank 0 alone writes OUT
-            return {}
-        with timer.stage("export"):
-            exports = export_targets(student, tokenizer, source_dir, tmp, cfg.targets, cfg.quant, DTYPES[cfg.dtype])
-        if cfg.evaluate:
-            with timer.stage("evaluate"):
-                accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, _trained_name(qad_metrics))
-        report = _report(cfg, source_dir, teacher, student_entries(student), exports, timer, accuracy, qad_metrics)
-        _finish(tmp, cfg, report)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    report = run.staged(_in_memory)
     shutil.rmtree(cfg.workdir, ignore_errors=True)
     return report
 
 
-def _finish(tmp: Path, cfg: "ConvertConfig", report: dict) -> None:
-    (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    (tmp / "report.md").write_text(render_report_md(report))
-    _replace_atomically(tmp, cfg.out)
+@dataclass
+class _Run:
+    """What both paths share: the settings, the source, the training stage, the stage timings."""
+
+    cfg: ConvertConfig
+    source_dir: Path
+    training: TrainingStage | None
+    timer: "Timer"
+
+    def staged(self, body: Callable[["_Run", Path], dict | None]) -> dict:
+        """`body(run, tmp)` writes the targets into a temporary sibling of OUT and returns the report; then the
+        report is written and tmp renamed into place. A body returning None (a torchrun rank but the first)
+        leaves no OUT."""
+        cfg = self.cfg
+        tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
+        try:
+            report = body(self, tmp)
+            if report is None:
+                return {}
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            (tmp / "report.md").write_text(render_report_md(report))
+            _replace_atomically(tmp, cfg.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return report
+
+    def calibration(self, model: torch.nn.Module, tokenizer, data: str | None = None) -> list:
+        cfg = self.cfg
+        return calibration_batches(data or cfg.calib_data, model, tokenizer, cfg.calib_tokens, cfg.seed)
+
+    def report(self, teacher: torch.nn.Module, stream: list[Entry], exports: dict, accuracy: dict | None,
+               training: dict | None) -> dict:
+        return _report(self, teacher, stream, exports, accuracy, training)
 
 
-def _convert_layerwise(cfg: "ConvertConfig", source_dir: Path, timer: "Timer", device: torch.device,
-                       train_layer: Callable | None) -> dict:
+def _in_memory(run: _Run, tmp: Path) -> dict | None:
+    """Load, smooth, quantize, calibrate, train, export every target at once, evaluate."""
+    cfg, timer = run.cfg, run.timer
+    with timer.stage("load"):
+        teacher, tokenizer, _ = load_causal_lm(run.source_dir, compute_dtype(cfg.torch_device), cfg.torch_device,
+                                               cfg.trust_remote_code)
+        teacher.requires_grad_(False)
+    check_targets(teacher, tokenizer, cfg)
+    student, batches = _post_training_quantized(run, teacher, tokenizer)
+    heldout, trained = _trained(run, teacher, student, tokenizer, batches, tmp)
+    if int(os.environ.get("RANK", "0")):  # under torchrun every rank trains; rank 0 alone writes OUT
+        return None
+    with timer.stage("export"):
+        exports = export_targets(student, tokenizer, run.source_dir, tmp, cfg.targets, cfg.quant, DTYPES[cfg.dtype])
+    accuracy = None
+    if cfg.evaluate:
+        with timer.stage("evaluate"):
+            accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, _trained_name(trained))
+    return run.report(teacher, student_entries(student), exports, accuracy, trained)
+
+
+def _post_training_quantized(run: _Run, teacher, tokenizer) -> tuple[torch.nn.Module, list | None]:
+    """The student: smoothed, quantized and calibrated as the config asks; -> (student, the calibration batches
+    when any stage needed them)."""
+    cfg, timer = run.cfg, run.timer
+    student, batches = copy.deepcopy(teacher), None
+    if cfg.quant.smooth_alpha:
+        with timer.stage("smooth"):
+            batches = run.calibration(teacher, tokenizer)
+            smooth(student, batches, cfg.quant.smooth_alpha, cfg.quant.expert_calibration == "all")
+    with timer.stage("quantize"):
+        student = quantize(student, cfg.quant)
+    if needs_calibration_data(cfg.quant):
+        with timer.stage("calibrate"):
+            batches = batches or run.calibration(teacher, tokenizer)
+            calibrate(student, batches, cfg.quant)
+    if run.training is not None and run.training.requirements.per_layer and batches is None:
+        batches = run.calibration(teacher, tokenizer)
+    return student, batches
+
+
+def _trained(run: _Run, teacher, student, tokenizer, batches, tmp: Path) -> tuple["_Heldout | None", dict | None]:
+    """The training stage run on the student (in place), the untrained rows evaluated before it."""
+    if run.training is None:
+        return None, None
+    cfg, timer = run.cfg, run.timer
+    heldout = None
+    if cfg.evaluate:  # the untrained rows now: no copy of the student is kept through training
+        with timer.stage("evaluate untrained"):
+            heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant, batches)
+    context = TrainingContext(student, teacher, tokenizer, cfg.workdir, tmp / "qad", batches,
+                              heldout.trained_row_seconds if heldout else 0.0)
+    with timer.stage("qad"):
+        return heldout, run.training.train(context)
+
+
+def _layerwise(run: _Run, tmp: Path) -> dict:
     """PTQ one decoder layer at a time from the shards, every target written as the layers stream
-    (converter/layerwise.py), each layer trained by `train_layer` (layer-local QAD) when given; the held-out
-    evaluation streams beside it (prose rows)."""
+    (converter/layerwise.py), each layer trained by the training stage's `train_layer` when there is one; the
+    held-out evaluation streams beside it (prose rows)."""
     from transformers import AutoTokenizer
 
     from nvfp4.converter.evaluate import prose_samples
     from nvfp4.converter.layerwise import ShardedModel, export_stream, quantize_layerwise
 
+    cfg, timer, training = run.cfg, run.timer, run.training
     with timer.stage("load"):
-        source = ShardedModel(source_dir, compute_dtype(device))
-        tokenizer = AutoTokenizer.from_pretrained(source_dir)
+        source = ShardedModel(run.source_dir, compute_dtype(cfg.torch_device))
+        tokenizer = AutoTokenizer.from_pretrained(run.source_dir)
     check_targets(source.model, tokenizer, cfg)
-    batches = None
-    if needs_calibration_data(cfg.quant) or train_layer is not None:
-        data = "prompts" if cfg.calib_data == "self" else cfg.calib_data  # sampling answers needs the whole model
-        if data != cfg.calib_data:
-            click.echo("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
-                       "whole model in memory; --calib-data PATH gives your own text)", err=True)
-        batches = calibration_batches(data, source.model, tokenizer, cfg.calib_tokens, cfg.seed)
-    tmp = Path(tempfile.mkdtemp(dir=cfg.out.parent, prefix=f".{cfg.out.name}.tmp-"))
-    try:
-        stream, writers = export_stream(source, cfg.quant), []
-        for target in cfg.targets:
-            (tmp / target).mkdir()
-            writer = load_all_writers()[target](cfg.quant, DTYPES[cfg.dtype])
-            writer.begin(source.model, tokenizer, source_dir, tmp / target, stream)
-            writers.append(writer)
-        with timer.stage("quantize, calibrate, export (layer by layer)"):
-            metrics = quantize_layerwise(source, cfg.quant, batches, writers,
-                                         prose_samples(tokenizer) if cfg.evaluate else None,
-                                         cfg.quant.expert_calibration == "all", train_layer)
-            for writer in writers:
-                writer.finish()
-        exports = {target: {"seconds": None, "bytes": _folder_bytes(tmp / target)} for target in cfg.targets}
-        accuracy = {"results": {"NVFP4": metrics}, "table": format_prose_table(metrics)} if metrics else None
-        qad = train_layer.summary() if train_layer is not None else None
-        _finish(tmp, cfg, _report(cfg, source_dir, source.model, stream, exports, timer, accuracy, qad))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return json.loads((cfg.out / "report.json").read_text())
+    batches = _streamed_calibration(run, source.model, tokenizer)
+    stream, writers = export_stream(source, cfg.quant), []
+    for target in cfg.targets:
+        (tmp / target).mkdir()
+        writer = load_all_writers()[target](cfg.quant, DTYPES[cfg.dtype])
+        writer.begin(source.model, tokenizer, run.source_dir, tmp / target, stream)
+        writers.append(writer)
+    with timer.stage("quantize, calibrate, export (layer by layer)"):
+        metrics = quantize_layerwise(source, cfg.quant, batches, writers,
+                                     prose_samples(tokenizer) if cfg.evaluate else None,
+                                     cfg.quant.expert_calibration == "all",
+                                     training.train_layer if training is not None else None)
+        for writer in writers:
+            writer.finish()
+    exports = {target: {"seconds": None, "bytes": _folder_bytes(tmp / target)} for target in cfg.targets}
+    accuracy = {"results": {"NVFP4": metrics}, "table": format_prose_table(metrics)} if metrics else None
+    return run.report(source.model, stream, exports, accuracy, training.summary() if training is not None else None)
+
+
+def _streamed_calibration(run: _Run, model: torch.nn.Module, tokenizer) -> list | None:
+    """The calibration batches of a streamed convert: sampling the teacher's answers needs the whole model, so
+    `self` takes the shipped prompts alone."""
+    if not needs_calibration_data(run.cfg.quant) and run.training is None:
+        return None
+    data = "prompts" if run.cfg.calib_data == "self" else run.cfg.calib_data
+    if data != run.cfg.calib_data:
+        click.echo("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
+                   "whole model in memory; --calib-data PATH gives your own text)", err=True)
+    return run.calibration(model, tokenizer, data)
 
 
 def format_prose_table(metrics: dict[str, float]) -> str:
@@ -358,9 +397,9 @@ def format_prose_table(metrics: dict[str, float]) -> str:
     return "\n".join([header, "-" * len(header), row])
 
 
-def _trained_name(qad_metrics: dict | None) -> str:
-    """The trained student's row: QAT when it learned from labels (--loss ce), else QAD."""
-    return "QAT" if qad_metrics and qad_metrics["config"]["loss"] == "ce" else "QAD"
+def _trained_name(training: dict | None) -> str:
+    """The trained student's row: QAT when it learned from labels (loss ce), else QAD."""
+    return "QAT" if training and training.get("config", {}).get("loss") == "ce" else "QAD"
 
 
 def _modelopt_rule_ptq(teacher, student, quant: QuantConfig, batches) -> torch.nn.Module | None:
@@ -425,25 +464,27 @@ def nvfp4_parameter_share(stream: list[Entry]) -> float:
     return sum(n for n, packed in numel if packed) / sum(n for n, _ in numel)
 
 
-def _report(cfg, source_dir, teacher, stream, exports, timer, accuracy, qad_metrics) -> dict:
+def _report(run: _Run, teacher, stream: list[Entry], exports: dict, accuracy: dict | None,
+            training: dict | None) -> dict:
+    cfg = run.cfg
     bf16_bytes = sum(p.numel() for p in teacher.parameters()) * 2
     sizes = {target: result["bytes"] for target, result in exports.items()}
     return {
         "source": None if cfg.source is None else str(Path(cfg.source).resolve()),
-        "source_dir": str(source_dir),
+        "source_dir": str(run.source_dir),
         "model": teacher.config.architectures[0] if teacher.config.architectures else type(teacher).__name__,
         "scheme": cfg.quant.scheme,
         "quant_config": cfg.quant.to_dict(),
         "nvfp4_parameter_share": round(nvfp4_parameter_share(stream), 4),
         "high_precision_modules": high_precision_modules(teacher, {e.name for e in stream if e.packed}),
         "targets": list(cfg.targets),
-        "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in timer.seconds else None,
+        "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in run.timer.seconds else None,
         "seed": cfg.seed,
         "sizes_bytes": {"bf16": bf16_bytes, **sizes},
         "size_vs_bf16": {t: round(b / bf16_bytes, 3) for t, b in sizes.items()},
-        "timings_seconds": timer.seconds,  # stages one after the other; "export" writes the targets at once
+        "timings_seconds": run.timer.seconds,  # stages one after the other; "export" writes the targets at once
         "export_seconds": {target: result["seconds"] for target, result in exports.items()},
-        "qad": qad_metrics,
+        "qad": training,
         "accuracy": accuracy,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "quant"},
     }

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nvfp4.converter.config import QuantConfig
-from nvfp4.converter.stages import GPTQRounding, needs_calibration_data
+from nvfp4.converter.stages import GPTQRounding, Requirements, needs_calibration_data
 from nvfp4.errors import UserError
 
 GIB = 2**30
@@ -73,13 +73,20 @@ class Needs:
     quant: QuantConfig
     targets: tuple[str, ...]
     calib_tokens: int
-    qad: bool
-    qad_batch: int = 1
-    qad_seq_len: int = 128
+    training: Requirements | None = None  # a training stage's (converter/stages.py)
     world_size: int = 1
-    device: str = "cpu"  # where QAD computes: its teacher runs in fp32 on the CPU, bf16 on CUDA
+    device: str = "cpu"  # where training computes: its teacher runs in fp32 on the CPU, bf16 on CUDA
     evaluate: bool = True
-    layer_qad: bool = False  # layer-local QAD alone (--qad-mode layer): whole model in memory or streamed
+
+    @property
+    def qad(self) -> bool:
+        """Training of the whole model in memory after PTQ."""
+        return self.training is not None and self.training.whole_model
+
+    @property
+    def layer_qad(self) -> bool:
+        """Layer-local training alone: the whole model in memory or streamed."""
+        return self.training is not None and self.training.per_layer and not self.training.whole_model
 
 
 def _activations(shape: ModelShape, tokens: int, seq_len: int = 256) -> int:
@@ -123,20 +130,21 @@ def qad_per_device(shape: ModelShape, needs: Needs) -> int:
     """Teacher (fp32 on CPU, bf16 on CUDA), the fp32 student, the trained weights' gradients and AdamW
     moments, sharded over the ranks; one rank's activations and a chunk of vocabulary logits."""
     teacher = (4 if needs.device == "cpu" else 2) * shape.params
-    trained = 12 * shape.quantizable  # gradient + two moments, fp32
+    training = needs.training
+    trained = training.state_bytes_per_weight * shape.quantizable
     states = (teacher + 4 * shape.params + trained) // needs.world_size
-    tokens = needs.qad_batch * needs.qad_seq_len // needs.world_size
-    activations = shape.layers * _activations(shape, tokens, needs.qad_seq_len) + 3 * 4 * 256 * shape.vocab
+    tokens = training.batch * training.seq_len // needs.world_size
+    activations = shape.layers * _activations(shape, tokens, training.seq_len) + 3 * 4 * 256 * shape.vocab
     return RUNTIME_BYTES + states + activations
 
 
 def disk_bytes(shape: ModelShape, needs: Needs) -> dict[str, int]:
-    """Per target: NVFP4 (0.5 + 1/16 bytes a value) and the rest in bf16; QAD's checkpoints (two kept, each the
-    trained weights and their AdamW moments, fp32)."""
+    """Per target: NVFP4 (0.5 + 1/16 bytes a value) and the rest in bf16; the training's checkpoints (two kept,
+    each the trained weights and their optimizer state: about its state bytes per weight)."""
     per_target = shape.quantizable * 9 // 16 + 2 * (shape.params - shape.quantizable)
     sizes = {target: per_target for target in needs.targets}
     if needs.qad:
-        sizes["QAD checkpoints"] = 2 * 12 * shape.quantizable
+        sizes["QAD checkpoints"] = 2 * needs.training.state_bytes_per_weight * shape.quantizable
     return sizes
 
 
@@ -218,7 +226,7 @@ class Plan:
         hints = ["--qad-steps 0 (PTQ, layer by layer)"]
         if ranks and self.needs.device == "cuda":
             hints.append(f"torchrun --nproc-per-node {ranks} (FSDP2 over {ranks} GPUs)")
-        if self.needs.qad_batch > 1:
+        if self.needs.training.batch > 1:
             hints.append("a smaller --qad-batch")
         raise UserError(f"QAD needs ~{need / GIB:.1f} GiB per device and {self.memory / GIB:.1f} GiB is available; "
                         f"what fits: {', or '.join(hints)}")

@@ -252,6 +252,7 @@ class Requirements:
     batch: int = 1
     seq_len: int = 128
     resume: bool = False  # continues from the checkpoints in the run's workdir
+    state_bytes_per_weight: int = 0  # what training holds per quantized weight beyond it (gradient, optimizer)
 
 
 @dataclass
@@ -267,21 +268,14 @@ class TrainingContext:
     reserve_seconds: float  # what the convert still does after training (a budget ends that much earlier)
 
 
-LayerTrainer = Callable[[nn.Module, int, int, list[Tensor], list[Tensor], list[tuple]], None]
-
-
 class TrainingStage(ABC):
     """A training pass between calibration and export (QAD)."""
 
     requirements: Requirements
 
     @abstractmethod
-    def memory_per_device(self, params: int, quantizable: int, device: str, world_size: int) -> int:
-        """The bytes it adds per device beyond the model's own (optimizer state, gradients)."""
-
     def train(self, ctx: TrainingContext) -> dict:
         """Train the model in memory; -> the report's section."""
-        raise NotImplementedError(f"{type(self).__name__} does not train the whole model")
 
     def train_layer(self, layer: nn.Module, index: int, layers: int, inputs: list[Tensor], targets: list[Tensor],
                     arguments: list[tuple]) -> None:
@@ -292,3 +286,31 @@ class TrainingStage(ABC):
     def summary(self) -> dict:
         """The report's section after `train_layer` ran for every layer."""
         return {}
+
+
+TRAINING_STAGES: dict[str, type[TrainingStage]] = {}
+
+
+def register_training_stage(name: str) -> Callable[[type[TrainingStage]], type[TrainingStage]]:
+    def register(cls: type[TrainingStage]) -> type[TrainingStage]:
+        TRAINING_STAGES[name] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True)
+class TrainingFlags:
+    """A training package's flags of `nvfp4 convert` (click options), how their values make its stage, and the
+    quantization defaults a run with training changes."""
+
+    options: list  # click.Option
+    build: Callable[[dict, int, float], TrainingStage | None]  # (the flags' values, seed, the command's start)
+    quant_defaults: Callable[[dict, str], dict]  # (the flags' values, scheme) -> QuantConfig fields
+
+
+TRAINING_FLAGS: list[TrainingFlags] = []
+
+
+def register_training_flags(flags: TrainingFlags) -> None:
+    TRAINING_FLAGS.append(flags)

@@ -6,14 +6,15 @@ import click
 
 from nvfp4.errors import UserError, require
 
-# name -> "module:attribute"; imported lazily so `nvfp4 --help` stays fast.
+# name -> "module:attribute" (a command, or a function building one); imported lazily so `nvfp4 --help` stays fast.
 SUBCOMMANDS = {
-    "convert": "nvfp4.qad.convert:convert",
+    "convert": "nvfp4.converter.cli:convert_command",
     "verify": "nvfp4.converter.cli:verify",
-    "eval": "nvfp4.qad.cli:eval_command",
+    "eval": "nvfp4.converter.cli:eval_command",
     "serve": "nvfp4.serve.cli:serve",
     "ui": "nvfp4.ui.cli:ui",
 }
+PLUGINS = ("nvfp4.qad.cli",)  # QAD: training stages and their `convert` flags
 HELP = {
     "convert": "Quantize a model to NVFP4 (PTQ + QAD) and export for TensorRT-LLM, vLLM, llama.cpp.",
     "verify": "Reload every exported target through an independent reader and compare logits.",
@@ -23,6 +24,10 @@ HELP = {
 }
 
 
+# Config fields the library names in its errors -> the flags that set them
+FLAGS = {"expert_calibration": "--expert-calibration"}
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(SUBCOMMANDS)
@@ -30,14 +35,17 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in SUBCOMMANDS:
             return None
+        for plugin in PLUGINS:  # registers its stages and flags with the converter before a command is built
+            importlib.import_module(plugin)
         module, attribute = SUBCOMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attribute)
+        command = getattr(importlib.import_module(module), attribute)
+        return command if isinstance(command, click.Command) else command()
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {error.worded(FLAGS)}", err=True)
             ctx.exit(2)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

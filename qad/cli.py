@@ -1,47 +1,71 @@
-"""`nvfp4 eval TEACHER STUDENT...`: held-out KL, top-1, greedy agreement and perplexity, as a table."""
+"""QAD's flags of `nvfp4 convert`, registered with the converter's command (converter/stages.py
+`register_training_flags`): the converter's CLI lists them and hands their values back to `training_from_flags`."""
 
-import json
-from pathlib import Path
+import os
+import time
 
 import click
 
-from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
-from nvfp4.converter.evaluate import build_eval_set, evaluate, format_table
-from nvfp4.converter.models import load_causal_lm, resolve_model
+from nvfp4.converter.stages import TrainingFlags, register_training_flags
+from nvfp4.errors import UserError
+from nvfp4.qad.config import MODES, QADConfig
+from nvfp4.qad.stages import qad_stage
+
+OPTIONS = [
+    click.Option(["--qad-steps"], type=int, default=None, help="0 = PTQ only; default: as many as the budget allows."),
+    click.Option(["--qad-lr"], type=float, default=None, help="Peak learning rate (cosine decay with warmup)."),
+    click.Option(["--qad-scale-lr"], type=float, default=None,
+                 help="Peak learning rate of the block scales (trained as logarithms, LSQ-style); default 3e-3, "
+                      "0 = fixed scales."),
+    click.Option(["--qad-batch"], type=int, default=None),
+    click.Option(["--qad-seq-len"], type=int, default=None),
+    click.Option(["--qad-budget-minutes"], type=float, default=None),
+    click.Option(["--qad-data"], default=None, help="self | random | PATH (txt or JSONL)."),
+    click.Option(["--loss"], type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
+                 help="kl = QAD (forward KL to the teacher); ce = plain QAT."),
+    click.Option(["--qad-mode"], type=click.Choice(MODES), default=None,
+                 help="global = KL of the whole model (default); layer = each decoder layer trained to match its "
+                      "teacher layer's output, one after another; layer+global = the first, then the second."),
+    click.Option(["--qad-layer-fraction"], type=float, default=None, help="layer+global: the layer stage's share (0.5)."),
+    click.Option(["--qad-checkpoint-every"], type=int, default=None,
+                 help="Steps between QAD checkpoints (for --resume); default: one a minute."),
+    click.Option(["--resume"], is_flag=True, help="Continue an interrupted QAD run from its last checkpoint."),
+]
+FIELDS = {"qad_steps": "steps", "qad_lr": "lr", "qad_scale_lr": "scale_lr", "qad_batch": "batch",
+          "qad_seq_len": "seq_len", "qad_budget_minutes": "budget_minutes", "qad_data": "data", "loss": "loss",
+          "qad_mode": "mode", "qad_layer_fraction": "layer_fraction", "qad_checkpoint_every": "checkpoint_every"}
 
 
-def _nvfp4_folder(path: str) -> Path | None:
-    """OUT/trtllm for an output folder of this tool (OUT or OUT/trtllm given), else None."""
-    folder = Path(path)
-    if (folder / "trtllm" / "hf_quant_config.json").is_file():
-        folder = folder / "trtllm"
-    return folder if (folder / "hf_quant_config.json").is_file() else None
+def qad_config(values: dict, seed: int) -> QADConfig | None:
+    """QADConfig from the flags' values; None for PTQ only (--qad-steps 0)."""
+    if values["qad_steps"] is not None and values["qad_steps"] < 0:
+        raise UserError(f"--qad-steps must be >= 0, got {values['qad_steps']}")
+    if values["qad_steps"] == 0:
+        return None
+    try:
+        return QADConfig(seed=seed, **{FIELDS[k]: v for k, v in values.items() if k in FIELDS and v is not None})
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from error
 
 
-def load_student(path: str):
-    """An NVFP4 output folder of this tool (OUT or OUT/trtllm) or any model `converter` loads."""
-    folder = _nvfp4_folder(path)
-    return load_nvfp4_checkpoint(folder)[0] if folder else load_causal_lm(path)[0]
+def quant_defaults(values: dict, scheme: str) -> dict:
+    """What a QAD pass changes in the quantization's defaults: mse-act block scales when it learns them (the best
+    start measured, docs/BENCHMARKS.md), else amax (ModelOpt's bytes); smoothing 0.5 when it trains a W4A4
+    student (it lowers the activations' share of the error), else 0."""
+    steps, scale_lr = values["qad_steps"], values["qad_scale_lr"]
+    learns_scales = steps != 0 and (QADConfig.scale_lr if scale_lr is None else scale_lr) > 0
+    return {"scale_search": "mse-act" if learns_scales else "amax",
+            "smooth_alpha": 0.5 if scheme == "nvfp4" and steps != 0 else 0.0}
 
 
-@click.command("eval")
-@click.argument("teacher")
-@click.argument("students", nargs=-1, required=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
-def eval_command(teacher: str, students: tuple[str, ...], json_path: Path | None) -> None:
-    """Compare STUDENTS (NVFP4 output folders or any checkpoint) with TEACHER on held-out material."""
-    teacher = None if teacher == "default" else teacher
-    for path in [teacher, *students]:  # a typo fails in one line before minutes of loading
-        if path is None or _nvfp4_folder(path) is None:
-            resolve_model(path)
-    teacher_model, tokenizer, _ = load_causal_lm(teacher)
-    data = build_eval_set(teacher_model, tokenizer)
-    models = {}
-    for index, path in enumerate(students):
-        name = Path(path).name or f"student{index}"
-        models[f"{name}#{index}" if name in models or name == "BF16" else name] = load_student(path)
-    results = evaluate(teacher_model, models, tokenizer, data)
-    click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+def training_from_flags(values: dict, seed: int, started: float = None):
+    cfg = qad_config(values, seed)
+    if cfg is None:
+        return None
+    if cfg.mode != "global" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--qad-mode {cfg.mode} trains layer by layer in one process; run it without torchrun, "
+                        "or use --qad-mode global across GPUs")
+    return qad_stage(cfg, time.monotonic() if started is None else started, values["resume"])
 
+
+register_training_flags(TrainingFlags(OPTIONS, training_from_flags, quant_defaults))

@@ -6,12 +6,11 @@ quantization on), so each layer also corrects what the layers before it got wron
 teacher layer's output on the teacher's inputs. The loss is each token's squared error relative to its
 target's squared norm (`relative_error`). One step costs one layer's forward and backward on one sequence instead of the whole
 model's, so many more steps fit a budget; and only one layer trains at a time, so it streams with the
-layer-by-layer PTQ of models larger than memory (converter/layerwise.py takes `train_layer` as its hook).
+layer-by-layer PTQ of models larger than memory (qad/stages.py `LayerQAD.train_layer`).
 """
 
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,26 +94,10 @@ def distill_layers(student: nn.Module, teacher: nn.Module, sequences: list[Tenso
         bar.update(1)
     bar.close()
     student.requires_grad_(False)
-    return _summary(results)
+    return summary(results)
 
 
-def layer_hook(cfg: QADConfig, deadline: float | None) -> Callable:
-    """`train_layer` as converter/layerwise.py calls it for each layer it streams: the time left before
-    `deadline` split evenly over the layers still to come (or cfg.steps steps a layer)."""
-    results: list[LayerResult] = []
-
-    def hook(layer: nn.Module, index: int, layers: int, inputs: list[Tensor], targets: list[Tensor],
-             arguments: list[tuple]) -> None:
-        seconds = None if deadline is None else max(0.0, (deadline - time.monotonic()) / (layers - index))
-        results.append(train_layer(layer, inputs, targets, arguments, cfg, seconds,
-                                   cfg.steps if deadline is None else None, seed=cfg.seed + index))
-
-    hook.summary = lambda: {"config": cfg.to_dict(), "steps": sum(r.steps for r in results),
-                            "layer_local": _summary(results)}
-    return hook
-
-
-def _summary(results: list[LayerResult]) -> dict:
+def summary(results: list[LayerResult]) -> dict:
     return {"layers": len(results), "steps": sum(r.steps for r in results),
             "relative_error_before": [round(r.first_loss, 5) for r in results],
             "relative_error_after": [round(r.last_loss, 5) for r in results]}

@@ -13,6 +13,7 @@ from nvfp4.converter import layerwise
 from nvfp4.converter import plan as plans
 from nvfp4.converter.quantize import eligible_linears
 from nvfp4.converter.shards import INDEX, Checkpoint, ShardWriter, Spec
+from nvfp4.converter.stages import Requirements
 
 
 def convert(source, out, *args):
@@ -126,14 +127,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(family_dirs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+WHOLE_MODEL_QAD = Requirements(whole_model=True, per_layer=False, state_bytes_per_weight=12)  # AdamW's
+
+
 def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path, monkeypatch):
     model = plans.skeleton(family_dirs("llama"))
     from nvfp4.converter.config import QuantConfig
 
-    needs = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=True, device="cuda")
+    needs = plans.Needs(QuantConfig(), ("trtllm",), 2048, WHOLE_MODEL_QAD, device="cuda")
     shape = plans.ModelShape.of(model, eligible_linears(model, needs.quant))
     one = plans.qad_per_device(shape, needs)
-    two = plans.qad_per_device(shape, plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=True, device="cuda", world_size=2))
+    two = plans.qad_per_device(shape, plans.Needs(QuantConfig(), ("trtllm",), 2048, WHOLE_MODEL_QAD, device="cuda", world_size=2))
     assert two < one  # states shard over the ranks
     plan = plans.Plan(shape, needs, memory=int((one + two) / 2 / plans.HEADROOM), disk=10**12)
     with pytest.raises(plans.UserError, match=r"--qad-steps 0 .*torchrun --nproc-per-node 2"):
@@ -141,7 +145,7 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
     assert plans.Plan(shape, needs, memory=10**12, disk=10**12).choose(layerwise=False) == "whole"
     with pytest.raises(plans.UserError, match="not enough disk space"):
         plans.Plan(shape, needs, memory=10**12, disk=1).choose(layerwise=False)
-    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False)
+    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048)
     tight = plans.Plan(shape, ptq, memory=int(plans.ptq_layerwise(shape, ptq) / plans.HEADROOM) + 1, disk=10**12)
     assert plans.ptq_whole(shape, ptq) > plans.ptq_layerwise(shape, ptq) and tight.choose(layerwise=False) == "layerwise"
 
@@ -150,8 +154,8 @@ def test_layer_local_qad_in_memory_is_planned_above_ptq_and_streams_where_that_d
     from nvfp4.converter.config import QuantConfig
 
     model = plans.skeleton(family_dirs("llama"))
-    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False)
-    layer_qad = plans.Needs(QuantConfig(), ("trtllm",), 2048, qad=False, layer_qad=True)
+    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048)
+    layer_qad = plans.Needs(QuantConfig(), ("trtllm",), 2048, Requirements(whole_model=False, per_layer=True))
     shape = plans.ModelShape.of(model, eligible_linears(model, ptq.quant))
     assert plans.ptq_whole(shape, layer_qad) > plans.ptq_whole(shape, ptq)
     memory = int(plans.ptq_whole(shape, ptq) / plans.HEADROOM) + 1  # PTQ fits whole, layer-local QAD does not

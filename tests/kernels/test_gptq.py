@@ -196,7 +196,7 @@ def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny
     model = plans.skeleton(tiny_model_dir)
     shapes = {}
     for rounding in ("nearest", "gptq"):
-        needs = plans.Needs(QuantConfig(scheme="nvfp4-a16", rounding=rounding), ("trtllm",), 256, qad=False, evaluate=False)
+        needs = plans.Needs(QuantConfig(scheme="nvfp4-a16", rounding=rounding), ("trtllm",), 256, evaluate=False)
         shapes[rounding] = (plans.make_plan(model, eligible_linears(model, needs.quant), needs, tmp_path), needs)
     plan, needs = shapes["gptq"]
     assert plan.shape.hessians == 2 * plan.shape.layer_hessians > 0

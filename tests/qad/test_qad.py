@@ -489,9 +489,9 @@ def test_w4a4_qad_starts_from_smoothed_weights_and_the_report_keeps_modelopts_pt
 def test_budgeted_convert_fits_its_budget_with_the_report_evaluation(tiny_model_dir, tmp_path, monkeypatch):
     """--qad-budget-minutes bounds the whole command: training ends early enough for the exports and the
     trained row's evaluation, whose cost the untrained rows' evaluation (before training) measured."""
-    from nvfp4.qad import convert as qad_convert
+    from nvfp4.qad import stages as qad_stages
 
-    monkeypatch.setattr(qad_convert, "EXPORT_RESERVE_SECONDS", 1.0)  # the tiny model exports in a blink
+    monkeypatch.setattr(qad_stages, "EXPORT_RESERVE_SECONDS", 1.0)  # the tiny model exports in a blink
     evaluated = []
     real_evaluate = evaluate_module.evaluate
 
