@@ -132,7 +132,9 @@ class _KeyCheck:
 
 
 class _BodyLimit:
-    """413 for a /v1 body over the limit, before any of it is parsed; 411 for one without Content-Length."""
+    """A /v1 body is read here, counted as it arrives, before any of it is parsed: 413 once it passes the limit,
+    411 without Content-Length, 400 with Content-Length beside Transfer-Encoding (the framing the server follows
+    is not the length the limit read). The route then gets the body read."""
 
     def __init__(self, app, limit: int, metrics: ServerMetrics):
         self.app, self.limit, self.metrics = app, limit, metrics
@@ -140,15 +142,53 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is None or not length.isdigit() or int(length) > self.limit:
-            status = 411 if length is None else 413
-            message = ("send a Content-Length header" if status == 411 else
-                       f"the request body is over the limit of {self.limit} bytes (--max-body-bytes)")
-            self.metrics.error(None, status)
-            return await JSONResponse(error_body(status, message, None, "body_too_large" if status == 413 else "length_required"),
-                                      status_code=status)(scope, receive, send)
-        await self.app(scope, receive, send)
+        refusal = self._refusal(dict(scope["headers"]))
+        if refusal is None:
+            body = await self._read(receive)
+            if body is None:  # the client left
+                return None
+            if len(body) <= self.limit:
+                return await self.app(scope, _replay(body, receive), send)
+            refusal = 413, self._over_limit(), "body_too_large"
+        status, message, code = refusal
+        self.metrics.error(None, status)
+        # the body is not read to its end: the connection closes with the answer
+        await JSONResponse(error_body(status, message, None, code), status_code=status,
+                           headers={"connection": "close"})(scope, receive, send)
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str] | None:
+        length = headers.get(b"content-length")
+        if length is not None and b"transfer-encoding" in headers:
+            return 400, "send Content-Length or Transfer-Encoding, not both", "ambiguous_length"
+        if length is None:
+            return 411, "send a Content-Length header", "length_required"
+        if not length.isdigit() or int(length) > self.limit:
+            return 413, self._over_limit(), "body_too_large"
+        return None
+
+    def _over_limit(self) -> str:
+        return f"the request body is over the limit of {self.limit} bytes (--max-body-bytes)"
+
+    async def _read(self, receive) -> bytes | None:
+        """The body, its bytes counted as they arrive: reading stops one message past the limit."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.limit or not message.get("more_body", False):
+                return bytes(body)
+
+
+def _replay(body: bytes, receive):
+    """The receive the route gets: the body read already, then the client's own (its disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
