@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -16,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from nvfp4.serve.interface import Engine, GenerationRequest, SamplingParams, TokenEvent
 from nvfp4.serve.limits import Admission, Limits
 from nvfp4.serve.metrics import RequestTimer, ServerMetrics
+from nvfp4.serve.prompts import chat_prompt, completion_prompts
 from nvfp4.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -39,7 +39,7 @@ class ServingChat:
     async def create(self, body: ChatCompletionRequest, alias: str, engine: Engine, admission: Admission,
                      request: Request) -> Response:
         _check_limits(self.limits, body, 1)
-        prompt = await asyncio.to_thread(_chat_prompt, engine, body)  # templates and tokenizers off the event loop
+        prompt = await asyncio.to_thread(chat_prompt, engine, body)  # templates and tokenizers off the event loop
         return await _serve(Job(self.metrics, engine, alias, body, [prompt], chat=True), admission, request)
 
 
@@ -52,7 +52,7 @@ class ServingCompletion:
     async def create(self, body: CompletionRequest, alias: str, engine: Engine, admission: Admission,
                      request: Request) -> Response:
         _check_limits(self.limits, body, body.prompt_count())
-        prompts = await asyncio.to_thread(_completion_prompts, engine, body)
+        prompts = await asyncio.to_thread(completion_prompts, engine, body)
         return await _serve(Job(self.metrics, engine, alias, body, prompts, chat=False), admission, request)
 
 
@@ -63,55 +63,6 @@ def _check_limits(limits: Limits, body, prompts: int) -> None:
                        f"per request (--max-choices)", "n", "too_many_choices")
     if any(len(stop) > limits.max_stop_chars for stop in body.stops()):
         raise APIError(400, f"a stop string is over the limit of {limits.max_stop_chars} characters", "stop")
-
-
-def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, f"model `{body.model}` has no chat template; use /v1/completions", "messages")
-    # each content becomes a marker while the template renders, then is tokenized with special-token parsing
-    # off: `<|im_end|>` typed by a user is text, never a control token
-    marker = f"\x00{secrets.token_hex(8)}\x00"
-    contents = [m.text() for m in body.messages]
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": f"{marker}{i}{marker}"}
-                for i, m in enumerate(body.messages)]
-    pieces = _render(tokenizer, messages).split(marker)  # template, content 0, template, content 1, ...
-    if pieces[1::2] != [str(i) for i in range(len(contents))]:  # a template that edits or drops contents
-        text = _render(tokenizer, [{**m, "content": c} for m, c in zip(messages, contents)])
-        return tokenizer.encode(text, add_special_tokens=False)
-    ids = []
-    for i, piece in enumerate(pieces):
-        if i % 2 == 0:
-            ids += tokenizer.encode(piece, add_special_tokens=False) if piece else []
-        elif contents[int(piece)]:
-            ids += tokenizer.encode(contents[int(piece)], add_special_tokens=False, split_special_tokens=True)
-    return ids
-
-
-def _render(tokenizer, messages: list[dict]) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as error:  # jinja raises its own errors (e.g. role order the template rejects)
-        raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from error
-
-
-def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[int]]:
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        prompts = [engine.tokenizer.encode(prompt)]
-    elif all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]
-    elif all(isinstance(p, str) for p in prompt):
-        prompts = [engine.tokenizer.encode(p) for p in prompt]
-    else:
-        prompts = [list(p) for p in prompt]
-    vocab = len(engine.tokenizer)
-    for ids in prompts:
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-    return prompts
 
 
 class Job:
