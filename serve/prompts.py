@@ -4,35 +4,48 @@ so nothing here changes state that another request's tokenization reads."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 from nvfp4.serve.interface import Engine
 from nvfp4.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
+PROMPT_WORKERS = 2  # threads rendering chat templates and tokenizing, for all the models of a server
+UNKNOWN_TOKEN_CHARS = 64  # the longest token of a tokenizer that cannot list its vocabulary
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> characters
+_LONGEST_TOKEN_LOCK = threading.Lock()
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (plain, literal) Rust copies
 _BACKENDS_LOCK = threading.Lock()
+_WORKERS = ThreadPoolExecutor(PROMPT_WORKERS, thread_name_prefix="nvfp4-prompts")
+
+
+async def on_prompt_workers(build, *args):
+    """build(*args) on the prompt workers: never on the event loop, nor in its default executor (which others need
+    meanwhile); at most PROMPT_WORKERS prompts at once, so their Python (templates) takes the GIL from the loop's
+    thread only so often."""
+    return await asyncio.get_running_loop().run_in_executor(_WORKERS, build, *args)
 
 
 class PromptEncoder:
     """encode(text) and encode(text, literal=True) (special tokens typed in the text stay text), safe on many
     threads at once. transformers' `split_special_tokens` is a flag it sets on the tokenizer's one Rust backend
     before each encode: two threads encoding with different settings would get each other's. A fast
-    tokenizer's backend is copied once per setting instead, each copy configured once and only read after."""
+    tokenizer's backend is copied once per setting instead, each copy configured once and only read after
+    (transformers' Python tokenizers take the setting per call)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backends = _fixed_backends(tokenizer)
-        self.lock = threading.Lock()  # a tokenizer without a Rust backend is called one thread at a time
 
     def encode(self, text: str, add_special_tokens: bool = False, literal: bool = False) -> list[int]:
         if not text and not add_special_tokens:
             return []
         if self.backends is not None:
             return self.backends[literal].encode(text, add_special_tokens=add_special_tokens).ids
-        with self.lock:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=literal)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=literal)
 
 
 def _fixed_backends(tokenizer) -> tuple | None:
@@ -76,6 +89,8 @@ def chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
     ids = []
     for i, piece in enumerate(pieces):
         ids += encoder.encode(piece) if i % 2 == 0 else encoder.encode(contents[int(piece)], literal=True)
+        if len(ids) > engine.max_model_len:  # the contents after it need no tokenizing
+            raise _too_long(engine, f"the messages have over {len(ids)} tokens", "messages")
     return ids
 
 
@@ -87,19 +102,59 @@ def _render(tokenizer, messages: list[dict]) -> str:
 
 
 def completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[int]]:
-    prompt, encoder = body.prompt, PromptEncoder(engine.tokenizer)
-    if isinstance(prompt, str):
-        prompts = [encoder.encode(prompt, add_special_tokens=True)]
-    elif all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]
-    elif all(isinstance(p, str) for p in prompt):
-        prompts = [encoder.encode(p, add_special_tokens=True) for p in prompt]
-    else:
-        prompts = [list(p) for p in prompt]
-    vocab = len(engine.tokenizer)
-    for ids in prompts:
+    """Each prompt's ids, checked as soon as it has them: one prompt past the context spares the rest their
+    tokenizing."""
+    encoder, prompts = PromptEncoder(engine.tokenizer), []
+    for prompt in _each_prompt(body):
+        ids = encoder.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty", "prompt")
+        if len(ids) > engine.max_model_len:
+            raise _too_long(engine, f"a prompt has {len(ids)} tokens", "prompt")
+        vocab = len(engine.tokenizer)
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        prompts.append(ids)
     return prompts
+
+
+def _each_prompt(body: CompletionRequest) -> list[str | list[int]]:
+    prompt = body.prompt
+    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+
+
+def max_prompt_chars(engine: Engine) -> int:
+    """No prompt of more characters fits the context: a token stands for at most the characters of the longest
+    vocabulary entry (a byte-level entry's characters are bytes, and a text character is at least one byte)."""
+    return engine.max_model_len * _longest_token_chars(engine.tokenizer)
+
+
+def _longest_token_chars(tokenizer) -> int:
+    with _LONGEST_TOKEN_LOCK:
+        if tokenizer not in _LONGEST_TOKEN:
+            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+            _LONGEST_TOKEN[tokenizer] = max(map(len, vocab), default=UNKNOWN_TOKEN_CHARS)
+        return _LONGEST_TOKEN[tokenizer]
+
+
+def check_chat_fits(engine: Engine, body: ChatCompletionRequest) -> None:
+    """Before admission: refuse a chat that cannot fit the context, at the cost of a length check (each message
+    takes a token at least)."""
+    if len(body.messages) > engine.max_model_len:
+        raise _too_long(engine, f"{len(body.messages)} messages", "messages")
+    chars = sum(m.text_length() for m in body.messages)
+    if chars > max_prompt_chars(engine):
+        raise _too_long(engine, f"{chars} characters of content", "messages")
+
+
+def check_completion_fits(engine: Engine, body: CompletionRequest) -> None:
+    for prompt in _each_prompt(body):
+        if isinstance(prompt, str) and len(prompt) > max_prompt_chars(engine):
+            raise _too_long(engine, f"a prompt of {len(prompt)} characters", "prompt")
+        if not isinstance(prompt, str) and len(prompt) > engine.max_model_len:
+            raise _too_long(engine, f"a prompt has {len(prompt)} tokens", "prompt")
+
+
+def _too_long(engine: Engine, what: str, param: str) -> APIError:
+    return APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; {what} cannot fit "
+                    f"in it", param, "context_length_exceeded")

@@ -15,7 +15,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from nvfp4.serve.interface import Engine, GenerationRequest, SamplingParams, TokenEvent
 from nvfp4.serve.limits import Admission, Limits
 from nvfp4.serve.metrics import RequestTimer, ServerMetrics
-from nvfp4.serve.prompts import chat_prompt, completion_prompts
+from nvfp4.serve.prompts import (
+    chat_prompt,
+    check_chat_fits,
+    check_completion_fits,
+    completion_prompts,
+    on_prompt_workers,
+)
 from nvfp4.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -31,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class ServingChat:
-    """POST /v1/chat/completions: the chat template rendered off the event loop, then one job."""
+    """POST /v1/chat/completions: checked against the context, admitted, the chat template rendered on the prompt
+    workers, then one job."""
 
     def __init__(self, metrics: ServerMetrics, limits: Limits):
         self.metrics, self.limits = metrics, limits
@@ -39,12 +46,19 @@ class ServingChat:
     async def create(self, body: ChatCompletionRequest, alias: str, engine: Engine, admission: Admission,
                      request: Request) -> Response:
         _check_limits(self.limits, body, 1)
-        prompt = await asyncio.to_thread(chat_prompt, engine, body)  # templates and tokenizers off the event loop
-        return await _serve(Job(self.metrics, engine, alias, body, [prompt], chat=True), admission, request)
+        check_chat_fits(engine, body)
+        arrival = time.perf_counter()
+
+        async def job() -> Job:
+            prompt = await on_prompt_workers(chat_prompt, engine, body)
+            return Job(self.metrics, engine, alias, body, [prompt], chat=True, admission=admission, arrival=arrival)
+
+        return await _serve(await _admitted(admission, body.n, job), request)
 
 
 class ServingCompletion:
-    """POST /v1/completions: one or more prompts (text or token ids), tokenized off the event loop."""
+    """POST /v1/completions: one or more prompts (text or token ids), checked against the context, admitted,
+    tokenized on the prompt workers."""
 
     def __init__(self, metrics: ServerMetrics, limits: Limits):
         self.metrics, self.limits = metrics, limits
@@ -52,8 +66,25 @@ class ServingCompletion:
     async def create(self, body: CompletionRequest, alias: str, engine: Engine, admission: Admission,
                      request: Request) -> Response:
         _check_limits(self.limits, body, body.prompt_count())
-        prompts = await asyncio.to_thread(completion_prompts, engine, body)
-        return await _serve(Job(self.metrics, engine, alias, body, prompts, chat=False), admission, request)
+        check_completion_fits(engine, body)
+        arrival = time.perf_counter()
+
+        async def job() -> Job:
+            prompts = await on_prompt_workers(completion_prompts, engine, body)
+            return Job(self.metrics, engine, alias, body, prompts, chat=False, admission=admission, arrival=arrival)
+
+        return await _serve(await _admitted(admission, body.prompt_count() * body.n, job), request)
+
+
+async def _admitted(admission: Admission, choices: int, make_job) -> Job:
+    """Admission before any rendering or tokenizing (a full model answers 429 having done no work); the choices
+    go back if no job comes of it (a prompt refused, a client gone meanwhile)."""
+    admission.take(choices)
+    try:
+        return await make_job()
+    except BaseException:
+        admission.give_back(choices)
+        raise
 
 
 def _check_limits(limits: Limits, body, prompts: int) -> None:
@@ -68,16 +99,18 @@ def _check_limits(limits: Limits, body, prompts: int) -> None:
 class Job:
     """One HTTP request: n choices per prompt, each a generation on the engine."""
 
-    def __init__(self, metrics, engine: Engine, alias: str, body, prompts: list[list[int]], chat: bool):
+    def __init__(self, metrics, engine: Engine, alias: str, body, prompts: list[list[int]], chat: bool,
+                 admission: Admission, arrival: float):
+        """`admission` holds this job's choices already; close() gives them back."""
         self.metrics, self.engine, self.alias, self.body, self.prompts, self.chat = metrics, engine, alias, body, prompts, chat
         self.id = make_id("chatcmpl" if chat else "cmpl")
-        self.created, self.arrival = now(), time.perf_counter()
+        self.created, self.arrival = now(), arrival
         self.logprobs = body.logprob_count() if chat else body.logprobs
         self.echo = (not chat) and body.echo
         self.params = [self._params(p, i) for p in prompts for i in range(body.n)]
         self.token_text: dict[int, str] = {}
         self.streams: list = []  # the engine's, for close()
-        self.admission: Admission | None = None
+        self.admission: Admission | None = admission
 
     def _params(self, prompt: list[int], index: int) -> SamplingParams:
         room = self.engine.max_model_len - len(prompt)
@@ -92,10 +125,8 @@ class Job:
     def prompt_of(self, choice: int) -> list[int]:
         return self.prompts[choice // self.body.n]
 
-    def start(self, admission: Admission) -> list[AsyncIterator[TokenEvent]]:
-        """Admit and submit every choice now, so a full queue fails the whole request before any output."""
-        admission.take(len(self.params))
-        self.admission = admission
+    def start(self) -> list[AsyncIterator[TokenEvent]]:
+        """Submit every choice now, so an engine refusing one fails the whole request before any output."""
         for i, params in enumerate(self.params):
             self.streams.append(self.engine.generate(GenerationRequest(f"{self.id}-{i}", self.prompt_of(i), params)))
         return [self._choice(i, stream) for i, stream in enumerate(self.streams)]
@@ -178,9 +209,9 @@ class _JobStream(StreamingResponse):
             await self.job.close()
 
 
-async def _serve(job: Job, admission: Admission, request: Request):
+async def _serve(job: Job, request: Request):
     try:
-        streams = job.start(admission)
+        streams = job.start()
         if job.body.stream:
             if getattr(job.engine, "fails_after_submit", False):  # proxied engines (serve/adapters/)
                 streams = await _primed(streams)
