@@ -50,7 +50,8 @@ def test_content_length_beside_chunked_framing_is_a_400_not_a_way_past_the_limit
         response = raw_exchange(live.port, head, chunked(PADDED))
     status = response.split(b" ", 2)[1] if response else b"none"
     assert status == b"400", response[:300]
-    assert b"Transfer-Encoding" in response and not engine.submitted
+    assert not engine.submitted  # (httptools refuses the pair itself; with h11 the app says why)
+    assert b"Transfer-Encoding" in response or b"Invalid HTTP request" in response
 
 
 def test_bytes_are_counted_as_they_arrive_whatever_content_length_said():
