@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nvfp4.serve.config import ConnectionLimits
 from nvfp4.serve.interface import Engine, EngineError, EngineStartError, QueueFull
 from nvfp4.serve.limits import Admission, Limits
 from nvfp4.serve.metrics import ServerMetrics
@@ -58,9 +59,10 @@ class Served:
 
 
 def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeout: float = 30.0,
-              limits: Limits = Limits(), open_metrics: bool = True) -> FastAPI:
+              limits: Limits = Limits(), open_metrics: bool = True,
+              body_timeout: float = ConnectionLimits.body_timeout) -> FastAPI:
     """The endpoint. With api_key, every path but /health and /ready (and /metrics while open_metrics) needs it,
-    pages mounted later (/ui) included."""
+    pages mounted later (/ui) included. A /v1 body must arrive within body_timeout seconds."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty")
     served = Served(models, limits)
@@ -79,7 +81,7 @@ def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeo
     _install_error_handlers(app, metrics)
     app.include_router(_system_router(served, metrics))
     app.include_router(_openai_router(served, metrics))
-    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, metrics=metrics)
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, timeout=body_timeout, metrics=metrics)
     if api_key is not None:
         app.add_middleware(_KeyCheck, api_key=api_key, open_paths=OPEN_PATHS + (("/metrics",) if open_metrics else ()),
                            metrics=metrics)
@@ -134,27 +136,27 @@ class _KeyCheck:
 class _BodyLimit:
     """A /v1 body is read here, counted as it arrives, before any of it is parsed: 413 once it passes the limit,
     411 without Content-Length, 400 with Content-Length beside Transfer-Encoding (the framing the server follows
-    is not the length the limit read). The route then gets the body read."""
+    is not the length the limit read), 408 when it takes over `timeout` seconds. The route then gets the body
+    read."""
 
-    def __init__(self, app, limit: int, metrics: ServerMetrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, timeout: float, metrics: ServerMetrics):
+        self.app, self.limit, self.timeout, self.metrics = app, limit, timeout, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         refusal = self._refusal(dict(scope["headers"]))
         if refusal is None:
-            body = await self._read(receive)
-            if body is None:  # the client left
-                return None
-            if len(body) <= self.limit:
+            body, refusal = await self._body(receive)
+            if body is not None:
                 return await self.app(scope, _replay(body, receive), send)
-            refusal = 413, self._over_limit(), "body_too_large"
-        status, message, code = refusal
-        self.metrics.error(None, status)
-        # the body is not read to its end: the connection closes with the answer
-        await JSONResponse(error_body(status, message, None, code), status_code=status,
-                           headers={"connection": "close"})(scope, receive, send)
+        if refusal is not None:  # else the client left
+            status, message, code = refusal
+            self.metrics.error(None, status)
+            answer = error_body(status, message, None, code)
+            answer["error"]["type"] = "invalid_request_error"  # a client's mistake (error_body has no type for 408)
+            # the body is not read to its end: the connection closes with the answer
+            await JSONResponse(answer, status_code=status, headers={"connection": "close"})(scope, receive, send)
 
     def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str] | None:
         length = headers.get(b"content-length")
@@ -168,6 +170,17 @@ class _BodyLimit:
 
     def _over_limit(self) -> str:
         return f"the request body is over the limit of {self.limit} bytes (--max-body-bytes)"
+
+    async def _body(self, receive) -> tuple[bytes | None, tuple[int, str, str] | None]:
+        """(the body, None); (None, a refusal) past the limit or the deadline; (None, None): the client left."""
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except asyncio.TimeoutError:
+            return None, (408, f"the request body did not arrive within {self.timeout:g} s (--body-timeout)",
+                          "body_timeout")
+        if body is not None and len(body) > self.limit:
+            return None, (413, self._over_limit(), "body_too_large")
+        return body, None
 
     async def _read(self, receive) -> bytes | None:
         """The body, its bytes counted as they arrive: reading stops one message past the limit."""

@@ -5,17 +5,27 @@ work; errors name config fields, which SERVE_FLAGS words as the flags that set t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import click
 
 from nvfp4.errors import UserError, require
-from nvfp4.serve.config import DEVICES, ENGINES, LOG_LEVELS, AdapterSettings, NativeSettings, ServeConfig
+from nvfp4.serve.config import (
+    DEVICES,
+    ENGINES,
+    LOG_LEVELS,
+    AdapterSettings,
+    ConnectionLimits,
+    NativeSettings,
+    ServeConfig,
+)
 from nvfp4.serve.limits import Limits
 
 SERVE_FLAGS = {  # ServeConfig field -> the flag that sets it, as errors name it to CLI users
@@ -34,6 +44,9 @@ SERVE_FLAGS = {  # ServeConfig field -> the flag that sets it, as errors name it
     "limits.max_queue": "--max-queue",
     "max_model_len": "--max-model-len",
     "drain_timeout": "--drain-timeout",
+    "max_connections": "--max-connections",
+    "header_timeout": "--header-timeout",
+    "body_timeout": "--body-timeout",
     "threads": "--threads",
     "native.device": "--device",
     "native.compile": "--compile",
@@ -47,9 +60,24 @@ SERVE_FLAGS = {  # ServeConfig field -> the flag that sets it, as errors name it
 MountUI = Callable[..., object]  # (app, base_url, teacher_model, student_model, api_key) -> app: nvfp4.cli.mount_ui
 
 
-def run_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
-    """uvicorn handles SIGTERM/SIGINT: stop accepting, let requests finish (bounded), then lifespan shutdown."""
+log = logging.getLogger(__name__)
+ACCEPT_OUT_OF_FILES = "socket.accept() out of system resource"  # asyncio's words for EMFILE at accept()
+RESERVED_FILES = 128  # what the server opens besides its clients: model files, engine pipes, logs
+
+
+def run_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
+               connections: ConnectionLimits = ConnectionLimits()) -> None:
+    """uvicorn handles SIGTERM/SIGINT: stop accepting, let requests finish (bounded), then lifespan shutdown.
+    The open-file limit is raised to its hard limit first, and the connections fitted under it."""
+    connections = fit_open_files(connections, raise_open_file_limit())
+    guarded_server(app, host, port, drain_timeout, log_level, connections).run()
+
+
+def guarded_server(app, host: str, port: int, drain_timeout: float, log_level: str, connections: ConnectionLimits):
+    """A uvicorn.Server whose connections have a header deadline and a limit (guarded_protocol), whose loop
+    logs refused accepts once per interval (AcceptErrorLog), and whose drained SIGTERM exits 0."""
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
@@ -57,8 +85,117 @@ def run_server(app, host: str, port: int, drain_timeout: float, log_level: str =
             if sig == signal.SIGTERM:  # uvicorn re-raises captured signals at exit; a drained SIGTERM exits 0
                 self._captured_signals.remove(sig)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
-    Server(config).run()
+        async def startup(self, sockets=None) -> None:
+            asyncio.get_running_loop().set_exception_handler(AcceptErrorLog())
+            await super().startup(sockets)
+
+    # uvicorn answers 503 once every connection but the new one is busy with a request
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
+                            http=guarded_protocol(AutoHTTPProtocol, connections),
+                            limit_concurrency=connections.max_connections + 1)
+    return Server(config)
+
+
+def guarded_protocol(base: type, limits: ConnectionLimits) -> type:
+    """uvicorn's HTTP protocol (h11 or httptools), which holds a connection for ever until its request head
+    is complete: here a connection must start a request within header_timeout of opening or of its last
+    answer, and a connection past max_connections closes the one idle the longest (a half-sent head, a
+    kept-alive client) so that /health still gets in."""
+
+    class Guarded(base):
+        idle_since, deadline = 0.0, None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.await_request()
+            if sum(map(_is_open, self.connections)) > limits.max_connections:
+                _close_longest_idle(self.connections, besides=self)
+
+        def on_response_complete(self) -> None:
+            self.await_request()  # before uvicorn starts a pipelined request
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def await_request(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.idle_since = self.loop.time()
+            self.deadline = self.loop.call_later(limits.header_timeout, self.header_deadline_passed)
+
+        def idle(self) -> bool:
+            """No request in progress (none yet, or the last one answered); still HTTP (not a websocket), open."""
+            return ((self.cycle is None or self.cycle.response_complete) and self.transport.get_protocol() is self
+                    and not self.transport.is_closing())
+
+        def header_deadline_passed(self) -> None:
+            if self.idle():
+                self.transport.close()
+
+    return Guarded
+
+
+def _is_open(connection) -> bool:
+    transport = getattr(connection, "transport", None)
+    return transport is not None and not transport.is_closing()
+
+
+def _close_longest_idle(connections, besides) -> None:
+    idle = [c for c in connections if c is not besides and hasattr(c, "idle") and c.idle()]
+    if idle:
+        min(idle, key=lambda c: c.idle_since).transport.close()
+
+
+class AcceptErrorLog:
+    """The server loop's exception handler. asyncio reports every accept() refused for want of file
+    descriptors (521,467 lines in 43 s under a slowloris): one line per interval_s, with the count."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self.reported_at: float | None = None
+        self.refused = 0
+
+    def __call__(self, loop, context: dict) -> None:
+        if context.get("message") != ACCEPT_OUT_OF_FILES:
+            return loop.default_exception_handler(context)
+        self.refused += 1
+        now = self.clock()
+        if self.reported_at is None or now - self.reported_at >= self.interval_s:
+            since = "" if self.reported_at is None else f" in the last {now - self.reported_at:.0f} s"
+            log.error("accept() refused %d connection(s)%s: the process is at its open-file limit (%s); they wait "
+                      "in the backlog", self.refused, since, context.get("exception"))
+            self.reported_at, self.refused = now, 0
+        return None
+
+
+def raise_open_file_limit() -> int | None:
+    """The open-file soft limit raised to the hard one (a soft 1024 caps the connections a server can hold);
+    -> the limit now in force, None where there is none."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:  # macOS refuses an unlimited hard limit
+            log.info("the open-file limit stays %s (raising it to %s failed: %s)", soft, hard, error)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def fit_open_files(connections: ConnectionLimits, open_files: int | None) -> ConnectionLimits:
+    """At most the connections the open-file limit leaves room for: past it, accept() fails."""
+    room = None if open_files is None else max(4, open_files - RESERVED_FILES)
+    if room is None or connections.max_connections <= room:
+        return connections
+    log.warning("holding at most %d connections, not %d: the open-file limit is %d (raise `ulimit -n`)",
+                room, connections.max_connections, open_files)
+    return replace(connections, max_connections=room)
 
 
 def threads_per_model(threads: int | None, num_models: int, cpus: int | None = None) -> int:
@@ -169,7 +306,7 @@ def serve_app(config: ServeConfig, models: dict, mount_ui: MountUI | None = None
     from nvfp4.serve.app import build_app
 
     app = build_app(models, api_key=config.api_key, drain_timeout=config.drain_timeout, limits=config.limits,
-                    open_metrics=not config.key_metrics)
+                    open_metrics=not config.key_metrics, body_timeout=config.body_timeout)
     if config.engine != "native":
         from nvfp4.serve.adapters import mount_engine_metrics
 
@@ -188,7 +325,8 @@ def run(config: ServeConfig, mount_ui: MountUI | None = None) -> None:
     check_ui(config, mount_ui)  # before the models load
     models = load_engines(config)
     set_threads(config.threads, len(models))
-    run_server(serve_app(config, models, mount_ui), config.host, config.port, config.drain_timeout, config.log_level)
+    run_server(serve_app(config, models, mount_ui), config.host, config.port, config.drain_timeout, config.log_level,
+               config.connections)
 
 
 def config_from_flags(flags: dict) -> ServeConfig:
@@ -217,6 +355,9 @@ def config_from_flags(flags: dict) -> ServeConfig:
 @click.option("--max-stop-chars", default=Limits.max_stop_chars, show_default=True, type=click.IntRange(1), help="Longest stop string (400 above).")
 @click.option("--max-model-len", default=ServeConfig.max_model_len, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
 @click.option("--drain-timeout", default=ServeConfig.drain_timeout, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
+@click.option("--max-connections", default=ServeConfig.max_connections, show_default=True, type=click.IntRange(4), help="Open connections at once; past it the longest idle one is closed (503 when none is idle). At most the open-file limit allows.")
+@click.option("--header-timeout", default=ServeConfig.header_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a connection may take to send a complete request head (from connecting, or from its last answer).")
+@click.option("--body-timeout", default=ServeConfig.body_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a /v1 request body may take to arrive (408 after).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
 @click.option("--device", type=click.Choice(DEVICES), default=NativeSettings.device, show_default=True, help="Native engine: where the models and KV cache live (cuda: the student's linears run the Triton W4A16 kernel, the teacher bf16).")
 @click.option("--compile/--no-compile", "compile_decode", default=NativeSettings.compile, show_default=True, help="Native engine: torch.compile the decode step (faster decode; the first start compiles for ~1 min per model, later starts reuse the cache).")

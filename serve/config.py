@@ -48,6 +48,16 @@ class AdapterSettings:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What the server holds for clients that have not sent a request yet (slowloris): uvicorn keeps a
+    half-sent head, or a body trickling in, open for ever."""
+
+    max_connections: int = 1024  # open at once; beyond, the longest idle one is closed (503 when none is idle)
+    header_timeout: float = 10.0  # seconds from connecting, or from the last answer, to a complete request head
+    body_timeout: float = 60.0  # seconds a /v1 body may take to arrive (408 after)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     out: Path  # a `nvfp4 convert` output folder
     teacher: str | None = None  # a path, "none" (the student alone), or None (report.json's source)
@@ -60,6 +70,9 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     max_model_len: int = 2048
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
+    max_connections: int = ConnectionLimits.max_connections
+    header_timeout: float = ConnectionLimits.header_timeout
+    body_timeout: float = ConnectionLimits.body_timeout
     threads: int | None = None  # torch threads per served model (None: the cores split between them)
     native: NativeSettings = field(default_factory=NativeSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
@@ -74,6 +87,9 @@ class ServeConfig:
         _within(self.port, 0, 65535, "port")
         _within(self.max_model_len, 16, None, "max_model_len")
         _within(self.drain_timeout, 0, None, "drain_timeout")
+        _within(self.max_connections, 4, None, "max_connections")
+        _within(self.header_timeout, 0.1, None, "header_timeout")
+        _within(self.body_timeout, 0.1, None, "body_timeout")
         _within(self.adapter.ready_timeout, 1, None, "adapter.ready_timeout")
         if self.threads is not None:
             _within(self.threads, 1, None, "threads")
@@ -81,6 +97,10 @@ class ServeConfig:
             _within(getattr(self.limits, limit.name), *LIMIT_RANGES[limit.name], f"limits.{limit.name}")
         check_key(self.api_key, self.host, self.published_on)
         self._check_engine_settings()
+
+    @property
+    def connections(self) -> ConnectionLimits:
+        return ConnectionLimits(self.max_connections, self.header_timeout, self.body_timeout)
 
     def _check_engine_settings(self) -> None:
         """Settings of one kind of engine given to the other."""
