@@ -7,6 +7,9 @@ import secrets
 import click
 
 from nvfp4.errors import UserError, require
+from nvfp4.serve.config import check_key
+
+UI_FLAGS = {"api_key": "--api-key (or NVFP4_API_KEY)"}  # check_key's field -> the flag, as errors name it
 
 
 @click.command()
@@ -16,8 +19,14 @@ from nvfp4.errors import UserError, require
 @click.option("--api-key", envvar="NVFP4_API_KEY", default=None, help="Bearer key for the endpoint (or NVFP4_API_KEY).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface the page binds (0.0.0.0 exposes it).")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
-def ui(url: str, teacher_model: str, student_model: str, api_key: str | None, host: str, port: int) -> None:
+@click.option("--published-on", envvar="NVFP4_PUBLISHED_ON", default=None, help="In a container: the host interface its port is published on. A key is required unless the page is reachable from this machine only.")
+def ui(url: str, teacher_model: str, student_model: str, api_key: str | None, host: str, port: int,
+       published_on: str | None) -> None:
     """Chat with the teacher and the NVFP4 student of one endpoint side by side."""
+    try:  # serve's rule: the page holds the endpoint's key, so whoever reaches the page uses the models
+        check_key(api_key, host, published_on)
+    except UserError as error:
+        raise UserError(error.worded(UI_FLAGS)) from error
     if not url.startswith(("http://", "https://")):
         raise UserError(f"--url must start with http:// or https:// (got {url!r})")
     if teacher_model == student_model:
