@@ -34,6 +34,7 @@ from nvfp4.serve.serving import ServingChat, ServingCompletion
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")  # never keyed; they reveal no paths or logs
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class Served:
@@ -60,9 +61,10 @@ class Served:
 
 def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeout: float = 30.0,
               limits: Limits = Limits(), open_metrics: bool = True,
-              body_timeout: float = ConnectionLimits.body_timeout) -> FastAPI:
+              body_timeout: float = ConnectionLimits.body_timeout, local_names_only: bool = False) -> FastAPI:
     """The endpoint. With api_key, every path but /health and /ready (and /metrics while open_metrics) needs it,
-    pages mounted later (/ui) included. A /v1 body must arrive within body_timeout seconds."""
+    pages mounted later (/ui) included. A /v1 body must arrive within body_timeout seconds. With
+    local_names_only (a keyless server on loopback), only a Host naming loopback is answered there."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty")
     served = Served(models, limits)
@@ -85,6 +87,8 @@ def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeo
     if api_key is not None:
         app.add_middleware(_KeyCheck, api_key=api_key, open_paths=OPEN_PATHS + (("/metrics",) if open_metrics else ()),
                            metrics=metrics)
+    if local_names_only:
+        app.add_middleware(_LocalNamesOnly, open_paths=OPEN_PATHS + ("/metrics",), metrics=metrics)
     return app
 
 
@@ -131,6 +135,30 @@ class _KeyCheck:
         body = error_body(401, "missing or invalid API key (send Authorization: Bearer KEY)", None, "invalid_api_key")
         browser = {"WWW-Authenticate": 'Basic realm="nvfp4", charset="UTF-8"'} if scope["path"].startswith("/ui") else {}
         await JSONResponse(body, status_code=401, headers=browser)(scope, receive, send)
+
+
+class _LocalNamesOnly:
+    """A keyless server on loopback answers a Host of localhost, 127.0.0.1 or [::1] only: DNS rebinding (a page
+    on evil.example whose name comes to resolve to 127.0.0.1) reaches it from a browser, which still sends
+    `Host: evil.example:PORT`. Any port: the browser names the one it connected to, and a container's is
+    published under another. Monitoring (open_paths, /metrics/...) answers any name, Prometheus's included."""
+
+    def __init__(self, app, open_paths: tuple[str, ...], metrics: ServerMetrics):
+        self.app, self.open_paths, self.metrics = app, open_paths, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"].startswith(self.open_paths):
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = host.partition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        if not host or name in LOOPBACK_NAMES:  # no Host: not a browser
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        self.metrics.error(None, 400)
+        message = (f"this server answers Host: localhost, 127.0.0.1 or [::1], not {host!r}: it has no key and is "
+                   f"reachable from this machine only (start it with --api-key to serve other names)")
+        await JSONResponse(error_body(400, message, None, "invalid_host"), status_code=400)(scope, receive, send)
 
 
 class _BodyLimit:

@@ -306,7 +306,8 @@ def serve_app(config: ServeConfig, models: dict, mount_ui: MountUI | None = None
     from nvfp4.serve.app import build_app
 
     app = build_app(models, api_key=config.api_key, drain_timeout=config.drain_timeout, limits=config.limits,
-                    open_metrics=not config.key_metrics, body_timeout=config.body_timeout)
+                    open_metrics=not config.key_metrics, body_timeout=config.body_timeout,
+                    local_names_only=config.api_key is None)  # keyless: loopback only (check_key)
     if config.engine != "native":
         from nvfp4.serve.adapters import mount_engine_metrics
 
