@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from nvfp4.converter.families import family_of, internal_name
+from nvfp4.converter.model_config import read_config
 from nvfp4.converter.moe import unfuse_experts
 from nvfp4.converter.quantize import set_module
 from nvfp4.converter.shards import Checkpoint
@@ -44,6 +45,49 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
+def _packed_weight(folder: Path, tensors: dict[str, Tensor], hub: str) -> PackedWeight:
+    """A quantized linear's tensors, taken out of `tensors`."""
+    missing = [f"{hub}.{leaf}" for leaf in ("weight", "weight_scale") if f"{hub}.{leaf}" not in tensors]
+    if missing:
+        raise UserError(f"{folder}: {hub}.weight_scale_2 is there but {missing[0]} is missing")
+    return PackedWeight(packed=tensors.pop(f"{hub}.weight"), scales=tensors.pop(f"{hub}.weight_scale"),
+                        gscale=tensors.pop(f"{hub}.weight_scale_2").float(),
+                        input_gscale=tensors.pop(f"{hub}.input_scale", None))
+
+
+def _check_packed(folder: Path, model: nn.Module, name: str, weight: PackedWeight) -> None:
+    """The packed tensors have the shapes and dtypes that the config's linear `name` needs."""
+    linear = model.get_submodule(name) if _has_submodule(model, name) else None
+    if not isinstance(linear, nn.Linear):
+        raise UserError(f"{folder}: unexpected tensors: {name} is not a linear layer of the config's model")
+    rows, columns = linear.out_features, linear.in_features
+    expected = {"weight": (weight.packed, (rows, columns // 2), torch.uint8),
+                "weight_scale": (weight.scales, (rows, columns // 16), torch.float8_e4m3fn)}
+    for leaf, (tensor, shape, dtype) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise UserError(f"{folder}: {name}.{leaf} is {tensor.dtype} {tuple(tensor.shape)}; the config's model "
+                            f"needs {dtype} {shape}")
+    if weight.gscale.numel() != 1 or weight.input_gscale is not None and weight.input_gscale.numel() != 1:
+        raise UserError(f"{folder}: {name}'s weight_scale_2 and input_scale must be single values")
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _check_shapes(folder: Path, model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Every tensor has the shape that the config gives it (load_state_dict would raise a RuntimeError)."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise UserError(f"{folder}: {name} has shape {tuple(tensor.shape)}; the config's model needs "
+                            f"{tuple(expected[name].shape)}")
+
+
 def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) with packed NVFP4 linears and the rest in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -54,6 +98,7 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     if quant.get("quant_algo") not in ("NVFP4", "W4A16_NVFP4"):
         raise UserError(f"{folder}: unsupported quant_algo {quant.get('quant_algo')!r}")
+    read_config(folder)  # bounded and checked before transformers builds anything from it
     config = AutoConfig.from_pretrained(folder)
     config.quantization_config = None
     del config.quantization_config
@@ -67,21 +112,18 @@ def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype 
     for key in [k for k in tensors if k.endswith(".weight_scale_2")]:
         hub = key.removesuffix(".weight_scale_2")
         name, part = internal_name(family, hub)
-        pieces.setdefault(name, {})[part] = PackedWeight(
-            packed=tensors.pop(f"{hub}.weight"),
-            scales=tensors.pop(f"{hub}.weight_scale"),
-            gscale=tensors.pop(key).float(),
-            input_gscale=tensors.pop(f"{hub}.input_scale", None),
-        )
+        pieces.setdefault(name, {})[part] = _packed_weight(folder, tensors, hub)
         if f"{hub}.bias" in tensors:
             biases[name] = tensors.pop(f"{hub}.bias")
     for name, parts in pieces.items():
-        bias = biases.get(name)
-        set_module(model, name, NVFP4PackedLinear(_merged(name, parts), None if bias is None else bias.to(dtype)))
+        bias, weight = biases.get(name), _merged(name, parts)
+        _check_packed(folder, model, name, weight)
+        set_module(model, name, NVFP4PackedLinear(weight, None if bias is None else bias.to(dtype)))
     state = {}
     for key, value in tensors.items():
         module, _, leaf = key.rpartition(".")
         state[f"{internal_name(family, module)[0]}.{leaf}"] = value.to(dtype) if value.is_floating_point() else value
+    _check_shapes(folder, model, state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise UserError(f"{folder}: unexpected tensors {unexpected[:3]}")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.families import family_of, hub_names
+from nvfp4.converter.model_config import read_config
 from nvfp4.converter.moe import calibrating_all_experts, unfuse_experts
 from nvfp4.converter.quantize import _stacked, calibrate_modules, eligible_linears, quantize, quantized_modules
 from nvfp4.converter.shards import Checkpoint
@@ -44,6 +45,7 @@ class ShardedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder, self.dtype = Path(folder), dtype
+        read_config(self.folder)  # bounded and checked before transformers builds anything from it
         self.config = AutoConfig.from_pretrained(self.folder)
         self.family = family_of(self.config)
         self.checkpoint = Checkpoint(self.folder)

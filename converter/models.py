@@ -6,7 +6,6 @@ tokenizer, chat template) so every later stage reads safetensors only; nothing i
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nvfp4.converter.families import family_of
+from nvfp4.converter.model_config import read_config
 from nvfp4.converter.moe import unfuse_experts
 from nvfp4.errors import UserError
 
@@ -105,25 +104,18 @@ def resolve_model(source: str | os.PathLike | None = None) -> Path:
     folder = _gguf_cache_folder(gguf)
     if not (folder / "config.json").is_file():
         _dequantize_gguf(gguf, folder)
-    family_of(load_config(folder))
+    load_config(folder)
     return folder
 
 
 def _check_hf_folder(path: Path) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"not a Hugging Face model folder (no config.json): {path}")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"unreadable config.json in {path}: {error}") from error
-    family_of(config)  # an unsupported architecture fails here, before any weight is read
+    read_config(path)  # a crafted or unsupported config fails here, before any model is built or weight read
     if not any(path.glob("*.safetensors")):
         raise UserError(f"no safetensors weights in {path} (pickled checkpoints are not loaded)")
 
 
 def load_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
+    return read_config(folder)
 
 
 def load_causal_lm(

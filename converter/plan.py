@@ -247,8 +247,10 @@ def skeleton(folder: Path) -> nn.Module:
     """The model of folder's config.json on the meta device (experts per expert, as every stage holds them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from nvfp4.converter.model_config import read_config
     from nvfp4.converter.moe import unfuse_experts
 
+    read_config(folder)  # bounded and checked before transformers builds anything from it
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
