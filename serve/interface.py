@@ -35,6 +35,12 @@ class ContextTooLong(EngineError):
     status = 400
 
 
+class InvalidPrompt(EngineError):
+    """A prompt the model cannot take (a token id past its embedding)."""
+
+    status = 400
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16  # new tokens; 0 only scores the prompt
@@ -122,6 +128,10 @@ class Engine(ABC):
     @abstractmethod
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting, let running requests finish for up to drain_timeout s, then abort the rest."""
+
+    def token_id_limit(self) -> int:
+        """Prompt token ids must be below it: the tokenizer's size, unless the engine knows its model's."""
+        return len(self.tokenizer)
 
     def stats(self) -> EngineStats:
         return EngineStats()

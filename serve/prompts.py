@@ -111,9 +111,9 @@ def completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[int
             raise APIError(400, "the prompt is empty", "prompt")
         if len(ids) > engine.max_model_len:
             raise _too_long(engine, f"a prompt has {len(ids)} tokens", "prompt")
-        vocab = len(engine.tokenizer)
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        limit = engine.token_id_limit()  # the model's embedding may have fewer rows than the tokenizer has tokens
+        if not 0 <= min(ids) <= max(ids) < limit:
+            raise APIError(400, f"prompt token ids must be in [0, {limit})", "prompt")
         prompts.append(ids)
     return prompts
 

@@ -25,6 +25,7 @@ from nvfp4.serve.interface import (
     EngineStats,
     EventStream,
     GenerationRequest,
+    InvalidPrompt,
     NotReady,
     QueueFull,
     SamplingParams,
@@ -83,6 +84,7 @@ class NativeEngine(Engine):
         self.max_num_seqs, self.max_queue, self.prefill_chunk = max_num_seqs, max_queue, prefill_chunk
         self._requested_len = max_model_len
         self.max_model_len = max_model_len or 0
+        self.embedding_rows = 0  # the model's, once loaded: prompt token ids stay below it
         self.tokenizer = None
         self.model: nn.Module | None = None
         self._ready = False
@@ -126,6 +128,7 @@ class NativeEngine(Engine):
         self.max_model_len = min(self._requested_len or 2048, limit)
         num_layers, kv_heads, head_dim = BatchedCausalLM.kv_shape(model)
         embed = model.get_input_embeddings()
+        self.embedding_rows = getattr(embed, "num_embeddings", None) or next(embed.parameters()).shape[0]
         device = next(embed.parameters()).device
         dtype = embed(torch.zeros(1, dtype=torch.long, device=device)).dtype  # the hidden states' dtype
         self.cache = KVCache(num_layers, self.max_num_seqs, kv_heads, self.max_model_len, head_dim, dtype, device)
@@ -156,6 +159,9 @@ class NativeEngine(Engine):
                 f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
                 f"{len(request.prompt_ids)} prompt + {request.params.max_tokens} completion tokens"
             )
+        if not 0 <= min(request.prompt_ids) <= max(request.prompt_ids) < self.embedding_rows:
+            # never past the embedding: on CUDA such an index fails the device for every request
+            raise InvalidPrompt(f"prompt token ids must be in [0, {self.embedding_rows})")
         seq = _Sequence(
             request=request,
             channel=_Channel(asyncio.get_running_loop()),
@@ -187,6 +193,9 @@ class NativeEngine(Engine):
         seq.aborted = True
         with self._cond:
             self._cond.notify()
+
+    def token_id_limit(self) -> int:
+        return self.embedding_rows
 
     def stats(self) -> EngineStats:
         if not hasattr(self, "cache"):
@@ -249,19 +258,7 @@ class NativeEngine(Engine):
             self.cache.release(seq.slot)
 
     def _step(self) -> None:
-        decodes, prompts, budget = [], [], self.prefill_chunk
-        for seq in self._running:
-            if seq.computed < len(seq.prompt):  # prefill, chunked so decodes keep flowing
-                if budget <= 0:
-                    continue
-                n = min(len(seq.prompt) - seq.computed, budget)
-                budget -= n
-                ids = seq.prompt[seq.computed : seq.computed + n]
-                prompts.append((seq, Chunk(seq.slot, ids, seq.computed, all_logits=seq.params.prompt_logprobs is not None)))
-            else:
-                decodes.append((seq, Chunk(seq.slot, [seq.generated[-1]], seq.computed, decode=True)))
-        members, chunks = zip(*(decodes + prompts))
-        logits, spans = self.runner.forward(chunks)
+        members, chunks, logits, spans = self._forward(self._chunks())
         choosing = []  # (sequence, its logits row) for every sequence past its prompt
         for seq, chunk, span in zip(members, chunks, spans):
             seq.computed += len(chunk.token_ids)
@@ -274,6 +271,44 @@ class NativeEngine(Engine):
                     choosing.append((seq, span.stop - 1))
         if choosing:
             self._choose(choosing, logits)
+
+    def _chunks(self) -> list[tuple[_Sequence, Chunk]]:
+        """This step's work: a decode chunk for every sequence past its prompt (first), then prompt chunks within
+        the prefill budget."""
+        decodes, prompts, budget = [], [], self.prefill_chunk
+        for seq in self._running:
+            if seq.computed < len(seq.prompt):  # prefill, chunked so decodes keep flowing
+                if budget <= 0:
+                    continue
+                n = min(len(seq.prompt) - seq.computed, budget)
+                budget -= n
+                ids = seq.prompt[seq.computed : seq.computed + n]
+                prompts.append((seq, Chunk(seq.slot, ids, seq.computed, all_logits=seq.params.prompt_logprobs is not None)))
+            else:
+                decodes.append((seq, Chunk(seq.slot, [seq.generated[-1]], seq.computed, decode=True)))
+        return decodes + prompts
+
+    def _forward(self, work: list[tuple[_Sequence, Chunk]]) -> tuple[list, list, torch.Tensor, list[slice]]:
+        """One forward for every chunk -> (sequences, chunks, logits, each chunk's rows). Should it fail, each chunk
+        alone, so that only a sequence whose own forward fails ends (the KV positions a failed forward wrote are
+        written again, with the same values)."""
+        members, chunks = (list(column) for column in zip(*work))
+        try:
+            logits, spans = self.runner.forward(chunks)
+            return members, chunks, logits, spans
+        except Exception:
+            log.exception("a forward of %d sequences failed; running them one by one", len(chunks))
+        kept, parts, spans, rows = [], [], [], 0
+        for seq, chunk in work:
+            result = self._guarded(seq, self.runner.forward, [chunk])
+            if result is not _FAILED:
+                logits, (span,) = result
+                kept.append((seq, chunk))
+                parts.append(logits)
+                spans.append(slice(span.start + rows, span.stop + rows))
+                rows += len(logits)
+        members, chunks = ([s for s, _ in kept], [c for _, c in kept])
+        return members, chunks, torch.cat(parts) if parts else torch.empty(0), spans
 
     def _guarded(self, seq: _Sequence, fn, *args):
         """fn(*args) for one request; if it fails, that request alone ends (with the error), the batch goes on, and
