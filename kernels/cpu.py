@@ -5,11 +5,13 @@ library loads, the C kernels are called through ctypes.
 Falls back to the torch reference (kernels.numerics) where no C compiler is available.
 """
 
+import atexit
 import ctypes
 import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -64,15 +66,74 @@ def library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or os.environ.get("NVFP4_NO_C_KERNELS"):
         return None
+    folder = _trusted_build_dir()
     for build in _builds(compiler):
-        target = _build_dir() / f"{build.name}-{build_key(compiler, build.key)}.so"
-        if target.exists() or _compile(build, target):
-            return _bind(ctypes.CDLL(str(target)), torch_ops=build.name.endswith("_ops"))
+        lib = _load_or_build(build, folder / f"{build.name}-{build_key(compiler, build.key)}.so")
+        if lib is not None:
+            return _bind(lib, torch_ops=build.name.endswith("_ops"))
     return None
 
 
+def _trusted_build_dir() -> Path:
+    """The cache of built libraries; where another user could write to it (and plant a library whose constructor
+    would run in this process), a private temporary folder for this process instead."""
+    folder = _build_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = _writable_by_others(folder.stat())
+    except OSError as error:
+        why = str(error)
+    if why is None:
+        return folder
+    private = Path(tempfile.mkdtemp(prefix="nvfp4-kernels-"))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    log.warning("not loading compiled kernels from %s: %s; building them in %s for this run (run `chmod go-w` on it "
+                "or set NVFP4_CACHE to a folder only you can write to)", folder, why, private)
+    return private
+
+
+def _writable_by_others(info: os.stat_result) -> str | None:
+    if info.st_uid != os.getuid():
+        return f"it belongs to uid {info.st_uid}"
+    if info.st_mode & 0o022:
+        return f"others can write to it (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _load_or_build(build: _Build, target: Path) -> ctypes.CDLL | None:
+    """The cached library when its bytes are the ones built (the recorded hash), else a fresh build of it."""
+    if target.exists():
+        if not _as_built(target):
+            log.warning("%s is not the library built there (no hash, or another one): rebuilding it", target)
+        else:
+            try:
+                return ctypes.CDLL(str(target))
+            except OSError as error:
+                log.warning("cannot load %s (%s): rebuilding it", target, error)
+    if not _compile(build, target):
+        return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as error:
+        log.warning("%s unavailable: its fresh build does not load (%s)", build.name, error)
+        return None
+
+
+def _hash_record(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _as_built(target: Path) -> bool:
+    """Whether target's bytes hash to the digest recorded when it was built, both files writable by us alone."""
+    try:
+        if any(_writable_by_others(path.stat()) for path in (target, _hash_record(target))):
+            return False
+        return hashlib.sha256(target.read_bytes()).hexdigest() == _hash_record(target).read_text().strip()
+    except OSError:
+        return False
+
+
 def _compile(build: _Build, target: Path) -> bool:
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         for command in build.commands:
@@ -80,7 +141,12 @@ def _compile(build: _Build, target: Path) -> bool:
             if result.returncode != 0:
                 log.warning("%s unavailable: %s", build.name, result.stderr.strip()[-500:])
                 return False
+        built.chmod(0o755)
+        record = Path(tmp) / "sha256"
+        record.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+        record.chmod(0o644)
         built.rename(target)
+        record.rename(_hash_record(target))
     return True
 
 
