@@ -35,6 +35,9 @@ from nvfp4.serve.serving import ServingChat, ServingCompletion
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")  # never keyed; they reveal no paths or logs
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# log-probabilities one echo may return for its prompts (~30 bytes of JSON each: ~15 MiB); vLLM bounds only
+# the logprobs per token (20, as protocol.MAX_LOGPROBS does), and 64 prompts x 2048 tokens x 21 drew ~80 MiB
+ECHO_LOGPROBS_LIMIT = 2**19
 
 
 class Served:
@@ -310,9 +313,26 @@ def _openai_router(served: Served, metrics: ServerMetrics) -> APIRouter:
     @router.post("/completions", responses=openapi_responses(CompletionResponse, stream=True))
     async def completions(body: CompletionRequest, request: Request):
         alias, engine = _model(served, body.model, request)
+        _check_echo_size(body, engine.max_model_len)
         return await completion_serving.create(body, alias, engine, served.admission[alias], request)
 
     return router
+
+
+def _check_echo_size(body: CompletionRequest, max_model_len: int) -> None:
+    """400 for an echo whose prompt log-probabilities (tokens x n x (1 + logprobs)) pass ECHO_LOGPROBS_LIMIT,
+    before any tokenizing: a text's tokens are counted as its UTF-8 bytes and BOS (never fewer than its
+    tokens), each prompt as at most the context."""
+    if not body.echo or body.logprobs is None:
+        return
+    prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+    tokens = sum(min(len(p.encode()) + 1 if isinstance(p, str) else len(p), max_model_len) for p in prompts)
+    count = tokens * body.n * (1 + body.logprobs)
+    if count > ECHO_LOGPROBS_LIMIT:
+        raise APIError(400, f"echo with logprobs would return up to {count} log-probabilities (prompt tokens x n x "
+                       f"(1 + logprobs), a text prompt's tokens counted as its bytes); at most {ECHO_LOGPROBS_LIMIT} "
+                       f"per request: send fewer or shorter prompts (or token ids), or lower n or logprobs",
+                       "logprobs", "echo_too_large")
 
 
 def _model(served: Served, name: str, request: Request) -> tuple[str, Engine]:
