@@ -5,6 +5,7 @@ millions of layers or end in a traceback from transformers."""
 import json
 from pathlib import Path
 
+from nvfp4.converter.families import family_of
 from nvfp4.errors import UserError
 
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -48,11 +49,12 @@ def check_config(config, folder: Path) -> None:
     where = f"{Path(folder) / 'config.json'}"
     if not isinstance(config, dict):
         raise UserError(f"{where} is not a JSON object")
-    if not isinstance(config.get("model_type"), str):
-        raise UserError(f"{where}: model_type must be a string, not {_short(config.get('model_type'))}")
-    architectures = config.get("architectures")
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UserError(f"{where}: model_type must be a string, not {_short(model_type)}")
     if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
         raise UserError(f"{where}: architectures must be a list of class names, not {_short(architectures)}")
+    family_of(config)  # a missing model_type too: unsupported
     for field, (low, high) in BOUNDS.items():
         value = config.get(field)
         if field not in config or value is None and field in NULLABLE:
@@ -60,9 +62,6 @@ def check_config(config, folder: Path) -> None:
         if type(value) is not int or not low <= value <= high:  # type(): not a bool
             raise UserError(f"{where}: {field} must be an integer from {low} to {high}, not {_short(value)}")
     _check_proportions(config, where)
-    from nvfp4.converter.families import family_of
-
-    family_of(config)
     _check_transformers_accepts(config, where)
 
 

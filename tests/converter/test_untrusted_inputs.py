@@ -219,7 +219,7 @@ BAD_CONFIGS = {
     "intermediate_size 0": {"intermediate_size": 0},
     "key/value heads not dividing the heads": {"num_key_value_heads": 3},
     "architectures not strings": {"architectures": [{"a": 1}]},
-    "no model_type": {"model_type": None},
+    "model_type a number": {"model_type": 7},
     "num_local_experts 10**6": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                                 "num_local_experts": 10**6, "num_experts_per_tok": 2},
 }
