@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from nvfp4.converter.config import EXPERT_CALIBRATIONS, ROUNDINGS, SCALE_SEARCHES, SCHEMES, QuantConfig
-from nvfp4.converter.pipeline import DTYPES, TARGETS, ConvertConfig, convert
+from nvfp4.converter.config import CHOICES, EXPERT_CALIBRATIONS, SCHEMES, QuantConfig
+from nvfp4.converter.pipeline import ConvertConfig, convert
+from nvfp4.converter.recipe import DTYPES, TARGETS, ConvertRecipe
 from nvfp4.converter.stages import TRAINING_FLAGS
 from nvfp4.errors import UserError
+from nvfp4.output import show_messages
 
 QUANT_FLAGS = ("scheme", "exclude", "scale_search", "rounding", "smooth_alpha", "expert_calibration")
 
@@ -32,10 +35,10 @@ CONVERT_OPTIONS = [
                       "PATH (txt or JSONL)."),
     click.Option(["--calib-tokens"], type=int, default=2048, show_default=True),
     click.Option(["--exclude"], multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable)."),
-    click.Option(["--scale-search"], type=click.Choice(SCALE_SEARCHES), default=None,
+    click.Option(["--scale-search"], type=click.Choice(CHOICES["scale_search"]), default=None,
                  help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale. Default: mse-act when "
                       "QAD learns the scales (their start), else amax (PTQ, --qad-scale-lr 0)."),
-    click.Option(["--rounding"], type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
+    click.Option(["--rounding"], type=click.Choice(CHOICES["rounding"]), default="nearest", show_default=True,
                  help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration)."),
     click.Option(["--smooth-alpha"], type=float, default=None,
                  help="SmoothQuant-style channel smoothing folded into norms, v_proj and up_proj (0 = off). "
@@ -54,7 +57,15 @@ CONVERT_OPTIONS = [
     click.Option(["--force"], is_flag=True, help="Replace an existing OUT."),
     click.Option(["--trust-remote-code"], is_flag=True),
     click.Option(["--no-eval"], is_flag=True, help="Skip the held-out accuracy section of the report."),
+    click.Option(["--recipe"], type=click.Path(path_type=Path), default=None,
+                 help="Run the recipe of an earlier convert (its OUT/report.json, or a recipe JSON); flags given here "
+                      "override it."),
 ]
+
+
+RECIPE_FLAGS = ("targets", "calib_data", "calib_tokens", "seed", "dtype")
+RUN_FLAGS = ("device", "force", "trust_remote_code", "layerwise", "dry_run")
+FLAGS = {name: "--" + name.replace("_", "-") for name in QUANT_FLAGS + RECIPE_FLAGS + RUN_FLAGS}
 
 
 def quant_config(flags: dict) -> QuantConfig:
@@ -63,10 +74,26 @@ def quant_config(flags: dict) -> QuantConfig:
     for training in TRAINING_FLAGS:
         defaults |= training.quant_defaults(flags, flags["scheme"])
     chosen = {k: flags[k] for k in QUANT_FLAGS if flags[k] is not None}
-    try:
-        return QuantConfig(**({"scale_search": "amax", "smooth_alpha": 0.0} | defaults | chosen))
-    except ValueError as error:
-        raise UserError(str(error)) from error
+    return QuantConfig(**({"scale_search": "amax", "smooth_alpha": 0.0} | defaults | chosen))
+
+
+def _given(flags: dict) -> set[str]:
+    """The flags typed on the command line (not left at their defaults)."""
+    context = click.get_current_context()
+    return {name for name in flags if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+
+
+def _from_recipe(flags: dict) -> tuple[dict, dict | None]:
+    """--recipe: the flags the command line leaves unset take the recipe's values; -> (flags, the recipe's
+    training settings)."""
+    recipe = ConvertRecipe.load(flags["recipe"])
+    values = recipe.quant.to_dict() | {"exclude": tuple(recipe.quant.exclude), "targets": ",".join(recipe.targets),
+                                       "calib_data": recipe.calib_data, "calib_tokens": recipe.calib_tokens,
+                                       "seed": recipe.seed, "dtype": recipe.dtype}
+    for training in TRAINING_FLAGS:
+        values |= training.from_settings(recipe.training)
+    given = _given(flags)
+    return flags | {k: v for k, v in values.items() if k in flags and k not in given}, recipe.training
 
 
 def convert_config(flags: dict) -> ConvertConfig:
@@ -77,17 +104,27 @@ def convert_config(flags: dict) -> ConvertConfig:
                          evaluate=not flags["no_eval"], layerwise=flags["layerwise"], dry_run=flags["dry_run"])
 
 
+def _training(flags: dict, settings: dict | None, started: float):
+    stages = [t.build(flags, flags["seed"], started, settings) for t in TRAINING_FLAGS]
+    return next((stage for stage in stages if stage is not None), None)
+
+
 def run_convert(**flags) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
-    cfg = convert_config(flags)
-    stages = [t.build(flags, flags["seed"], started) for t in TRAINING_FLAGS]
-    report = convert(cfg, next((stage for stage in stages if stage is not None), None))
-    if cfg.dry_run:
+    show_messages()
+    words = FLAGS | {field: flag for t in TRAINING_FLAGS for field, flag in t.flags.items()}
+    try:
+        flags, settings = _from_recipe(flags) if flags["recipe"] else (flags, None)
+        cfg = convert_config(flags)
+        report = convert(cfg, _training(flags, settings, started))
+    except UserError as error:
+        raise UserError(error.worded(words)) from error
+    if report is None:
         return
-    click.echo(f"wrote {cfg.out}: " + ", ".join(f"{t} {report['size_vs_bf16'][t]:.2f}x BF16" for t in cfg.targets))
-    if report["accuracy"]:
-        click.echo(report["accuracy"]["table"])
+    click.echo(f"wrote {cfg.out}: " + ", ".join(f"{t} {report.size_vs_bf16[t]:.2f}x BF16" for t in cfg.targets))
+    if report.accuracy:
+        click.echo(report.accuracy["table"])
 
 
 def convert_command() -> click.Command:
@@ -105,6 +142,7 @@ def convert_command() -> click.Command:
 def verify(out: Path, prompt: str | None, tolerance: float | None, json_path: Path | None) -> None:
     """Reload each target in OUT through an independent reader and compare its logits with the student's."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    show_messages()
     from nvfp4.converter import verify as checks
 
     rows = checks.verify(out, prompt or checks.DEFAULT_PROMPT, tolerance)

@@ -3,9 +3,12 @@
 import fnmatch
 from dataclasses import asdict, dataclass, field
 
+from nvfp4.errors import UserError
+
 SCHEMES = ("nvfp4", "nvfp4-a16")  # W4A4 (Blackwell) and weight-only (Hopper, Ampere)
-SCALE_SEARCHES = ("amax", "mse", "mse-act")
-ROUNDINGS = ("nearest", "gptq")  # nearest = ModelOpt's bytes; gptq = error-compensated (needs calibration)
+# A field's choices: ModelOpt's rule (amax scales, nearest rounding), then the names the stages that implement the
+# others register (converter/stages.py: mse, mse-act, gptq)
+CHOICES: dict[str, list[str]] = {"scale_search": ["amax"], "rounding": ["nearest"]}
 EXPERT_CALIBRATIONS = ("all", "routed")  # MoE: every expert sees every calibration token, or only the routed ones
 DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*", "*router*", "*.mlp.gate", "*.block_sparse_moe.gate")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -24,19 +27,15 @@ class QuantConfig:
     default_exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
-        if self.scale_search not in SCALE_SEARCHES:
-            raise ValueError(f"unknown scale search {self.scale_search!r}; choose one of {', '.join(SCALE_SEARCHES)}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-        if self.expert_calibration not in EXPERT_CALIBRATIONS:
-            raise ValueError(f"unknown expert calibration {self.expert_calibration!r}; choose one of "
-                             f"{', '.join(EXPERT_CALIBRATIONS)}")
+        for name, choices in (("scheme", SCHEMES), ("scale_search", CHOICES["scale_search"]),
+                              ("rounding", CHOICES["rounding"]), ("expert_calibration", EXPERT_CALIBRATIONS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"unknown `{name}` {getattr(self, name)!r}; choose one of {', '.join(choices)}",
+                                field=name)
         if not 0 <= self.smooth_alpha < 1:
-            raise ValueError(f"smoothing alpha must be in [0, 1), got {self.smooth_alpha}")
+            raise UserError(f"`smooth_alpha` must be in [0, 1), got {self.smooth_alpha}", field="smooth_alpha")
         if self.group_size != 16:
-            raise ValueError("NVFP4 uses blocks of 16 elements")
+            raise UserError("NVFP4 uses blocks of 16 elements: `group_size` must be 16", field="group_size")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "default_exclude", tuple(self.default_exclude))
 

@@ -9,9 +9,9 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import click
 import torch
 from tqdm import tqdm
 
@@ -31,14 +30,16 @@ from nvfp4.converter.families import family_of
 from nvfp4.converter.models import load_causal_lm, resolve_model
 from nvfp4.converter.plan import Needs, Plan, make_plan, skeleton
 from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
+from nvfp4.converter.recipe import DTYPES, TARGETS, ConvertRecipe
+from nvfp4.converter.report import Report
 from nvfp4.converter.smoothing import smooth
 from nvfp4.converter.stages import TrainingContext, TrainingStage, needs_calibration_data
 from nvfp4.converter.writers import Entry, load_all_writers, packed_weights, student_entries
 from nvfp4.converter.writers.hf import high_precision_modules
 from nvfp4.errors import UserError
 
-TARGETS = ("trtllm", "vllm", "llamacpp")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+log = logging.getLogger(__name__)
+
 
 def torch_device(choice: str) -> torch.device:
     """--device auto | cpu | cuda -> where convert (and QAD) compute; auto takes CUDA when there is one."""
@@ -82,17 +83,21 @@ class ConvertConfig:
     dry_run: bool = False  # print the memory plan and stop
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise UserError(f"unknown target(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TARGETS)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {self.dtype}; choose from {', '.join(DTYPES)}")
-        if self.calib_tokens <= 0:
-            raise UserError(f"--calib-tokens must be positive, got {self.calib_tokens}")
+        self.recipe()  # the recipe's own checks
         if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"unknown --device {self.device}; choose auto, cpu or cuda")
+            raise UserError(f"unknown `device` {self.device}; choose auto, cpu or cuda", field="device")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is available")
+            raise UserError("`device` cuda was asked for but no CUDA device is available", field="device")
+
+    def recipe(self, training: dict | None = None) -> ConvertRecipe:
+        return ConvertRecipe(self.quant, self.targets, self.calib_data, self.calib_tokens, self.seed, self.dtype,
+                             training)
+
+    @classmethod
+    def from_recipe(cls, recipe: ConvertRecipe, out: Path, **run) -> "ConvertConfig":
+        """The recipe's settings with the run's own (source, device, force, evaluate ...)."""
+        return cls(out=out, quant=recipe.quant, targets=recipe.targets, calib_data=recipe.calib_data,
+                   calib_tokens=recipe.calib_tokens, seed=recipe.seed, dtype=recipe.dtype, **run)
 
     @property
     def torch_device(self) -> torch.device:
@@ -110,7 +115,7 @@ class Timer:
 
     @contextmanager
     def stage(self, name: str):
-        click.echo(f"[{name}]", err=True)
+        log.info("[%s]", name)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
@@ -147,8 +152,8 @@ def check_targets(model: torch.nn.Module, tokenizer, cfg: ConvertConfig) -> dict
         writers[target](cfg.quant, DTYPES[cfg.dtype]).check(model, tokenizer, linears)
     family = family_of(model.config)
     if "llamacpp" in cfg.targets and not family.llamacpp_runs:
-        click.echo(f"warning: llama.cpp loads {family.name}'s NVFP4 GGUF but does not apply its feed-forward "
-                   "per-tensor scales yet (llama-cpp-python 0.3.36): OUT/llamacpp is written for when it does", err=True)
+        log.warning(f"llama.cpp loads {family.name}'s NVFP4 GGUF but does not apply its feed-forward "
+                   "per-tensor scales yet (llama-cpp-python 0.3.36): OUT/llamacpp is written for when it does")
     return linears
 
 
@@ -223,9 +228,10 @@ def _replace_atomically(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def convert(cfg: ConvertConfig, training: TrainingStage | None = None) -> dict:
-    """Run the whole conversion; returns the report (also written to OUT/report.json and report.md). A disk
-    that fills up all the same (the plan checked it first) is one error line; nothing half-written stays."""
+def convert(cfg: ConvertConfig, training: TrainingStage | None = None) -> Report | None:
+    """Run the whole conversion; returns the report (also written to OUT/report.json and report.md), or None
+    for a dry run and on a torchrun rank but the first. A disk that fills up all the same (the plan checked it
+    first) is one error line; nothing half-written stays."""
     try:
         return _convert(cfg, training)
     except OSError as error:
@@ -234,15 +240,15 @@ def convert(cfg: ConvertConfig, training: TrainingStage | None = None) -> dict:
         raise UserError(f"the disk holding {cfg.out.parent} filled up while writing: {error}") from error
 
 
-def _convert(cfg: ConvertConfig, training: TrainingStage | None) -> dict:
+def _convert(cfg: ConvertConfig, training: TrainingStage | None) -> Report | None:
     _check_out(cfg)
     load_all_writers()  # an import problem in a writer shows before any work
     torch.manual_seed(cfg.seed)
     source_dir = resolve_model(cfg.source)
     plan = memory_plan(cfg, source_dir, training)
-    click.echo(plan.render(), err=True)
+    log.info(plan.render())
     if cfg.dry_run:
-        return {"plan": plan.render()}
+        return None
     run = _Run(cfg, source_dir, training, Timer())
     if plan.choose(cfg.layerwise) == "layerwise":
         return run.staged(_layerwise)
@@ -264,7 +270,7 @@ class _Run:
     training: TrainingStage | None
     timer: "Timer"
 
-    def staged(self, body: Callable[["_Run", Path], dict | None]) -> dict:
+    def staged(self, body: Callable[["_Run", Path], Report | None]) -> Report | None:
         """`body(run, tmp)` writes the targets into a temporary sibling of OUT and returns the report; then the
         report is written and tmp renamed into place. A body returning None (a torchrun rank but the first)
         leaves no OUT."""
@@ -273,9 +279,8 @@ class _Run:
         try:
             report = body(self, tmp)
             if report is None:
-                return {}
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
-            (tmp / "report.md").write_text(render_report_md(report))
+                return None
+            report.save(tmp)
             _replace_atomically(tmp, cfg.out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -286,11 +291,11 @@ class _Run:
         return calibration_batches(data or cfg.calib_data, model, tokenizer, cfg.calib_tokens, cfg.seed)
 
     def report(self, teacher: torch.nn.Module, stream: list[Entry], exports: dict, accuracy: dict | None,
-               training: dict | None) -> dict:
+               training: dict | None) -> Report:
         return _report(self, teacher, stream, exports, accuracy, training)
 
 
-def _in_memory(run: _Run, tmp: Path) -> dict | None:
+def _in_memory(run: _Run, tmp: Path) -> Report | None:
     """Load, smooth, quantize, calibrate, train, export every target at once, evaluate."""
     cfg, timer = run.cfg, run.timer
     with timer.stage("load"):
@@ -346,7 +351,7 @@ def _trained(run: _Run, teacher, student, tokenizer, batches, tmp: Path) -> tupl
         return heldout, run.training.train(context)
 
 
-def _layerwise(run: _Run, tmp: Path) -> dict:
+def _layerwise(run: _Run, tmp: Path) -> Report:
     """PTQ one decoder layer at a time from the shards, every target written as the layers stream
     (converter/layerwise.py), each layer trained by the training stage's `train_layer` when there is one; the
     held-out evaluation streams beside it (prose rows)."""
@@ -386,8 +391,8 @@ def _streamed_calibration(run: _Run, model: torch.nn.Module, tokenizer) -> list 
         return None
     data = "prompts" if run.cfg.calib_data == "self" else run.cfg.calib_data
     if data != run.cfg.calib_data:
-        click.echo("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
-                   "whole model in memory; --calib-data PATH gives your own text)", err=True)
+        log.info("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
+                   "whole model in memory; --calib-data PATH gives your own text)")
     return run.calibration(model, tokenizer, data)
 
 
@@ -465,56 +470,28 @@ def nvfp4_parameter_share(stream: list[Entry]) -> float:
 
 
 def _report(run: _Run, teacher, stream: list[Entry], exports: dict, accuracy: dict | None,
-            training: dict | None) -> dict:
+            training: dict | None) -> Report:
     cfg = run.cfg
     bf16_bytes = sum(p.numel() for p in teacher.parameters()) * 2
     sizes = {target: result["bytes"] for target, result in exports.items()}
-    return {
-        "source": None if cfg.source is None else str(Path(cfg.source).resolve()),
-        "source_dir": str(run.source_dir),
-        "model": teacher.config.architectures[0] if teacher.config.architectures else type(teacher).__name__,
-        "scheme": cfg.quant.scheme,
-        "quant_config": cfg.quant.to_dict(),
-        "nvfp4_parameter_share": round(nvfp4_parameter_share(stream), 4),
-        "high_precision_modules": high_precision_modules(teacher, {e.name for e in stream if e.packed}),
-        "targets": list(cfg.targets),
-        "calibration": {"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in run.timer.seconds else None,
-        "seed": cfg.seed,
-        "sizes_bytes": {"bf16": bf16_bytes, **sizes},
-        "size_vs_bf16": {t: round(b / bf16_bytes, 3) for t, b in sizes.items()},
-        "timings_seconds": run.timer.seconds,  # stages one after the other; "export" writes the targets at once
-        "export_seconds": {target: result["seconds"] for target, result in exports.items()},
-        "qad": training,
-        "accuracy": accuracy,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "quant"},
-    }
-
-
-def render_report_md(report: dict) -> str:
-    lines = [
-        "# NVFP4 conversion report",
-        "",
-        f"- model: `{report['model']}` from `{report['source'] or 'embedded SmolLM2-135M-Instruct'}`",
-        f"- scheme: `{report['scheme']}` (scale search: `{report['quant_config']['scale_search']}`, "
-        f"rounding: `{report['quant_config'].get('rounding', 'nearest')}`, "
-        f"smoothing alpha: `{report['quant_config'].get('smooth_alpha', 0.0)}`)",
-        f"- parameters in NVFP4: {100 * report['nvfp4_parameter_share']:.1f}%; kept in high precision: "
-        + ", ".join(f"`{n}`" for n in _condensed(report["high_precision_modules"])),
-        "",
-        "| target | bytes | vs BF16 | export seconds |",
-        "|---|---:|---:|---:|",
-        f"| bf16 (teacher) | {report['sizes_bytes']['bf16']:,} | 1.000 | |",
-    ]
-    seconds = {t: "written layer by layer" if s is None else f"{s:.1f}" for t, s in report["export_seconds"].items()}
-    lines += [f"| {t} | {report['sizes_bytes'][t]:,} | {report['size_vs_bf16'][t]:.3f} | {seconds[t]} |"
-              for t in report["targets"]]
-    lines += ["", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["timings_seconds"].items()]
-    if report["accuracy"]:
-        lines += ["", "## Accuracy vs the teacher (held-out)", "", "```", report["accuracy"]["table"], "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _condensed(names: list[str]) -> list[str]:
-    """Module names with layer numbers folded: `model.layers.*.mlp.gate` once, not once per layer."""
-    return list(dict.fromkeys(re.sub(r"\.layers\.\d+\.", ".layers.*.", n) for n in names))
+    settings = None if run.training is None else run.training.settings()
+    return Report(
+        source=None if cfg.source is None else str(Path(cfg.source).resolve()),
+        source_dir=str(run.source_dir),
+        model=teacher.config.architectures[0] if teacher.config.architectures else type(teacher).__name__,
+        scheme=cfg.quant.scheme,
+        quant_config=cfg.quant.to_dict(),
+        nvfp4_parameter_share=round(nvfp4_parameter_share(stream), 4),
+        high_precision_modules=high_precision_modules(teacher, {e.name for e in stream if e.packed}),
+        targets=list(cfg.targets),
+        calibration={"data": cfg.calib_data, "tokens": cfg.calib_tokens} if "calibrate" in run.timer.seconds else None,
+        seed=cfg.seed,
+        sizes_bytes={"bf16": bf16_bytes, **sizes},
+        size_vs_bf16={t: round(b / bf16_bytes, 3) for t, b in sizes.items()},
+        timings_seconds=run.timer.seconds,
+        export_seconds={target: result["seconds"] for target, result in exports.items()},
+        qad=training,
+        accuracy=accuracy,
+        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "quant"},
+        recipe=cfg.recipe(settings).to_dict(),
+    )

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.config import CHOICES, QuantConfig
 from nvfp4.converter.groups import fused_groups, input_scale_groups
 from nvfp4.errors import UserError
 from nvfp4.kernels import numerics
@@ -40,6 +40,7 @@ class PTQStage:
     """One post-training algorithm; every event is optional."""
 
     name: ClassVar[str]
+    option: ClassVar[str | None] = None  # the QuantConfig field whose value `name` selects it
     observes: ClassVar[bool] = False  # shown the calibration inputs
 
     def __init__(self, cfg: QuantConfig):
@@ -47,7 +48,7 @@ class PTQStage:
 
     @classmethod
     def selected(cls, cfg: QuantConfig) -> bool:
-        raise NotImplementedError
+        return cls.option is not None and getattr(cfg, cls.option) == cls.name
 
     def after_quantize(self, modules: Modules) -> None:
         pass
@@ -66,7 +67,10 @@ PTQ_STAGES: dict[str, type[PTQStage]] = {}
 
 
 def register_ptq_stage(cls: type[PTQStage]) -> type[PTQStage]:
+    """Register a stage; one selected by a QuantConfig field's value adds that value to the field's choices."""
     PTQ_STAGES[cls.name] = cls
+    if cls.option is not None and cls.name not in CHOICES[cls.option]:
+        CHOICES[cls.option].append(cls.name)
     return cls
 
 
@@ -148,10 +152,7 @@ class WeightMSESearch(PTQStage):
     """scale_search mse: each block's FP8 scale searched for the least squared weight error."""
 
     name = "mse"
-
-    @classmethod
-    def selected(cls, cfg: QuantConfig) -> bool:
-        return cfg.scale_search == cls.name
+    option = "scale_search"
 
     @torch.no_grad()
     def after_quantize(self, modules: Modules) -> None:
@@ -167,15 +168,13 @@ class ActivationWeightedSearch(PTQStage):
     error weighted by the input channel's mean square E[x^2] over the calibration tokens."""
 
     name = "mse-act"
+    option = "scale_search"
     observes = True
 
     def __init__(self, cfg: QuantConfig):
         super().__init__(cfg)
         self.square = _Moments()
 
-    @classmethod
-    def selected(cls, cfg: QuantConfig) -> bool:
-        return cfg.scale_search == cls.name
 
     def observe(self, name: str, module: NVFP4FakeQuantLinear, x: Tensor) -> None:
         rows = _rows(module, x)
@@ -196,6 +195,7 @@ class GPTQRounding(PTQStage):
     members share the input); groups of one shape (the same linear in every layer) are rounded together."""
 
     name = "gptq"
+    option = "rounding"
     observes = True
 
     def __init__(self, cfg: QuantConfig):
@@ -203,9 +203,6 @@ class GPTQRounding(PTQStage):
         self.hessian = _Moments()
         self.leads: set[str] = set()
 
-    @classmethod
-    def selected(cls, cfg: QuantConfig) -> bool:
-        return cfg.rounding == cls.name
 
     def begin_calibration(self, modules: Modules) -> None:
         self.leads = {group[0] for group in fused_groups(modules)}
@@ -287,6 +284,10 @@ class TrainingStage(ABC):
         """The report's section after `train_layer` ran for every layer."""
         return {}
 
+    def settings(self) -> dict:
+        """What the recipe records of it, for its package to rebuild the same stage."""
+        return {}
+
 
 TRAINING_STAGES: dict[str, type[TrainingStage]] = {}
 
@@ -307,6 +308,8 @@ class TrainingFlags:
     options: list  # click.Option
     build: Callable[[dict, int, float], TrainingStage | None]  # (the flags' values, seed, the command's start)
     quant_defaults: Callable[[dict, str], dict]  # (the flags' values, scheme) -> QuantConfig fields
+    from_settings: Callable[[dict | None], dict]  # a recipe's training settings -> the flags' values
+    flags: dict  # its config fields -> its flags (errors are worded by field)
 
 
 TRAINING_FLAGS: list[TrainingFlags] = []

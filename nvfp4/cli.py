@@ -24,10 +24,6 @@ HELP = {
 }
 
 
-# Config fields the library names in its errors -> the flags that set them
-FLAGS = {"expert_calibration": "--expert-calibration"}
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(SUBCOMMANDS)
@@ -45,7 +41,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:
-            click.echo(f"error: {error.worded(FLAGS)}", err=True)
+            click.echo(f"error: {error}", err=True)
             ctx.exit(2)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -2,14 +2,13 @@
 `register_training_flags`): the converter's CLI lists them and hands their values back to `training_from_flags`."""
 
 import os
-import time
 
 import click
 
 from nvfp4.converter.stages import TrainingFlags, register_training_flags
 from nvfp4.errors import UserError
 from nvfp4.qad.config import MODES, QADConfig
-from nvfp4.qad.stages import qad_stage
+from nvfp4.qad.stages import QADStage, qad_stage
 
 OPTIONS = [
     click.Option(["--qad-steps"], type=int, default=None, help="0 = PTQ only; default: as many as the budget allows."),
@@ -21,8 +20,8 @@ OPTIONS = [
     click.Option(["--qad-seq-len"], type=int, default=None),
     click.Option(["--qad-budget-minutes"], type=float, default=None),
     click.Option(["--qad-data"], default=None, help="self | random | PATH (txt or JSONL)."),
-    click.Option(["--loss"], type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
-                 help="kl = QAD (forward KL to the teacher); ce = plain QAT."),
+    click.Option(["--loss"], type=click.Choice(["kl", "ce"]), default=None,
+                 help="kl = QAD (forward KL to the teacher, the default); ce = plain QAT."),
     click.Option(["--qad-mode"], type=click.Choice(MODES), default=None,
                  help="global = KL of the whole model (default); layer = each decoder layer trained to match its "
                       "teacher layer's output, one after another; layer+global = the first, then the second."),
@@ -36,16 +35,13 @@ FIELDS = {"qad_steps": "steps", "qad_lr": "lr", "qad_scale_lr": "scale_lr", "qad
           "qad_mode": "mode", "qad_layer_fraction": "layer_fraction", "qad_checkpoint_every": "checkpoint_every"}
 
 
-def qad_config(values: dict, seed: int) -> QADConfig | None:
-    """QADConfig from the flags' values; None for PTQ only (--qad-steps 0)."""
-    if values["qad_steps"] is not None and values["qad_steps"] < 0:
-        raise UserError(f"--qad-steps must be >= 0, got {values['qad_steps']}")
-    if values["qad_steps"] == 0:
+def qad_config(values: dict, seed: int, base: dict | None = None) -> QADConfig | None:
+    """QADConfig from a recipe's settings (`base`) and the flags given; None for PTQ only (--qad-steps 0)."""
+    given = {FIELDS[k]: v for k, v in values.items() if k in FIELDS and v is not None}
+    settings = {**(base or {}), **given, "seed": seed}
+    if settings.get("steps") == 0:
         return None
-    try:
-        return QADConfig(seed=seed, **{FIELDS[k]: v for k, v in values.items() if k in FIELDS and v is not None})
-    except (TypeError, ValueError) as error:
-        raise UserError(str(error)) from error
+    return QADConfig(**settings)
 
 
 def quant_defaults(values: dict, scheme: str) -> dict:
@@ -58,14 +54,22 @@ def quant_defaults(values: dict, scheme: str) -> dict:
             "smooth_alpha": 0.5 if scheme == "nvfp4" and steps != 0 else 0.0}
 
 
-def training_from_flags(values: dict, seed: int, started: float = None):
-    cfg = qad_config(values, seed)
+def training_from_flags(values: dict, seed: int, started: float, base: dict | None = None) -> QADStage | None:
+    cfg = qad_config(values, seed, base)
     if cfg is None:
         return None
     if cfg.mode != "global" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--qad-mode {cfg.mode} trains layer by layer in one process; run it without torchrun, "
                         "or use --qad-mode global across GPUs")
-    return qad_stage(cfg, time.monotonic() if started is None else started, values["resume"])
+    return qad_stage(cfg, started, values["resume"])
 
 
-register_training_flags(TrainingFlags(OPTIONS, training_from_flags, quant_defaults))
+def flags_from_settings(settings: dict | None) -> dict:
+    """A recipe's QAD settings as flag values (None: no QAD, --qad-steps 0)."""
+    if settings is None:
+        return {"qad_steps": 0}
+    return {flag: settings[field] for flag, field in FIELDS.items() if field in settings}
+
+
+FLAGS = {f"qad.{field}": "--" + flag.replace("_", "-") for flag, field in FIELDS.items()}
+register_training_flags(TrainingFlags(OPTIONS, training_from_flags, quant_defaults, flags_from_settings, FLAGS))

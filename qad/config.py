@@ -2,6 +2,8 @@
 
 from dataclasses import asdict, dataclass
 
+from nvfp4.errors import UserError
+
 LOSSES = ("kl", "ce")
 MODES = ("global", "layer", "layer+global")  # whole-model KL; layer-local output matching; the first, then the second
 
@@ -32,21 +34,25 @@ class QADConfig:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 0:
-            raise ValueError(f"--qad-steps must be >= 0, got {self.steps}")
+            _refuse("steps", f"must be >= 0, got {self.steps}")
         if self.loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            _refuse("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         for name in ("lr", "batch", "seq_len", "budget_minutes", "reuse", "checkpoint_every", "checkpoint_seconds",
                      "kl_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--qad-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                _refuse(name, f"must be positive, got {getattr(self, name)}")
         if self.mode not in MODES:
-            raise ValueError(f"--qad-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            _refuse("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 < self.layer_fraction < 1:
-            raise ValueError(f"--qad-layer-fraction must be in (0, 1), got {self.layer_fraction}")
+            _refuse("layer_fraction", f"must be in (0, 1), got {self.layer_fraction}")
         if self.scale_lr < 0:
-            raise ValueError(f"--qad-scale-lr must be >= 0, got {self.scale_lr}")
+            _refuse("scale_lr", f"must be >= 0, got {self.scale_lr}")
         if self.seq_len < 8:
-            raise ValueError(f"--qad-seq-len must be at least 8, got {self.seq_len}")
+            _refuse("seq_len", f"must be at least 8, got {self.seq_len}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _refuse(name: str, problem: str) -> None:
+    raise UserError(f"`qad.{name}` {problem}", field=f"qad.{name}")

@@ -14,6 +14,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -431,7 +432,7 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
     plan = _Plan(pool, total, cfg)
     budgeted = cfg.steps is None
     schedule = _Schedule(total, deadline if budgeted else None, state["schedule"] if state else None)
-    _train(student, teacher, optimizer, params, plan, schedule, cfg, first_step, losses, workdir, log_dir)
+    _Loop(student, teacher, optimizer, params, plan, schedule, cfg, workdir, log_dir).run(first_step, losses)
     unshard_layers(sharded)
     for module in quantized_modules(student).values():
         module.fix_block_scales()
@@ -462,49 +463,68 @@ def _checkpoint_due(step: int, last_save: float, cfg: QADConfig) -> bool:
     return _from_rank0(time.monotonic() - last_save >= cfg.checkpoint_seconds)
 
 
-def _train(student, teacher, optimizer, params, plan: _Plan, schedule: _Schedule, cfg: QADConfig, first_step: int,
-           losses: list[dict], workdir: Path, log_dir: Path) -> None:
-    """Steps from first_step: plan.total of them, or for a budgeted run until its schedule's window (or the
-    deadline) would end inside the next step."""
-    rank = world()[0]
-    device = params[0].device
-    tokens_per_step = cfg.batch * (cfg.seq_len - 1)
-    budgeted = schedule.window is not None
-    log = open(log_dir / "log.jsonl", "w") if rank == 0 else None
-    if log:  # steps a crash logged past the checkpoint are dropped: they run again
-        log.writelines(json.dumps(record) + "\n" for record in losses)
-    bar = tqdm(total=plan.total, initial=first_step, desc=f"QAD ({cfg.loss})", unit="step", disable=rank != 0)
-    last_save, step = time.monotonic(), first_step
-    try:
-        while budgeted or step < plan.total:
-            tick = time.monotonic()
-            progress = schedule.at_step(step, _recent_step_seconds(losses) if losses else None)
-            if progress is None:
-                tqdm.write(f"QAD: the budget's training window ends after {step} steps" if step else
-                           "QAD: the stages before training spent the budget: no step trained, the student is "
-                           "QAD's start (raise --qad-budget-minutes)")
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(progress, cfg) * group["lr_ratio"]
-            optimizer.zero_grad(set_to_none=True)
-            loss = _global_step(student, teacher, plan.batch(step).to(device), cfg)
-            update(optimizer, cfg)
-            seconds = time.monotonic() - tick
-            record = {"step": step, "loss": loss, "loss_kind": cfg.loss, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_step / seconds, 1)}
-            losses.append(record)
+@dataclass
+class _Loop:
+    """The training loop's fixed parts: models, optimizer, data plan, schedule and where it writes."""
+
+    student: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]
+    plan: _Plan
+    schedule: _Schedule
+    cfg: QADConfig
+    workdir: Path
+    log_dir: Path
+
+    def run(self, first_step: int, losses: list[dict]) -> None:
+        """Steps from first_step: plan.total of them, or for a budgeted run until its schedule's window (or the
+        deadline) would end inside the next step."""
+        rank = world()[0]
+        device = self.params[0].device
+        tokens_per_step = self.cfg.batch * (self.cfg.seq_len - 1)
+        budgeted = self.schedule.window is not None
+        log = open(self.log_dir / "log.jsonl", "w") if rank == 0 else None
+        if log:  # steps a crash logged past the checkpoint are dropped: they run again
+            log.writelines(json.dumps(record) + "\n" for record in losses)
+        bar = tqdm(total=self.plan.total, initial=first_step, desc=f"QAD ({self.cfg.loss})", unit="step",
+                   disable=rank != 0)
+        last_save, step = time.monotonic(), first_step
+        try:
+            while budgeted or step < self.plan.total:
+                tick = time.monotonic()
+                progress = self.schedule.at_step(step, _recent_step_seconds(losses) if losses else None)
+                if progress is None:
+                    if step:
+                        log.info("QAD: the budget's training window ends after %d steps", step)
+                    else:
+                        log.warning("QAD: the stages before training spent the budget: no step trained, the student "
+                                    "is QAD's start (raise --qad-budget-minutes)")
+                    break
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(progress, self.cfg) * group["lr_ratio"]
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = _global_step(self.student, self.teacher, self.plan.batch(step).to(device), self.cfg)
+                update(self.optimizer, self.cfg)
+                seconds = time.monotonic() - tick
+                record = {"step": step, "loss": loss, "loss_kind": self.cfg.loss,
+                          "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                          "tokens_per_s": round(tokens_per_step / seconds, 1)}
+                losses.append(record)
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                step += 1
+                if budgeted:  # the bar's length follows the steps the rest of the window holds at the current pace
+                    bar.total = step + max(0, int((1 - progress) * self.schedule.window / _recent_step_seconds(losses)))
+                bar.set_postfix({self.cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}",
+                                 "tok/s": f"{record['tokens_per_s']:.0f}"})
+                bar.update(1)
+                if step == self.plan.total and not budgeted or _checkpoint_due(step - 1, last_save, self.cfg):
+                    _save_checkpoint(self.workdir, self.params, self.optimizer, step, self.plan.total, losses, self.cfg,
+                                     self.schedule.state(progress))
+                    last_save = time.monotonic()
+        finally:
+            bar.close()
             if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            step += 1
-            if budgeted:  # the bar's length follows the steps the rest of the window holds at the current pace
-                bar.total = step + max(0, int((1 - progress) * schedule.window / _recent_step_seconds(losses)))
-            bar.set_postfix({cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
-            bar.update(1)
-            if step == plan.total and not budgeted or _checkpoint_due(step - 1, last_save, cfg):
-                _save_checkpoint(workdir, params, optimizer, step, plan.total, losses, cfg, schedule.state(progress))
-                last_save = time.monotonic()
-    finally:
-        bar.close()
-        if log:
-            log.close()
+                log.close()

@@ -48,6 +48,9 @@ class QADStage(TrainingStage):
     def __post_init__(self) -> None:  # a subclass's own state
         pass
 
+    def settings(self) -> dict:
+        return self.cfg.to_dict()
+
     @property
     def budgeted(self) -> bool:
         return self.cfg.steps is None

@@ -13,6 +13,8 @@ from torch import nn
 
 from nvfp4.converter.config import QuantConfig
 from nvfp4.converter.quantize import export_weights, quantize, quantized_modules, set_module
+from nvfp4.converter.report import FILE_NAME as REPORT
+from nvfp4.converter.report import Report
 from nvfp4.errors import UserError
 from nvfp4.kernels.int8_blocks import exact_int8_blocks
 from nvfp4.kernels.linear import (
@@ -65,13 +67,9 @@ def teacher_source(out: Path, teacher: str | None) -> str | None:
     """--teacher PATH wins; else report.json's `source` (null = the embedded default model)."""
     if teacher is not None:
         return teacher
-    report = Path(out) / "report.json"
-    if not report.is_file():
-        raise UserError(f"{report} is missing: pass --teacher PATH (or --teacher none)")
-    try:
-        return json.loads(report.read_text()).get("source")
-    except json.JSONDecodeError as error:
-        raise UserError(f"unreadable {report}: {error}") from error
+    if not (Path(out) / REPORT).is_file():
+        raise UserError(f"{Path(out) / REPORT} is missing: pass --teacher PATH (or --teacher none)")
+    return Report.load(out).source
 
 
 def report_facts(out: Path, teacher: str | None, target: str) -> dict[str, dict]:
@@ -79,13 +77,13 @@ def report_facts(out: Path, teacher: str | None, target: str) -> dict[str, dict]
     the `target` checkpoint served and its held-out chat KL (the trained row, else the PTQ student's); the
     teacher's when it is the report's own source. Empty when there is no readable report."""
     try:
-        report = json.loads((Path(out) / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        report = Report.load(out)
+    except UserError:
         return {}
-    results = (report.get("accuracy") or {}).get("results") or {}
+    results = (report.accuracy or {}).get("results") or {}
     row = next((results[k] for k in ("QAD", "QAT", "NVFP4") if k in results), {})
-    sizes = report.get("sizes_bytes") or {}
-    student = {"scheme": report.get("scheme"), "weight_bytes": sizes.get(target), "heldout_kl": row.get("chat_kl")}
+    sizes = report.sizes_bytes
+    student = {"scheme": report.scheme, "weight_bytes": sizes.get(target), "heldout_kl": row.get("chat_kl")}
     facts = {"student": {k: v for k, v in student.items() if v is not None}}
     if teacher is None:
         facts["teacher"] = {"scheme": "bf16", "heldout_kl": 0.0, **({"weight_bytes": sizes["bf16"]} if "bf16" in sizes else {})}

@@ -113,7 +113,7 @@ def test_corrupt_safetensors(tiny_model_dir, tmp_path):
     (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
     (["--qad-scale-lr", "-0.1"], "--qad-scale-lr must be >= 0"),
     (["--calib-tokens", "0"], "--calib-tokens must be positive"),
-    (["--smooth-alpha", "1.5"], "smoothing alpha must be in [0, 1), got 1.5"),
+    (["--smooth-alpha", "1.5"], "--smooth-alpha must be in [0, 1), got 1.5"),
 ])
 def test_bad_options(tiny_model_dir, tmp_path, args, fragment):
     assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), *args), fragment)
@@ -138,3 +138,58 @@ def test_failure_leaves_no_half_written_out(tiny_model_dir, tmp_path, monkeypatc
 def test_keep_freed_memory_takes_effect_on_glibc():
     assert platform.libc_ver()[0] == "glibc", "Linux with glibc is what convert is tuned for"
     assert keep_freed_memory() is True
+
+
+def test_recipe_reruns_a_convert_byte_for_byte(tiny_out, tiny_model_dir, tmp_path):
+    first = json.loads((tiny_out / "report.json").read_text())
+    assert first["recipe"]["training"] is None and first["recipe"]["calib_data"] == "random"
+    out = tmp_path / "again"
+    result = run("convert", str(tiny_model_dir), "-o", str(out), "--recipe", str(tiny_out / "report.json"), "--no-eval")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["recipe"] == first["recipe"]
+    for target, name in (("trtllm", "model.safetensors"), ("llamacpp", "model.gguf")):
+        assert (out / target / name).read_bytes() == (tiny_out / target / name).read_bytes(), target
+
+
+def test_flags_given_override_the_recipe_and_training_settings_round_trip(tiny_out, tiny_model_dir, tmp_path):
+    out = tmp_path / "a16"
+    result = run("convert", str(tiny_model_dir), "-o", str(out), "--recipe", str(tiny_out / "report.json"),
+                 "--scheme", "nvfp4-a16", "--targets", "trtllm", "--qad-steps", "2", "--qad-seq-len", "16",
+                 "--qad-data", "random", "--no-eval")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / "report.json").read_text())["recipe"]
+    first = json.loads((tiny_out / "report.json").read_text())["recipe"]
+    assert recipe["quant"]["scheme"] == "nvfp4-a16" and recipe["targets"] == ["trtllm"]
+    assert recipe["calib_tokens"] == first["calib_tokens"] and recipe["quant"]["rounding"] == first["quant"]["rounding"]
+    assert recipe["training"]["steps"] == 2 and recipe["training"]["seq_len"] == 16
+    again = tmp_path / "again"
+    result = run("convert", str(tiny_model_dir), "-o", str(again), "--recipe", str(out / "report.json"), "--no-eval")
+    assert result.exit_code == 0, result.output
+    assert json.loads((again / "report.json").read_text())["recipe"] == recipe
+    assert json.loads((again / "report.json").read_text())["qad"]["steps"] == 2
+
+
+def test_recipe_json_round_trip_and_bad_recipes(tmp_path):
+    from nvfp4.converter.config import QuantConfig
+    from nvfp4.converter.recipe import ConvertRecipe
+    from nvfp4.errors import UserError
+
+    recipe = ConvertRecipe(QuantConfig(scheme="nvfp4-a16", exclude=("*.mlp.*",)), ("vllm",), "prompts", 64, 3,
+                           "float16", {"steps": 5})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    assert ConvertRecipe.load(path) == recipe
+    path.write_text(json.dumps({**recipe.to_dict(), "targets": ["onnx"]}))
+    with pytest.raises(UserError, match="`targets`") as caught:
+        ConvertRecipe.load(path)
+    assert caught.value.field == "targets"
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds no recipe"):
+        ConvertRecipe.load(path)
+
+
+def test_a_bad_recipe_is_one_line(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"quant": {"scheme": "int3"}}))
+    assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--recipe", str(recipe)),
+                          "unknown --scheme 'int3'")

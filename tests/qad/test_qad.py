@@ -232,11 +232,12 @@ def test_bad_data_files(models, tmp_path, content, fragment):
 
 
 def test_bad_config_values():
-    with pytest.raises(ValueError, match="--qad-steps must be >= 0"):
+    with pytest.raises(UserError, match="`qad.steps` must be >= 0") as caught:
         QADConfig(steps=-1)
-    with pytest.raises(ValueError, match="--loss"):
+    assert caught.value.field == "qad.steps"
+    with pytest.raises(UserError, match="`qad.loss`"):
         QADConfig(loss="mse")
-    with pytest.raises(ValueError, match="--qad-scale-lr must be >= 0"):
+    with pytest.raises(UserError, match="`qad.scale_lr` must be >= 0"):
         QADConfig(scale_lr=-1e-3)
 
 
