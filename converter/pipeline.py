@@ -312,7 +312,8 @@ def _in_memory(run: _Run, tmp: Path) -> Report | None:
     accuracy = None
     if cfg.evaluate:
         with timer.stage("evaluate"):
-            accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, _trained_name(trained))
+            row = "NVFP4" if run.training is None else run.training.requirements.row
+            accuracy = _evaluate_trained(teacher, student, tokenizer, heldout, row)
     return run.report(teacher, student_entries(student), exports, accuracy, trained)
 
 
@@ -400,11 +401,6 @@ def format_prose_table(metrics: dict[str, float]) -> str:
     header = f"{'model':<14}{'prose KL':>10}{'prose top1':>12}{'prose PPL':>14}"
     row = f"{'NVFP4':<14}{metrics['prose_kl']:>10.4f}{metrics['prose_top1']:>12.3f}{metrics['prose_ppl']:>14.2f}"
     return "\n".join([header, "-" * len(header), row])
-
-
-def _trained_name(training: dict | None) -> str:
-    """The trained student's row: QAT when it learned from labels (loss ce), else QAD."""
-    return "QAT" if training and training.get("config", {}).get("loss") == "ce" else "QAD"
 
 
 def _modelopt_rule_ptq(teacher, student, quant: QuantConfig, batches) -> torch.nn.Module | None:

@@ -215,21 +215,22 @@ class Plan:
                         "is available" + (" (--rounding nearest drops GPTQ's Hessians)" if self.needs.quant.rounding == "gptq" else ""))
 
     def _choose_qad(self, layerwise: bool) -> str:
+        training = self.needs.training
         if layerwise:
-            raise UserError("this QAD trains the whole model at once: --layerwise runs PTQ or --qad-mode layer "
-                            "(add --qad-steps 0, or --qad-mode layer)")
+            raise UserError(f"this {training.row} trains the whole model at once: --layerwise runs PTQ or "
+                            f"{training.streamed} (add {training.without}, or {training.streamed})")
         need = qad_per_device(self.shape, self.needs)
         if self.fits(need) and self.fits(ptq_whole(self.shape, self.needs)):
             return "whole"
         ranks = next((n for n in range(self.needs.world_size, 4097)
                       if self.fits(qad_per_device(self.shape, _with(self.needs, world_size=n)))), None)
-        hints = ["--qad-steps 0 (PTQ, layer by layer)"]
+        hints = [f"{training.without} (PTQ, layer by layer)"]
         if ranks and self.needs.device == "cuda":
             hints.append(f"torchrun --nproc-per-node {ranks} (FSDP2 over {ranks} GPUs)")
-        if self.needs.training.batch > 1:
-            hints.append("a smaller --qad-batch")
-        raise UserError(f"QAD needs ~{need / GIB:.1f} GiB per device and {self.memory / GIB:.1f} GiB is available; "
-                        f"what fits: {', or '.join(hints)}")
+        if training.batch > 1:
+            hints.append(f"a smaller {training.batch_flag}")
+        raise UserError(f"{training.row} needs ~{need / GIB:.1f} GiB per device and {self.memory / GIB:.1f} GiB is "
+                        f"available; what fits: {', or '.join(hints)}")
 
 
 def _with(needs: Needs, **changes) -> Needs:

@@ -250,6 +250,12 @@ class Requirements:
     seq_len: int = 128
     resume: bool = False  # continues from the checkpoints in the run's workdir
     state_bytes_per_weight: int = 0  # what training holds per quantized weight beyond it (gradient, optimizer)
+    row: str = "trained"  # the report's row of the trained student, and the stage's name in messages
+    # The stage's own words for the user's way out when its plan does not fit: running without it, a variant
+    # that streams layer by layer, the batch setting
+    without: str = "no training"
+    streamed: str = "layer-by-layer training"
+    batch_flag: str = "batch"
 
 
 @dataclass

@@ -40,7 +40,9 @@ class QADStage(TrainingStage):
     def requirements(self) -> Requirements:
         return Requirements(whole_model=self.whole_model, per_layer=self.per_layer, batch=self.cfg.batch,
                             seq_len=self.cfg.seq_len, resume=self.resume,
-                            state_bytes_per_weight=OPTIMIZER_BYTES_PER_WEIGHT if self.whole_model else 0)
+                            state_bytes_per_weight=OPTIMIZER_BYTES_PER_WEIGHT if self.whole_model else 0,
+                            row="QAT" if self.cfg.loss == "ce" else "QAD", without="--qad-steps 0",
+                            streamed="--qad-mode layer", batch_flag="--qad-batch")
 
     whole_model = True
     per_layer = False

@@ -14,6 +14,8 @@ from nvfp4.converter import plan as plans
 from nvfp4.converter.quantize import eligible_linears
 from nvfp4.converter.shards import INDEX, Checkpoint, ShardWriter, Spec
 from nvfp4.converter.stages import Requirements
+from nvfp4.qad.config import QADConfig
+from nvfp4.qad.stages import GlobalQAD
 
 
 def convert(source, out, *args):
@@ -127,7 +129,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(family_dirs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-WHOLE_MODEL_QAD = Requirements(whole_model=True, per_layer=False, state_bytes_per_weight=12)  # AdamW's
+WHOLE_MODEL_QAD = GlobalQAD(QADConfig(steps=1)).requirements
 
 
 def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path, monkeypatch):
