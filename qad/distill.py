@@ -484,9 +484,9 @@ class _Loop:
         device = self.params[0].device
         tokens_per_step = self.cfg.batch * (self.cfg.seq_len - 1)
         budgeted = self.schedule.window is not None
-        log = open(self.log_dir / "log.jsonl", "w") if rank == 0 else None
-        if log:  # steps a crash logged past the checkpoint are dropped: they run again
-            log.writelines(json.dumps(record) + "\n" for record in losses)
+        log_file = open(self.log_dir / "log.jsonl", "w") if rank == 0 else None
+        if log_file:  # steps a crash logged past the checkpoint are dropped: they run again
+            log_file.writelines(json.dumps(record) + "\n" for record in losses)
         bar = tqdm(total=self.plan.total, initial=first_step, desc=f"QAD ({self.cfg.loss})", unit="step",
                    disable=rank != 0)
         last_save, step = time.monotonic(), first_step
@@ -511,9 +511,9 @@ class _Loop:
                           "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                           "tokens_per_s": round(tokens_per_step / seconds, 1)}
                 losses.append(record)
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
                 step += 1
                 if budgeted:  # the bar's length follows the steps the rest of the window holds at the current pace
                     bar.total = step + max(0, int((1 - progress) * self.schedule.window / _recent_step_seconds(losses)))
@@ -526,5 +526,5 @@ class _Loop:
                     last_save = time.monotonic()
         finally:
             bar.close()
-            if log:
-                log.close()
+            if log_file:
+                log_file.close()
