@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from nvfp4.serve.structured import Constraint
+
 GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy (1/T overflows the logits long before 0)
 PENALTY_RANGE = (1e-2, 1e2)  # repetition penalties are clamped into it: the penalised logits stay finite
 
@@ -57,6 +59,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = off, k = chosen token + k alternatives
     prompt_logprobs: int | None = None  # echo scoring: logprob of every prompt token
+    constraint: Constraint | None = None  # the output's grammar (structured outputs, forced tool calls)
 
     def __post_init__(self):
         if self.temperature < GREEDY_BELOW:

@@ -5,6 +5,7 @@ so nothing here changes state that another request's tokenization reads."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import threading
 import weakref
@@ -72,7 +73,8 @@ def _backend_copy(backend, split_special_tokens: bool):
     return copy
 
 
-def chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(engine: Engine, body: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
+    """`tools` (as the template takes them) are rendered into the prompt where the template shows them."""
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"model `{body.model}` has no chat template; use /v1/completions", "messages")
@@ -81,11 +83,12 @@ def chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
     # off: `<|im_end|>` typed by a user is text, never a control token
     marker = f"\x00{secrets.token_hex(8)}\x00"
     contents = [m.text() for m in body.messages]
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": f"{marker}{i}{marker}"}
-                for i, m in enumerate(body.messages)]
-    pieces = _render(tokenizer, messages).split(marker)  # template, content 0, template, content 1, ...
+    messages = [{**_tool_fields(m), "role": "system" if m.role == "developer" else m.role,
+                 "content": f"{marker}{i}{marker}"} for i, m in enumerate(body.messages)]
+    _refuse_control_tokens(tokenizer, tools, messages)
+    pieces = _render(tokenizer, messages, tools).split(marker)  # template, content 0, template, content 1, ...
     if pieces[1::2] != [str(i) for i in range(len(contents))]:  # a template that edits or drops contents
-        return encoder.encode(_render(tokenizer, [{**m, "content": c} for m, c in zip(messages, contents)]))
+        return encoder.encode(_render(tokenizer, [{**m, "content": c} for m, c in zip(messages, contents)], tools))
     ids = []
     for i, piece in enumerate(pieces):
         ids += encoder.encode(piece) if i % 2 == 0 else encoder.encode(contents[int(piece)], literal=True)
@@ -94,9 +97,45 @@ def chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
     return ids
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
+def _tool_fields(message) -> dict:
+    """An assistant's earlier tool calls (arguments as objects, which templates print with `tojson`) and a tool
+    answer's call id, as chat templates read them."""
+    fields = {}
+    if message.tool_calls:
+        fields["tool_calls"] = [{"id": call.id, "type": "function",
+                                 "function": {"name": call.function.name, "arguments": _as_object(call.function.arguments)}}
+                                for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        fields["tool_call_id"] = message.tool_call_id
+    return fields
+
+
+def _as_object(arguments: str | dict):
+    if isinstance(arguments, dict):
+        return arguments
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def _refuse_control_tokens(tokenizer, tools: list[dict] | None, messages: list[dict]) -> None:
+    """Tool definitions and earlier calls render as template text, which is tokenized with special-token parsing
+    on: spelling a control token there would forge a turn."""
+    calls = [m["tool_calls"] for m in messages if "tool_calls" in m]
+    if not tools and not calls:
+        return
+    text = json.dumps([tools, calls], ensure_ascii=False)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    forged = next((t.content for t in added if getattr(t, "special", False) and t.content in text), None)
+    if forged is not None:
+        raise APIError(400, f"`tools` and `tool_calls` may not contain the control token {forged!r}", "tools")
+
+
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    try:
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as error:  # jinja raises its own errors (e.g. role order the template rejects)
         raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from error
 

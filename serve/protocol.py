@@ -7,17 +7,18 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from nvfp4.serve.interface import SamplingParams
+from nvfp4.serve.structured import Constraint
 
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_MESSAGES = 4096  # per chat, whatever the context: more is refused before any message is validated
+MAX_TOOLS = 128
 MAX_PROMPTS = 64  # list prompts of one completion request (the server's --max-choices bounds prompts x n)
 # OpenAI fields we cannot honour: a 400 naming the field (as vLLM answers) rather than a silent ignore
-UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call", "logit_bias",
-               "parallel_tool_calls", "suffix", "best_of", "audio", "modalities", "prediction")
+UNSUPPORTED = ("functions", "function_call", "logit_bias", "suffix", "best_of", "audio", "modalities", "prediction")
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
@@ -38,6 +39,49 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`response_format` of type json_schema needs a `json_schema` object")
+        return self
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's `structured_outputs` (its older `guided_*` fields map onto it): exactly one constraint."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def constraint(self) -> Constraint | None:
+        given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) > 1:
+            raise APIError(400, "`structured_outputs` takes one of json, regex, choice, grammar", "structured_outputs")
+        if not given:
+            return None
+        if given[0] == "json_":
+            return Constraint.json_schema(self.json_)
+        if given[0] == "json_object":
+            return Constraint.json_schema(None)
+        if given[0] == "choice":
+            return Constraint.choice(self.choice)
+        return Constraint(given[0], getattr(self, given[0]))
+
+
 class _Sampling(OpenAIModel):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -53,6 +97,12 @@ class _Sampling(OpenAIModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -69,7 +119,25 @@ class _Sampling(OpenAIModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, index: int) -> SamplingParams:
+    def output_constraint(self) -> Constraint | None:
+        """The one output constraint of response_format, structured_outputs or guided_* (a 400 for several)."""
+        found = []
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            found.append(("response_format", Constraint.json_schema(fmt.json_schema.schema_ if fmt.json_schema else None)))
+        if self.structured_outputs is not None and (constraint := self.structured_outputs.constraint()):
+            found.append(("structured_outputs", constraint))
+        guided = StructuredOutputs.model_validate({"json": self.guided_json, "regex": self.guided_regex,
+                                                   "choice": self.guided_choice, "grammar": self.guided_grammar})
+        if (constraint := _guided(guided)) is not None:
+            found.append(("guided_*", constraint))
+        if len(found) > 1:
+            names = " and ".join(f"`{name}`" for name, _ in found)
+            raise APIError(400, f"{names} each constrain the output: send one", found[1][0])
+        return found[0][1] if found else None
+
+    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, index: int,
+                 constraint: Constraint | None = None) -> SamplingParams:
         """Choice `index` of n gets seed + index, so n > 1 with a seed is reproducible and varied."""
         return SamplingParams(
             max_tokens=max_tokens,
@@ -85,7 +153,15 @@ class _Sampling(OpenAIModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
+
+
+def _guided(guided: StructuredOutputs) -> Constraint | None:
+    try:
+        return guided.constraint()
+    except APIError as error:
+        raise APIError(400, "the `guided_*` fields take one of json, regex, choice, grammar", "guided_json") from error
 
 
 class TextPart(OpenAIModel):
@@ -93,9 +169,43 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -114,6 +224,16 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools_are_functions(cls, value):
+        if isinstance(value, list) and not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in value):
+            raise ValueError("`tools`: each tool is {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        return value
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -136,6 +256,13 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=0, le=1_000_000)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, data):
+        if isinstance(data, dict) and any(data.get(name) not in (None, []) for name in ("tools", "tool_choice")):
+            raise ValueError("`tools` and `tool_choice` are for /v1/chat/completions")
+        return data
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -200,9 +327,28 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_calls(self, handler):
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):

@@ -32,8 +32,11 @@ from nvfp4.serve.protocol import (
     make_id,
     now,
 )
+from nvfp4.serve.structured import Constraint, ConstraintError, can_compile_for, check, compile_constraint
+from nvfp4.serve.tools import ToolPlan, tool_plan
 
 log = logging.getLogger(__name__)
+_CONSTRAINT_PARAM = {"regex": "structured_outputs", "choice": "structured_outputs", "grammar": "structured_outputs"}
 
 
 class ServingChat:
@@ -50,8 +53,9 @@ class ServingChat:
         arrival = time.perf_counter()
 
         async def job() -> Job:
-            prompt = await on_prompt_workers(chat_prompt, engine, body)
-            return Job(self.metrics, engine, alias, body, [prompt], chat=True, admission=admission, arrival=arrival)
+            prompt, plan, constraint = await on_prompt_workers(_chat_inputs, engine, body)
+            return Job(self.metrics, engine, alias, body, [prompt], chat=True, admission=admission, arrival=arrival,
+                       constraint=constraint, tool_plan=plan)
 
         return await _serve(await _admitted(admission, body.n, job), request)
 
@@ -70,8 +74,9 @@ class ServingCompletion:
         arrival = time.perf_counter()
 
         async def job() -> Job:
-            prompts = await on_prompt_workers(completion_prompts, engine, body)
-            return Job(self.metrics, engine, alias, body, prompts, chat=False, admission=admission, arrival=arrival)
+            prompts, constraint = await on_prompt_workers(_completion_inputs, engine, body)
+            return Job(self.metrics, engine, alias, body, prompts, chat=False, admission=admission, arrival=arrival,
+                       constraint=constraint)
 
         return await _serve(await _admitted(admission, body.prompt_count() * body.n, job), request)
 
@@ -87,6 +92,39 @@ async def _admitted(admission: Admission, choices: int, make_job) -> Job:
         raise
 
 
+def _chat_inputs(engine: Engine, body: ChatCompletionRequest) -> tuple[list[int], ToolPlan | None, Constraint | None]:
+    """On a prompt worker: the tool plan, the output's constraint (checked, compiled ahead for the engine) and the
+    prompt (with the tools where the template shows them)."""
+    plan = tool_plan(body, getattr(engine.tokenizer, "chat_template", None))
+    constraint = body.output_constraint()
+    if plan is not None and plan.constraint is not None:
+        if constraint is not None:
+            raise APIError(400, f"tool_choice {plan.mode} constrains the output already: send no `response_format` "
+                           "or structured output beside it", "tool_choice")
+        constraint = plan.constraint
+    _prepare(engine, constraint)
+    return chat_prompt(engine, body, plan.tools if plan else None), plan, constraint
+
+
+def _completion_inputs(engine: Engine, body: CompletionRequest) -> tuple[list[list[int]], Constraint | None]:
+    constraint = body.output_constraint()
+    _prepare(engine, constraint)
+    return completion_prompts(engine, body), constraint
+
+
+def _prepare(engine: Engine, constraint: Constraint | None) -> None:
+    """A spec that makes no grammar is a 400 on every engine; for the native engine (the one that constrains
+    decoding itself) the grammar is compiled here, off its thread (cached per spec)."""
+    if constraint is None:
+        return
+    try:
+        check(constraint)
+    except ConstraintError as error:
+        raise APIError(400, str(error), _CONSTRAINT_PARAM.get(constraint.kind, "response_format")) from error
+    if not getattr(engine, "fails_after_submit", False) and can_compile_for(engine.tokenizer):
+        compile_constraint(engine.tokenizer, engine.token_id_limit(), constraint)
+
+
 def _check_limits(limits: Limits, body, prompts: int) -> None:
     """Before any tokenization: the request's choices and stop strings within the server's limits."""
     if prompts * body.n > limits.max_choices:
@@ -100,8 +138,11 @@ class Job:
     """One HTTP request: n choices per prompt, each a generation on the engine."""
 
     def __init__(self, metrics, engine: Engine, alias: str, body, prompts: list[list[int]], chat: bool,
-                 admission: Admission, arrival: float):
+                 admission: Admission, arrival: float, constraint: Constraint | None = None,
+                 tool_plan: ToolPlan | None = None):
         """`admission` holds this job's choices already; close() gives them back."""
+        self.constraint, self.tool_plan = constraint, tool_plan
+        self.held_text: dict[int, str] = {}  # choice -> its streamed text so far, while tool calls are parsed
         self.metrics, self.engine, self.alias, self.body, self.prompts, self.chat = metrics, engine, alias, body, prompts, chat
         self.id = make_id("chatcmpl" if chat else "cmpl")
         self.created, self.arrival = now(), arrival
@@ -120,7 +161,7 @@ class Job:
                 400, f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
                 f"{len(prompt)} tokens and {limit or 1} completion tokens were requested", "messages" if self.chat else "prompt", "context_length_exceeded")
         scoring = self.logprobs if self.echo and self.logprobs is not None else None
-        return self.body.sampling(room if limit is None else limit, self.logprobs, scoring, index)
+        return self.body.sampling(room if limit is None else limit, self.logprobs, scoring, index, self.constraint)
 
     def prompt_of(self, choice: int) -> list[int]:
         return self.prompts[choice // self.body.n]
@@ -273,9 +314,10 @@ async def _complete(job: Job, streams) -> JSONResponse:
     for index, events in enumerate(results):
         text, last = "".join(e.text for e in events), events[-1]
         if job.chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+            message, finish = _chat_message(job, text, last.finish_reason)
+            choices.append({"index": index, "message": message,
                             "logprobs": _chat_logprobs(job, events) if job.logprobs is not None else None,
-                            "finish_reason": last.finish_reason})
+                            "finish_reason": finish})
         else:
             prompt_text = job.engine.tokenizer.decode(job.prompt_of(index)) if job.echo else ""
             logprobs = None
@@ -286,6 +328,34 @@ async def _complete(job: Job, streams) -> JSONResponse:
             "model": job.body.model, "choices": choices, "usage": job.usage([r[-1].num_generated for r in results])}
     model = ChatCompletionResponse if job.chat else CompletionResponse
     return JSONResponse(model.model_validate(body).model_dump())
+
+
+def _chat_message(job: Job, text: str, finish: str | None) -> tuple[dict, str | None]:
+    """The assistant message of a finished choice: its tool calls (finish_reason "tool_calls") where the request
+    has tools and the answer holds well-formed calls; else its text. A choice cut by max_tokens stays text."""
+    plan = job.tool_plan
+    if plan is None or not plan.parses_calls or finish != "stop":
+        return {"role": "assistant", "content": text}, finish
+    content, calls = plan.parse(text)
+    if not calls:
+        return {"role": "assistant", "content": text}, finish
+    return {"role": "assistant", "content": content, "tool_calls": [call.as_openai() for call in calls]}, "tool_calls"
+
+
+def _streamed_delta(job: Job, index: int, event: TokenEvent) -> tuple[dict, str | None]:
+    """A chat chunk's delta and finish_reason. With tools, the text is held back and parsed when the choice ends:
+    its calls arrive whole in the last chunk (one delta each, as the OpenAI client accumulates them)."""
+    plan = job.tool_plan
+    if plan is None or not plan.parses_calls:
+        return {"content": event.text}, event.finish_reason
+    job.held_text[index] = job.held_text.get(index, "") + event.text
+    if event.finish_reason is None:
+        return {"content": ""}, None
+    message, finish = _chat_message(job, job.held_text.pop(index), event.finish_reason)
+    if "tool_calls" not in message:
+        return {"content": message["content"]}, finish
+    calls = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+    return {"content": message["content"], "tool_calls": calls}, finish
 
 
 async def _sse(job: Job, streams) -> AsyncIterator[str]:
@@ -334,13 +404,16 @@ def _chunk_object(job: Job) -> str:
 
 def _chunk(job: Job, index: int, event: TokenEvent, first: bool) -> dict | None:
     has_logprob = job.logprobs is not None and event.token_id is not None and event.logprob is not None
-    if not event.text and not event.finish_reason and not first and not has_logprob:
-        return None
     if job.chat:
-        delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+        delta, finish = _streamed_delta(job, index, event)
+        if not delta.get("content") and not finish and not first and not has_logprob:
+            return None
+        delta = {"role": "assistant", **delta} if first else delta
         choice = {"index": index, "delta": delta, "logprobs": _chat_logprobs(job, [event]) if has_logprob else None,
-                  "finish_reason": event.finish_reason}
+                  "finish_reason": finish}
     else:
+        if not event.text and not event.finish_reason and not first and not has_logprob:
+            return None
         text = event.text
         prompt = job.prompt_of(index) if job.echo and first else None
         if prompt is not None:

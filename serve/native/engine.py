@@ -36,6 +36,7 @@ from nvfp4.serve.native.detokenize import TextStream
 from nvfp4.serve.native.kv_cache import KVCache
 from nvfp4.serve.native.model import BatchedCausalLM, Chunk
 from nvfp4.serve.native.sampling import apply_penalties, make_generator, needs_penalties, sample, token_logprobs
+from nvfp4.serve.structured import Guide
 
 log = logging.getLogger(__name__)
 _FAILED = object()  # what _guarded returns for a request that failed
@@ -57,6 +58,7 @@ class _Sequence:
     aborted: bool = False
     finished: bool = False
     queue_seconds: float | None = None
+    guide: Guide | None = None  # the output's grammar (structured outputs, forced tool calls)
 
     @property
     def params(self) -> SamplingParams:
@@ -334,6 +336,11 @@ class NativeEngine(Engine):
                     raw[row] = logits[row].clone()
                 if self._guarded(seq, self._penalise, logits, row, seq, banned) is _FAILED:
                     continue
+            if params.constraint is not None:
+                if params.logprobs is not None and row not in raw:
+                    raw[row] = logits[row].clone()
+                if self._guarded(seq, self._constrain, logits, row, seq) is not True:  # failed, or finished
+                    continue
             ready.append((seq, row))
         if not ready:
             return
@@ -346,6 +353,18 @@ class NativeEngine(Engine):
         for (seq, row), token in zip(ready, tokens):
             if token is not _FAILED:
                 self._guarded(seq, self._advance, seq, token, raw.get(row, logits[row]))
+
+    def _constrain(self, logits: torch.Tensor, row: int, seq: _Sequence) -> bool:
+        """Mask the row to the tokens the sequence's grammar allows; False (the sequence finished) once its grammar
+        has ended on a token that is no stop token here (ignore_eos)."""
+        if seq.guide is None:
+            stops = tuple(self._stop_ids(seq.params) or self.eos_ids)
+            seq.guide = Guide(self.tokenizer, logits.shape[-1], stops, seq.params.constraint)
+        if seq.guide.done:
+            self._finish(seq, self._event(seq, None, seq.stream.flush(), None, "stop"))
+            return False
+        seq.guide.mask(logits[row])
+        return True
 
     def _penalise(self, logits: torch.Tensor, row: int, seq: _Sequence, banned: list[int]) -> None:
         logits[row] = apply_penalties(logits[row], seq.params, seq.prompt + seq.generated, banned, seq.generated)
@@ -363,6 +382,8 @@ class NativeEngine(Engine):
 
     def _advance(self, seq: _Sequence, token: int, raw: torch.Tensor) -> None:
         params = seq.params
+        if seq.guide is not None and not seq.guide.accept(token):
+            raise RuntimeError(f"the grammar refused the sampled token {token}")
         seq.generated.append(token)
         chosen = token_logprobs(raw, token, params.logprobs) if params.logprobs is not None else None
         if token in self._stop_ids(params):

@@ -56,7 +56,7 @@ def test_a_completion_and_its_stream():
     (completion(n=16, prompt=["a"] * 8), 400, "n"),  # 128 choices > 64
     (completion(prompt=["a"] * 65), 400, "prompt"),
     (completion(stop="x" * 257), 400, "stop"),
-    (completion(response_format={"type": "json_object"}), 400, None),
+    (completion(response_format={"type": "json_schema"}), 400, None),  # no json_schema object
     (completion(logit_bias={"1": 5}), 400, None),
     (completion(suffix="tail"), 400, None),
     ({"model": "student", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, None),
