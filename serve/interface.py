@@ -95,6 +95,8 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV cache positions in use
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (a counter, as vLLM's)
+    prefix_cache_hits: int = 0  # of them, tokens found cached (their prefill skipped)
 
 
 class Engine(ABC):

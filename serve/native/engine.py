@@ -33,7 +33,7 @@ from nvfp4.serve.interface import (
     _Channel,
 )
 from nvfp4.serve.native.detokenize import TextStream
-from nvfp4.serve.native.kv_cache import KVCache
+from nvfp4.serve.native.kv_cache import BLOCK_SIZE, KVCache, PrefixCache, block_hashes
 from nvfp4.serve.native.model import BatchedCausalLM, Chunk
 from nvfp4.serve.native.sampling import apply_penalties, make_generator, needs_penalties, sample, token_logprobs
 from nvfp4.serve.structured import Guide
@@ -53,6 +53,7 @@ class _Sequence:
     generator: torch.Generator | None
     slot: int | None = None
     computed: int = 0  # positions already in the KV cache
+    block_keys: list[bytes] = field(default_factory=list)  # the prompt's full blocks, for the prefix cache
     generated: list[int] = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     aborted: bool = False
@@ -79,10 +80,16 @@ class NativeEngine(Engine):
         max_model_len: int | None = None,
         prefill_chunk: int = 512,
         compile: bool = False,
+        prefix_caching: bool = True,
+        prefix_cache_tokens: int | None = None,
     ):
+        """prefix_cache_tokens: the prefix pool's size (None: a quarter of the slots' positions, at least one
+        max_model_len)."""
         self.name = name
         self._load = load
         self.compile = compile
+        self.prefix_caching, self._prefix_cache_tokens = prefix_caching, prefix_cache_tokens
+        self.prefix_cache: PrefixCache | None = None
         self.max_num_seqs, self.max_queue, self.prefill_chunk = max_num_seqs, max_queue, prefill_chunk
         self._requested_len = max_model_len
         self.max_model_len = max_model_len or 0
@@ -135,6 +142,9 @@ class NativeEngine(Engine):
         dtype = embed(torch.zeros(1, dtype=torch.long, device=device)).dtype  # the hidden states' dtype
         self.cache = KVCache(num_layers, self.max_num_seqs, kv_heads, self.max_model_len, head_dim, dtype, device)
         self.runner = BatchedCausalLM(model, self.cache)
+        if self.prefix_caching:
+            tokens = self._prefix_cache_tokens or max(self.max_model_len, self.max_num_seqs * self.max_model_len // 4)
+            self.prefix_cache = PrefixCache(self.cache, tokens // BLOCK_SIZE)
         if self.compile:
             self.runner.compile()
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -202,7 +212,9 @@ class NativeEngine(Engine):
     def stats(self) -> EngineStats:
         if not hasattr(self, "cache"):
             return EngineStats(waiting=len(self._waiting))
-        return EngineStats(len(self._running), len(self._waiting), self.cache.usage())
+        pool = self.prefix_cache
+        return EngineStats(len(self._running), len(self._waiting), self.cache.usage(),
+                           prefix_cache_queries=pool.queries if pool else 0, prefix_cache_hits=pool.hits if pool else 0)
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         self._accepting = False
@@ -253,6 +265,15 @@ class NativeEngine(Engine):
             seq.slot = self.cache.allocate()
             seq.queue_seconds = time.perf_counter() - seq.arrival
             self._running.append(seq)
+            if self.prefix_cache is not None:
+                self._guarded(seq, self._reuse_prefix, seq)
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """The prompt's cached leading blocks into the sequence's slot: its prefill starts after them. A request for
+        prompt logprobs computes its whole prompt (a cached block has no logits), as vLLM does."""
+        seq.block_keys = block_hashes(seq.prompt)
+        if seq.params.prompt_logprobs is None:
+            seq.computed = self.prefix_cache.load(seq.slot, seq.block_keys, len(seq.prompt))
 
     def _release(self, seq: _Sequence) -> None:
         if seq in self._running:
@@ -264,6 +285,8 @@ class NativeEngine(Engine):
         choosing = []  # (sequence, its logits row) for every sequence past its prompt
         for seq, chunk, span in zip(members, chunks, spans):
             seq.computed += len(chunk.token_ids)
+            if not chunk.decode and self.prefix_cache and self._guarded(seq, self._keep_prefix, seq) is _FAILED:
+                continue
             if chunk.all_logits and self._guarded(seq, self._score_prompt, seq, chunk, logits[span]) is _FAILED:
                 continue
             if seq.computed >= len(seq.prompt):
@@ -273,6 +296,9 @@ class NativeEngine(Engine):
                     choosing.append((seq, span.stop - 1))
         if choosing:
             self._choose(choosing, logits)
+
+    def _keep_prefix(self, seq: _Sequence) -> None:
+        self.prefix_cache.store(seq.slot, seq.block_keys, seq.computed)
 
     def _chunks(self) -> list[tuple[_Sequence, Chunk]]:
         """This step's work: a decode chunk for every sequence past its prompt (first), then prompt chunks within
