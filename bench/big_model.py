@@ -124,11 +124,12 @@ def check_outputs(model: Path, out: Path, layers: tuple[int, ...], trained: bool
     bytes in all three targets."""
     import gguf
 
+    from nvfp4.converter.layout import student_folder
     from nvfp4.converter.shards import Checkpoint
     from nvfp4.converter.writers.gguf import FILE_NAME, to_gguf_nvfp4
     from nvfp4.kernels import quantize
 
-    source, trtllm, vllm = Checkpoint(model), Checkpoint(out / "trtllm"), Checkpoint(out / "vllm")
+    source, trtllm, vllm = Checkpoint(model), Checkpoint(student_folder(out)), Checkpoint(out / "vllm")
     reader = gguf.GGUFReader(out / "llamacpp" / FILE_NAME)
     gguf_tensors = {t.name: t for t in reader.tensors}
     checked = []

@@ -2,8 +2,8 @@
 export_hf_checkpoint, in the same run, on the same calibration batches.
 
 Each side runs in a process of its own. Prints one row per stage (seconds, ours / ModelOpt's,
-speed-up) and the end-to-end totals: ours with every target (trtllm, vllm, llamacpp, written at
-once as `convert` does) and ours with trtllm only (ModelOpt's one format).
+speed-up) and the end-to-end totals: ours with every target (modelopt, vllm, llamacpp, written at
+once as `convert` does) and ours with modelopt only (ModelOpt's one format).
 
     .venv/bin/python bench/convert.py                       # default model, W4A4 (nvfp4)
     .venv/bin/python bench/convert.py --scheme nvfp4-a16 --calib-tokens 1024 --repeats 2
@@ -71,7 +71,7 @@ def run_ours(source: Path, scheme: str, batches, out: Path, dtype: torch.dtype) 
     with timer.stage("quantize+calibrate", total=len(batches)) as bar:
         student = quantize(teacher, QuantConfig(scheme=scheme))  # in place: PTQ needs no teacher copy
         calibrate(student, _advancing(batches, bar))
-    for name, targets in (("export trtllm", ("trtllm",)), (f"export all {len(TARGETS)}", TARGETS)):
+    for name, targets in (("export modelopt", ("modelopt",)), (f"export all {len(TARGETS)}", TARGETS)):
         writers_base._EXPORTS.pop(student, None)  # each export packs the weights itself, as a convert run does
         with timer.stage(name):
             (out / name).mkdir(parents=True)
@@ -98,7 +98,7 @@ def run_modelopt(source: Path, scheme: str, batches, out: Path, dtype: torch.dty
 
         with torch.no_grad():
             mtq.quantize(model, config, forward_loop=forward_loop)
-    with timer.stage("export trtllm"):
+    with timer.stage("export modelopt"):
         with torch.inference_mode():
             export_hf_checkpoint(model.to(dtype), export_dir=out / "trtllm")
         tokenizer.save_pretrained(out / "trtllm")  # ours copies tokenizer files too

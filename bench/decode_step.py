@@ -1,7 +1,7 @@
 """The native engine's decode step alone (no server, no sampling): tokens/s at several batch sizes, eager and
 compiled with torch.compile, side by side in one process.
 
-    .venv/bin/python bench/decode_step.py OUT                  # student from OUT/trtllm, teacher from report.json
+    .venv/bin/python bench/decode_step.py OUT                  # student from OUT/modelopt, teacher from report.json
     .venv/bin/python bench/decode_step.py OUT --batches 1,8,16 --steps 64 --models student
     python bench/decode_step.py --random smollm2-135m --device cuda     # GPU (bench/gpu.sh): random weights, real shapes
 

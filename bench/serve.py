@@ -1,7 +1,7 @@
 """Load generator for `nvfp4 serve`: concurrency sweep, student and teacher side by side.
 
     .venv/bin/python bench/serve.py                      # in-process server, default model (PTQ student)
-    .venv/bin/python bench/serve.py --out OUT            # student from OUT/trtllm, teacher from OUT/report.json
+    .venv/bin/python bench/serve.py --out OUT            # student from OUT/modelopt, teacher from OUT/report.json
     .venv/bin/python bench/serve.py --url http://HOST:PORT  # an already running server
     .venv/bin/python bench/serve.py --compare --out OUT  # llama.cpp in process vs `nvfp4 serve` (llamacpp, native)
 
@@ -82,7 +82,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
-    """Child process: student = OUT/trtllm (or the PTQ-packed default model), teacher; prints weight bytes."""
+    """Child process: student = OUT/modelopt (or the PTQ-packed default model), teacher; prints weight bytes."""
     from nvfp4.converter.models import load_causal_lm
     from nvfp4.serve.app import build_app
     from nvfp4.serve.cli import run_server
@@ -237,7 +237,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.compare:
         if not args.out:
-            parser.error("--compare needs --out OUT (its llamacpp/model.gguf and trtllm/ checkpoint)")
+            parser.error("--compare needs --out OUT (its llamacpp/model.gguf and modelopt/ checkpoint)")
         return compare(args)
     if args.serve_only:
         from nvfp4.serve.cli import set_threads

@@ -1,4 +1,4 @@
-"""Read an NVFP4 checkpoint (OUT/trtllm, ModelOpt's unified format) into a model that keeps the
+"""Read an NVFP4 checkpoint (OUT/modelopt, ModelOpt's unified format) into a model that keeps the
 4-bit codes packed (`nvfp4.kernels.linear.NVFP4PackedLinear`). Safetensors only; nothing is unpickled."""
 
 import json

@@ -11,8 +11,9 @@ import click
 from click.core import ParameterSource
 
 from nvfp4.converter.config import CHOICES, EXPERT_CALIBRATIONS, SCHEMES, QuantConfig
+from nvfp4.converter.layout import TARGETS, student_folder
 from nvfp4.converter.pipeline import ConvertConfig, convert
-from nvfp4.converter.recipe import DTYPES, TARGETS, ConvertRecipe
+from nvfp4.converter.recipe import DTYPES, ConvertRecipe
 from nvfp4.converter.stages import TRAINING_FLAGS
 from nvfp4.errors import UserError
 from nvfp4.output import show_messages
@@ -156,15 +157,15 @@ def verify(out: Path, prompt: str | None, tolerance: float | None, json_path: Pa
 
 
 def _nvfp4_folder(path: str) -> Path | None:
-    """OUT/trtllm for an output folder of this tool (OUT or OUT/trtllm given), else None."""
+    """The student checkpoint of an output folder of this tool (OUT or OUT/modelopt given), else None."""
     folder = Path(path)
-    if (folder / "trtllm" / "hf_quant_config.json").is_file():
-        folder = folder / "trtllm"
+    if (student_folder(folder) / "hf_quant_config.json").is_file():
+        folder = student_folder(folder)
     return folder if (folder / "hf_quant_config.json").is_file() else None
 
 
 def load_student(path: str):
-    """An NVFP4 output folder of this tool (OUT or OUT/trtllm) or any model `converter` loads."""
+    """An NVFP4 output folder of this tool (OUT or OUT/modelopt) or any model `converter` loads."""
     from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
     from nvfp4.converter.models import load_causal_lm
 

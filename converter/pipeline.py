@@ -83,7 +83,7 @@ class ConvertConfig:
     dry_run: bool = False  # print the memory plan and stop
 
     def __post_init__(self) -> None:
-        self.recipe()  # the recipe's own checks
+        object.__setattr__(self, "targets", self.recipe().targets)  # the recipe's checks and target names
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown `device` {self.device}; choose auto, cpu or cuda", field="device")
         if self.device == "cuda" and not torch.cuda.is_available():

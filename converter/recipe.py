@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.layout import TARGETS, canonical_target
 from nvfp4.errors import UserError
 
-TARGETS = ("trtllm", "vllm", "llamacpp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -26,7 +26,7 @@ class ConvertRecipe:
     training: dict | None = None  # the training stage's settings (its package reads them back); None: PTQ only
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", tuple(canonical_target(t) for t in self.targets))
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
             raise UserError(f"unknown target(s) {', '.join(unknown) or '(none)'} in `targets`; choose from "

@@ -1,5 +1,5 @@
 """`nvfp4 verify OUT`: reload every exported target through a reader independent of ours and compare
-its logits with the student's (the student = OUT/trtllm loaded by `nvfp4.converter.checkpoint`).
+its logits with the student's (the student = OUT/modelopt loaded by `nvfp4.converter.checkpoint`).
 
 Readers form a small registry, `READERS[target] = Reader(fn, ...)` with `fn(folder, ids [T]) -> logits
 [T, vocab]`, each registered once, here. Each reader imports its peer (ModelOpt, compressed-tensors,
@@ -7,7 +7,7 @@ llama-cpp-python: the `verify` extra) when it runs.
 
 The rule. Each position's difference is max |theirs - ours| over the vocabulary, relative to max |ours|; a
 target passes when the `positions` quantile of those is within its tolerance. Readers with the student's own
-numerics (trtllm, vllm) compare every position against a fixed tolerance. A reader that rounds activations its
+numerics (modelopt, vllm) compare every position against a fixed tolerance. A reader that rounds activations its
 own way (llama.cpp's CPU kernels round every 4-bit matmul's input to Q8_0 blocks) is judged against what that
 rounding alone does to the student: the tolerance is `ROUNDING_MARGIN` times the difference between the
 student's forward and the same forward with its inputs rounded as the reader rounds them (at least `rel_tol`),
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from nvfp4.converter.families import family_of, internal_name
+from nvfp4.converter.layout import STUDENT, TARGETS, student_folder, target_folder
 from nvfp4.converter.moe import unfuse_experts
 from nvfp4.converter.shards import Checkpoint
 from nvfp4.errors import UserError, require
@@ -83,8 +84,8 @@ def _modelopt_activation_hook(input_scale: Tensor):
     return hook
 
 
-@register_reader("trtllm", quantizes_activations=True, rel_tol=1e-3)
-def trtllm_logits(folder: Path, ids: Tensor) -> Tensor:
+@register_reader("modelopt", quantizes_activations=True, rel_tol=1e-3)
+def modelopt_logits(folder: Path, ids: Tensor) -> Tensor:
     """ModelOpt's own NVFP4QTensor dequantizes the weights (and fake-quantizes W4A4 inputs); transformers loads
     the result as a plain checkpoint."""
     NVFP4QTensor = _modelopt_qtensor()
@@ -238,19 +239,19 @@ def compare(reader: Reader, target: str, theirs: Tensor, student: nn.Module, ids
 def present_targets(out: Path, readers: dict[str, Reader]) -> list[str]:
     if not out.is_dir():
         raise UserError(f"{out} is not a folder")
-    if not (out / "trtllm" / "hf_quant_config.json").is_file():
-        raise UserError(f"{out} has no trtllm/hf_quant_config.json: the student is read from OUT/trtllm")
+    if not (student_folder(out) / "hf_quant_config.json").is_file():
+        raise UserError(f"{out} has no {STUDENT}/hf_quant_config.json: the student is read from OUT/{STUDENT}")
     from nvfp4.converter.writers import Writer, load_all_writers
 
     try:
         load_all_writers()
     except ImportError:  # an optional writer's dependency is missing; its folder is reported below
         pass
-    exported = set(Writer.targets) | {"trtllm", "vllm", "llamacpp"}
-    unreadable = sorted(t for t in exported - set(readers) if (out / t).is_dir())
+    exported = set(Writer.targets) | set(TARGETS)
+    unreadable = sorted(t for t in exported - set(readers) if target_folder(out, t).is_dir())
     if unreadable:
         raise UserError(f"{out}: no reader for {', '.join(unreadable)} (known: {', '.join(sorted(readers))})")
-    return [t for t in readers if (out / t).is_dir()]  # other folders (qad/, ...) are not exports
+    return [t for t in readers if target_folder(out, t).is_dir()]  # other folders (qad/, ...) are not exports
 
 
 def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None) -> list[Row]:
@@ -259,9 +260,10 @@ def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None
 
     out = Path(out)
     targets = present_targets(out, READERS)
-    student, tokenizer = load_nvfp4_checkpoint(out / "trtllm")
+    student, tokenizer = load_nvfp4_checkpoint(student_folder(out))
     ids = prompt_ids(tokenizer, prompt)
-    return [compare(READERS[t], t, READERS[t].logits(out / t, ids).float(), student, ids, rel_tol) for t in targets]
+    return [compare(READERS[t], t, READERS[t].logits(target_folder(out, t), ids).float(), student, ids, rel_tol)
+            for t in targets]
 
 
 def render(rows: list[Row]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from nvfp4.converter.layout import STUDENT, canonical_target, student_folder
 from nvfp4.errors import UserError, require
 from nvfp4.serve.config import (
     DEVICES,
@@ -108,7 +109,8 @@ def guarded_protocol(base: type, limits: ConnectionLimits) -> type:
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self.await_request()
-            if sum(map(_is_open, self.connections)) > limits.max_connections:
+            over = len(self.connections) > limits.max_connections  # (counting the closing ones only then)
+            if over and sum(map(_is_open, self.connections)) > limits.max_connections:
                 _close_longest_idle(self.connections, besides=self)
 
         def on_response_complete(self) -> None:
@@ -245,9 +247,9 @@ def native_engines(config: ServeConfig) -> dict:
 
     out, device = config.out, config.native.device
     check_device(device)
-    if not (out / "trtllm" / "config.json").is_file():
-        raise UserError(f"no student checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` first)")
-    check_native(out / "trtllm", "student")
+    if not (student_folder(out) / "config.json").is_file():
+        raise UserError(f"no student checkpoint at {student_folder(out)} (run `nvfp4 convert ... -o {out}` first)")
+    check_native(student_folder(out), "student")
     kwargs = dict(max_num_seqs=config.limits.max_num_seqs, max_queue=config.limits.max_queue,
                   max_model_len=config.max_model_len, compile=config.native.compile)
     shared = SharedTensors()  # the student's unquantized tensors are the teacher's: held once
@@ -287,7 +289,7 @@ def load_engines(config: ServeConfig) -> dict:
     if not config.out.is_dir():
         raise UserError(f"not a convert output folder: {config.out}")
     models = native_engines(config) if config.engine == "native" else adapter_engines(config)
-    target = "trtllm" if config.engine == "native" else config.engine
+    target = STUDENT if config.engine == "native" else canonical_target(config.engine)  # the folder it serves
     for alias, facts in report_facts(config.out, config.teacher, target).items():
         if alias in models:
             models[alias].facts = facts

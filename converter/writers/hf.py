@@ -110,8 +110,8 @@ class SafetensorsWriter(Writer, target=None):
         return self.out
 
 
-class TRTLLMWriter(SafetensorsWriter, target="trtllm"):
-    """ModelOpt unified HF checkpoint: weight u8 [out, in/2], weight_scale e4m3 [out, in/16],
+class ModelOptWriter(SafetensorsWriter, target="modelopt"):
+    """ModelOpt unified HF checkpoint (what TensorRT-LLM, vLLM and SGLang load): weight u8 [out, in/2], weight_scale e4m3 [out, in/16],
     weight_scale_2 fp32 scalar, input_scale fp32 scalar (W4A4)."""
 
     def quantized_tensors(self, name: str, weight: PackedWeight) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from nvfp4.converter.layout import STUDENT, student_folder
 from nvfp4.errors import UserError
 from nvfp4.serve.adapters.base import ProxyEngine
 from nvfp4.serve.interface import Engine
@@ -50,10 +51,10 @@ def tokenizer_of(folder: Path):
 
 
 def student_tokenizer_dir(out: Path) -> Path:
-    for target in ("trtllm", "vllm"):
-        if (out / target / "tokenizer_config.json").is_file():
-            return out / target
-    raise UserError(f"no tokenizer in {out}/trtllm or {out}/vllm (run `nvfp4 convert ... -o {out}`)")
+    for folder in (student_folder(out), out / "vllm"):
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+    raise UserError(f"no tokenizer in {out}/{STUDENT} or {out}/vllm (run `nvfp4 convert ... -o {out}`)")
 
 
 def adapter(engine: str) -> type[ProxyEngine]:

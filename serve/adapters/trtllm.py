@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from nvfp4.converter.layout import student_folder
 from nvfp4.errors import UserError
 from nvfp4.serve.adapters.vllm import VLLMEngine
 
@@ -26,9 +27,10 @@ def find_trtllm(trtllm_bin: str | None) -> str:
 
 
 def student_checkpoint(out: Path) -> Path:
-    if not (out / "trtllm" / "hf_quant_config.json").is_file():
-        raise UserError(f"no ModelOpt checkpoint at {out / 'trtllm'} (run `nvfp4 convert ... -o {out}` with the trtllm target)")
-    return out / "trtllm"
+    folder = student_folder(out)
+    if not (folder / "hf_quant_config.json").is_file():
+        raise UserError(f"no ModelOpt checkpoint at {folder} (run `nvfp4 convert ... -o {out}` with the modelopt target)")
+    return folder
 
 
 class TRTLLMEngine(VLLMEngine):

@@ -1,4 +1,4 @@
-"""`--engine vllm`: `vllm serve` on OUT/vllm (compressed-tensors) or OUT/trtllm (ModelOpt, modelopt_fp4)."""
+"""`--engine vllm`: `vllm serve` on OUT/vllm (compressed-tensors) or OUT/modelopt (ModelOpt, modelopt_fp4)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from nvfp4.converter.layout import student_folder
 from nvfp4.errors import UserError
 from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 from nvfp4.serve.interface import SamplingParams
@@ -37,12 +38,12 @@ def vllm_argv(executable: str, model: str) -> list[str]:
 
 
 def student_checkpoint(out: Path) -> tuple[Path, list[str]]:
-    """OUT/vllm (compressed-tensors, detected by vLLM) if written, else OUT/trtllm with modelopt_fp4."""
+    """OUT/vllm (compressed-tensors, detected by vLLM) if written, else OUT/modelopt with modelopt_fp4."""
     if (out / "vllm" / "config.json").is_file():
         return out / "vllm", []
-    if (out / "trtllm" / "config.json").is_file():
-        return out / "trtllm", ["--quantization", "modelopt_fp4"]
-    raise UserError(f"no vllm or trtllm checkpoint in {out} (run `nvfp4 convert ... -o {out}` with those targets)")
+    if (student_folder(out) / "config.json").is_file():
+        return student_folder(out), ["--quantization", "modelopt_fp4"]
+    raise UserError(f"no vllm or modelopt checkpoint in {out} (run `nvfp4 convert ... -o {out}` with those targets)")
 
 
 class VLLMEngine(ProxyEngine):

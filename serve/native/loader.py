@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nvfp4.converter.config import QuantConfig
+from nvfp4.converter.layout import student_folder
 from nvfp4.converter.quantize import export_weights, quantize, quantized_modules, set_module
 from nvfp4.converter.report import FILE_NAME as REPORT
 from nvfp4.converter.report import Report
@@ -46,8 +47,8 @@ def check_native(folder: Path, role: str) -> None:
 
 
 def load_student(out: Path, device: str = "cpu"):
-    """(model, tokenizer, name) from OUT/trtllm, the ModelOpt unified checkpoint, on `device` (cpu or cuda)."""
-    folder = Path(out) / "trtllm"
+    """(model, tokenizer, name) from OUT/modelopt, the ModelOpt unified checkpoint, on `device` (cpu or cuda)."""
+    folder = student_folder(out)
     if not (folder / "config.json").is_file():
         raise UserError(f"no student checkpoint at {folder} (run `nvfp4 convert ... -o {out}` first)")
     try:

@@ -72,7 +72,7 @@ def test_eval_command_on_a_converted_folder_writes_json(tiny_model_dir, tmp_path
     out = tmp_path / "out"
     runner = CliRunner()
     converted = runner.invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
-                                    "--scheme", "nvfp4-a16", "--targets", "trtllm", "--no-eval"])
+                                    "--scheme", "nvfp4-a16", "--targets", "modelopt", "--no-eval"])
     assert converted.exit_code == 0, converted.output
     result = runner.invoke(cli, ["eval", str(tiny_model_dir), str(out), str(tiny_model_dir), "--json",
                                  str(tmp_path / "r.json")])

@@ -62,7 +62,7 @@ def test_at_most_one_decoder_layer_is_held_at_a_time(family_dirs, tmp_path, monk
         return real_layer(self, index)
 
     monkeypatch.setattr(layerwise.ShardedModel, "layer", layer)
-    convert(family_dirs("qwen3"), tmp_path / "out", "--scheme", "nvfp4", "--layerwise", "--targets", "trtllm")
+    convert(family_dirs("qwen3"), tmp_path / "out", "--scheme", "nvfp4", "--layerwise", "--targets", "modelopt")
     assert held == [0, 0], "a decoder layer was still loaded when the next one was read"
 
 
@@ -124,7 +124,7 @@ def test_shard_writer_lays_out_shards_and_an_index_that_safetensors_and_transfor
 def test_dry_run_prints_the_plan_and_writes_nothing(family_dirs, tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(family_dirs("qwen3_moe")), "-o", str(tmp_path / "out"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    for row in ("PTQ, whole model", "PTQ, layer by layer", "QAD, per device", "disk: trtllm", "disk: QAD checkpoints"):
+    for row in ("PTQ, whole model", "PTQ, layer by layer", "QAD, per device", "disk: modelopt", "disk: QAD checkpoints"):
         assert row in result.output
     assert not list(tmp_path.iterdir())
 
@@ -136,10 +136,10 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
     model = plans.skeleton(family_dirs("llama"))
     from nvfp4.converter.config import QuantConfig
 
-    needs = plans.Needs(QuantConfig(), ("trtllm",), 2048, WHOLE_MODEL_QAD, device="cuda")
+    needs = plans.Needs(QuantConfig(), ("modelopt",), 2048, WHOLE_MODEL_QAD, device="cuda")
     shape = plans.ModelShape.of(model, eligible_linears(model, needs.quant))
     one = plans.qad_per_device(shape, needs)
-    two = plans.qad_per_device(shape, plans.Needs(QuantConfig(), ("trtllm",), 2048, WHOLE_MODEL_QAD, device="cuda", world_size=2))
+    two = plans.qad_per_device(shape, plans.Needs(QuantConfig(), ("modelopt",), 2048, WHOLE_MODEL_QAD, device="cuda", world_size=2))
     assert two < one  # states shard over the ranks
     plan = plans.Plan(shape, needs, memory=int((one + two) / 2 / plans.HEADROOM), disk=10**12)
     with pytest.raises(plans.UserError, match=r"--qad-steps 0 .*torchrun --nproc-per-node 2"):
@@ -147,7 +147,7 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
     assert plans.Plan(shape, needs, memory=10**12, disk=10**12).choose(layerwise=False) == "whole"
     with pytest.raises(plans.UserError, match="not enough disk space"):
         plans.Plan(shape, needs, memory=10**12, disk=1).choose(layerwise=False)
-    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048)
+    ptq = plans.Needs(QuantConfig(), ("modelopt",), 2048)
     tight = plans.Plan(shape, ptq, memory=int(plans.ptq_layerwise(shape, ptq) / plans.HEADROOM) + 1, disk=10**12)
     assert plans.ptq_whole(shape, ptq) > plans.ptq_layerwise(shape, ptq) and tight.choose(layerwise=False) == "layerwise"
 
@@ -156,8 +156,8 @@ def test_layer_local_qad_in_memory_is_planned_above_ptq_and_streams_where_that_d
     from nvfp4.converter.config import QuantConfig
 
     model = plans.skeleton(family_dirs("llama"))
-    ptq = plans.Needs(QuantConfig(), ("trtllm",), 2048)
-    layer_qad = plans.Needs(QuantConfig(), ("trtllm",), 2048, Requirements(whole_model=False, per_layer=True))
+    ptq = plans.Needs(QuantConfig(), ("modelopt",), 2048)
+    layer_qad = plans.Needs(QuantConfig(), ("modelopt",), 2048, Requirements(whole_model=False, per_layer=True))
     shape = plans.ModelShape.of(model, eligible_linears(model, ptq.quant))
     assert plans.ptq_whole(shape, layer_qad) > plans.ptq_whole(shape, ptq)
     memory = int(plans.ptq_whole(shape, ptq) / plans.HEADROOM) + 1  # PTQ fits whole, layer-local QAD does not

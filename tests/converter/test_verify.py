@@ -19,7 +19,7 @@ from nvfp4.converter.writers import Writer, load_all_writers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def export(model_dir, scheme, out, targets=("trtllm", "vllm")):
+def export(model_dir, scheme, out, targets=("modelopt", "vllm")):
     teacher, tokenizer, _ = load_causal_lm(model_dir)
     student = quantize(copy.deepcopy(teacher), QuantConfig(scheme=scheme))
     calibrate(student, [prompt_ids(tokenizer, "Calibrate on this question, please.")[None]], QuantConfig(scheme=scheme))
@@ -37,17 +37,17 @@ def w4a4_out(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_trtllm_and_vllm_readers_agree_with_the_student(w4a4_out):
+def test_modelopt_and_vllm_readers_agree_with_the_student(w4a4_out):
     rows = {r.target: r for r in verify(w4a4_out)}
-    assert sorted(rows) == ["trtllm", "vllm"]
-    assert rows["trtllm"].rel_diff < 1e-4, rows["trtllm"]  # same bf16 tensors, same NVFP4 numerics
+    assert sorted(rows) == ["modelopt", "vllm"]
+    assert rows["modelopt"].rel_diff < 1e-4, rows["modelopt"]  # same bf16 tensors, same NVFP4 numerics
     assert all(r.ok and r.top1_agreement > 0.9 for r in rows.values()), rows
 
 
-def test_trtllm_reader_matches_the_in_memory_student_w4a16(tiny_model_dir, tmp_path):
-    student, tokenizer = export(tiny_model_dir, "nvfp4-a16", tmp_path, targets=("trtllm",))
+def test_modelopt_reader_matches_the_in_memory_student_w4a16(tiny_model_dir, tmp_path):
+    student, tokenizer = export(tiny_model_dir, "nvfp4-a16", tmp_path, targets=("modelopt",))
     ids = prompt_ids(tokenizer, "Hello there")
-    theirs = READERS["trtllm"].logits(tmp_path / "trtllm", ids)
+    theirs = READERS["modelopt"].logits(tmp_path / "modelopt", ids)
     with torch.no_grad():
         ours = student.float()(ids[None]).logits[0]
     # the checkpoint holds the unquantized tensors in bf16; the in-memory student keeps fp32
@@ -61,7 +61,7 @@ def test_cli_prints_table_and_fails_on_a_tampered_target(w4a4_out, tmp_path):
     shutil.copytree(w4a4_out, out)
     ok = CliRunner().invoke(cli, ["verify", str(out), "--json", str(tmp_path / "rows.json")])
     assert ok.exit_code == 0, ok.output
-    assert "| trtllm |" in ok.output and "| vllm |" in ok.output
+    assert "| modelopt |" in ok.output and "| vllm |" in ok.output
     assert all(row["ok"] for row in json.loads((tmp_path / "rows.json").read_text()))
 
     path = out / "vllm" / "model.safetensors"
@@ -74,20 +74,20 @@ def test_cli_prints_table_and_fails_on_a_tampered_target(w4a4_out, tmp_path):
     assert "FAIL" in bad.output and "vllm" in bad.output
 
 
-@pytest.mark.parametrize("layout", ["missing", "no-trtllm", "unreadable-target", "corrupt"])
+@pytest.mark.parametrize("layout", ["missing", "no-student", "unreadable-target", "corrupt"])
 def test_bad_out_is_one_line_exit_2(w4a4_out, tmp_path, layout, monkeypatch):
     import shutil
 
     out = tmp_path / "OUT"
     if layout != "missing":
         shutil.copytree(w4a4_out, out)
-    if layout == "no-trtllm":
-        shutil.rmtree(out / "trtllm")
+    if layout == "no-student":
+        shutil.rmtree(out / "modelopt")
     if layout == "unreadable-target":
         (out / "onnx").mkdir()
         monkeypatch.setitem(Writer.targets, "onnx", Writer)  # a writer whose format no reader checks
     if layout == "corrupt":
-        (out / "trtllm" / "model.safetensors").write_bytes(b"not a safetensors file")
+        (out / "modelopt" / "model.safetensors").write_bytes(b"not a safetensors file")
     result = CliRunner().invoke(cli, ["verify", str(out)])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
@@ -99,14 +99,14 @@ def test_folders_that_are_not_exports_are_ignored(w4a4_out, tmp_path):
     out = tmp_path / "OUT"
     shutil.copytree(w4a4_out, out)
     (out / "qad").mkdir()  # the convert pipeline's QAD logs
-    assert [r.target for r in verify(out)] == ["trtllm", "vllm"]
+    assert [r.target for r in verify(out)] == ["modelopt", "vllm"]
 
 
 def test_every_target_has_one_reader_registered_in_verify():
     from nvfp4.converter.pipeline import TARGETS
 
     assert sorted(READERS) == sorted(TARGETS)
-    assert READERS["llamacpp"].rel_tol > READERS["trtllm"].rel_tol
+    assert READERS["llamacpp"].rel_tol > READERS["modelopt"].rel_tol
     assert READERS["llamacpp"].quantizes_activations is False, "llama.cpp's CPU path runs 8-bit activations"
 
 
@@ -162,3 +162,19 @@ def test_llamacpp_rule_fails_a_wrong_scale(moe_student):
             module.weight_gscale *= 1.25
     row = compare(READERS["llamacpp"], "llamacpp", student_logits(wrong, ids, False, q8_0_round), student, ids)
     assert not row.ok, row
+
+
+def test_an_output_from_before_the_student_folder_had_its_name_still_reads(w4a4_out, tmp_path):
+    """OUT/trtllm, as older outputs call the student checkpoint: verify and eval find it; --targets trtllm is
+    the same target as modelopt."""
+    import shutil
+
+    from nvfp4.converter.cli import load_student
+    from nvfp4.converter.recipe import ConvertRecipe
+
+    old = tmp_path / "old"
+    shutil.copytree(w4a4_out, old)
+    (old / "modelopt").rename(old / "trtllm")
+    assert [r.target for r in verify(old)] == ["modelopt", "vllm"]
+    assert load_student(str(old)) is not None
+    assert ConvertRecipe(targets=("trtllm", "vllm")).targets == ("modelopt", "vllm")

@@ -28,7 +28,7 @@ def our_export(model_dir, scheme, tmp_path, target):
 
 
 def check_against_modelopt(model_dir, scheme, tmp_path):
-    student, ours = our_export(model_dir, scheme, tmp_path, "trtllm")
+    student, ours = our_export(model_dir, scheme, tmp_path, "modelopt")
     theirs = modelopt_export(model_dir, tmp_path / "modelopt", scheme, calibration_batch(student.config.vocab_size))
     assert_same_quantized_tensors(load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors"))
     our_quant = json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
@@ -41,13 +41,13 @@ def check_against_modelopt(model_dir, scheme, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_trtllm_bytes_equal_modelopt_export_tiny(tiny_model_dir, scheme, tmp_path):
+def test_student_bytes_equal_modelopt_export_tiny(tiny_model_dir, scheme, tmp_path):
     check_against_modelopt(tiny_model_dir, scheme, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_trtllm_bytes_equal_modelopt_export_default_model(default_model_dir, scheme, tmp_path):
+def test_student_bytes_equal_modelopt_export_default_model(default_model_dir, scheme, tmp_path):
     check_against_modelopt(default_model_dir, scheme, tmp_path)
 
 
@@ -58,7 +58,7 @@ def student_logits(student, ids):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_checkpoint_loader_reproduces_student(tiny_model_dir, scheme, tmp_path):
-    student, out = our_export(tiny_model_dir, scheme, tmp_path, "trtllm")
+    student, out = our_export(tiny_model_dir, scheme, tmp_path, "modelopt")
     model, _ = load_nvfp4_checkpoint(out)
     ids = torch.randint(0, 1000, (2, 24))
     torch.testing.assert_close(student_logits(model, ids), student_logits(student, ids), rtol=1e-4, atol=1e-4)

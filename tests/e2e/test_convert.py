@@ -34,16 +34,16 @@ def tiny_out(tiny_model_dir, tmp_path_factory):
 
 
 def test_layout_and_report(tiny_out, tiny_model_dir):
-    assert (tiny_out / "trtllm" / "hf_quant_config.json").is_file()
+    assert (tiny_out / "modelopt" / "hf_quant_config.json").is_file()
     assert (tiny_out / "vllm" / "config.json").is_file()
     assert (tiny_out / "llamacpp" / "model.gguf").is_file()
     report = json.loads((tiny_out / "report.json").read_text())
     assert report["scheme"] == "nvfp4" and report["source"] == str(tiny_model_dir.resolve())
-    assert set(report["sizes_bytes"]) == {"bf16", "trtllm", "vllm", "llamacpp"}
+    assert set(report["sizes_bytes"]) == {"bf16", "modelopt", "vllm", "llamacpp"}
     assert {"load", "quantize", "calibrate", "export"} <= set(report["timings_seconds"])
-    assert set(report["export_seconds"]) == {"trtllm", "vllm", "llamacpp"}
+    assert set(report["export_seconds"]) == {"modelopt", "vllm", "llamacpp"}
     assert report["accuracy"]["results"], "accuracy vs the teacher is missing"
-    assert "trtllm" in (tiny_out / "report.md").read_text()
+    assert "modelopt" in (tiny_out / "report.md").read_text()
     assert not list(tiny_out.parent.glob(".out.*")), "temporary folders were left behind"
 
 
@@ -109,7 +109,7 @@ def test_corrupt_safetensors(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--targets", "trtllm,onnx"], "unknown target"),
+    (["--targets", "modelopt,onnx"], "unknown target"),
     (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
     (["--qad-scale-lr", "-0.1"], "--qad-scale-lr must be >= 0"),
     (["--calib-tokens", "0"], "--calib-tokens must be positive"),
@@ -147,19 +147,19 @@ def test_recipe_reruns_a_convert_byte_for_byte(tiny_out, tiny_model_dir, tmp_pat
     result = run("convert", str(tiny_model_dir), "-o", str(out), "--recipe", str(tiny_out / "report.json"), "--no-eval")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "report.json").read_text())["recipe"] == first["recipe"]
-    for target, name in (("trtllm", "model.safetensors"), ("llamacpp", "model.gguf")):
+    for target, name in (("modelopt", "model.safetensors"), ("llamacpp", "model.gguf")):
         assert (out / target / name).read_bytes() == (tiny_out / target / name).read_bytes(), target
 
 
 def test_flags_given_override_the_recipe_and_training_settings_round_trip(tiny_out, tiny_model_dir, tmp_path):
     out = tmp_path / "a16"
     result = run("convert", str(tiny_model_dir), "-o", str(out), "--recipe", str(tiny_out / "report.json"),
-                 "--scheme", "nvfp4-a16", "--targets", "trtllm", "--qad-steps", "2", "--qad-seq-len", "16",
+                 "--scheme", "nvfp4-a16", "--targets", "modelopt", "--qad-steps", "2", "--qad-seq-len", "16",
                  "--qad-data", "random", "--no-eval")
     assert result.exit_code == 0, result.output
     recipe = json.loads((out / "report.json").read_text())["recipe"]
     first = json.loads((tiny_out / "report.json").read_text())["recipe"]
-    assert recipe["quant"]["scheme"] == "nvfp4-a16" and recipe["targets"] == ["trtllm"]
+    assert recipe["quant"]["scheme"] == "nvfp4-a16" and recipe["targets"] == ["modelopt"]
     assert recipe["calib_tokens"] == first["calib_tokens"] and recipe["quant"]["rounding"] == first["quant"]["rounding"]
     assert recipe["training"]["steps"] == 2 and recipe["training"]["seq_len"] == 16
     again = tmp_path / "again"

@@ -37,7 +37,7 @@ def tiny_out(tiny_model_dir, tmp_path_factory):
     from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=QuantConfig(scheme="nvfp4-a16"), targets=("trtllm", "llamacpp"),
+    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=QuantConfig(scheme="nvfp4-a16"), targets=("modelopt", "llamacpp"),
                           calib_data="random", calib_tokens=128, evaluate=False))
     return out
 
@@ -94,7 +94,7 @@ def test_vllm_command_lines(tiny_out, tmp_path):
     opts = EngineOptions("vllm", max_model_len=1024, vllm_bin=str(fake_bin), extra_args=("--enforce-eager",))
     engine = adapter(opts.engine).for_student(tiny_out, "tiny-nvfp4", opts)  # no OUT/vllm: the ModelOpt checkpoint
     argv = engine.command(5555)
-    assert argv[:3] == [str(fake_bin), "serve", str(tiny_out / "trtllm")]
+    assert argv[:3] == [str(fake_bin), "serve", str(tiny_out / "modelopt")]
     assert argv[argv.index("--quantization") + 1] == "modelopt_fp4"
     assert argv[argv.index("--port") + 1] == "5555" and argv[argv.index("--max-model-len") + 1] == "1024"
     assert argv[argv.index("--served-model-name") + 1] == "tiny-nvfp4" and argv[-1] == "--enforce-eager"
@@ -118,7 +118,7 @@ def test_trtllm_command_line(tiny_out, tmp_path):
     engine = adapter("trtllm").for_student(tiny_out, "tiny-nvfp4", opts)
     assert isinstance(engine, TRTLLMEngine)
     argv = engine.command(7777)
-    assert argv[:4] == [str(fake_bin), str(tiny_out / "trtllm"), "--backend", "pytorch"]
+    assert argv[:4] == [str(fake_bin), str(tiny_out / "modelopt"), "--backend", "pytorch"]
     assert argv[argv.index("--port") + 1] == "7777" and argv[argv.index("--max_seq_len") + 1] == "4096"
     assert argv[-2:] == ["--kv_cache_free_gpu_memory_fraction", "0.5"]
     assert engine.metrics_path == "/prometheus/metrics"
@@ -321,7 +321,7 @@ def default_out(tmp_path_factory):
     from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path_factory.mktemp("engines-default") / "smollm2"
-    convert(ConvertConfig(out=out, quant=QuantConfig(scheme="nvfp4-a16"), targets=("trtllm", "llamacpp"),
+    convert(ConvertConfig(out=out, quant=QuantConfig(scheme="nvfp4-a16"), targets=("modelopt", "llamacpp"),
                           calib_data="random", calib_tokens=256, evaluate=False))
     return out
 

@@ -79,13 +79,13 @@ def test_every_family_has_a_tiny_model_and_the_readme_its_row():
 
 @pytest.mark.parametrize("family", ALL)
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4-a16"])
-def test_trtllm_bytes_equal_modelopt_export(family_dirs, family, scheme, tmp_path):
+def test_student_bytes_equal_modelopt_export(family_dirs, family, scheme, tmp_path):
     """ModelOpt 0.47's export of the same model and calibration batch: every quantized tensor (experts per
     expert, under the Hub's names) and hf_quant_config.json equal. MoE with ModelOpt's statistics
     (--expert-calibration routed)."""
     model_dir = family_dirs(family)
     _, student, tokenizer, quant = student_of(model_dir, scheme)
-    ours = write(student, tokenizer, model_dir, quant, "trtllm", tmp_path / "ours")
+    ours = write(student, tokenizer, model_dir, quant, "modelopt", tmp_path / "ours")
     theirs = modelopt_export(model_dir, tmp_path / "modelopt", scheme, calibration_batch(student.config.vocab_size))
     assert_same_quantized_tensors(load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors"))
     ours_quant = json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
@@ -229,7 +229,7 @@ def test_convert_runs_every_stage_and_verify_and_eval_read_it(family_dirs, famil
     family_entry = family_of(json.loads((model_dir / "config.json").read_text()))
     routers = [n for n in report["high_precision_modules"] if family_entry.moe and n.endswith(".gate")]
     assert len(routers) == (2 if family in MOE else 0)
-    trt = load_file(out / "trtllm" / "model.safetensors")
+    trt = load_file(out / "modelopt" / "model.safetensors")
     vllm = load_file(out / "vllm" / "model.safetensors")
     hub = {k.removesuffix(".weight_scale_2") for k in trt if k.endswith(".weight_scale_2")}
     assert hub == {k.removesuffix(".weight_packed") for k in vllm if k.endswith(".weight_packed")}
@@ -238,7 +238,7 @@ def test_convert_runs_every_stage_and_verify_and_eval_read_it(family_dirs, famil
     assert all(trt[k].dtype == torch.uint8 for k in layer_weights), "a decoder linear left in high precision"
     result = CliRunner().invoke(cli, ["verify", str(out)])
     rows = result.output
-    assert "trtllm" in rows and "vllm" in rows and "llamacpp" in rows, rows
+    assert "modelopt" in rows and "vllm" in rows and "llamacpp" in rows, rows
     if family not in LLAMA_CPP_DROPS_FFN_SCALES:
         assert result.exit_code == 0, rows
     result = CliRunner().invoke(cli, ["eval", str(model_dir), str(out)])
@@ -271,7 +271,7 @@ def test_gguf_target_refused_before_calibration_when_a_dimension_does_not_divide
     result = CliRunner().invoke(cli, ["convert", str(tmp_path / "odd"), "-o", str(tmp_path / "out"), "--qad-steps", "0"])
     assert result.exit_code == 2 and "down_proj (272)" in result.output and "[calibrate]" not in result.output
     result = CliRunner().invoke(cli, ["convert", str(tmp_path / "odd"), "-o", str(tmp_path / "out"), "--qad-steps", "0",
-                                      "--targets", "trtllm,vllm", "--no-eval", "--scheme", "nvfp4-a16"])
+                                      "--targets", "modelopt,vllm", "--no-eval", "--scheme", "nvfp4-a16"])
     assert result.exit_code == 0, result.output
 
 
@@ -287,7 +287,7 @@ NATIVE = [f.name for f in FAMILIES if f.native]
 def converted(family_dirs, family, tmp_path, *extra) -> Path:
     out = tmp_path / f"out-{family}"
     args = ["convert", str(family_dirs(family)), "-o", str(out), "--qad-steps", "0", "--scheme", "nvfp4-a16",
-            "--targets", "trtllm", "--no-eval", *extra]
+            "--targets", "modelopt", "--no-eval", *extra]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out
@@ -298,7 +298,7 @@ def test_native_engine_serves_the_student_as_transformers_generates(family_dirs,
     from nvfp4.converter.checkpoint import load_nvfp4_checkpoint
     from support.serve import check_parity
 
-    model, tokenizer = load_nvfp4_checkpoint(converted(family_dirs, family, tmp_path) / "trtllm")
+    model, tokenizer = load_nvfp4_checkpoint(converted(family_dirs, family, tmp_path) / "modelopt")
     prompts = [tokenizer.encode(t) for t in ["Hi", "A longer prompt " * 6, "x y z"]]
     check_parity(model, tokenizer, prompts, n=12, max_num_seqs=2, prefill_chunk=16)
 
@@ -339,7 +339,7 @@ def test_gguf_input(family_dirs, family, tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, teacher(ids).logits, rtol=0, atol=0)
     out = converted(lambda _: path, family, tmp_path)
-    assert (out / "trtllm" / "hf_quant_config.json").is_file()
+    assert (out / "modelopt" / "hf_quant_config.json").is_file()
 
 
 def test_a_base_model_without_chat_template_calibrates_trains_and_serves_completions(family_dirs, tmp_path):
@@ -359,7 +359,7 @@ def test_a_base_model_without_chat_template_calibrates_trains_and_serves_complet
         template.unlink()
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["convert", str(base), "-o", str(out), "--scheme", "nvfp4", "--qad-steps", "1",
-                                      "--qad-seq-len", "16", "--calib-tokens", "64", "--targets", "trtllm"])
+                                      "--qad-seq-len", "16", "--calib-tokens", "64", "--targets", "modelopt"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["qad"]["steps"] == 1 and report["accuracy"]["results"]["QAD"]["chat_kl"] >= 0

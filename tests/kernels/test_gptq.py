@@ -162,7 +162,7 @@ def test_convert_cli_with_gptq_rounding(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16",
                                        "--rounding", "gptq", "--qad-steps", "0", "--calib-data", "random",
-                                       "--calib-tokens", "256", "--targets", "trtllm", "--no-eval"])
+                                       "--calib-tokens", "256", "--targets", "modelopt", "--no-eval"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["rounding"] == "gptq" and report["calibration"] is not None
@@ -196,7 +196,7 @@ def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny
     model = plans.skeleton(tiny_model_dir)
     shapes = {}
     for rounding in ("nearest", "gptq"):
-        needs = plans.Needs(QuantConfig(scheme="nvfp4-a16", rounding=rounding), ("trtllm",), 256, evaluate=False)
+        needs = plans.Needs(QuantConfig(scheme="nvfp4-a16", rounding=rounding), ("modelopt",), 256, evaluate=False)
         shapes[rounding] = (plans.make_plan(model, eligible_linears(model, needs.quant), needs, tmp_path), needs)
     plan, needs = shapes["gptq"]
     assert plan.shape.hessians == 2 * plan.shape.layer_hessians > 0
@@ -204,7 +204,7 @@ def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny
     monkeypatch.setattr(plans, "available_memory", lambda device: 1024)
     out = tmp_path / "out"
     args = ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16", "--qad-steps", "0",
-            "--calib-data", "random", "--calib-tokens", "256", "--targets", "trtllm", "--no-eval"]
+            "--calib-data", "random", "--calib-tokens", "256", "--targets", "modelopt", "--no-eval"]
     result = CliRunner().invoke(cli, args + ["--rounding", "gptq"])
     assert result.exit_code == 2 and "--rounding nearest" in result.output, result.output
     assert result.output.count("error:") == 1 and "memory plan" in result.output

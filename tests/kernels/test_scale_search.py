@@ -266,7 +266,7 @@ def test_llamacpp_export_of_mse_scales_reads_back(mse_student, tiny_model_dir, t
         torch.testing.assert_close(got, expected, rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("target", ["trtllm", "vllm"])
+@pytest.mark.parametrize("target", ["modelopt", "vllm"])
 def test_hf_export_of_mse_scales_carries_them(mse_student, tiny_model_dir, tmp_path, target):
     from safetensors.torch import load_file
 
@@ -275,11 +275,11 @@ def test_hf_export_of_mse_scales_carries_them(mse_student, tiny_model_dir, tmp_p
     student, tokenizer = mse_student
     load_all_writers()[target](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    packed_key, gscale = ("weight", "weight_scale_2") if target == "trtllm" else ("weight_packed", "weight_global_scale")
+    packed_key, gscale = ("weight", "weight_scale_2") if target == "modelopt" else ("weight_packed", "weight_global_scale")
     for name, module in quantized_modules(student).items():
         assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), module.block_scales.view(torch.uint8)), name
         s2 = tensors[f"{name}.{gscale}"].reshape(())
-        s2 = s2 if target == "trtllm" else 1 / s2  # compressed-tensors stores the reciprocal
+        s2 = s2 if target == "modelopt" else 1 / s2  # compressed-tensors stores the reciprocal
         stored = numerics.dequantize_ref(tensors[f"{name}.{packed_key}"], tensors[f"{name}.weight_scale"], s2)
         torch.testing.assert_close(stored, module.quantized_weight().detach(), rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
 
@@ -311,13 +311,13 @@ def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
 
     out = tmp_path / "out"
     cfg = QuantConfig(scheme="nvfp4-a16", scale_search="mse-act")
-    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=cfg, targets=("trtllm",), calib_data="random",
+    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=cfg, targets=("modelopt",), calib_data="random",
                           calib_tokens=128, evaluate=False))
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["scale_search"] == "mse-act" and report["calibration"] is not None
     expected = quantize(copy.deepcopy(tiny_teacher), cfg)
     calibrate(expected, calibration_batches("random", tiny_teacher, None, 128, seed=0), cfg)
-    tensors = load_file(out / "trtllm" / "model.safetensors")
+    tensors = load_file(out / "modelopt" / "model.safetensors")
     differs_from_amax = 0
     for name, module in quantized_modules(expected).items():
         written = tensors[f"{name}.weight_scale"].view(torch.uint8)

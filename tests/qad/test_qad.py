@@ -436,7 +436,7 @@ def _convert(tiny_model_dir, out: Path, *options: str) -> dict:
     from nvfp4.cli import cli
 
     result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16",
-                                      "--targets", "trtllm", "--qad-batch", "2", "--qad-seq-len", "16",
+                                      "--targets", "modelopt", "--qad-batch", "2", "--qad-seq-len", "16",
                                       "--qad-data", "random", *options])
     assert result.exit_code == 0, result.output
     return json.loads((out / "report.json").read_text())
