@@ -9,12 +9,14 @@ token here: the server takes no token-id prompts.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from nvfp4.errors import UserError
 from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 from nvfp4.serve.interface import SamplingParams
+from nvfp4.serve.structured import Constraint
 
 
 def check_installed() -> None:
@@ -76,4 +78,25 @@ class LlamaCppEngine(ProxyEngine):
                 "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
         if params.ignore_eos and self.tokenizer.eos_token_id is not None:
             body.update(logit_bias={str(self.tokenizer.eos_token_id): -1e9}, logit_bias_type="input_ids")
+        if params.constraint is not None:
+            body["grammar"] = gbnf(params.constraint, self.kind)
         return body
+
+
+def gbnf(constraint: Constraint, kind: str = "llamacpp") -> str:
+    """The constraint as the GBNF grammar llama-cpp-python's /v1/completions takes (its only constraint field): a
+    JSON schema through llama-cpp-python's own converter, choices as literals, an EBNF grammar as written (xgrammar
+    reads GBNF's dialect); a regex has no converter there."""
+    if constraint.kind == "json":
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            return json_schema_to_gbnf(constraint.spec)
+        except Exception as error:  # its converter raises plain exceptions for the schemas it cannot express
+            raise UpstreamError(400, f"--engine {kind} cannot express this JSON schema as a grammar: {error}") from error
+    if constraint.kind == "choice":
+        return "root ::= " + " | ".join(json.dumps(option) for option in json.loads(constraint.spec))
+    if constraint.kind == "grammar":
+        return constraint.spec
+    raise UpstreamError(400, f"a regex constraint is not supported on --engine {kind}; send a JSON schema, choices or "
+                        "a grammar")

@@ -38,6 +38,7 @@ class TRTLLMEngine(VLLMEngine):
     health_path = "/health"
     metrics_path = "/prometheus/metrics"
     stats_series: dict[str, str] = {}  # its gauge names are unverified here (no GPU): our gauges only
+    structured_outputs = False  # trtllm-serve's guided decoding is a start-up option, unverified here: a 400
 
     @classmethod
     def for_student(cls, out: Path, name: str, opts) -> TRTLLMEngine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from nvfp4.converter.layout import student_folder
 from nvfp4.errors import UserError
 from nvfp4.serve.adapters.base import ProxyEngine, UpstreamError
 from nvfp4.serve.interface import SamplingParams
+from nvfp4.serve.structured import Constraint
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -79,6 +81,8 @@ class VLLMEngine(ProxyEngine):
                 "--served-model-name", self.name, "--max-model-len", str(self.max_model_len),
                 "--disable-uvicorn-access-log", *self.model_args, *self.extra_args]
 
+    structured_outputs = True  # constraints travel as vLLM's `structured_outputs`
+
     def request_body(self, prompt_ids: list[int], params: SamplingParams) -> dict:
         if params.logprobs is not None:
             raise UpstreamError(400, f"logprobs are not supported on --engine {self.kind} yet")
@@ -90,4 +94,16 @@ class VLLMEngine(ProxyEngine):
                 "frequency_penalty": params.frequency_penalty, "stream_options": {"include_usage": True}}
         if params.top_k > 0:
             body["top_k"] = params.top_k
+        if params.constraint is not None:
+            if not self.structured_outputs:
+                raise UpstreamError(400, "structured outputs (response_format, structured_outputs, guided_*, tool_choice "
+                                    f"required or named) are not supported on --engine {self.kind}")
+            body["structured_outputs"] = structured_outputs(params.constraint)
         return body
+
+
+def structured_outputs(constraint: Constraint) -> dict:
+    """vLLM's `structured_outputs` request field (vLLM >= 0.11; it removed the guided_* fields in 0.12): its keys
+    are our constraint kinds."""
+    value = json.loads(constraint.spec) if constraint.kind in ("json", "choice") else constraint.spec
+    return {constraint.kind: value}

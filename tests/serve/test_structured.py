@@ -152,3 +152,30 @@ def test_check_refuses_what_xgrammar_cannot_compile():
         check(Constraint.json_schema({"type": "objekt"}))
     with pytest.raises(ConstraintError):
         check(Constraint("regex", "("))
+
+
+def test_adapters_pass_the_constraint_on_or_refuse_it_with_a_400(tiny_model_dir):
+    from nvfp4.serve.adapters.base import UpstreamError
+    from nvfp4.serve.adapters.llamacpp import LlamaCppEngine
+    from nvfp4.serve.adapters.trtllm import TRTLLMEngine
+    from nvfp4.serve.adapters.vllm import VLLMEngine
+    from nvfp4.serve.interface import SamplingParams
+
+    _, tokenizer = load_tiny(tiny_model_dir, packed=False)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    params = {kind: SamplingParams(constraint=c) for kind, c in (
+        ("json", Constraint.json_schema(schema)), ("choice", Constraint.choice(["x", 'y"'])),
+        ("regex", Constraint("regex", "[ab]+")), ("grammar", Constraint("grammar", 'root ::= "a"')))}
+    vllm = VLLMEngine("m", "/nowhere", tokenizer, 256)
+    assert vllm.request_body([1], params["json"])["structured_outputs"] == {"json": schema}
+    assert vllm.request_body([1], params["choice"])["structured_outputs"] == {"choice": ["x", 'y"']}
+    assert vllm.request_body([1], params["regex"])["structured_outputs"] == {"regex": "[ab]+"}
+    assert "structured_outputs" not in vllm.request_body([1], SamplingParams())
+    llama = LlamaCppEngine("m", "/nowhere.gguf", tokenizer, 256)
+    assert '"\\"a\\""' in llama.request_body([1], params["json"])["grammar"]
+    assert llama.request_body([1], params["choice"])["grammar"] == 'root ::= "x" | "y\\""'
+    assert llama.request_body([1], params["grammar"])["grammar"] == 'root ::= "a"'
+    for engine, refused in ((llama, params["regex"]), (TRTLLMEngine("m", "/nowhere", tokenizer, 256), params["json"])):
+        with pytest.raises(UpstreamError) as raised:
+            engine.request_body([1], refused)
+        assert raised.value.status == 400
