@@ -5,6 +5,7 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from nvfp4.converter.models import DEFAULT_MODEL_NAME
 from nvfp4.errors import UserError
 
 FILE_NAME = "report.json"
@@ -67,7 +68,7 @@ class Report:
         lines = [
             "# NVFP4 conversion report",
             "",
-            f"- model: `{self.model}` from `{self.source or 'embedded SmolLM2-135M-Instruct'}`",
+            f"- model: `{self.model}` from `{self.source or 'embedded ' + DEFAULT_MODEL_NAME}`",
             f"- scheme: `{self.scheme}` (scale search: `{quant['scale_search']}`, rounding: "
             f"`{quant.get('rounding', 'nearest')}`, smoothing alpha: `{quant.get('smooth_alpha', 0.0)}`)",
             f"- parameters in NVFP4: {100 * self.nvfp4_parameter_share:.1f}%; kept in high precision: "

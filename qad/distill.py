@@ -230,7 +230,7 @@ class _Schedule:
 
 # ---------------------------------------------------------------- data plan
 
-class _Plan:
+class _DataOrder:
     """Which pool rows each step trains on: one shuffle of the pool after another (fixed before step 0 by the
     seed, however many steps the budget ends up allowing); `total` is the planned (or estimated) step count."""
 
@@ -429,7 +429,7 @@ def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, w
         first_step, losses = 0, []
         if rank == 0:
             _save_atomically(pool, workdir / _POOL)
-    plan = _Plan(pool, total, cfg)
+    plan = _DataOrder(pool, total, cfg)
     budgeted = cfg.steps is None
     schedule = _Schedule(total, deadline if budgeted else None, state["schedule"] if state else None)
     _Loop(student, teacher, optimizer, params, plan, schedule, cfg, workdir, log_dir).run(first_step, losses)
@@ -471,7 +471,7 @@ class _Loop:
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
     params: list[Tensor]
-    plan: _Plan
+    plan: _DataOrder
     schedule: _Schedule
     cfg: QADConfig
     workdir: Path

@@ -234,7 +234,7 @@ def check_device(device: str) -> None:
 
 def native_engines(config: ServeConfig) -> dict:
     """{"student": NativeEngine, "teacher": NativeEngine (unless `teacher` is none)}, sharing unquantized tensors."""
-    from nvfp4.converter.models import resolve_model
+    from nvfp4.converter.models import DEFAULT_MODEL_NAME, resolve_model
     from nvfp4.serve.native import NativeEngine
     from nvfp4.serve.native.loader import (
         SharedTensors,
@@ -257,7 +257,7 @@ def native_engines(config: ServeConfig) -> dict:
     if serves_teacher(config.teacher):
         source = teacher_source(out, config.teacher)
         check_native(resolve_model(source), "teacher")  # fail now, with one clear line
-        name = Path(source).name if source else "SmolLM2-135M-Instruct"
+        name = Path(source).name if source else DEFAULT_MODEL_NAME
         engines["teacher"] = NativeEngine(name, shared.loader(lambda: load_teacher(source, device)), **kwargs)
     return engines
 

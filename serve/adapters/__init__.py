@@ -73,14 +73,14 @@ def teacher_engine(source: str | None, name: str, opts: EngineOptions, native: C
 def adapter_models(out: Path, teacher: str | None, opts: EngineOptions,
                    native_teacher: Callable[[str | None, str], Engine]) -> dict[str, Engine]:
     """{"student": adapter, "teacher": adapter or native} as `nvfp4 serve --engine ADAPTER` serves them."""
-    from nvfp4.converter.models import resolve_model
+    from nvfp4.converter.models import DEFAULT_MODEL_NAME, resolve_model
     from nvfp4.serve.native.loader import serves_teacher, teacher_source
 
     models: dict[str, Engine] = {"student": adapter(opts.engine).for_student(out, out.name + "-nvfp4", opts)}
     if serves_teacher(teacher):
         source = teacher_source(out, teacher)
         resolve_model(source)  # fail now, with one clear line, on a bad path
-        name = Path(source).name if source else "SmolLM2-135M-Instruct"
+        name = Path(source).name if source else DEFAULT_MODEL_NAME
         models["teacher"] = teacher_engine(source, name, opts, lambda: native_teacher(source, name))
     return models
 
