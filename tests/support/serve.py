@@ -171,10 +171,11 @@ class CharTokenizer:
     def decode(self, ids: list[int], **_) -> str:
         return "".join(self.specials[t - 0x110000] if t >= 0x110000 else chr(t) for t in ids)
 
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **extra) -> str:
         from jinja2 import Template
 
-        return Template(self.chat_template).render(messages=messages)
+        return Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   **extra)
 
 
 class FakeEngine(Engine):
@@ -182,8 +183,9 @@ class FakeEngine(Engine):
     engine dying mid-stream); `full_after` raises QueueFull on that submission. Tracks what is still open."""
 
     def __init__(self, reply: str = "hello world", delay: float = 0.0, fail_after: int | None = None,
-                 full_after: int | None = None):
+                 full_after: int | None = None, finish: str = "length"):
         self.name, self.tokenizer, self.max_model_len = "fake", CharTokenizer(), 4096
+        self.finish = finish  # the last event's finish_reason
         self.reply, self.delay, self.fail_after, self.full_after = reply, delay, fail_after, full_after
         self.submitted: list[GenerationRequest] = []
         self.open: set[str] = set()
@@ -215,5 +217,52 @@ class FakeEngine(Engine):
                 raise UpstreamError(502, "the engine went away")
             await asyncio.sleep(self.delay)
             last = i == len(text) - 1
-            yield TokenEvent(ord(char), char, finish_reason=("length" if last else None), num_generated=i + 1)
+            yield TokenEvent(ord(char), char, finish_reason=(self.finish if last else None), num_generated=i + 1)
         self.open.discard(request.request_id)
+
+
+# Qwen2.5's tool-calling chat template, abridged (its tool prompt, <tool_call> calls and <tool_response> answers)
+QWEN_TOOLS_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{{ messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' }}
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}
+{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
+{{ message.content or '' }}{% for call in message.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def load_with_template(model_dir, chat_template: str):
+    """The tiny model (unpacked) with another chat template."""
+    model, tokenizer = load_tiny(model_dir, packed=False)
+    tokenizer.chat_template = chat_template
+    return model, tokenizer
