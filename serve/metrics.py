@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nvfp4.serve.interface import EngineStats
 
@@ -43,7 +43,7 @@ class ServerMetrics:
 
 
 class _EngineGauges:
-    """Running / waiting requests and KV cache use, read from each engine at scrape time."""
+    """Running / waiting requests, KV cache use and prefix cache counters, read from each engine at scrape time."""
 
     def __init__(self, stats: Callable[[], dict[str, EngineStats]], models: list[str] = ()):
         self.stats = stats
@@ -56,7 +56,18 @@ class _EngineGauges:
             running.add_metric([model], s.running)
             waiting.add_metric([model], s.waiting)
             kv.add_metric([model], s.kv_cache_usage)
-        yield from (running, waiting, kv)
+        yield from (running, waiting, kv, *self._prefix_cache())
+
+    def _prefix_cache(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        """vLLM's names and label (counted in prompt tokens), so that its dashboards read them unchanged."""
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels=["model_name"])
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   labels=["model_name"])
+        for model, s in self.stats().items():
+            queries.add_metric([model], s.prefix_cache_queries)
+            hits.add_metric([model], s.prefix_cache_hits)
+        return queries, hits
 
 
 class RequestTimer:

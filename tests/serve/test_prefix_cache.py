@@ -4,13 +4,14 @@ with the cache on equal to the cache off (and to transformers)."""
 import asyncio
 import os
 
+import httpx
 import pytest
 import torch
 
 from nvfp4.serve.interface import GenerationRequest, SamplingParams
 from nvfp4.serve.native import NativeEngine
 from nvfp4.serve.native.kv_cache import BLOCK_SIZE, KVCache, PrefixCache, block_hashes
-from support.serve import generate_tokens, greedy_reference, load_tiny
+from support.serve import generate_tokens, greedy_reference, load_tiny, metric, serve_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -170,3 +171,16 @@ def test_default_model_shared_system_prompt_greedy_equals_cache_off(default_mode
     assert on == off == [greedy_reference(model, p, 16) for p in prompts]
     _assert_close(on_logprobs, off_logprobs)
     assert stats.prefix_cache_hits >= 64  # a request admitted mid-prefill of another finds its blocks done so far
+
+
+def test_hits_reach_prometheus_under_vllm_names(tiny_model_dir):
+    prompt = "You are a careful assistant who answers in one short sentence. " * 4 + "Hi"
+    with serve_tiny(tiny_model_dir) as live:
+        for _ in range(2):
+            body = {"model": "student", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+            assert httpx.post(f"{live.url}/v1/completions", json=body, timeout=60).status_code == 200
+        text = httpx.get(f"{live.url}/metrics", timeout=10).text
+    queries = metric(text, "vllm:prefix_cache_queries_total", model_name="student")
+    hits = metric(text, "vllm:prefix_cache_hits_total", model_name="student")
+    assert queries > 2 * 40 and hits >= 32  # the second request found the first's blocks
+    assert metric(text, "vllm:prefix_cache_hits_total", model_name="teacher") == 0  # the teacher saw no request
