@@ -85,6 +85,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last event
     error: str | None = None  # with finish_reason "error": what failed (this request alone)
+    error_status: int | None = None  # with finish_reason "error": 400 where the request was at fault (else a 500)
     num_generated: int = 0  # tokens generated so far (exact usage count)
     queue_seconds: float | None = None  # set on the first event: time spent waiting for a slot
     prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None  # first event, echo only

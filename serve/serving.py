@@ -307,9 +307,9 @@ async def _collect(stream: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
 
 async def _complete(job: Job, streams) -> JSONResponse:
     results = await asyncio.gather(*(_collect(s) for s in streams))
-    failed = next((events[-1].error for events in results if events[-1].finish_reason == "error"), None)
+    failed = next((events[-1] for events in results if events[-1].finish_reason == "error"), None)
     if failed is not None:
-        raise APIError(500, f"generation failed: {failed}", None, "generation_error")
+        raise APIError(failed.error_status or 500, f"generation failed: {failed.error}", None, "generation_error")
     choices = []
     for index, events in enumerate(results):
         text, last = "".join(e.text for e in events), events[-1]
@@ -383,8 +383,9 @@ async def _sse(job: Job, streams) -> AsyncIterator[str]:
                 continue
             generated[index] = event.num_generated
             if event.finish_reason == "error":  # vLLM's shape: an error object in the stream, then the choice ends
-                job.metrics.error(job.alias, 500)
-                yield _frame(error_body(500, f"generation failed: {event.error}", None, "generation_error"))
+                status = event.error_status or 500
+                job.metrics.error(job.alias, status)
+                yield _frame(error_body(status, f"generation failed: {event.error}", None, "generation_error"))
             chunk = _chunk(job, index, event, first=index not in started)
             started.add(index)
             if chunk is not None:

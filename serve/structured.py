@@ -19,6 +19,13 @@ _COMPILERS_LOCK = threading.Lock()
 class ConstraintError(ValueError):
     """A spec xgrammar cannot turn into a grammar (the client's mistake: a 400)."""
 
+    status = 400
+
+
+class GrammarStuck(ConstraintError):
+    """The grammar goes on with a character no token of the vocabulary can spell (a regex's astral character, say):
+    the answer cannot continue. The client's grammar is at fault: a 400."""
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -115,6 +122,7 @@ class Guide:
         self.matcher = xgr.GrammarMatcher(compile_constraint(tokenizer, vocab_size, constraint),
                                           override_stop_tokens=list(stop_ids))
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.accepted = 0
         self._shifts = torch.arange(32, dtype=torch.int32)
 
     @property
@@ -130,10 +138,14 @@ class Guide:
     def mask(self, row) -> None:
         """-inf on the disallowed tokens of a logits row (in place). Should penalties (min_tokens banning the stop
         tokens, say) have left no allowed token finite, the allowed ones become equally likely."""
-        allowed = self.allowed().to(row.device)
-        row.masked_fill_(~allowed[: row.shape[-1]], -float("inf"))
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        if not self.bitmask.any():
+            raise GrammarStuck(f"the constraint cannot go on: no token of this model's vocabulary spells what it "
+                               f"requires next (after {self.accepted} tokens)")
+        _xgr().apply_token_bitmask_inplace(row[None], self.bitmask.to(row.device), vocab_size=self.vocab_size)
         if not row.max().isfinite():
-            row.masked_fill_(allowed[: row.shape[-1]], 0.0)
+            row.masked_fill_(self.allowed().to(row.device)[: row.shape[-1]], 0.0)
 
     def accept(self, token: int) -> bool:
+        self.accepted += 1
         return self.matcher.accept_token(token)

@@ -36,7 +36,7 @@ from nvfp4.serve.native.detokenize import TextStream
 from nvfp4.serve.native.kv_cache import BLOCK_SIZE, KVCache, PrefixCache, block_hashes
 from nvfp4.serve.native.model import BatchedCausalLM, Chunk
 from nvfp4.serve.native.sampling import apply_penalties, make_generator, needs_penalties, sample, token_logprobs
-from nvfp4.serve.structured import Guide
+from nvfp4.serve.structured import GrammarStuck, Guide
 
 log = logging.getLogger(__name__)
 _FAILED = object()  # what _guarded returns for a request that failed
@@ -389,7 +389,12 @@ class NativeEngine(Engine):
         if seq.guide.done:
             self._finish(seq, self._event(seq, None, seq.stream.flush(), None, "stop"))
             return False
-        seq.guide.mask(logits[row])
+        try:
+            seq.guide.mask(logits[row])
+        except GrammarStuck as error:  # the client's grammar, not a failure of the engine
+            self._finish(seq, TokenEvent(None, "", finish_reason="error", error=str(error), error_status=error.status,
+                                         num_generated=len(seq.generated)))
+            return False
         return True
 
     def _penalise(self, logits: torch.Tensor, row: int, seq: _Sequence, banned: list[int]) -> None:

@@ -179,3 +179,15 @@ def test_adapters_pass_the_constraint_on_or_refuse_it_with_a_400(tiny_model_dir)
         with pytest.raises(UpstreamError) as raised:
             engine.request_body([1], refused)
         assert raised.value.status == 400
+
+
+def test_a_grammar_no_token_can_continue_ends_with_a_400_not_a_500(server):
+    # xgrammar finds no token of this vocabulary for a 4-byte character inside a regex (schemathesis found it)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 8, "guided_regex": "ab\U0005df0c"}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "cannot go on" in response.json()["error"]["message"]
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as stream:
+        frames = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert [f["error"]["code"] for f in frames if "error" in f] == ["generation_error"]
+    assert [f["error"]["type"] for f in frames if "error" in f] == ["invalid_request_error"]
