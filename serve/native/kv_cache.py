@@ -96,7 +96,7 @@ class PrefixCache:
         end = found * self.block_size
         for pool, slab in ((self.k, self.cache.k), (self.v, self.cache.v)):
             for layer, blocks in enumerate(pool):
-                slab[layer][slot, :, :end] = blocks[rows].transpose(0, 1).reshape(slab[layer].shape[1], end, -1)
+                self._blocks_of(slab[layer], slot, found).copy_(blocks[rows].transpose(0, 1))
         self._touch(usable[:found])
         self.cache.lengths[slot] = end
         self.hits += end
@@ -110,15 +110,18 @@ class PrefixCache:
         new = [i for i, key in enumerate(done) if key not in self.rows]
         rows = [self._free_row() for _ in new]
         if rows:
-            index = torch.tensor(rows, device=self.k[0].device)
+            device = self.k[0].device
+            index, sources = torch.tensor(rows, device=device), torch.tensor(new, device=device)
             for pool, slab in ((self.k, self.cache.k), (self.v, self.cache.v)):
                 for layer, blocks in enumerate(pool):
-                    blocks[index] = torch.stack([self._block(slab[layer], slot, i) for i in new])
+                    blocks[index] = self._blocks_of(slab[layer], slot, len(done))[:, sources].transpose(0, 1)
             self.rows.update((done[i], row) for i, row in zip(new, rows))
         self._touch(done)
 
-    def _block(self, slab: Tensor, slot: int, index: int) -> Tensor:
-        return slab[slot, :, index * self.block_size : (index + 1) * self.block_size]
+    def _blocks_of(self, slab: Tensor, slot: int, count: int) -> Tensor:
+        """A view of the slot's first `count` blocks: [kv_heads, count, block_size, head_dim]."""
+        heads, _, dim = slab.shape[1:]
+        return slab[slot, :, : count * self.block_size].view(heads, count, self.block_size, dim)
 
     def _free_row(self) -> int:
         if self.free_rows:

@@ -47,6 +47,20 @@ def test_pool_copies_blocks_into_a_later_slot():
     assert (pool.queries, pool.hits) == (50, 48)
 
 
+def test_pool_adds_only_the_blocks_it_lacks():
+    cache = _filled_cache()
+    pool = PrefixCache(cache, num_blocks=8)
+    keys = block_hashes(list(range(48)))
+    pool.store(0, keys, computed=20)  # one full block so far
+    pool.store(1, keys, computed=48)  # another slot (other values): only blocks 2 and 3 are new
+    assert pool.load(2, keys, prompt_len=49) == 48
+    for tensors in (cache.k, cache.v):
+        for layer in tensors:
+            assert torch.equal(layer[2, :, :16], layer[0, :, :16])
+            assert torch.equal(layer[2, :, 16:48], layer[1, :, 16:48])
+            assert not torch.equal(layer[2, :, :16], layer[1, :, :16])
+
+
 def test_pool_leaves_the_last_prompt_token_to_compute():
     pool = PrefixCache(_filled_cache(), num_blocks=8)
     keys = block_hashes(list(range(48)))
