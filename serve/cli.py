@@ -93,7 +93,7 @@ def guarded_server(app, host: str, port: int, drain_timeout: float, log_level: s
     # uvicorn answers 503 once every connection but the new one is busy with a request
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
                             http=guarded_protocol(AutoHTTPProtocol, connections),
-                            limit_concurrency=connections.max_connections + 1)
+                            limit_concurrency=connections.max_connections + 1, backlog=connections.backlog)
     return Server(config)
 
 
@@ -191,13 +191,17 @@ def raise_open_file_limit() -> int | None:
 
 
 def fit_open_files(connections: ConnectionLimits, open_files: int | None) -> ConnectionLimits:
-    """At most the connections the open-file limit leaves room for: past it, accept() fails."""
-    room = None if open_files is None else max(4, open_files - RESERVED_FILES)
-    if room is None or connections.max_connections <= room:
+    """Connections and a listen backlog the open-file limit has room for (past it, accept() fails): asyncio
+    accepts up to a backlog of connections in one go, and the limit closes the idle ones a few loop turns
+    later, so four backlogs are kept free besides the server's own files."""
+    if open_files is None:
         return connections
-    log.warning("holding at most %d connections, not %d: the open-file limit is %d (raise `ulimit -n`)",
-                room, connections.max_connections, open_files)
-    return replace(connections, max_connections=room)
+    backlog = min(connections.backlog, max(16, open_files // 16))
+    room = max(4, open_files - RESERVED_FILES - 4 * backlog)
+    if connections.max_connections > room:
+        log.warning("holding at most %d connections, not %d: the open-file limit is %d (raise `ulimit -n`)",
+                    room, connections.max_connections, open_files)
+    return replace(connections, backlog=backlog, max_connections=min(connections.max_connections, room))
 
 
 def threads_per_model(threads: int | None, num_models: int, cpus: int | None = None) -> int:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -25,9 +26,9 @@ from support.serve import FakeEngine, LiveServer, free_port, wait_ready
 TESTS = Path(__file__).resolve().parents[1]  # `-c` puts the working directory on sys.path: support/ imports
 SERVER = """
 import json, resource, sys
-port, soft, connections = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+port, soft, hard, connections = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 if soft:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 from nvfp4.serve.app import build_app
 from nvfp4.serve.cli import run_server
 from support.serve import FakeEngine
@@ -41,12 +42,13 @@ HALF_SENT = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "  # the hea
 
 
 class Server:
-    """`run_server` on FakeEngine in a subprocess: soft_nofile lowers its open-file soft limit first."""
+    """`run_server` on FakeEngine in a subprocess: soft_nofile (and hard_nofile) lower its open-file limits."""
 
-    def __init__(self, soft_nofile: int = 0, **connections):
+    def __init__(self, soft_nofile: int = 0, hard_nofile: int = 0, **connections):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-c", SERVER, str(self.port), str(soft_nofile), json.dumps(connections)]
+        self.args = [sys.executable, "-c", SERVER, str(self.port), str(soft_nofile), str(hard_nofile),
+                     json.dumps(connections)]
 
     def __enter__(self) -> Server:
         self.process = subprocess.Popen(self.args, cwd=TESTS, stderr=subprocess.PIPE, text=True)
@@ -58,13 +60,17 @@ class Server:
         self.stderr = self.process.communicate(timeout=30)[1]
 
 
-def half_sent(port: int, count: int) -> list[socket.socket]:
-    sockets = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+def half_sent(port: int, count: int, at_once: int = 1) -> list[socket.socket]:
+    """count connections, each with a head that never ends, in the order given unless at_once opens several
+    together (a connect the listen queue drops waits a second for its retry: one after another, a small
+    backlog would take long)."""
+    def one(_) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(HALF_SENT)
-        sockets.append(sock)
-    return sockets
+        return sock
+
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(one, range(count)))
 
 
 def closed_by_server(sock: socket.socket, wait_s: float) -> bool:
@@ -118,7 +124,7 @@ def test_running_out_of_file_descriptors_neither_hides_health_nor_floods_the_log
     if hard != resource.RLIM_INFINITY and hard < 1024:
         pytest.skip(f"the hard open-file limit here is {hard}")
     with Server(soft_nofile=128) as server:
-        sockets = half_sent(server.port, 200)
+        sockets = half_sent(server.port, 200, at_once=32)
         health = health_within(server.url, 3.0)
         for sock in sockets:
             sock.close()
@@ -171,10 +177,26 @@ def test_the_connection_limit_fits_under_the_open_file_limit(caplog):
     from nvfp4.serve.config import ConnectionLimits
 
     wanted = ConnectionLimits(max_connections=1024)
-    assert fit_open_files(wanted, None) == wanted and fit_open_files(wanted, 4096) == wanted
+    assert fit_open_files(wanted, None) == wanted and fit_open_files(wanted, 2**20) == wanted
     with caplog.at_level(logging.WARNING):
         fitted = fit_open_files(wanted, 1024)
-    assert fitted.max_connections == 1024 - RESERVED_FILES and "ulimit -n" in caplog.text
+    assert fitted.max_connections + 4 * fitted.backlog + RESERVED_FILES <= 1024 and fitted.backlog >= 16
+    assert "ulimit -n" in caplog.text
+
+
+def test_a_hard_open_file_limit_holds_under_a_flood_of_half_sent_heads():
+    """Soft and hard limits of 256 (the server cannot raise them): 400 half-sent heads come in as fast as
+    they can; the server never reaches the limit (asyncio would refuse accepts), and /health answers."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1024:
+        pytest.skip("this test's client holds 400 sockets")
+    with Server(soft_nofile=256, hard_nofile=256, header_timeout=60) as server:
+        sockets = half_sent(server.port, 400, at_once=32)
+        health = health_within(server.url, 3.0)
+        for sock in sockets:
+            sock.close()
+    assert health == 200
+    assert "open-file limit is 256" in server.stderr  # the fitting said so
+    assert "refused" not in server.stderr and "out of system resource" not in server.stderr, server.stderr[-2000:]
 
 
 @pytest.mark.parametrize("field, value", [("max_connections", 2), ("header_timeout", 0), ("body_timeout", -1)])
