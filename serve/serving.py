@@ -142,7 +142,7 @@ class Job:
                  tool_plan: ToolPlan | None = None):
         """`admission` holds this job's choices already; close() gives them back."""
         self.constraint, self.tool_plan = constraint, tool_plan
-        self.held_text: dict[int, str] = {}  # choice -> its streamed text so far, while tool calls are parsed
+        self.held_text: dict[int, tuple[str, int]] = {}  # choice -> (its text so far, characters sent), with tools
         self.metrics, self.engine, self.alias, self.body, self.prompts, self.chat = metrics, engine, alias, body, prompts, chat
         self.id = make_id("chatcmpl" if chat else "cmpl")
         self.created, self.arrival = now(), arrival
@@ -343,19 +343,24 @@ def _chat_message(job: Job, text: str, finish: str | None) -> tuple[dict, str | 
 
 
 def _streamed_delta(job: Job, index: int, event: TokenEvent) -> tuple[dict, str | None]:
-    """A chat chunk's delta and finish_reason. With tools, the text is held back and parsed when the choice ends:
-    its calls arrive whole in the last chunk (one delta each, as the OpenAI client accumulates them)."""
+    """A chat chunk's delta and finish_reason. With tools, text that may begin a tool call is held back until it
+    cannot (auto) or the choice ends (a forced call): its calls then arrive whole in the last chunk, one delta each,
+    as the OpenAI client accumulates them."""
     plan = job.tool_plan
     if plan is None or not plan.parses_calls:
         return {"content": event.text}, event.finish_reason
-    job.held_text[index] = job.held_text.get(index, "") + event.text
+    text, sent = job.held_text.get(index, ("", 0))
+    text += event.text
     if event.finish_reason is None:
-        return {"content": ""}, None
-    message, finish = _chat_message(job, job.held_text.pop(index), event.finish_reason)
+        release = max(plan.releasable(text), sent)
+        job.held_text[index] = (text, release)
+        return {"content": text[sent:release]}, None
+    job.held_text.pop(index, None)
+    message, finish = _chat_message(job, text, event.finish_reason)
     if "tool_calls" not in message:
-        return {"content": message["content"]}, finish
+        return {"content": text[sent:]}, finish
     calls = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
-    return {"content": message["content"], "tool_calls": calls}, finish
+    return {"content": None if sent else message["content"], "tool_calls": calls}, finish
 
 
 async def _sse(job: Job, streams) -> AsyncIterator[str]:

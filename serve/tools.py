@@ -40,6 +40,22 @@ class ToolPlan:
     def parses_calls(self) -> bool:
         return self.mode != "none"
 
+    def releasable(self, text: str) -> int:
+        """While streaming: how many leading characters of the answer so far are content for sure (no tool call can
+        begin in them); the rest is held back until more text comes or the answer ends."""
+        if self.mode == "none":
+            return len(text)
+        if self.mode != "auto":
+            return 0  # the whole answer is the call
+        if self.call_format == "hermes":
+            start = text.find("<tool_call>")
+            end = start if start >= 0 else len(text) - _partial_suffix(text, "<tool_call>")
+            return len(text[:end].rstrip())  # trailing blanks wait: the answer's content is stripped before a call
+        head = text.lstrip()
+        if not head or head.startswith("{") or LLAMA_TAG.startswith(head[: len(LLAMA_TAG)]):
+            return 0  # Llama 3 writes a call as the whole answer
+        return len(text)
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """A finished answer -> (content, calls); an answer that holds no well-formed call stays content."""
         if self.mode == "named":
@@ -49,6 +65,11 @@ class ToolPlan:
         if self.mode == "auto":
             return (_hermes_calls if self.call_format == "hermes" else _llama_calls)(text)
         return text, []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag`."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
 
 
 def tool_plan(body: ChatCompletionRequest, chat_template: str | None) -> ToolPlan | None:

@@ -116,6 +116,19 @@ def test_auto_parses_a_qwen_tool_call_whole_and_streamed(scripted):
     engine.reply = "No tool needed."
     reply = client.chat.completions.create(model="fake", messages=MESSAGES, tools=TOOLS)
     assert reply.choices[0].message.content == "No tool needed." and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="fake", messages=MESSAGES, tools=TOOLS, stream=True))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(contents) == "No tool needed." and len(contents) > 5  # streamed as it comes, not held to the end
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_streaming_holds_back_only_what_may_begin_a_call():
+    hermes, llama = _plan("auto", QWEN_TOOLS_TEMPLATE), _plan("auto", "{{ '<|python_tag|>' }}")
+    assert hermes.releasable("Sure. <tool") == len("Sure.")
+    assert hermes.releasable("Sure. <b>") == len("Sure. <b>")
+    assert hermes.releasable('Sure.\n<tool_call>{"na') == len("Sure.")
+    assert [llama.releasable(t) for t in (" {", "<|py", "<|python_tag|>{", "Hi {")] == [0, 0, 0, 4]
+    assert _plan("required", None).releasable("[{") == 0
 
 
 def test_a_tool_conversation_renders_earlier_calls_and_answers(scripted):
