@@ -118,11 +118,12 @@ def _prepare(engine: Engine, constraint: Constraint | None) -> None:
     if constraint is None:
         return
     try:
-        check(constraint)
+        if not getattr(engine, "fails_after_submit", False) and can_compile_for(engine.tokenizer):
+            compile_constraint(engine.tokenizer, engine.token_id_limit(), constraint)
+        else:
+            check(constraint)
     except ConstraintError as error:
         raise APIError(400, str(error), _CONSTRAINT_PARAM.get(constraint.kind, "response_format")) from error
-    if not getattr(engine, "fails_after_submit", False) and can_compile_for(engine.tokenizer):
-        compile_constraint(engine.tokenizer, engine.token_id_limit(), constraint)
 
 
 def _check_limits(limits: Limits, body, prompts: int) -> None:
