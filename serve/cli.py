@@ -90,10 +90,12 @@ def guarded_server(app, host: str, port: int, drain_timeout: float, log_level: s
             asyncio.get_running_loop().set_exception_handler(AcceptErrorLog())
             await super().startup(sockets)
 
-    # uvicorn answers 503 once every connection but the new one is busy with a request
+    # past max_connections the idle ones close; uvicorn answers 503 only past the room fit_open_files keeps for
+    # the connections of a burst not yet closed (a /health arriving in a flood would get it too)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
                             http=guarded_protocol(AutoHTTPProtocol, connections),
-                            limit_concurrency=connections.max_connections + 1, backlog=connections.backlog)
+                            limit_concurrency=connections.max_connections + 4 * connections.backlog,
+                            backlog=connections.backlog)
     return Server(config)
 
 
@@ -362,7 +364,7 @@ def config_from_flags(flags: dict) -> ServeConfig:
 @click.option("--max-stop-chars", default=Limits.max_stop_chars, show_default=True, type=click.IntRange(1), help="Longest stop string (400 above).")
 @click.option("--max-model-len", default=ServeConfig.max_model_len, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
 @click.option("--drain-timeout", default=ServeConfig.drain_timeout, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
-@click.option("--max-connections", default=ServeConfig.max_connections, show_default=True, type=click.IntRange(4), help="Open connections at once; past it the longest idle one is closed (503 when none is idle). At most the open-file limit allows.")
+@click.option("--max-connections", default=ServeConfig.max_connections, show_default=True, type=click.IntRange(4), help="Open connections at once; past it the longest idle one is closed (a half-sent request, a kept-alive client). At most the open-file limit allows.")
 @click.option("--header-timeout", default=ServeConfig.header_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a connection may take to send a complete request head (from connecting, or from its last answer).")
 @click.option("--body-timeout", default=ServeConfig.body_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a /v1 request body may take to arrive (408 after).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")

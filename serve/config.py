@@ -52,7 +52,7 @@ class ConnectionLimits:
     """What the server holds for clients that have not sent a request yet (slowloris): uvicorn keeps a
     half-sent head, or a body trickling in, open for ever."""
 
-    max_connections: int = 1024  # open at once; beyond, the longest idle one is closed (503 when none is idle)
+    max_connections: int = 1024  # open at once; beyond, the longest idle one is closed
     header_timeout: float = 10.0  # seconds from connecting, or from the last answer, to a complete request head
     body_timeout: float = 60.0  # seconds a /v1 body may take to arrive (408 after)
     backlog: int = 2048  # the listen queue (uvicorn's), and what asyncio accepts in one go: fitted to the files
