@@ -4,6 +4,9 @@ converter/stages.py's `TRAINING_FLAGS`."""
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,10 +113,17 @@ def _training(flags: dict, settings: dict | None, started: float):
     return next((stage for stage in stages if stage is not None), None)
 
 
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (docker stop, a scheduler's kill) unwinds as Ctrl-C does: the temporary output is removed."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_convert(**flags) -> None:
     """Quantize MODEL (HF folder or .gguf; default: embedded SmolLM2-135M-Instruct) to NVFP4 and export it."""
     started = time.monotonic()
     show_messages()
+    _unwind_on_sigterm()
     words = FLAGS | {field: flag for t in TRAINING_FLAGS for field, flag in t.flags.items()}
     try:
         flags, settings = _from_recipe(flags) if flags["recipe"] else (flags, None)

@@ -218,6 +218,12 @@ def claim_workdir(workdir: Path, fingerprint: str, resume: bool) -> None:
 
 
 def _replace_atomically(tmp: Path, out: Path) -> None:
+    """tmp's files on disk (fsync) and its mode the umask's (mkdtemp makes it 0700: a container running as
+    another user could not read OUT), then renamed into place."""
+    _sync_tree(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     if out.exists():
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -226,6 +232,17 @@ def _replace_atomically(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Every file under folder, and the folders themselves, flushed to disk: a crash right after the rename
+    must not leave an OUT of empty files."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def convert(cfg: ConvertConfig, training: TrainingStage | None = None) -> Report | None:

@@ -306,7 +306,11 @@ def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | No
 
 def _save_atomically(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)  # a full disk is a RuntimeError from torch's stream writer, not an OSError
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the QAD checkpoint {path} (is its disk full?): {error}") from error
     os.replace(tmp, path)
 
 

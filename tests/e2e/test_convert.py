@@ -1,8 +1,13 @@
 """`nvfp4 convert`: output layout, report, atomic writes and one-line errors for bad input."""
 
 import json
+import os
 import platform
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -44,6 +49,9 @@ def test_layout_and_report(tiny_out, tiny_model_dir):
     assert set(report["export_seconds"]) == {"modelopt", "vllm", "llamacpp"}
     assert report["accuracy"]["results"], "accuracy vs the teacher is missing"
     assert "modelopt" in (tiny_out / "report.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tiny_out.stat().st_mode & 0o777) == 0o777 & ~umask, "OUT must be readable as the umask says"
     assert not list(tiny_out.parent.glob(".out.*")), "temporary folders were left behind"
 
 
@@ -193,3 +201,43 @@ def test_a_bad_recipe_is_one_line(tiny_model_dir, tmp_path):
     recipe.write_text(json.dumps({"quant": {"scheme": "int3"}}))
     assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--recipe", str(recipe)),
                           "unknown --scheme 'int3'")
+
+
+def test_sigterm_during_convert_leaves_nothing_behind(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-P", "-m", "nvfp4.cli", "convert", str(tiny_model_dir), "-o", str(out), "--qad-steps",
+               "0", "--calib-data", "random", "--calib-tokens", "64", "--no-eval"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "convert ended before its temporary output appeared"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
+
+
+def test_every_file_is_synced_before_out_is_renamed_into_place(tiny_model_dir, tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    result = run("convert", str(tiny_model_dir), "-o", str(tmp_path / "out"), "--qad-steps", "0", "--calib-data",
+                 "random", "--calib-tokens", "64", "--no-eval", "--targets", "modelopt")
+    assert result.exit_code == 0, result.output
+    entries = list((tmp_path / "out").rglob("*"))
+    assert len(synced) >= len(entries) + 1
+
+
+def test_a_full_disk_during_a_qad_checkpoint_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full)
+    result = run("convert", str(tiny_model_dir), "-o", str(tmp_path / "out"), "--qad-steps", "2", "--qad-seq-len",
+                 "16", "--qad-data", "random", "--calib-data", "random", "--calib-tokens", "64", "--no-eval",
+                 "--scheme", "nvfp4-a16", "--targets", "modelopt")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "cannot write the QAD checkpoint" in errors[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
