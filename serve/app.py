@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import secrets
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -25,12 +27,16 @@ from nvfp4.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     error_body,
     openapi_responses,
 )
-from nvfp4.serve.serving import ServingChat, ServingCompletion
+from nvfp4.serve.serving import ServingChat, ServingCompletion, ServingTokenization
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")  # never keyed; they reveal no paths or logs
@@ -38,6 +44,9 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # log-probabilities one echo may return for its prompts (~30 bytes of JSON each: ~15 MiB); vLLM bounds only
 # the logprobs per token (20, as protocol.MAX_LOGPROBS does), and 64 prompts x 2048 tokens x 21 drew ~80 MiB
 ECHO_LOGPROBS_LIMIT = 2**19
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # a client's X-Request-Id echoed as is; else one of ours
+BODY_PATHS = ("/tokenize", "/detokenize")  # POST bodies read under the limit besides /v1/'s
 
 
 class Served:
@@ -56,6 +65,10 @@ class Served:
         if not engine.ready:
             raise APIError(503, f"model `{alias}` is not ready", "model", "not_ready")
         return alias, engine
+
+    def get_or_first(self, name: str | None) -> tuple[str, Engine]:
+        """vLLM's /tokenize rule: no model named means the first one served."""
+        return self.get(next(iter(self.models)) if name is None else name)
 
     @property
     def ready(self) -> bool:
@@ -86,12 +99,14 @@ def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeo
     _install_error_handlers(app, metrics)
     app.include_router(_system_router(served, metrics))
     app.include_router(_openai_router(served, metrics))
+    app.include_router(_tokenize_router(served))
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, timeout=body_timeout, metrics=metrics)
     if api_key is not None:
         app.add_middleware(_KeyCheck, api_key=api_key, open_paths=OPEN_PATHS + (("/metrics",) if open_metrics else ()),
                            metrics=metrics)
     if local_names_only:
         app.add_middleware(_LocalNamesOnly, open_paths=OPEN_PATHS + ("/metrics",), metrics=metrics)
+    app.add_middleware(_RequestId)  # outermost: every answer of the middlewares above carries it too
     return app
 
 
@@ -118,6 +133,36 @@ def _key_of(headers: dict[bytes, bytes]) -> str:
         except (ValueError, UnicodeDecodeError):
             return ""
     return ""
+
+
+def request_id(scope) -> str:
+    """The request's id: the client's X-Request-Id where it is 1-128 safe characters, else a new one (kept in the
+    scope's state, which every layer of the app shares)."""
+    state = scope.setdefault("state", {})
+    if "request_id" not in state:
+        given = dict(scope.get("headers", ())).get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        state["request_id"] = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return state["request_id"]
+
+
+class _RequestId:
+    """Every HTTP answer carries X-Request-Id (vLLM's header): the client's own value, or one made here."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        value = request_id(scope).encode()
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, value)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class _KeyCheck:
@@ -174,7 +219,8 @@ class _BodyLimit:
         self.app, self.limit, self.timeout, self.metrics = app, limit, timeout, metrics
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or not (path.startswith("/v1/") or path in BODY_PATHS):
             return await self.app(scope, receive, send)
         refusal = self._refusal(dict(scope["headers"]))
         if refusal is None:
@@ -238,7 +284,8 @@ def _replay(body: bytes, receive):
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def respond(request: Request, status: int, body: dict) -> JSONResponse:
         metrics.error(getattr(request.state, "model", None), status)
-        return JSONResponse(body, status_code=status)
+        # a 500 is answered outside the middlewares (Starlette's ServerErrorMiddleware): its id is set here
+        return JSONResponse(body, status_code=status, headers={"X-Request-Id": request_id(request.scope)})
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -300,9 +347,10 @@ def _openai_router(served: Served, metrics: ServerMetrics) -> APIRouter:
 
     @router.get("/models", response_model=ModelList, response_model_exclude_none=True, responses=openapi_responses(None))
     async def list_models() -> ModelList:
-        data = [ModelCard(id=alias, root=engine.name, nvfp4=engine.card()) for alias, engine in served.models.items()]
-        data += [ModelCard(id=name, root=name, parent=alias) for name, (alias, _) in served.by_name.items()
-                 if name not in served.models]
+        data = [ModelCard(id=alias, root=engine.name, max_model_len=engine.max_model_len, nvfp4=engine.card())
+                for alias, engine in served.models.items()]
+        data += [ModelCard(id=name, root=name, parent=alias, max_model_len=engine.max_model_len)
+                 for name, (alias, engine) in served.by_name.items() if name not in served.models]
         return ModelList(data=data)
 
     @router.post("/chat/completions", responses=openapi_responses(ChatCompletionResponse, stream=True))
@@ -315,6 +363,22 @@ def _openai_router(served: Served, metrics: ServerMetrics) -> APIRouter:
         alias, engine = _model(served, body.model, request)
         _check_echo_size(body, engine.max_model_len)
         return await completion_serving.create(body, alias, engine, served.admission[alias], request)
+
+    return router
+
+
+def _tokenize_router(served: Served) -> APIRouter:
+    """vLLM's /tokenize and /detokenize (outside /v1, as vLLM serves them)."""
+    router, serving = APIRouter(), ServingTokenization()
+
+    @router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True,
+                 responses=openapi_responses(TokenizeResponse))
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        return await serving.tokenize(body, _model(served, body.model, request, default_first=True)[1])
+
+    @router.post("/detokenize", response_model=DetokenizeResponse, responses=openapi_responses(DetokenizeResponse))
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        return await serving.detokenize(body, _model(served, body.model, request, default_first=True)[1])
 
     return router
 
@@ -335,7 +399,7 @@ def _check_echo_size(body: CompletionRequest, max_model_len: int) -> None:
                        "logprobs", "echo_too_large")
 
 
-def _model(served: Served, name: str, request: Request) -> tuple[str, Engine]:
-    alias, engine = served.get(name)
+def _model(served: Served, name: str | None, request: Request, default_first: bool = False) -> tuple[str, Engine]:
+    alias, engine = served.get_or_first(name) if default_first else served.get(name)
     request.state.model = alias
     return alias, engine

@@ -73,8 +73,10 @@ def _backend_copy(backend, split_special_tokens: bool):
     return copy
 
 
-def chat_prompt(engine: Engine, body: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
-    """`tools` (as the template takes them) are rendered into the prompt where the template shows them."""
+def chat_prompt(engine: Engine, body: ChatCompletionRequest, tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> list[int]:
+    """`tools` (as the template takes them) are rendered into the prompt where the template shows them; without
+    add_generation_prompt (/tokenize's), the messages alone, with no opened assistant turn."""
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"model `{body.model}` has no chat template; use /v1/completions", "messages")
@@ -86,9 +88,10 @@ def chat_prompt(engine: Engine, body: ChatCompletionRequest, tools: list[dict] |
     messages = [{**_tool_fields(m), "role": "system" if m.role == "developer" else m.role,
                  "content": f"{marker}{i}{marker}"} for i, m in enumerate(body.messages)]
     _refuse_control_tokens(tokenizer, tools, messages)
-    pieces = _render(tokenizer, messages, tools).split(marker)  # template, content 0, template, content 1, ...
+    pieces = _render(tokenizer, messages, tools, add_generation_prompt).split(marker)  # template, content 0, template, content 1, ...
     if pieces[1::2] != [str(i) for i in range(len(contents))]:  # a template that edits or drops contents
-        return encoder.encode(_render(tokenizer, [{**m, "content": c} for m, c in zip(messages, contents)], tools))
+        messages = [{**m, "content": c} for m, c in zip(messages, contents)]
+        return encoder.encode(_render(tokenizer, messages, tools, add_generation_prompt))
     ids = []
     for i, piece in enumerate(pieces):
         ids += encoder.encode(piece) if i % 2 == 0 else encoder.encode(contents[int(piece)], literal=True)
@@ -132,10 +135,11 @@ def _refuse_control_tokens(tokenizer, tools: list[dict] | None, messages: list[d
         raise APIError(400, f"`tools` and `tool_calls` may not contain the control token {forged!r}", "tools")
 
 
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
     try:
         extra = {"tools": tools} if tools else {}
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
     except Exception as error:  # jinja raises its own errors (e.g. role order the template rejects)
         raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from error
 

@@ -275,6 +275,47 @@ class CompletionRequest(_Sampling):
         return 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
 
 
+class TokenizeRequest(OpenAIModel):
+    """vLLM's POST /tokenize: a `prompt` (tokenized as /v1/completions does), or chat `messages` (rendered by the
+    chat template as /v1/chat/completions does). `model` defaults to the first one served."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool = True  # prompt only (the chat template writes its own)
+    return_token_strs: bool = False
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _message_count(cls, value):
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages per request")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either `prompt` or `messages`")
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # ---- responses ---------------------------------------------------------------------------------
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -397,6 +438,7 @@ class ModelCard(BaseModel):
     owned_by: str = "nvfp4"
     root: str
     parent: str | None = None  # the alias a real model name stands for
+    max_model_len: int | None = None  # the context length, as vLLM's cards carry it
     nvfp4: dict | None = None  # scheme, sizes, held-out KL and chat template of the served checkpoint
 
 

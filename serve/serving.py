@@ -16,6 +16,7 @@ from nvfp4.serve.interface import Engine, GenerationRequest, SamplingParams, Tok
 from nvfp4.serve.limits import Admission, Limits
 from nvfp4.serve.metrics import RequestTimer, ServerMetrics
 from nvfp4.serve.prompts import (
+    PromptEncoder,
     chat_prompt,
     check_chat_fits,
     check_completion_fits,
@@ -28,6 +29,10 @@ from nvfp4.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     error_body,
     make_id,
     now,
@@ -79,6 +84,41 @@ class ServingCompletion:
                        constraint=constraint)
 
         return await _serve(await _admitted(admission, body.prompt_count() * body.n, job), request)
+
+
+class ServingTokenization:
+    """vLLM's POST /tokenize and /detokenize: the ids the completion or chat routes would send the model (a text
+    that cannot fit the context is refused before any tokenizing), and the text of ids; on the prompt workers."""
+
+    async def tokenize(self, body: TokenizeRequest, engine: Engine) -> TokenizeResponse:
+        if body.messages is not None:
+            check_chat_fits(engine, body)
+        else:
+            check_completion_fits(engine, body)
+        ids = await on_prompt_workers(_tokenized, engine, body)
+        strs = await on_prompt_workers(_token_strs, engine.tokenizer, ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, body: DetokenizeRequest, engine: Engine) -> DetokenizeResponse:
+        limit = engine.token_id_limit()
+        if body.tokens and not 0 <= min(body.tokens) <= max(body.tokens) < limit:
+            raise APIError(400, f"token ids must be in [0, {limit})", "tokens", "invalid_token_id")
+        if len(body.tokens) > engine.max_model_len:
+            raise APIError(400, f"at most {engine.max_model_len} token ids (the context length)", "tokens",
+                           "context_length_exceeded")
+        return DetokenizeResponse(prompt=await on_prompt_workers(engine.tokenizer.decode, body.tokens))
+
+
+def _tokenized(engine: Engine, body: TokenizeRequest) -> list[int]:
+    if body.messages is not None:
+        return chat_prompt(engine, body, add_generation_prompt=body.add_generation_prompt)
+    return PromptEncoder(engine.tokenizer).encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+
+def _token_strs(tokenizer, ids: list[int]) -> list[str]:
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [str(token) for token in tokenizer.convert_ids_to_tokens(ids)]
+    return [tokenizer.decode([token]) for token in ids]
 
 
 async def _admitted(admission: Admission, choices: int, make_job) -> Job:
