@@ -51,6 +51,7 @@ SERVE_FLAGS = {  # ServeConfig field -> the flag that sets it, as errors name it
     "threads": "--threads",
     "native.device": "--device",
     "native.compile": "--compile",
+    "native.prefix_caching": "--no-prefix-caching (or --no-enable-prefix-caching)",
     "adapter.args": "arguments after `--`",
     "adapter.vllm_bin": "--vllm-bin",
     "adapter.trtllm_bin": "--trtllm-bin",
@@ -257,7 +258,8 @@ def native_engines(config: ServeConfig) -> dict:
         raise UserError(f"no student checkpoint at {student_folder(out)} (run `nvfp4 convert ... -o {out}` first)")
     check_native(student_folder(out), "student")
     kwargs = dict(max_num_seqs=config.limits.max_num_seqs, max_queue=config.limits.max_queue,
-                  max_model_len=config.max_model_len, compile=config.native.compile)
+                  max_model_len=config.max_model_len, compile=config.native.compile,
+                  prefix_caching=config.native.prefix_caching)
     shared = SharedTensors()  # the student's unquantized tensors are the teacher's: held once
     engines = {"student": NativeEngine(out.name + "-nvfp4", shared.loader(lambda: load_student(out, device)), **kwargs)}
     if serves_teacher(config.teacher):
@@ -283,7 +285,8 @@ def adapter_engines(config: ServeConfig) -> dict:
     def native_teacher(source, name):
         check_native(resolve_model(source), "teacher")
         return NativeEngine(name, lambda: load_teacher(source)[:2], max_num_seqs=limits.max_num_seqs,
-                            max_queue=limits.max_queue, max_model_len=config.max_model_len)
+                            max_queue=limits.max_queue, max_model_len=config.max_model_len,
+                            prefix_caching=config.native.prefix_caching)
 
     return adapter_models(config.out, config.teacher, opts, native_teacher)
 
@@ -342,7 +345,8 @@ def config_from_flags(flags: dict) -> ServeConfig:
     """The command's keyword arguments (one per flag) as a ServeConfig."""
     flags = dict(flags)
     limits = Limits(**{limit.name: flags.pop(limit.name) for limit in fields(Limits)})
-    native = NativeSettings(device=flags.pop("device"), compile=flags.pop("compile_decode"))
+    native = NativeSettings(device=flags.pop("device"), compile=flags.pop("compile_decode"),
+                            prefix_caching=flags.pop("prefix_caching"))
     adapter = AdapterSettings(args=flags.pop("engine_args"), vllm_bin=flags.pop("vllm_bin"),
                               trtllm_bin=flags.pop("trtllm_bin"), ready_timeout=flags.pop("engine_timeout"))
     return ServeConfig(limits=limits, native=native, adapter=adapter, **flags)
@@ -370,6 +374,8 @@ def config_from_flags(flags: dict) -> ServeConfig:
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
 @click.option("--device", type=click.Choice(DEVICES), default=NativeSettings.device, show_default=True, help="Native engine: where the models and KV cache live (cuda: the student's linears run the Triton W4A16 kernel, the teacher bf16).")
 @click.option("--compile/--no-compile", "compile_decode", default=NativeSettings.compile, show_default=True, help="Native engine: torch.compile the decode step (faster decode; the first start compiles for ~1 min per model, later starts reuse the cache).")
+@click.option("--prefix-caching/--no-prefix-caching", "--enable-prefix-caching/--no-enable-prefix-caching",
+              "prefix_caching", default=NativeSettings.prefix_caching, show_default=True, help="Native engine: reuse the KV cache of prompt prefixes seen before (a shared system prompt is prefilled once); vLLM's --enable-prefix-caching/--no-enable-prefix-caching are accepted. Engine vllm: pass vLLM's flag after `--`.")
 @click.option("--ui", is_flag=True, help="Mount the Gradio side-by-side chat at /ui.")
 @click.option("--log-level", default=ServeConfig.log_level, type=click.Choice(LOG_LEVELS))
 @click.option("--vllm-bin", default=None, help="--engine vllm: the `vllm` executable, or a Python with vllm (default: $NVFP4_VLLM_BIN, PATH).")

@@ -32,6 +32,7 @@ class NativeSettings:
 
     device: str = "cpu"  # where the models and KV cache live (cuda: the Triton W4A16 kernel)
     compile: bool = False  # torch.compile the decode step
+    prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before (block-hashed, across requests)
 
 
 @dataclass(frozen=True)
