@@ -312,7 +312,7 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, error: Exception):
-        log.exception("unhandled error")
+        log.exception("unhandled error (X-Request-Id %s)", request_id(request.scope))
         return respond(request, 500, error_body(500, "internal server error", None, "internal_error"))
 
 

@@ -118,10 +118,11 @@ class _BrokenDecode(FakeEngine):
         self.tokenizer.decode = lambda ids, **_: 1 / 0
 
 
-def test_a_server_error_carries_the_request_id_too():
+def test_a_server_error_carries_the_request_id_too(caplog):
     response = call(_BrokenDecode(), "POST", "/detokenize", json={"tokens": [65]}, headers={"X-Request-Id": "r-500"})
     assert response.status_code == 500 and response.headers["x-request-id"] == "r-500"
     assert set(response.json()["error"]) == OPENAI_ERROR_KEYS
+    assert "X-Request-Id r-500" in caplog.text  # the log line of the traceback names it
 
 
 @pytest.fixture(scope="module")
