@@ -27,9 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nvfp4.converter.calibration import calibration_batches  # noqa: E402
 from nvfp4.converter.config import QuantConfig  # noqa: E402
+from nvfp4.converter.layout import TARGETS  # noqa: E402
 from nvfp4.converter.models import load_causal_lm, resolve_model  # noqa: E402
-from nvfp4.converter.pipeline import DTYPES, TARGETS, export_targets, keep_freed_memory  # noqa: E402
+from nvfp4.converter.pipeline import export_targets, keep_freed_memory  # noqa: E402
 from nvfp4.converter.quantize import calibrate, quantize  # noqa: E402
+from nvfp4.converter.recipe import DTYPES  # noqa: E402
 from nvfp4.converter.writers import base as writers_base  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from nvfp4.converter.families import family_of
 from nvfp4.converter.models import load_causal_lm, resolve_model
 from nvfp4.converter.plan import Needs, Plan, make_plan, skeleton
 from nvfp4.converter.quantize import calibrate, eligible_linears, quantize, quantized_modules
-from nvfp4.converter.recipe import DTYPES, TARGETS, ConvertRecipe
+from nvfp4.converter.recipe import DTYPES, ConvertRecipe
 from nvfp4.converter.report import Report
 from nvfp4.converter.smoothing import smooth
 from nvfp4.converter.stages import TrainingContext, TrainingStage, needs_calibration_data
@@ -65,17 +65,13 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
-@dataclass(frozen=True)
-class ConvertConfig:
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig(ConvertRecipe):
+    """A recipe and where it runs: the source, OUT, the device and the run's switches."""
+
     out: Path
     source: str | None = None  # None: the embedded default model
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    targets: tuple[str, ...] = TARGETS
-    calib_data: str = "self"
-    calib_tokens: int = 2048
-    seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"
     force: bool = False
     trust_remote_code: bool = False
     evaluate: bool = True
@@ -83,21 +79,15 @@ class ConvertConfig:
     dry_run: bool = False  # print the memory plan and stop
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", self.recipe().targets)  # the recipe's checks and target names
+        super().__post_init__()
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown `device` {self.device}; choose auto, cpu or cuda", field="device")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("`device` cuda was asked for but no CUDA device is available", field="device")
 
     def recipe(self, training: dict | None = None) -> ConvertRecipe:
-        return ConvertRecipe(self.quant, self.targets, self.calib_data, self.calib_tokens, self.seed, self.dtype,
-                             training)
-
-    @classmethod
-    def from_recipe(cls, recipe: ConvertRecipe, out: Path, **run) -> "ConvertConfig":
-        """The recipe's settings with the run's own (source, device, force, evaluate ...)."""
-        return cls(out=out, quant=recipe.quant, targets=recipe.targets, calib_data=recipe.calib_data,
-                   calib_tokens=recipe.calib_tokens, seed=recipe.seed, dtype=recipe.dtype, **run)
+        """The recipe alone, with the training stage's settings."""
+        return ConvertRecipe(**{f.name: getattr(self, f.name) for f in fields(ConvertRecipe)} | {"training": training})
 
     @property
     def torch_device(self) -> torch.device:

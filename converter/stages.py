@@ -45,6 +45,7 @@ class PTQStage:
 
     def __init__(self, cfg: QuantConfig):
         self.cfg = cfg
+        self.moments = _Moments()  # what an observing stage sums over the calibration rows, per module
 
     @classmethod
     def selected(cls, cfg: QuantConfig) -> bool:
@@ -171,20 +172,15 @@ class ActivationWeightedSearch(PTQStage):
     option = "scale_search"
     observes = True
 
-    def __init__(self, cfg: QuantConfig):
-        super().__init__(cfg)
-        self.square = _Moments()
-
-
     def observe(self, name: str, module: NVFP4FakeQuantLinear, x: Tensor) -> None:
         rows = _rows(module, x)
-        self.square.add(name, rows.shape[0], rows.square().sum(0))
+        self.moments.add(name, rows.shape[0], rows.square().sum(0))
 
     @torch.no_grad()
     def after_calibration(self, modules: Modules) -> None:
         from nvfp4.kernels.scale_search import search_block_scales
 
-        for name, mean_square in self.square.means().items():
+        for name, mean_square in self.moments.means().items():
             module = modules[name]
             module.block_scales = search_block_scales(module.weight, module.weight_gscale, "mse-act", mean_square)
 
@@ -200,8 +196,7 @@ class GPTQRounding(PTQStage):
 
     def __init__(self, cfg: QuantConfig):
         super().__init__(cfg)
-        self.hessian = _Moments()
-        self.leads: set[str] = set()
+        self.leads: set[str] = set()  # each fused group's first member holds the group's X^T X
 
 
     def begin_calibration(self, modules: Modules) -> None:
@@ -210,8 +205,8 @@ class GPTQRounding(PTQStage):
     def observe(self, name: str, module: NVFP4FakeQuantLinear, x: Tensor) -> None:
         if name in self.leads:
             rows = _rows(module, x)
-            previous = self.hessian.sums.pop(name, None)
-            self.hessian.add(name, rows.shape[0], rows.T @ rows if previous is None else torch.addmm(previous, rows.T, rows))
+            previous = self.moments.sums.pop(name, None)
+            self.moments.add(name, rows.shape[0], rows.T @ rows if previous is None else torch.addmm(previous, rows.T, rows))
 
     @staticmethod
     def hessian_bytes(linears: dict[str, nn.Module]) -> int:
@@ -222,7 +217,7 @@ class GPTQRounding(PTQStage):
     def after_calibration(self, modules: Modules) -> None:
         from nvfp4.kernels.gptq import gptq_round
 
-        hessians = self.hessian.means()
+        hessians = self.moments.means()
         by_shape: dict[tuple, list[list[str]]] = {}
         for group in fused_groups(modules):
             if group[0] in hessians:

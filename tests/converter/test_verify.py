@@ -103,7 +103,7 @@ def test_folders_that_are_not_exports_are_ignored(w4a4_out, tmp_path):
 
 
 def test_every_target_has_one_reader_registered_in_verify():
-    from nvfp4.converter.pipeline import TARGETS
+    from nvfp4.converter.layout import TARGETS
 
     assert sorted(READERS) == sorted(TARGETS)
     assert READERS["llamacpp"].rel_tol > READERS["modelopt"].rel_tol
