@@ -54,6 +54,7 @@ test-tools:
 # first failure. Together they are every test (CI runs this target).
 test: $(VENV)/.dev test-tools vllm
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -P -m pytest -q -x -m "not slow"
 	$(PY) -P -m pytest -q -x -m slow
 
@@ -62,6 +63,7 @@ test-fast: $(VENV)/.dev test-tools
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: $(VENV)/.ui
 	$(NVFP4) convert -o $(DEMO_OUT) --force

@@ -31,18 +31,48 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PRESETS = {  # transformers' LlamaConfig arguments, as the published config.json files give them
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192},
-                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192},
-                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
 }
 
 
@@ -134,10 +164,14 @@ def check_outputs(model: Path, out: Path, layers: tuple[int, ...], trained: bool
     gguf_tensors = {t.name: t for t in reader.tensors}
     checked = []
     for layer in layers:
-        for module, gguf_name in ((f"model.layers.{layer}.mlp.down_proj", f"blk.{layer}.ffn_down.weight"),
-                                  (f"model.layers.{layer}.self_attn.o_proj", f"blk.{layer}.attn_output.weight")):
+        for module, gguf_name in (
+            (f"model.layers.{layer}.mlp.down_proj", f"blk.{layer}.ffn_down.weight"),
+            (f"model.layers.{layer}.self_attn.o_proj", f"blk.{layer}.attn_output.weight"),
+        ):
             if trained:
-                packed, scales, gscale = (trtllm.get(f"{module}.{n}") for n in ("weight", "weight_scale", "weight_scale_2"))
+                packed, scales, gscale = (
+                    trtllm.get(f"{module}.{n}") for n in ("weight", "weight_scale", "weight_scale_2")
+                )
             else:
                 packed, scales, gscale = quantize(source.get(f"{module}.weight").float())
             assert torch.equal(trtllm.get(f"{module}.weight"), packed), module
@@ -164,7 +198,11 @@ def main() -> None:
     rows = []
     for scheme, forced in [(s, p) for s in args.schemes.split(",") for p in args.paths.split(",")]:
         out = args.workdir / f"out-{scheme}"
-        qad = ["--qad-mode", "layer", "--qad-steps", str(args.qad_layer_steps)] if args.qad_layer_steps else ["--qad-steps", "0"]
+        qad = (
+            ["--qad-mode", "layer", "--qad-steps", str(args.qad_layer_steps)]
+            if args.qad_layer_steps
+            else ["--qad-steps", "0"]
+        )
         common = ["convert", str(model), "-o", str(out), *qad, "--scheme", scheme, "--force"]
         common += ["--layerwise"] if forced == "layerwise" else []
         _, _, plan = run_convert([*common, "--dry-run"], args.workdir / "status.txt")
@@ -175,18 +213,34 @@ def main() -> None:
         layers = (0, PRESETS[args.preset]["num_hidden_layers"] - 1)
         checked = check_outputs(model, out, layers, trained=bool(args.qad_layer_steps))
         accuracy = (report.get("accuracy") or {}).get("results", {}).get("NVFP4", {})
-        rows.append((scheme, path, seconds, peak / 2**30, predicted, sum(report["sizes_bytes"][t] for t in report["targets"]),
-                     accuracy.get("prose_kl"), len(checked)))
+        rows.append(
+            (
+                scheme,
+                path,
+                seconds,
+                peak / 2**30,
+                predicted,
+                sum(report["sizes_bytes"][t] for t in report["targets"]),
+                accuracy.get("prose_kl"),
+                len(checked),
+            )
+        )
         if not args.keep:
             shutil.rmtree(out)
-    print(f"\n{args.preset}: {sum(1 for _ in model.glob('*.safetensors'))} shards, "
-          f"{sum(f.stat().st_size for f in model.glob('*.safetensors')) / 1e9:.1f} GB BF16")
-    print("| scheme | path | wall (s) | peak RSS (GiB) | plan (GiB) | plan / measured | written (GB) | prose KL | spot checks |")
+    print(
+        f"\n{args.preset}: {sum(1 for _ in model.glob('*.safetensors'))} shards, "
+        f"{sum(f.stat().st_size for f in model.glob('*.safetensors')) / 1e9:.1f} GB BF16"
+    )
+    print(
+        "| scheme | path | wall (s) | peak RSS (GiB) | plan (GiB) | plan / measured | written (GB) | prose KL | spot checks |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for scheme, path, seconds, peak, predicted, written, kl, checked in rows:
         kl_text = "-" if kl is None else f"{kl:.4f}"
-        print(f"| {scheme} | {path} | {seconds:.0f} | {peak:.2f} | {predicted:.2f} | {predicted / peak:.2f} | "
-              f"{written / 1e9:.1f} | {kl_text} | {checked} linears, 3 targets |")
+        print(
+            f"| {scheme} | {path} | {seconds:.0f} | {peak:.2f} | {predicted:.2f} | {predicted / peak:.2f} | "
+            f"{written / 1e9:.1f} | {kl_text} | {checked} linears, 3 targets |"
+        )
     if not args.keep:
         shutil.rmtree(model)
 

@@ -128,8 +128,10 @@ def render(ours: dict[str, float], theirs: dict[str, float]) -> str:
     common = sum(v for k, v in ours.items() if not k.startswith("export"))
     for export in (k for k in ours if k.startswith("export")):
         total = common + ours[export]
-        lines.append(f"| end to end, {export.removeprefix('export ')} | {total:.2f} | {total_theirs:.2f} | "
-                     f"**{total_theirs / total:.2f}x** |")
+        lines.append(
+            f"| end to end, {export.removeprefix('export ')} | {total:.2f} | {total_theirs:.2f} | "
+            f"**{total_theirs / total:.2f}x** |"
+        )
     return "\n".join(lines)
 
 
@@ -139,8 +141,20 @@ SIDES = {"ours": run_ours, "modelopt": run_modelopt}
 def run_side(side: str, source: Path, scheme: str, scratch: Path, dtype: str) -> dict[str, float]:
     """One side in a process of its own: mtq.quantize patches transformers for the rest of its process
     (our calibration forward measured ~30% slower after it ran in the same process)."""
-    command = [sys.executable, __file__, "--side", side, "--scratch", str(scratch), "--model", str(source),
-               "--scheme", scheme, "--dtype", dtype]
+    command = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--scratch",
+        str(scratch),
+        "--model",
+        str(source),
+        "--scheme",
+        scheme,
+        "--dtype",
+        dtype,
+    ]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -150,8 +164,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF folder or GGUF (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--scheme", choices=["nvfp4", "nvfp4-a16"], default="nvfp4")
     parser.add_argument("--calib-tokens", type=int, default=2048)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="unquantized tensors in both exports (ModelOpt writes the model's dtype)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="unquantized tensors in both exports (ModelOpt writes the model's dtype)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="best of N per stage, sides interleaved")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -173,9 +191,11 @@ def main() -> None:
         for _ in range(args.repeats):
             theirs.append(run_side("modelopt", source, args.scheme, Path(scratch), args.dtype))
             ours.append(run_side("ours", source, args.scheme, Path(scratch), args.dtype))
-    print(f"model {source.name}, scheme {args.scheme}, {len(batches)} calibration batches of "
-          f"{batches[0].shape[1]} tokens, exports in {args.dtype}, torch threads {torch.get_num_threads()}, "
-          f"best of {args.repeats}")
+    print(
+        f"model {source.name}, scheme {args.scheme}, {len(batches)} calibration batches of "
+        f"{batches[0].shape[1]} tokens, exports in {args.dtype}, torch threads {torch.get_num_threads()}, "
+        f"best of {args.repeats}"
+    )
     print(render(best_of(ours), best_of(theirs)))
 
 

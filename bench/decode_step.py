@@ -78,12 +78,16 @@ def main() -> None:
     if args.random:
         loaders = _random_models(args.random, args.device)
     elif args.out:
-        loaders = {"student": lambda: load_student(args.out, args.device)[0],
-                   "teacher": lambda: load_teacher(teacher_source(args.out, None), args.device)[0]}
+        loaders = {
+            "student": lambda: load_student(args.out, args.device)[0],
+            "teacher": lambda: load_teacher(teacher_source(args.out, None), args.device)[0],
+        }
     else:
         parser.error("give OUT or --random PRESET")
     print(f"{args.device}, {torch.get_num_threads()} threads, context {CONTEXT}, {args.steps} steps")
-    print("| model | batch | eager tok/s | compiled tok/s | compiled / eager | compile s |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "| model | batch | eager tok/s | compiled tok/s | compiled / eager | compile s |\n|---|---:|---:|---:|---:|---:|"
+    )
     for name in args.models.split(","):
         model = loaders[name]().eval()
         runner = _runner(model, max(batches), args.device)
@@ -97,7 +101,10 @@ def main() -> None:
             for batch in batches:
                 eager = tokens_per_second(runner.decode, batch, args.steps, model.config.vocab_size, args.device)
                 fast = tokens_per_second(compiled, batch, args.steps, model.config.vocab_size, args.device)
-                print(f"| {name} | {batch} | {eager:.1f} | {fast:.1f} | {fast / eager:.2f}x | {compile_seconds:.0f} |", flush=True)
+                print(
+                    f"| {name} | {batch} | {eager:.1f} | {fast:.1f} | {fast / eager:.2f}x | {compile_seconds:.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

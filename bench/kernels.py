@@ -1,7 +1,7 @@
 """W4A16 NVFP4 GEMM vs BF16 torch.matmul on a GPU: time, achieved GB/s, speed ratio, % of copy bandwidth.
 
-    python bench/kernels.py                 # CUDA: M in {1, 16, 128, 2048} x K=N in {4096, 8192}
-    TRITON_INTERPRET=1 python bench/kernels.py --interpret   # tiny shapes on CPU, proves the script runs
+python bench/kernels.py                 # CUDA: M in {1, 16, 128, 2048} x K=N in {4096, 8192}
+TRITON_INTERPRET=1 python bench/kernels.py --interpret   # tiny shapes on CPU, proves the script runs
 """
 
 import argparse
@@ -44,7 +44,9 @@ def main() -> None:
     sizes, ms = ([64], [1, 16]) if args.interpret else ([4096, 8192], [1, 16, 128, 2048])
     repeats = 1 if args.interpret else args.repeats
     peak = copy_bandwidth(device, repeats) if device == "cuda" else float("nan")
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}; copy bandwidth {peak:.0f} GB/s")
+    print(
+        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}; copy bandwidth {peak:.0f} GB/s"
+    )
     print(f"{'M':>6} {'K=N':>6} {'bf16 ms':>9} {'nvfp4 ms':>9} {'speed-up':>9} {'nvfp4 GB/s':>11} {'% copy bw':>10}")
     for size in sizes:
         weight = torch.randn(size, size, device=device)
@@ -56,7 +58,9 @@ def main() -> None:
             t_fp4 = timed(lambda: matmul_w4a16_triton(x, packed, scales, gscale), device, repeats)
             moved = packed.numel() + scales.numel() + 2 * x.numel() + 2 * m * size
             gbs = moved / t_fp4 / 1e9
-            print(f"{m:>6} {size:>6} {t_bf16 * 1e3:>9.3f} {t_fp4 * 1e3:>9.3f} {t_bf16 / t_fp4:>8.2f}x {gbs:>11.0f} {100 * gbs / peak:>9.0f}%")
+            print(
+                f"{m:>6} {size:>6} {t_bf16 * 1e3:>9.3f} {t_fp4 * 1e3:>9.3f} {t_bf16 / t_fp4:>8.2f}x {gbs:>11.0f} {100 * gbs / peak:>9.0f}%"
+            )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ def main() -> None:
         def run():
             logits = student.clone().requires_grad_(True)
             kl(teacher, logits).sum().backward()
+
         return run
 
-    rows = [("forward + backward", backward(token_kl), backward(token_kl_ref)),
-            ("forward, no grad", lambda: token_kl(teacher, student), lambda: token_kl_ref(teacher, student))]
+    rows = [
+        ("forward + backward", backward(token_kl), backward(token_kl_ref)),
+        ("forward, no grad", lambda: token_kl(teacher, student), lambda: token_kl_ref(teacher, student)),
+    ]
     print(f"{args.rows} x {args.vocab} fp32 logits, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print("| pass | C kernel (ms) | torch formula (ms) | speed-up |\n|---|---:|---:|---:|")
     for name, ours, reference in rows:

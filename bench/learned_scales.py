@@ -45,8 +45,10 @@ def main() -> None:
         for _ in range(args.layers):
             layer()
         best = min(best, time.perf_counter() - start)
-    print(f"{args.repo}: forward + backward of {len(SHAPES) * args.layers} linears, best of {args.repeats}: "
-          f"{best * 1e3:.0f} ms")
+    print(
+        f"{args.repo}: forward + backward of {len(SHAPES) * args.layers} linears, best of {args.repeats}: "
+        f"{best * 1e3:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

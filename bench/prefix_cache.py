@@ -52,11 +52,15 @@ async def _measure(loaded, prefixes: list[list[int]], questions: list[list[int]]
     engine = NativeEngine("bench", lambda: loaded, max_model_len=2048, prefix_caching=caching)
     await engine.start()
     try:
-        pairs = [(await _ttft(engine, prefix + questions[0]), await _ttft(engine, prefix + questions[1]))
-                 for prefix in prefixes]
+        pairs = [
+            (await _ttft(engine, prefix + questions[0]), await _ttft(engine, prefix + questions[1]))
+            for prefix in prefixes
+        ]
         stats = engine.stats()
-        print(f"  prefix caching {'on ' if caching else 'off'}: {stats.prefix_cache_hits} of "
-              f"{stats.prefix_cache_queries} prompt tokens found cached")
+        print(
+            f"  prefix caching {'on ' if caching else 'off'}: {stats.prefix_cache_hits} of "
+            f"{stats.prefix_cache_queries} prompt tokens found cached"
+        )
         if caching:
             _time_copy(engine, prefixes[-1] + questions[1])
         return pairs
@@ -75,8 +79,10 @@ def _time_copy(engine: NativeEngine, prompt: list[int]) -> None:
             copied = pool.load(slot, keys, len(prompt))
             times.append(time.perf_counter() - start)
         size = sum(t[slot, :, :copied].nbytes for t in [*cache.k, *cache.v])
-        print(f"  copy of {copied} cached tokens' K/V ({size / 2**20:.1f} MiB) into a slot: "
-              f"{statistics.median(times) * 1000:.2f} ms")
+        print(
+            f"  copy of {copied} cached tokens' K/V ({size / 2**20:.1f} MiB) into a slot: "
+            f"{statistics.median(times) * 1000:.2f} ms"
+        )
     finally:
         cache.release(slot)
 
@@ -92,8 +98,10 @@ def main() -> None:
     tokenizer = loaded[1]
     prefixes = _prefixes(tokenizer, args.prefix, args.runs)
     questions = [tokenizer.encode(q, add_special_tokens=False) for q in QUESTIONS]
-    print(f"{'teacher' if args.teacher else 'student'}, {args.prefix}-token prefix, {args.runs} runs, "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"{'teacher' if args.teacher else 'student'}, {args.prefix}-token prefix, {args.runs} runs, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     cached = asyncio.run(_measure(loaded, prefixes, questions, caching=True))
     control = asyncio.run(_measure(loaded, prefixes, questions, caching=False))
     first = statistics.median(a for a, _ in cached)

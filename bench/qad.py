@@ -38,10 +38,26 @@ from nvfp4.qad.config import QADConfig  # noqa: E402
 from nvfp4.qad.distill import make_optimizer, train_step, trainable_parameters, update  # noqa: E402
 
 PRESETS = {  # LlamaConfig fields of the models a random run can stand in for
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -146,27 +162,37 @@ def main() -> None:
     trainable_parameters(student, learn_scales=cfg.scale_lr > 0)
     steps = {"quantized": step_runner(student, teacher, batch, cfg)}
     if args.baseline:
-        steps["unquantized"] = step_runner(unquantized_student(teacher, student), teacher, batch, replace(cfg, scale_lr=0.0))
+        steps["unquantized"] = step_runner(
+            unquantized_student(teacher, student), teacher, batch, replace(cfg, scale_lr=0.0)
+        )
 
     peak_before = matmul_gflops(device, dtype)
     seconds = interleaved_seconds(steps, args.steps, device)
     peak = max(peak_before, matmul_gflops(device, dtype))
     flops = step_flops(student, args.batch * (args.seq_len - 1), args.seq_len)
     achieved = flops / seconds["quantized"] / 1e9
-    print(f"{device.type}, threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, "
-          f"scale_lr {cfg.scale_lr:g}")
+    print(
+        f"{device.type}, threads {torch.get_num_threads()}, batch {args.batch} x {args.seq_len}, scheme {args.scheme}, "
+        f"scale_lr {cfg.scale_lr:g}"
+    )
     probe = f"{str(dtype).removeprefix('torch.')} matmul GFLOP/s"
     print(f"{probe:>22} {'step s':>8} {'step GFLOP':>11} {'achieved GFLOP/s':>17} {'of bound':>9} {'tokens/s':>9}")
-    print(f"{peak:>22.1f} {seconds['quantized']:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds['quantized']:>9.0f}")
+    print(
+        f"{peak:>22.1f} {seconds['quantized']:>8.2f} {flops / 1e9:>11.1f} {achieved:>17.1f} {100 * achieved / peak:>8.0f}% {args.batch * args.seq_len / seconds['quantized']:>9.0f}"
+    )
     if device.type == "cpu":  # the profiler's CPU self time is the GEMMs' own time only on CPU
         gemm_flops, gemm_seconds = gemm_time(steps["quantized"])
         gemm_rate = gemm_flops / gemm_seconds / 1e9
-        print(f"GEMMs of a profiled step: {gemm_flops / 1e9:.1f} GFLOP in {gemm_seconds:.2f} s, {gemm_rate:.1f} GFLOP/s = "
-              f"{100 * gemm_rate / peak:.0f}% of the probe; of bound if nothing else took time: "
-              f"{100 * flops / gemm_seconds / 1e9 / peak:.0f}%")
+        print(
+            f"GEMMs of a profiled step: {gemm_flops / 1e9:.1f} GFLOP in {gemm_seconds:.2f} s, {gemm_rate:.1f} GFLOP/s = "
+            f"{100 * gemm_rate / peak:.0f}% of the probe; of bound if nothing else took time: "
+            f"{100 * flops / gemm_seconds / 1e9 / peak:.0f}%"
+        )
     if args.baseline:
-        print(f"unquantized student: {seconds['unquantized']:.3f} s a step; quantized {seconds['quantized']:.3f} s = "
-              f"{seconds['quantized'] / seconds['unquantized']:.2f}x (GPU target <= 1.3x)")
+        print(
+            f"unquantized student: {seconds['unquantized']:.3f} s a step; quantized {seconds['quantized']:.3f} s = "
+            f"{seconds['quantized'] / seconds['unquantized']:.2f}x (GPU target <= 1.3x)"
+        )
 
 
 if __name__ == "__main__":

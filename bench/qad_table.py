@@ -23,11 +23,19 @@ def row(out: Path) -> dict:
     start = next((name for name in results if name.startswith("PTQ ")), "PTQ")  # QAD's start, if not ModelOpt's PTQ
     seconds = sum(report["timings_seconds"].values())
     return {
-        "run": out.name, "scheme": report["scheme"], "mode": qad["config"].get("mode", "global"),
+        "run": out.name,
+        "scheme": report["scheme"],
+        "mode": qad["config"].get("mode", "global"),
         "scales": report["quant_config"]["scale_search"],
-        "loss": qad["config"]["loss"], "data": Path(qad["config"]["data"]).name, "lr": qad["config"]["lr"],
-        "scale_lr": qad["config"].get("scale_lr", 0.0), "steps": _steps(qad), "seconds": seconds,
-        "ptq": results["PTQ"], "start": results[start], "trained": results[trained],
+        "loss": qad["config"]["loss"],
+        "data": Path(qad["config"]["data"]).name,
+        "lr": qad["config"]["lr"],
+        "scale_lr": qad["config"].get("scale_lr", 0.0),
+        "steps": _steps(qad),
+        "seconds": seconds,
+        "ptq": results["PTQ"],
+        "start": results[start],
+        "trained": results[trained],
     }
 
 
@@ -39,14 +47,18 @@ def _steps(qad: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | scheme | mode | scales | loss | data | lr | scale lr | steps | s total | PTQ chat KL | start chat KL | chat KL | / PTQ | / start | prose KL | chat top-1 | greedy@32 | prose PPL |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | scheme | mode | scales | loss | data | lr | scale lr | steps | s total | PTQ chat KL | start chat KL | chat KL | / PTQ | / start | prose KL | chat top-1 | greedy@32 | prose PPL |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         t = r["trained"]
-        lines.append(f"| {r['run']} | {r['scheme']} | {r['mode']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['scale_lr']:g} | {r['steps']} "
-                     f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {r['start']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
-                     f"| {t['chat_kl'] / r['start']['chat_kl']:.2f} "
-                     f"| {t['prose_kl']:.4f} | {t['chat_top1']:.3f} | {t['greedy_agreement']:.3f} | {t['prose_ppl']:.2f} |")
+        lines.append(
+            f"| {r['run']} | {r['scheme']} | {r['mode']} | {r['scales']} | {r['loss']} | {r['data']} | {r['lr']:g} | {r['scale_lr']:g} | {r['steps']} "
+            f"| {r['seconds']:.0f} | {r['ptq']['chat_kl']:.4f} | {r['start']['chat_kl']:.4f} | {t['chat_kl']:.4f} | {t['chat_kl'] / r['ptq']['chat_kl']:.2f} "
+            f"| {t['chat_kl'] / r['start']['chat_kl']:.2f} "
+            f"| {t['prose_kl']:.4f} | {t['chat_top1']:.3f} | {t['greedy_agreement']:.3f} | {t['prose_ppl']:.2f} |"
+        )
     return "\n".join(lines)
 
 

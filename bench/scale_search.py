@@ -50,8 +50,13 @@ def held_out_sequences(teacher, tokenizer, new_tokens: int) -> list[tuple[torch.
     sequences = []
     for prompt in chat_prompt_ids(tokenizer, HELD_OUT_PROMPTS):
         ids = torch.tensor([prompt], device=teacher.device)
-        out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out = teacher.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
         sequences.append((out, len(prompt)))
     return sequences
 
@@ -84,13 +89,21 @@ def bench_model(args) -> None:
     batches = calibration_batches("self", teacher, tokenizer, args.calib_tokens, args.seed)
     calib_seconds = time.perf_counter() - t0
     sequences = held_out_sequences(teacher, tokenizer, args.new_tokens)
-    print(f"model {folder.name}  scheme {args.scheme}  quantized weights {n_weights / 1e6:.1f} M  "
-          f"device {args.device}  threads {torch.get_num_threads()}")
-    print(f"calibration data: self, {args.calib_tokens} tokens ({calib_seconds:.1f} s, shared by all modes); "
-          f"held-out KL: {len(sequences)} prompts x {args.new_tokens} greedy teacher tokens")
+    print(
+        f"model {folder.name}  scheme {args.scheme}  quantized weights {n_weights / 1e6:.1f} M  "
+        f"device {args.device}  threads {torch.get_num_threads()}"
+    )
+    print(
+        f"calibration data: self, {args.calib_tokens} tokens ({calib_seconds:.1f} s, shared by all modes); "
+        f"held-out KL: {len(sequences)} prompts x {args.new_tokens} greedy teacher tokens"
+    )
     rows = []
-    runs = [(mode, rng, alpha) for mode in args.modes for rng in ([None] if mode == "amax" else args.factor_ranges)
-            for alpha in args.smooth_alphas]
+    runs = [
+        (mode, rng, alpha)
+        for mode in args.modes
+        for rng in ([None] if mode == "amax" else args.factor_ranges)
+        for alpha in args.smooth_alphas
+    ]
     for mode, factors, alpha in runs:
         _sync(teacher.device)
         start = time.perf_counter()
@@ -158,11 +171,23 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="teacher tokens per held-out prompt")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--factor-ranges", nargs="+", type=_factor_range, default=[None],
-                        help="LO,HI candidate ranges (times the amax scale) to compare; default: kernels' FACTOR_RANGE")
-    parser.add_argument("--smooth-alphas", nargs="+", type=float, default=[0.0],
-                        help="channel smoothing strengths to compare (0 = none), applied before quantizing")
-    parser.add_argument("--synthetic-layers", type=int, default=0, help="time the search on N Llama-7B-shaped layers instead")
+    parser.add_argument(
+        "--factor-ranges",
+        nargs="+",
+        type=_factor_range,
+        default=[None],
+        help="LO,HI candidate ranges (times the amax scale) to compare; default: kernels' FACTOR_RANGE",
+    )
+    parser.add_argument(
+        "--smooth-alphas",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="channel smoothing strengths to compare (0 = none), applied before quantizing",
+    )
+    parser.add_argument(
+        "--synthetic-layers", type=int, default=0, help="time the search on N Llama-7B-shaped layers instead"
+    )
     args = parser.parse_args()
     if args.synthetic_layers:
         bench_synthetic(args)

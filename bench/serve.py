@@ -38,8 +38,15 @@ PROMPTS = [
 
 
 async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, stamps, tokens = time.perf_counter(), [], 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -51,7 +58,11 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - start if stamps else float("nan"), "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+    return {
+        "ttft": stamps[0] - start if stamps else float("nan"),
+        "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+        "tokens": tokens,
+    }
 
 
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -71,8 +82,17 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
     ttft = sorted(r["ttft"] for r in results)
     itl = sorted(x for r in results for x in r["itl"])
     tokens = sum(r["tokens"] for r in results)
-    return {"model": model, "concurrency": concurrency, "requests": requests, "req_s": requests / wall, "tok_s": tokens / wall,
-            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "itl_p50": _pct(itl, 50), "itl_p99": _pct(itl, 99)}
+    return {
+        "model": model,
+        "concurrency": concurrency,
+        "requests": requests,
+        "req_s": requests / wall,
+        "tok_s": tokens / wall,
+        "ttft_p50": _pct(ttft, 50),
+        "ttft_p99": _pct(ttft, 99),
+        "itl_p50": _pct(itl, 50),
+        "itl_p99": _pct(itl, 99),
+    }
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -100,13 +120,17 @@ def serve_local(out: str | None, max_num_seqs: int, port: int) -> None:
         student = lambda: load_student(Path(out))[:2]  # noqa: E731
         source = teacher_source(Path(out), None)
     else:
+
         def student():
             model, tokenizer, _ = load_causal_lm(None)
             return hold_vocab_compact(pack_model(model)), tokenizer
+
         source = None
     shared = SharedTensors()  # as `nvfp4 serve` does
-    engines = {"student": NativeEngine("student", shared.loader(student), max_num_seqs=max_num_seqs),
-               "teacher": NativeEngine("teacher", shared.loader(lambda: load_teacher(source)), max_num_seqs=max_num_seqs)}
+    engines = {
+        "student": NativeEngine("student", shared.loader(student), max_num_seqs=max_num_seqs),
+        "teacher": NativeEngine("teacher", shared.loader(lambda: load_teacher(source)), max_num_seqs=max_num_seqs),
+    }
     app = build_app(engines)
 
     @app.get("/bench/weights")
@@ -151,7 +175,9 @@ def weight_table(engines) -> list[str]:
         size = weight_bytes(engine.model)
         rows.append(f"| {alias} (as served, {_dtypes(engine.model)}) | {size / 2**20:.1f} MiB | {size / bf16:.2f}x |")
     own = weight_bytes(engines["student"].model, beside=teacher)
-    rows.append(f"| student beyond the tensors it shares with the teacher | {own / 2**20:.1f} MiB | {own / bf16:.2f}x |")
+    rows.append(
+        f"| student beyond the tensors it shares with the teacher | {own / 2**20:.1f} MiB | {own / bf16:.2f}x |"
+    )
     rows.append(f"| teacher as BF16 (reference) | {bf16 / 2**20:.1f} MiB | 1.00x |")
     return rows
 
@@ -160,7 +186,9 @@ def _dtypes(model) -> str:
     counts: dict = {}
     for t in [*model.parameters(), *model.buffers()]:
         counts[t.dtype] = counts.get(t.dtype, 0) + t.numel() * t.element_size()
-    return ", ".join(f"{str(d).replace('torch.', '')} {b / 2**20:.0f} MiB" for d, b in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ", ".join(
+        f"{str(d).replace('torch.', '')} {b / 2**20:.0f} MiB" for d, b in sorted(counts.items(), key=lambda kv: -kv[1])
+    )
 
 
 def llamacpp_in_process(gguf: Path, max_tokens: int, threads: int, requests: int) -> float:
@@ -174,8 +202,13 @@ def llamacpp_in_process(gguf: Path, max_tokens: int, threads: int, requests: int
     for i in range(requests + 1):  # the first is a warm-up
         if i == 1:
             tokens, start = 0, time.perf_counter()
-        for chunk in llm.create_chat_completion([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=max_tokens,
-                                                temperature=0, logit_bias=no_eos, stream=True):
+        for chunk in llm.create_chat_completion(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            max_tokens=max_tokens,
+            temperature=0,
+            logit_bias=no_eos,
+            stream=True,
+        ):
             tokens += bool(chunk["choices"][0]["delta"].get("content"))
     return tokens / (time.perf_counter() - start)
 
@@ -185,7 +218,19 @@ def nvfp4_server(out: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     from nvfp4.serve.adapters.base import free_port
 
     port = free_port()
-    command = [sys.executable, "-P", "-m", "nvfp4.cli", "serve", out, "--port", str(port), "--log-level", "warning", *extra]
+    command = [
+        sys.executable,
+        "-P",
+        "-m",
+        "nvfp4.cli",
+        "serve",
+        out,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     return _ready(subprocess.Popen(command, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
 
 
@@ -195,25 +240,43 @@ def compare(args) -> None:
     `nvfp4 serve OUT` serves them by default; ratios against llama.cpp in process."""
     cores = os.cpu_count() or 1
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"load average before: {os.getloadavg()[0]:.2f} on {cores} cores; {args.max_tokens} tokens per request, greedy, "
-          f"EOS ignored")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} on {cores} cores; {args.max_tokens} tokens per request, greedy, "
+        f"EOS ignored"
+    )
     gguf = Path(args.out) / "llamacpp" / "model.gguf"
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:  # its threads end with it
         reference = child.submit(llamacpp_in_process, gguf, args.max_tokens, cores, args.requests).result()
     print("| path | model | streams | output tok/s | vs llama.cpp in process |\n|---|---|---:|---:|---:|")
-    print(f"| llama.cpp in process (llama-cpp-python, {cores} threads) | student | 1 | {reference:.1f} | 1.00x |", flush=True)
+    print(
+        f"| llama.cpp in process (llama-cpp-python, {cores} threads) | student | 1 | {reference:.1f} | 1.00x |",
+        flush=True,
+    )
     compiled = [] if args.eager else ["--compile"]
     native = "`nvfp4 serve" + ("" if args.eager else " --compile")
-    paths = [("`nvfp4 serve --engine llamacpp --teacher none`", ["--engine", "llamacpp", "--teacher", "none"], {"student": levels}),
-             (f"{native} --teacher none` (native, {cores} threads)", ["--teacher", "none", *compiled], {"student": levels}),
-             (f"{native}` (native, teacher beside: {max(1, cores // 2)} thread each)", compiled, {"student": [1], "teacher": [1]})]
+    paths = [
+        (
+            "`nvfp4 serve --engine llamacpp --teacher none`",
+            ["--engine", "llamacpp", "--teacher", "none"],
+            {"student": levels},
+        ),
+        (f"{native} --teacher none` (native, {cores} threads)", ["--teacher", "none", *compiled], {"student": levels}),
+        (
+            f"{native}` (native, teacher beside: {max(1, cores // 2)} thread each)",
+            compiled,
+            {"student": [1], "teacher": [1]},
+        ),
+    ]
     for label, extra, models in paths:
         child, url = nvfp4_server(args.out, extra)
         try:
             for model, model_levels in models.items():
                 for level in model_levels:
                     r = asyncio.run(run_level(url, model, level, max(level, args.requests), args.max_tokens))
-                    print(f"| {label} | {model} | {level} | {r['tok_s']:.1f} | {r['tok_s'] / reference:.2f}x |", flush=True)
+                    print(
+                        f"| {label} | {model} | {level} | {r['tok_s']:.1f} | {r['tok_s'] / reference:.2f}x |",
+                        flush=True,
+                    )
         finally:
             child.send_signal(signal.SIGTERM)
             child.wait(60)
@@ -228,10 +291,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--models", default="student,teacher")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default as `nvfp4 serve`: cores / 2 models)")
-    parser.add_argument("--compare", action="store_true", help="llama.cpp in process vs `nvfp4 serve` with each engine (needs --out)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default as `nvfp4 serve`: cores / 2 models)"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="llama.cpp in process vs `nvfp4 serve` with each engine (needs --out)"
+    )
     parser.add_argument("--eager", action="store_true", help="--compare: the native engine without --compile")
-    parser.add_argument("--requests", type=int, default=4, help="--compare: requests per row at least (one stream: one after another)")
+    parser.add_argument(
+        "--requests", type=int, default=4, help="--compare: requests per row at least (one stream: one after another)"
+    )
     parser.add_argument("--serve-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -264,8 +333,11 @@ def sweep(url: str, args) -> None:
         for model in args.models.split(","):  # interleaved so both see the same machine load
             r = asyncio.run(run_level(url, model, level, max(level, 4), args.max_tokens))
             single.setdefault(model, r["tok_s"])
-            print(f"| {level} | {model} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} ({r['tok_s'] / single[model]:.1f}x) | "
-                  f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.0f} ms | {r['itl_p99'] * 1e3:.0f} ms |", flush=True)
+            print(
+                f"| {level} | {model} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} ({r['tok_s'] / single[model]:.1f}x) | "
+                f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.0f} ms | {r['itl_p99'] * 1e3:.0f} ms |",
+                flush=True,
+            )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

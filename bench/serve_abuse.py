@@ -30,9 +30,16 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = ["Explain why the sky is blue.", "Write a haiku about rain.", "Name three rivers in Europe.",
-           "How do plants make food?", "Give me a tip for sleeping well.", "What is a prime number?",
-           "Describe a cat in one sentence.", "Why do we dream?"]
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a haiku about rain.",
+    "Name three rivers in Europe.",
+    "How do plants make food?",
+    "Give me a tip for sleeping well.",
+    "What is a prime number?",
+    "Describe a cat in one sentence.",
+    "Why do we dream?",
+]
 MAX_TOKENS = 24
 
 
@@ -44,27 +51,48 @@ def rss_bytes(pid: int) -> int:
         try:
             status = Path(f"/proc/{current}/status").read_text()
             total += int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
-            todo += [int(c) for t in Path(f"/proc/{current}/task").iterdir()
-                     for c in (t / "children").read_text().split()]
+            todo += [
+                int(c) for t in Path(f"/proc/{current}/task").iterdir() for c in (t / "children").read_text().split()
+            ]
         except (OSError, StopIteration):
             continue
     return total
 
 
-def start_server(out: str, engine: str, port: int, nofile: tuple[int, int | None] | None = None,
-                 log: Path | None = None) -> subprocess.Popen:
+def start_server(
+    out: str, engine: str, port: int, nofile: tuple[int, int | None] | None = None, log: Path | None = None
+) -> subprocess.Popen:
     """`nvfp4 serve OUT` on loopback, ready; nofile: its open-file (soft, hard) limits at start, None: as
     ours (hard None: ours); log: its stderr."""
-    command = [str(Path(sys.executable).with_name("nvfp4")), "serve", out, "--teacher", "none", "--engine", engine,
-               "--port", str(port), "--max-num-seqs", "8", "--max-queue", "96", "--log-level", "warning"]
+    command = [
+        str(Path(sys.executable).with_name("nvfp4")),
+        "serve",
+        out,
+        "--teacher",
+        "none",
+        "--engine",
+        engine,
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        "8",
+        "--max-queue",
+        "96",
+        "--log-level",
+        "warning",
+    ]
 
     def lower_nofile() -> None:
         soft, hard = nofile
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL if log is None else log.open("w"),
-                               env={**os.environ, "PYTHONSAFEPATH": "1"}, preexec_fn=lower_nofile if nofile else None)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if log is None else log.open("w"),
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+        preexec_fn=lower_nofile if nofile else None,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -79,8 +107,15 @@ def start_server(out: str, engine: str, port: int, nofile: tuple[int, int | None
 
 
 def body(prompt: str, **fields) -> dict:
-    return {"model": "student", "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "ignore_eos": True, "stream": True, **fields}
+    return {
+        "model": "student",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        **fields,
+    }
 
 
 async def stream_text(client: httpx.AsyncClient, payload: dict, leave_after: int | None = None) -> tuple[int, str]:
@@ -106,8 +141,11 @@ async def stream_text(client: httpx.AsyncClient, payload: dict, leave_after: int
 
 
 async def oversized(client: httpx.AsyncClient) -> tuple[int, str]:
-    response = await client.post("/v1/chat/completions", content=b'{"model": "student", "messages": [' + b" " * (5 * 2**20) + b"]}",
-                                 headers={"content-type": "application/json"})
+    response = await client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "student", "messages": [' + b" " * (5 * 2**20) + b"]}",
+        headers={"content-type": "application/json"},
+    )
     return response.status_code, ""
 
 
@@ -122,8 +160,10 @@ async def attack(url: str) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         alone = [(await stream_text(client, body(p)))[1] for p in PROMPTS]
         good = [stream_text(client, body(PROMPTS[i % len(PROMPTS)])) for i in range(32)]
-        tiny = [stream_text(client, body(PROMPTS[i % len(PROMPTS)], temperature=1e-40, repetition_penalty=1.0))
-                for i in range(8)]
+        tiny = [
+            stream_text(client, body(PROMPTS[i % len(PROMPTS)], temperature=1e-40, repetition_penalty=1.0))
+            for i in range(8)
+        ]
         bad = [oversized(client) for _ in range(8)] + [flood(client) for _ in range(8)]
         leave = [stream_text(client, body(PROMPTS[i % len(PROMPTS)], max_tokens=400), leave_after=1) for i in range(8)]
         start = time.perf_counter()
@@ -131,16 +171,27 @@ async def attack(url: str) -> dict:
         wall = time.perf_counter() - start
         good_results, tiny_results = results[:32], results[32:40]
         bad_results, leave_results = results[40:56], results[56:]
-        same = sum(status == 200 and text == alone[i % len(PROMPTS)] for i, (status, text) in enumerate(good_results + tiny_results))
+        same = sum(
+            status == 200 and text == alone[i % len(PROMPTS)]
+            for i, (status, text) in enumerate(good_results + tiny_results)
+        )
         await asyncio.sleep(2.0)  # the left streams' aborts reach the engine
         metrics = (await client.get("/metrics")).text
-    queued = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith(("nvfp4_num_requests_running{", "nvfp4_num_requests_waiting{")))
+    queued = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith(("nvfp4_num_requests_running{", "nvfp4_num_requests_waiting{"))
+    )
     statuses = [s for s, _ in results]
-    return {"streams": len(results), "good same as alone": f"{same}/40",
-            "bad 4xx": f"{sum(400 <= s < 500 for s, _ in bad_results)}/16",
-            "left early": f"{sum(s == 200 for s, _ in leave_results)}/8", "5xx": sum(s >= 500 for s in statuses),
-            "queues at end": int(queued), "wall s": round(wall, 1)}
+    return {
+        "streams": len(results),
+        "good same as alone": f"{same}/40",
+        "bad 4xx": f"{sum(400 <= s < 500 for s, _ in bad_results)}/16",
+        "left early": f"{sum(s == 200 for s, _ in leave_results)}/8",
+        "5xx": sum(s >= 500 for s in statuses),
+        "queues at end": int(queued),
+        "wall s": round(wall, 1),
+    }
 
 
 # ---- probes of issue 38 A2 (chunked flood) and A3 (slowloris) ----------------------------------------------
@@ -171,6 +222,7 @@ async def stream_gaps(client: httpx.AsyncClient, prompt: str) -> dict:
 
 async def good_streams_until(url: str, end: float, clients: int = 4) -> list[dict]:
     """`clients` good streams one after another each, until `end` (perf_counter)."""
+
     async def one(i: int) -> list[dict]:
         results = []
         async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0)) as client:
@@ -186,9 +238,11 @@ async def good_streams_until(url: str, end: float, clients: int = 4) -> list[dic
 
 def gap_summary(results: list[dict]) -> dict:
     served = [r for r in results if r["status"] == 200]
-    return {"good streams": f"{len(served)}/{len(results)}",
-            "worst first chunk s": round(max((r["first"] for r in served), default=0.0), 2),
-            "worst gap ms": round(1000 * max((r["gap"] for r in served), default=0.0))}
+    return {
+        "good streams": f"{len(served)}/{len(results)}",
+        "worst first chunk s": round(max((r["first"] for r in served), default=0.0), 2),
+        "worst gap ms": round(1000 * max((r["gap"] for r in served), default=0.0)),
+    }
 
 
 async def rss_peak(pid: int, stop: asyncio.Event, every_s: float = 0.2) -> tuple[int, int]:
@@ -207,8 +261,10 @@ async def rss_peak(pid: int, stop: asyncio.Event, every_s: float = 0.2) -> tuple
 async def chunked_flood(port: int) -> tuple[str, int]:
     """A FLOOD_MIB chunked body under `Content-Length: 10`: -> (the status the server answered, MiB it took)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     prefix = b'{"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1'
     writer.write(b"%x\r\n%s\r\n" % (len(prefix), prefix))
     status_line = asyncio.create_task(reader.readline())
@@ -245,14 +301,21 @@ async def probe_chunked(url: str, pid: int, window_s: float = 12.0) -> dict:
     good = await good
     stop.set()
     peak, _ = await sampler
-    return {"probe": "chunked", **gap_summary(good), "alone gap ms": gap_summary(alone)["worst gap ms"],
-            "flood statuses": dict(Counter(s for s, _ in floods)),
-            "MiB sent per flood": max(m for _, m in floods), "RSS MB before": before // 2**20,
-            "peak": peak // 2**20, "after": rss_bytes(pid) // 2**20}
+    return {
+        "probe": "chunked",
+        **gap_summary(good),
+        "alone gap ms": gap_summary(alone)["worst gap ms"],
+        "flood statuses": dict(Counter(s for s, _ in floods)),
+        "MiB sent per flood": max(m for _, m in floods),
+        "RSS MB before": before // 2**20,
+        "peak": peak // 2**20,
+        "after": rss_bytes(pid) // 2**20,
+    }
 
 
 async def hold_half_sent(port: int, count: int, hold_s: float) -> list[float | None]:
     """count half-sent heads held hold_s: -> when (s after opening) the server closed each, None if it did not."""
+
     async def one() -> float | None:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -295,21 +358,29 @@ async def probe_slowloris(url: str, pid: int, log: Path, count: int = 1100, hold
     before, stop = rss_bytes(pid), asyncio.Event()
     sampler = asyncio.create_task(rss_peak(pid, stop))
     end = time.perf_counter() + hold_s
-    closed, good, health = await asyncio.gather(hold_half_sent(port, count, hold_s), good_streams_until(url, end),
-                                                health_polls(url, end))
+    closed, good, health = await asyncio.gather(
+        hold_half_sent(port, count, hold_s), good_streams_until(url, end), health_polls(url, end)
+    )
     stop.set()
     peak, files = await sampler
     answered = [h for h in health if isinstance(h, float)]
     times = sorted(c for c in closed if c is not None)
-    return {"probe": "slowloris", **gap_summary(good), "alone gap ms": gap_summary(alone)["worst gap ms"],
-            "health answered": f"{len(answered)}/{len(health)}",
-            "worst health s": round(max(answered, default=0.0), 2),
-            "health failures": dict(Counter(h for h in health if not isinstance(h, float))),
-            "heads closed by server": f"{len(times)}/{count}",
-            "median close s": round(times[len(times) // 2], 1) if times else None,
-            "peak open files": files, "RSS MB before": before // 2**20, "peak": peak // 2**20,
-            "EMFILE log lines": sum("out of system resource" in line or "accept() refused" in line
-                                    for line in log.read_text().splitlines())}
+    return {
+        "probe": "slowloris",
+        **gap_summary(good),
+        "alone gap ms": gap_summary(alone)["worst gap ms"],
+        "health answered": f"{len(answered)}/{len(health)}",
+        "worst health s": round(max(answered, default=0.0), 2),
+        "health failures": dict(Counter(h for h in health if not isinstance(h, float))),
+        "heads closed by server": f"{len(times)}/{count}",
+        "median close s": round(times[len(times) // 2], 1) if times else None,
+        "peak open files": files,
+        "RSS MB before": before // 2**20,
+        "peak": peak // 2**20,
+        "EMFILE log lines": sum(
+            "out of system resource" in line or "accept() refused" in line for line in log.read_text().splitlines()
+        ),
+    }
 
 
 def run_probe(out: str, engine: str, probe: str) -> dict:
@@ -326,8 +397,13 @@ def run_probe(out: str, engine: str, probe: str) -> dict:
             before = rss_bytes(process.pid)
             row = asyncio.run(attack(url))
             after = rss_bytes(process.pid)
-            return {"engine": engine, **row, "RSS MB before": before // 2**20, "after": after // 2**20,
-                    "RSS change": f"{(after - before) / before:+.1%}"}
+            return {
+                "engine": engine,
+                **row,
+                "RSS MB before": before // 2**20,
+                "after": after // 2**20,
+                "RSS change": f"{(after - before) / before:+.1%}",
+            }
         asyncio.run(attack_warmup(url))
         runner = probe_chunked(url, process.pid) if probe == "chunked" else probe_slowloris(url, process.pid, log)
         return {"engine": engine, **asyncio.run(runner), "probe": probe}

@@ -45,7 +45,9 @@ def read_text_file(path: Path, tokenizer) -> list[list[int]]:
             text = record["text"]
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
             if not getattr(tokenizer, "chat_template", None):
-                raise UserError(f"{path}:{number}: `messages` need a chat template, and the model has none; give `text`")
+                raise UserError(
+                    f"{path}:{number}: `messages` need a chat template, and the model has none; give `text`"
+                )
             text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
         else:
             raise UserError(f"{path}:{number}: expected a `text` string or a `messages` list")
@@ -65,11 +67,15 @@ def _pack(documents: list[list[int]], seq_len: int, total_tokens: int) -> list[T
 def _teacher_answers(model, tokenizer, total_tokens: int, seed: int) -> list[list[int]]:
     prompts = chat_prompt_ids(tokenizer, _PROMPTS.read_text().splitlines())
     new_tokens = max(16, total_tokens // len(prompts))
-    answers = generate_batch(model, prompts, new_tokens, *pad_and_eos(tokenizer), torch.Generator().manual_seed(seed), temperature=0.7)
+    answers = generate_batch(
+        model, prompts, new_tokens, *pad_and_eos(tokenizer), torch.Generator().manual_seed(seed), temperature=0.7
+    )
     return [p + a for p, a in zip(prompts, answers)]
 
 
-def calibration_batches(source: str, model, tokenizer, total_tokens: int, seed: int, seq_len: int = 256) -> list[Tensor]:
+def calibration_batches(
+    source: str, model, tokenizer, total_tokens: int, seed: int, seq_len: int = 256
+) -> list[Tensor]:
     """`self` (teacher's sampled answers to shipped prompts), `prompts` (those prompts alone), `random` (uniform
     tokens) or a file PATH."""
     if total_tokens <= 0:

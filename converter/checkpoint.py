@@ -37,8 +37,9 @@ def _merged(name: str, pieces: dict[int, PackedWeight]) -> PackedWeight:
     gate, up = pieces[0], pieces[1]
     if not torch.equal(gate.gscale, up.gscale) or not _same(gate.input_gscale, up.input_gscale):
         raise UserError(f"{name}: gate and up carry different global or input scales; engines fuse them and need one")
-    return PackedWeight(torch.cat([gate.packed, up.packed]), torch.cat([gate.scales, up.scales]), gate.gscale,
-                        gate.input_gscale)
+    return PackedWeight(
+        torch.cat([gate.packed, up.packed]), torch.cat([gate.scales, up.scales]), gate.gscale, gate.input_gscale
+    )
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -50,9 +51,12 @@ def _packed_weight(folder: Path, tensors: dict[str, Tensor], hub: str) -> Packed
     missing = [f"{hub}.{leaf}" for leaf in ("weight", "weight_scale") if f"{hub}.{leaf}" not in tensors]
     if missing:
         raise UserError(f"{folder}: {hub}.weight_scale_2 is there but {missing[0]} is missing")
-    return PackedWeight(packed=tensors.pop(f"{hub}.weight"), scales=tensors.pop(f"{hub}.weight_scale"),
-                        gscale=tensors.pop(f"{hub}.weight_scale_2").float(),
-                        input_gscale=tensors.pop(f"{hub}.input_scale", None))
+    return PackedWeight(
+        packed=tensors.pop(f"{hub}.weight"),
+        scales=tensors.pop(f"{hub}.weight_scale"),
+        gscale=tensors.pop(f"{hub}.weight_scale_2").float(),
+        input_gscale=tensors.pop(f"{hub}.input_scale", None),
+    )
 
 
 def _check_packed(folder: Path, model: nn.Module, name: str, weight: PackedWeight) -> None:
@@ -61,12 +65,16 @@ def _check_packed(folder: Path, model: nn.Module, name: str, weight: PackedWeigh
     if not isinstance(linear, nn.Linear):
         raise UserError(f"{folder}: unexpected tensors: {name} is not a linear layer of the config's model")
     rows, columns = linear.out_features, linear.in_features
-    expected = {"weight": (weight.packed, (rows, columns // 2), torch.uint8),
-                "weight_scale": (weight.scales, (rows, columns // 16), torch.float8_e4m3fn)}
+    expected = {
+        "weight": (weight.packed, (rows, columns // 2), torch.uint8),
+        "weight_scale": (weight.scales, (rows, columns // 16), torch.float8_e4m3fn),
+    }
     for leaf, (tensor, shape, dtype) in expected.items():
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise UserError(f"{folder}: {name}.{leaf} is {tensor.dtype} {tuple(tensor.shape)}; the config's model "
-                            f"needs {dtype} {shape}")
+            raise UserError(
+                f"{folder}: {name}.{leaf} is {tensor.dtype} {tuple(tensor.shape)}; the config's model "
+                f"needs {dtype} {shape}"
+            )
     if weight.gscale.numel() != 1 or weight.input_gscale is not None and weight.input_gscale.numel() != 1:
         raise UserError(f"{folder}: {name}'s weight_scale_2 and input_scale must be single values")
 
@@ -84,8 +92,10 @@ def _check_shapes(folder: Path, model: nn.Module, state: dict[str, Tensor]) -> N
     expected = model.state_dict()
     for name, tensor in state.items():
         if name in expected and expected[name].shape != tensor.shape:
-            raise UserError(f"{folder}: {name} has shape {tuple(tensor.shape)}; the config's model needs "
-                            f"{tuple(expected[name].shape)}")
+            raise UserError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}; the config's model needs "
+                f"{tuple(expected[name].shape)}"
+            )
 
 
 def load_nvfp4_checkpoint(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

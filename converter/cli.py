@@ -31,39 +31,80 @@ def _targets(value: str) -> tuple[str, ...]:
 CONVERT_OPTIONS = [
     click.Argument(["model"], required=False),
     click.Option(["-o", "--out"], type=click.Path(path_type=Path), required=True, help="Output folder."),
-    click.Option(["--scheme"], type=click.Choice(SCHEMES), default="nvfp4", show_default=True,
-                 help="nvfp4 = W4A4 (Blackwell); nvfp4-a16 = weight-only (Hopper, Ampere)."),
+    click.Option(
+        ["--scheme"],
+        type=click.Choice(SCHEMES),
+        default="nvfp4",
+        show_default=True,
+        help="nvfp4 = W4A4 (Blackwell); nvfp4-a16 = weight-only (Hopper, Ampere).",
+    ),
     click.Option(["--targets"], default=",".join(TARGETS), show_default=True, help="Comma-separated export targets."),
-    click.Option(["--calib-data"], default="self", show_default=True,
-                 help="self (the teacher's answers to shipped prompts) | prompts (those prompts alone) | random | "
-                      "PATH (txt or JSONL)."),
+    click.Option(
+        ["--calib-data"],
+        default="self",
+        show_default=True,
+        help="self (the teacher's answers to shipped prompts) | prompts (those prompts alone) | random | "
+        "PATH (txt or JSONL).",
+    ),
     click.Option(["--calib-tokens"], type=int, default=2048, show_default=True),
-    click.Option(["--exclude"], multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable)."),
-    click.Option(["--scale-search"], type=click.Choice(CHOICES["scale_search"]), default=None,
-                 help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale. Default: mse-act when "
-                      "QAD learns the scales (their start), else amax (PTQ, --qad-scale-lr 0)."),
-    click.Option(["--rounding"], type=click.Choice(CHOICES["rounding"]), default="nearest", show_default=True,
-                 help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration)."),
-    click.Option(["--smooth-alpha"], type=float, default=None,
-                 help="SmoothQuant-style channel smoothing folded into norms, v_proj and up_proj (0 = off). "
-                      "Default: 0.5 for a W4A4 QAD pass (its start), else 0 (ModelOpt's bytes)."),
-    click.Option(["--expert-calibration"], type=click.Choice(EXPERT_CALIBRATIONS), default="all", show_default=True,
-                 help="MoE: every expert sees every calibration token (its statistics only), or only the tokens the "
-                      "router sends it (ModelOpt's input scales)."),
-    click.Option(["--layerwise"], is_flag=True,
-                 help="PTQ one decoder layer at a time, reading the weights from the shards and writing every target "
-                      "as they stream (peak memory: about two layers); chosen by itself when the model does not fit."),
+    click.Option(
+        ["--exclude"], multiple=True, help="fnmatch pattern of module names to keep unquantized (repeatable)."
+    ),
+    click.Option(
+        ["--scale-search"],
+        type=click.Choice(CHOICES["scale_search"]),
+        default=None,
+        help="amax = ModelOpt's bytes; mse / mse-act search each block's FP8 scale. Default: mse-act when "
+        "QAD learns the scales (their start), else amax (PTQ, --qad-scale-lr 0).",
+    ),
+    click.Option(
+        ["--rounding"],
+        type=click.Choice(CHOICES["rounding"]),
+        default="nearest",
+        show_default=True,
+        help="nearest = ModelOpt's bytes; gptq = GPTQ error-compensated rounding (runs calibration).",
+    ),
+    click.Option(
+        ["--smooth-alpha"],
+        type=float,
+        default=None,
+        help="SmoothQuant-style channel smoothing folded into norms, v_proj and up_proj (0 = off). "
+        "Default: 0.5 for a W4A4 QAD pass (its start), else 0 (ModelOpt's bytes).",
+    ),
+    click.Option(
+        ["--expert-calibration"],
+        type=click.Choice(EXPERT_CALIBRATIONS),
+        default="all",
+        show_default=True,
+        help="MoE: every expert sees every calibration token (its statistics only), or only the tokens the "
+        "router sends it (ModelOpt's input scales).",
+    ),
+    click.Option(
+        ["--layerwise"],
+        is_flag=True,
+        help="PTQ one decoder layer at a time, reading the weights from the shards and writing every target "
+        "as they stream (peak memory: about two layers); chosen by itself when the model does not fit.",
+    ),
     click.Option(["--dry-run"], is_flag=True, help="Print the memory and disk plan and stop."),
     click.Option(["--seed"], type=int, default=0, show_default=True),
     click.Option(["--device"], type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-    click.Option(["--dtype"], type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True,
-                 help="dtype of the tensors left unquantized."),
+    click.Option(
+        ["--dtype"],
+        type=click.Choice(list(DTYPES)),
+        default="bfloat16",
+        show_default=True,
+        help="dtype of the tensors left unquantized.",
+    ),
     click.Option(["--force"], is_flag=True, help="Replace an existing OUT."),
     click.Option(["--trust-remote-code"], is_flag=True),
     click.Option(["--no-eval"], is_flag=True, help="Skip the held-out accuracy section of the report."),
-    click.Option(["--recipe"], type=click.Path(path_type=Path), default=None,
-                 help="Run the recipe of an earlier convert (its OUT/report.json, or a recipe JSON); flags given here "
-                      "override it."),
+    click.Option(
+        ["--recipe"],
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Run the recipe of an earlier convert (its OUT/report.json, or a recipe JSON); flags given here "
+        "override it.",
+    ),
 ]
 
 
@@ -91,9 +132,14 @@ def _from_recipe(flags: dict) -> tuple[dict, dict | None]:
     """--recipe: the flags the command line leaves unset take the recipe's values; -> (flags, the recipe's
     training settings)."""
     recipe = ConvertRecipe.load(flags["recipe"])
-    values = recipe.quant.to_dict() | {"exclude": tuple(recipe.quant.exclude), "targets": ",".join(recipe.targets),
-                                       "calib_data": recipe.calib_data, "calib_tokens": recipe.calib_tokens,
-                                       "seed": recipe.seed, "dtype": recipe.dtype}
+    values = recipe.quant.to_dict() | {
+        "exclude": tuple(recipe.quant.exclude),
+        "targets": ",".join(recipe.targets),
+        "calib_data": recipe.calib_data,
+        "calib_tokens": recipe.calib_tokens,
+        "seed": recipe.seed,
+        "dtype": recipe.dtype,
+    }
     for training in TRAINING_FLAGS:
         values |= training.from_settings(recipe.training)
     given = _given(flags)
@@ -101,11 +147,22 @@ def _from_recipe(flags: dict) -> tuple[dict, dict | None]:
 
 
 def convert_config(flags: dict) -> ConvertConfig:
-    return ConvertConfig(out=flags["out"], source=flags["model"], quant=quant_config(flags),
-                         targets=_targets(flags["targets"]), calib_data=flags["calib_data"],
-                         calib_tokens=flags["calib_tokens"], seed=flags["seed"], device=flags["device"],
-                         dtype=flags["dtype"], force=flags["force"], trust_remote_code=flags["trust_remote_code"],
-                         evaluate=not flags["no_eval"], layerwise=flags["layerwise"], dry_run=flags["dry_run"])
+    return ConvertConfig(
+        out=flags["out"],
+        source=flags["model"],
+        quant=quant_config(flags),
+        targets=_targets(flags["targets"]),
+        calib_data=flags["calib_data"],
+        calib_tokens=flags["calib_tokens"],
+        seed=flags["seed"],
+        device=flags["device"],
+        dtype=flags["dtype"],
+        force=flags["force"],
+        trust_remote_code=flags["trust_remote_code"],
+        evaluate=not flags["no_eval"],
+        layerwise=flags["layerwise"],
+        dry_run=flags["dry_run"],
+    )
 
 
 def _training(flags: dict, settings: dict | None, started: float):
@@ -147,8 +204,12 @@ def convert_command() -> click.Command:
 @click.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Chat prompt whose logits are compared (default: a fixed question).")
-@click.option("--tolerance", type=float, default=None,
-              help="Max relative logit difference, for every target (default: each reader's rule).")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    help="Max relative logit difference, for every target (default: each reader's rule).",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
 def verify(out: Path, prompt: str | None, tolerance: float | None, json_path: Path | None) -> None:
     """Reload each target in OUT through an independent reader and compare its logits with the student's."""

@@ -27,11 +27,16 @@ class QuantConfig:
     default_exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
 
     def __post_init__(self) -> None:
-        for name, choices in (("scheme", SCHEMES), ("scale_search", CHOICES["scale_search"]),
-                              ("rounding", CHOICES["rounding"]), ("expert_calibration", EXPERT_CALIBRATIONS)):
+        for name, choices in (
+            ("scheme", SCHEMES),
+            ("scale_search", CHOICES["scale_search"]),
+            ("rounding", CHOICES["rounding"]),
+            ("expert_calibration", EXPERT_CALIBRATIONS),
+        ):
             if getattr(self, name) not in choices:
-                raise UserError(f"unknown `{name}` {getattr(self, name)!r}; choose one of {', '.join(choices)}",
-                                field=name)
+                raise UserError(
+                    f"unknown `{name}` {getattr(self, name)!r}; choose one of {', '.join(choices)}", field=name
+                )
         if not 0 <= self.smooth_alpha < 1:
             raise UserError(f"`smooth_alpha` must be in [0, 1), got {self.smooth_alpha}", field="smooth_alpha")
         if self.group_size != 16:

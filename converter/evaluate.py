@@ -41,8 +41,9 @@ def _greedy_answers(model: nn.Module, prompts: list[list[int]], new_tokens: int,
     return generate_batch(model, prompts, new_tokens, *pad_and_eos(tokenizer))
 
 
-def build_eval_set(teacher: nn.Module, tokenizer, answer_tokens: int = 64, greedy_tokens: int = 32,
-                   prose_tokens: int = 256) -> EvalSet:
+def build_eval_set(
+    teacher: nn.Module, tokenizer, answer_tokens: int = 64, greedy_tokens: int = 32, prose_tokens: int = 256
+) -> EvalSet:
     prompts = chat_prompt_ids(tokenizer, (_DATA / "heldout_chat_prompts.txt").read_text().splitlines())
     answers = _greedy_answers(teacher, prompts, answer_tokens, tokenizer)
     chat = [(torch.tensor([p + a]), len(p)) for p, a in zip(prompts, answers)]
@@ -119,8 +120,14 @@ class _Scores:
         }
 
 
-def evaluate(teacher: nn.Module, students: dict[str, nn.Module], tokenizer, data: EvalSet | None = None,
-             teacher_name: str | None = "BF16", seconds: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+def evaluate(
+    teacher: nn.Module,
+    students: dict[str, nn.Module],
+    tokenizer,
+    data: EvalSet | None = None,
+    teacher_name: str | None = "BF16",
+    seconds: dict[str, float] | None = None,
+) -> dict[str, dict[str, float]]:
     """Metrics for the teacher itself (KL 0; left out when `teacher_name` is None) and each student, keyed
     by row name. The teacher runs once per batch of samples for all rows; `seconds`, when given, receives
     each row's own time and the teacher's ("teacher")."""
@@ -150,12 +157,16 @@ def evaluate(teacher: nn.Module, students: dict[str, nn.Module], tokenizer, data
             answers = data.teacher_greedy
         else:
             with frozen_fake_quant(model):
-                answers = _greedy_answers(model, data.greedy_prompts, max(len(r) for r in data.teacher_greedy), tokenizer)
+                answers = _greedy_answers(
+                    model, data.greedy_prompts, max(len(r) for r in data.teacher_greedy), tokenizer
+                )
         agreement = [_common_prefix(a, ref) / max(1, len(ref)) for a, ref in zip(answers, data.teacher_greedy)]
         results[name] = scores[name].metrics(sum(agreement) / len(agreement))
         scores[name].seconds += time.perf_counter() - began
     if seconds is not None:
-        seconds.update({name: round(score.seconds, 2) for name, score in scores.items()}, teacher=round(teacher_seconds, 2))
+        seconds.update(
+            {name: round(score.seconds, 2) for name, score in scores.items()}, teacher=round(teacher_seconds, 2)
+        )
     return results
 
 
@@ -164,6 +175,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     header = f"{'model':<{width}}{'chat KL':>10}{'prose KL':>10}{'chat top1':>11}{'prose top1':>11}{'greedy@32':>11}{'prose PPL':>11}"
     rows = [header, "-" * len(header)]
     for name, m in results.items():
-        rows.append(f"{name:<{width}}{m['chat_kl']:>10.4f}{m['prose_kl']:>10.4f}{m['chat_top1']:>11.3f}"
-                    f"{m['prose_top1']:>11.3f}{m['greedy_agreement']:>11.3f}{m['prose_ppl']:>11.2f}")
+        rows.append(
+            f"{name:<{width}}{m['chat_kl']:>10.4f}{m['prose_kl']:>10.4f}{m['chat_top1']:>11.3f}"
+            f"{m['prose_top1']:>11.3f}{m['greedy_agreement']:>11.3f}{m['prose_ppl']:>11.2f}"
+        )
     return "\n".join(rows)

@@ -46,13 +46,34 @@ FAMILIES = (
     Family("mistral", "mistral", ("MistralForCausalLM",), "LLAMA", permute_qk=True),
     Family("qwen2", "qwen2", ("Qwen2ForCausalLM",), "QWEN2", llamacpp_runs=False),
     Family("qwen3", "qwen3", ("Qwen3ForCausalLM",), "QWEN3"),
-    Family("gemma3", "gemma3_text", ("Gemma3ForCausalLM",), "GEMMA3",
-           norms=("input_layernorm", "pre_feedforward_layernorm"), norm_offset=1.0, native=False, llamacpp_runs=False),
+    Family(
+        "gemma3",
+        "gemma3_text",
+        ("Gemma3ForCausalLM",),
+        "GEMMA3",
+        norms=("input_layernorm", "pre_feedforward_layernorm"),
+        norm_offset=1.0,
+        native=False,
+        llamacpp_runs=False,
+    ),
     Family("phi3", "phi3", ("Phi3ForCausalLM",), "PHI3", native=False, llamacpp_runs=False),
-    Family("mixtral", "mixtral", ("MixtralForCausalLM",), "LLAMA", permute_qk=True, native=False,
-           moe=MoE("block_sparse_moe", "w1", "w3", "w2")),
-    Family("qwen3_moe", "qwen3_moe", ("Qwen3MoeForCausalLM",), "QWEN3MOE", native=False,
-           moe=MoE("mlp", "gate_proj", "up_proj", "down_proj")),
+    Family(
+        "mixtral",
+        "mixtral",
+        ("MixtralForCausalLM",),
+        "LLAMA",
+        permute_qk=True,
+        native=False,
+        moe=MoE("block_sparse_moe", "w1", "w3", "w2"),
+    ),
+    Family(
+        "qwen3_moe",
+        "qwen3_moe",
+        ("Qwen3MoeForCausalLM",),
+        "QWEN3MOE",
+        native=False,
+        moe=MoE("mlp", "gate_proj", "up_proj", "down_proj"),
+    ),
 )
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 
@@ -125,5 +146,7 @@ def support_table() -> str:
     for family in FAMILIES:
         gguf = "written, runs" if family.llamacpp_runs else "written; llama.cpp drops its FFN scales"
         serve = "native engine" if family.native else engine_hint(family).replace(", or", "; or")
-        rows.append(f"| {family.name} | `{'`, `'.join(family.architectures)}` | {'yes' if family.moe else ''} | {gguf} | {serve} |")
+        rows.append(
+            f"| {family.name} | `{'`, `'.join(family.architectures)}` | {'yes' if family.moe else ''} | {gguf} | {serve} |"
+        )
     return "\n".join(rows)

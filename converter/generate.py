@@ -17,8 +17,15 @@ def pad_and_eos(tokenizer) -> tuple[int, int | None]:
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int, eos_id: int | None,
-                   generator: torch.Generator | None = None, temperature: float = 1.0) -> list[list[int]]:
+def generate_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> list[list[int]]:
     """Answers (without the prompts, cut after EOS) to every prompt: greedy when `generator` is None, else sampled."""
     from transformers import DynamicCache
 
@@ -34,8 +41,14 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], new_tokens: int, 
     cache, done = DynamicCache(), torch.zeros(rows, dtype=torch.bool, device=device)
     start, end = 0, width
     for column in range(width, width + new_tokens):
-        logits = model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            ids[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         ids[:, column] = _next_tokens(logits, generator, temperature).to(device)
         if eos_id is not None:
             done |= ids[:, column] == eos_id

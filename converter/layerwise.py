@@ -84,8 +84,9 @@ class ShardedModel:
                 owner._buffers[attribute] = self.tensor(leaf).to(tensor.dtype)
             else:
                 value = self.tensor(leaf)
-                owner._parameters[attribute] = nn.Parameter(value.to(self.dtype) if value.is_floating_point() else value,
-                                                            requires_grad=False)
+                owner._parameters[attribute] = nn.Parameter(
+                    value.to(self.dtype) if value.is_floating_point() else value, requires_grad=False
+                )
         return module
 
     def layer(self, index: int) -> tuple[nn.Module, str]:
@@ -158,8 +159,11 @@ class _Evaluation:
             top1.append((teacher.argmax(-1) == student.argmax(-1)).float())
             nll += torch.nn.functional.cross_entropy(student, ids[0, 1:], reduction="sum").item()
             tokens += ids.shape[1] - 1
-        return {"prose_kl": torch.cat(kl).mean().item(), "prose_top1": torch.cat(top1).mean().item(),
-                "prose_ppl": float(torch.tensor(nll / tokens).exp())}
+        return {
+            "prose_kl": torch.cat(kl).mean().item(),
+            "prose_top1": torch.cat(top1).mean().item(),
+            "prose_ppl": float(torch.tensor(nll / tokens).exp()),
+        }
 
 
 @contextmanager
@@ -173,9 +177,15 @@ def _attached(modules: Iterable[tuple[nn.Module, str]], source: "ShardedModel"):
             source.release(module)
 
 
-def quantize_layerwise(source: ShardedModel, cfg: QuantConfig, batches: list[Tensor] | None, writers: list[Writer],
-                       eval_samples: list[Tensor] | None, all_experts: bool = True,
-                       train_layer: Callable | None = None) -> dict | None:
+def quantize_layerwise(
+    source: ShardedModel,
+    cfg: QuantConfig,
+    batches: list[Tensor] | None,
+    writers: list[Writer],
+    eval_samples: list[Tensor] | None,
+    all_experts: bool = True,
+    train_layer: Callable | None = None,
+) -> dict | None:
     """Quantize `source` one decoder layer at a time into the writers (begun by the caller with the entries of
     `export_stream`); -> the held-out prose metrics of the student against its teacher, when `eval_samples`.
     `train_layer(layer, index, layers, student inputs, targets, arguments)` (layer-local QAD) trains each quantized
@@ -195,8 +205,14 @@ class _Run:
     """The state that flows from layer to layer: the calibration stream (and, when smoothing, the unsmoothed
     one its statistics come from), the evaluation streams, and the entries still to write."""
 
-    def __init__(self, source: ShardedModel, cfg: QuantConfig, writers: list[Writer], all_experts: bool,
-                 train_layer: Callable | None = None):
+    def __init__(
+        self,
+        source: ShardedModel,
+        cfg: QuantConfig,
+        writers: list[Writer],
+        all_experts: bool,
+        train_layer: Callable | None = None,
+    ):
         self.source, self.cfg, self.writers, self.all_experts = source, cfg, writers, all_experts
         self.train_layer = train_layer
         stream = export_stream(source, cfg)
@@ -216,7 +232,9 @@ class _Run:
 
         model = self.source.model
         materialise_non_persistent_buffers(model)  # RoPE frequencies, Gemma's embedding scale
-        with _attached([(model.get_input_embeddings(), self.source.embedding_name), _final_norm(self.source)], self.source):
+        with _attached(
+            [(model.get_input_embeddings(), self.source.embedding_name), _final_norm(self.source)], self.source
+        ):
             if stacked:
                 self.calibration, self.arguments = capture_layer_inputs(model, stacked)
                 self.unsmoothed = self.student = self.calibration
@@ -246,8 +264,9 @@ class _Run:
             if not cfg.smooth_alpha:
                 self.unsmoothed = self.calibration
         if self.train_layer is not None:
-            self.train_layer(layer, index, len(self.source.decoder.layers), self.student, self.calibration,
-                             self.arguments[index])
+            self.train_layer(
+                layer, index, len(self.source.decoder.layers), self.student, self.calibration, self.arguments[index]
+            )
             self.student = run_layer(layer, self.student, self.arguments[index])
         if evaluation:
             evaluation.student = run_layer(layer, evaluation.student, evaluation.arguments[index])

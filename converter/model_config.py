@@ -52,7 +52,9 @@ def check_config(config, folder: Path) -> None:
     model_type, architectures = config.get("model_type"), config.get("architectures")
     if model_type is not None and not isinstance(model_type, str):
         raise UserError(f"{where}: model_type must be a string, not {_short(model_type)}")
-    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
         raise UserError(f"{where}: architectures must be a list of class names, not {_short(architectures)}")
     family_of(config)  # a missing model_type too: unsupported
     for field, (low, high) in BOUNDS.items():
@@ -73,8 +75,10 @@ def _check_proportions(config: dict, where: str) -> None:
     if experts and config.get("num_experts_per_tok", 1) > experts:
         raise UserError(f"{where}: num_experts_per_tok ({config['num_experts_per_tok']}) exceeds the {experts} experts")
     if experts * config.get("num_hidden_layers", 1) > MAX_EXPERTS:
-        raise UserError(f"{where}: {experts} experts in each of {config.get('num_hidden_layers')} layers is over "
-                        f"{MAX_EXPERTS} experts")
+        raise UserError(
+            f"{where}: {experts} experts in each of {config.get('num_hidden_layers')} layers is over "
+            f"{MAX_EXPERTS} experts"
+        )
 
 
 def _check_transformers_accepts(config: dict, where: str) -> None:

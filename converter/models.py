@@ -82,9 +82,11 @@ def _check_nothing_dropped(path: Path, model: torch.nn.Module) -> None:
     stored = sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
     loaded = sum(p.numel() for p in model.parameters())
     if stored != loaded:
-        raise UserError(f"transformers' GGUF reader read {loaded:,} of the {stored:,} values in {path} (it has no "
-                        f"mapping for some of this {type(model).__name__}'s tensors); convert from the Hugging Face "
-                        "folder instead")
+        raise UserError(
+            f"transformers' GGUF reader read {loaded:,} of the {stored:,} values in {path} (it has no "
+            f"mapping for some of this {type(model).__name__}'s tensors); convert from the Hugging Face "
+            "folder instead"
+        )
 
 
 def resolve_model(source: str | os.PathLike | None = None) -> Path:

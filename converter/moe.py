@@ -69,7 +69,12 @@ def _linear(weight: Tensor) -> nn.Linear:
 
 def _is_fused_experts(module: nn.Module) -> bool:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3 and hasattr(module, "act_fn")
+    return (
+        isinstance(gate_up, nn.Parameter)
+        and isinstance(down, nn.Parameter)
+        and gate_up.dim() == 3
+        and hasattr(module, "act_fn")
+    )
 
 
 def unfuse_experts(model: nn.Module) -> int:
@@ -81,8 +86,10 @@ def unfuse_experts(model: nn.Module) -> int:
             continue
         if getattr(module, "has_bias", False) or hasattr(module, "gate_up_proj_bias"):
             raise NotImplementedError(f"{name}: experts with biases are not supported")
-        experts = Experts(ExpertMLP(_linear(module.gate_up_proj[e]), _linear(module.down_proj[e]), module.act_fn)
-                          for e in range(module.gate_up_proj.shape[0]))
+        experts = Experts(
+            ExpertMLP(_linear(module.gate_up_proj[e]), _linear(module.down_proj[e]), module.act_fn)
+            for e in range(module.gate_up_proj.shape[0])
+        )
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, experts)
         swapped += 1

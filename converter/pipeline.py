@@ -126,8 +126,15 @@ def _check_out(cfg: ConvertConfig) -> None:
 def memory_plan(cfg: "ConvertConfig", source_dir: Path, training: TrainingStage | None) -> Plan:
     """What each stage needs against what the machine has, from config.json alone (converter/plan.py)."""
     model = skeleton(source_dir)
-    needs = Needs(cfg.quant, cfg.targets, cfg.calib_tokens, None if training is None else training.requirements,
-                  world_size=int(os.environ.get("WORLD_SIZE", "1")), device=cfg.torch_device.type, evaluate=cfg.evaluate)
+    needs = Needs(
+        cfg.quant,
+        cfg.targets,
+        cfg.calib_tokens,
+        None if training is None else training.requirements,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        device=cfg.torch_device.type,
+        evaluate=cfg.evaluate,
+    )
     return make_plan(model, eligible_linears(model, cfg.quant), needs, cfg.out.parent)
 
 
@@ -142,8 +149,10 @@ def check_targets(model: torch.nn.Module, tokenizer, cfg: ConvertConfig) -> dict
         writers[target](cfg.quant, DTYPES[cfg.dtype]).check(model, tokenizer, linears)
     family = family_of(model.config)
     if "llamacpp" in cfg.targets and not family.llamacpp_runs:
-        log.warning(f"llama.cpp loads {family.name}'s NVFP4 GGUF but does not apply its feed-forward "
-                   "per-tensor scales yet (llama-cpp-python 0.3.36): OUT/llamacpp is written for when it does")
+        log.warning(
+            f"llama.cpp loads {family.name}'s NVFP4 GGUF but does not apply its feed-forward "
+            "per-tensor scales yet (llama-cpp-python 0.3.36): OUT/llamacpp is written for when it does"
+        )
     return linears
 
 
@@ -151,8 +160,15 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def export_targets(student: torch.nn.Module, tokenizer, source_dir: Path, folder: Path, targets: tuple[str, ...],
-                   quant: QuantConfig, dtype: torch.dtype) -> dict[str, dict]:
+def export_targets(
+    student: torch.nn.Module,
+    tokenizer,
+    source_dir: Path,
+    folder: Path,
+    targets: tuple[str, ...],
+    quant: QuantConfig,
+    dtype: torch.dtype,
+) -> dict[str, dict]:
     """Write every target into folder/<target>, all at once: most of a writer's time is file writing
     and tensor work that releases the GIL. -> {target: {"seconds": ..., "bytes": ...}}."""
     writers = load_all_writers()
@@ -182,8 +198,10 @@ def check_replaceable(out: Path, sources: list[Path]) -> None:
         if source == out or out in source.parents:
             raise UserError(f"--force would delete {out}, which holds the source model {source}; choose another -o")
     if any(out.iterdir()) and not (out / "report.json").is_file():
-        raise UserError(f"{out} is not an earlier convert output (no report.json) and not empty; --force replaces "
-                        f"only those: choose another -o or empty it yourself")
+        raise UserError(
+            f"{out} is not an earlier convert output (no report.json) and not empty; --force replaces "
+            f"only those: choose another -o or empty it yourself"
+        )
 
 
 def origin(cfg: ConvertConfig, source_dir: Path) -> str:
@@ -194,7 +212,9 @@ def origin(cfg: ConvertConfig, source_dir: Path) -> str:
     for file in sorted(source_dir.glob("*.safetensors")):
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    digest.update(json.dumps([cfg.quant.to_dict(), cfg.calib_data, cfg.calib_tokens, cfg.seed], sort_keys=True).encode())
+    digest.update(
+        json.dumps([cfg.quant.to_dict(), cfg.calib_data, cfg.calib_tokens, cfg.seed], sort_keys=True).encode()
+    )
     return digest.hexdigest()
 
 
@@ -202,8 +222,10 @@ def claim_workdir(workdir: Path, fingerprint: str, resume: bool) -> None:
     """--resume only from checkpoints of the same origin; a fresh run takes the folder over."""
     stamp = workdir / "origin.sha256"
     if resume and stamp.is_file() and stamp.read_text().strip() != fingerprint:
-        raise UserError(f"the QAD checkpoints in {workdir} belong to another model, quantization or calibration; "
-                        f"drop --resume (or remove {workdir})")
+        raise UserError(
+            f"the QAD checkpoints in {workdir} belong to another model, quantization or calibration; "
+            f"drop --resume (or remove {workdir})"
+        )
     stamp.write_text(fingerprint)
 
 
@@ -297,8 +319,9 @@ class _Run:
         cfg = self.cfg
         return calibration_batches(data or cfg.calib_data, model, tokenizer, cfg.calib_tokens, cfg.seed)
 
-    def report(self, teacher: torch.nn.Module, stream: list[Entry], exports: dict, accuracy: dict | None,
-               training: dict | None) -> Report:
+    def report(
+        self, teacher: torch.nn.Module, stream: list[Entry], exports: dict, accuracy: dict | None, training: dict | None
+    ) -> Report:
         return _report(self, teacher, stream, exports, accuracy, training)
 
 
@@ -306,8 +329,9 @@ def _in_memory(run: _Run, tmp: Path) -> Report | None:
     """Load, smooth, quantize, calibrate, train, export every target at once, evaluate."""
     cfg, timer = run.cfg, run.timer
     with timer.stage("load"):
-        teacher, tokenizer, _ = load_causal_lm(run.source_dir, compute_dtype(cfg.torch_device), cfg.torch_device,
-                                               cfg.trust_remote_code)
+        teacher, tokenizer, _ = load_causal_lm(
+            run.source_dir, compute_dtype(cfg.torch_device), cfg.torch_device, cfg.trust_remote_code
+        )
         teacher.requires_grad_(False)
     check_targets(teacher, tokenizer, cfg)
     student, batches = _post_training_quantized(run, teacher, tokenizer)
@@ -353,8 +377,9 @@ def _trained(run: _Run, teacher, student, tokenizer, batches, tmp: Path) -> tupl
     if cfg.evaluate:  # the untrained rows now: no copy of the student is kept through training
         with timer.stage("evaluate untrained"):
             heldout = _evaluate_untrained(teacher, student, tokenizer, cfg.quant, batches)
-    context = TrainingContext(student, teacher, tokenizer, cfg.workdir, tmp / "qad", batches,
-                              heldout.trained_row_seconds if heldout else 0.0)
+    context = TrainingContext(
+        student, teacher, tokenizer, cfg.workdir, tmp / "qad", batches, heldout.trained_row_seconds if heldout else 0.0
+    )
     with timer.stage("qad"):
         return heldout, run.training.train(context)
 
@@ -381,10 +406,15 @@ def _layerwise(run: _Run, tmp: Path) -> Report:
         writer.begin(source.model, tokenizer, run.source_dir, tmp / target, stream)
         writers.append(writer)
     with timer.stage("quantize, calibrate, export (layer by layer)"):
-        metrics = quantize_layerwise(source, cfg.quant, batches, writers,
-                                     prose_samples(tokenizer) if cfg.evaluate else None,
-                                     cfg.quant.expert_calibration == "all",
-                                     training.train_layer if training is not None else None)
+        metrics = quantize_layerwise(
+            source,
+            cfg.quant,
+            batches,
+            writers,
+            prose_samples(tokenizer) if cfg.evaluate else None,
+            cfg.quant.expert_calibration == "all",
+            training.train_layer if training is not None else None,
+        )
         for writer in writers:
             writer.finish()
     exports = {target: {"seconds": None, "bytes": _folder_bytes(tmp / target)} for target in cfg.targets}
@@ -399,8 +429,10 @@ def _streamed_calibration(run: _Run, model: torch.nn.Module, tokenizer) -> list 
         return None
     data = "prompts" if run.cfg.calib_data == "self" else run.cfg.calib_data
     if data != run.cfg.calib_data:
-        log.info("calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
-                   "whole model in memory; --calib-data PATH gives your own text)")
+        log.info(
+            "calibration: the shipped prompts, without the teacher's answers (sampling them needs the "
+            "whole model in memory; --calib-data PATH gives your own text)"
+        )
     return run.calibration(model, tokenizer, data)
 
 
@@ -450,8 +482,13 @@ def _evaluate_untrained(teacher, student, tokenizer, quant: QuantConfig, batches
     modelopt_ptq = _modelopt_rule_ptq(teacher, student, quant, batches)
     start = "PTQ" if modelopt_ptq is None else _start_name(quant)
     seconds: dict[str, float] = {}
-    results = evaluate(teacher, ({} if modelopt_ptq is None else {"PTQ": modelopt_ptq}) | {start: student}, tokenizer,
-                       data, seconds=seconds)
+    results = evaluate(
+        teacher,
+        ({} if modelopt_ptq is None else {"PTQ": modelopt_ptq}) | {start: student},
+        tokenizer,
+        data,
+        seconds=seconds,
+    )
     return _Heldout(data, results, seconds["teacher"] + seconds[start])
 
 
@@ -472,8 +509,9 @@ def nvfp4_parameter_share(stream: list[Entry]) -> float:
     return sum(n for n, packed in numel if packed) / sum(n for n, _ in numel)
 
 
-def _report(run: _Run, teacher, stream: list[Entry], exports: dict, accuracy: dict | None,
-            training: dict | None) -> Report:
+def _report(
+    run: _Run, teacher, stream: list[Entry], exports: dict, accuracy: dict | None, training: dict | None
+) -> Report:
     cfg = run.cfg
     bf16_bytes = sum(p.numel() for p in teacher.parameters()) * 2
     sizes = {target: result["bytes"] for target, result in exports.items()}

@@ -22,7 +22,9 @@ from nvfp4.errors import UserError
 
 GIB = 2**30
 RUNTIME_BYTES = int(0.45 * GIB)  # the interpreter, torch, transformers and the tokenizer (measured: 0.42)
-LAYER_QAD_IN_MEMORY = 1.5  # layer-local QAD on the whole model in memory peaked at 1.48x PTQ's need (Llama-3.2-1B shapes)
+LAYER_QAD_IN_MEMORY = (
+    1.5  # layer-local QAD on the whole model in memory peaked at 1.48x PTQ's need (Llama-3.2-1B shapes)
+)
 HEADROOM = 0.9  # of what the machine reports available: a plan using more is refused
 EVAL_TOKENS = 512  # the held-out prose, in samples of EVAL_SAMPLE tokens
 EVAL_SAMPLE = 256
@@ -57,13 +59,24 @@ class ModelShape:
         experts_used = getattr(config, "num_experts_per_tok", None) or 1
         intermediate = (getattr(config, "moe_intermediate_size", None) or config.intermediate_size) * experts_used
         prefix = next(n for n, m in model.named_modules() if m is decoder.layers)
-        per_layer = [GPTQRounding.hessian_bytes({n: m for n, m in quantized.items() if n.startswith(f"{prefix}.{i}.")})
-                     for i in range(len(decoder.layers))]
-        return cls(params=params, quantizable=sum(m.weight.numel() for m in quantized.values()),
-                   layers=len(decoder.layers), layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
-                   embedding=embedding, head=0 if tied else head.weight.numel(), hidden=config.hidden_size,
-                   intermediate=max(intermediate, config.intermediate_size), vocab=config.vocab_size,
-                   heads=config.num_attention_heads, hessians=GPTQRounding.hessian_bytes(quantized), layer_hessians=max(per_layer))
+        per_layer = [
+            GPTQRounding.hessian_bytes({n: m for n, m in quantized.items() if n.startswith(f"{prefix}.{i}.")})
+            for i in range(len(decoder.layers))
+        ]
+        return cls(
+            params=params,
+            quantizable=sum(m.weight.numel() for m in quantized.values()),
+            layers=len(decoder.layers),
+            layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
+            embedding=embedding,
+            head=0 if tied else head.weight.numel(),
+            hidden=config.hidden_size,
+            intermediate=max(intermediate, config.intermediate_size),
+            vocab=config.vocab_size,
+            heads=config.num_attention_heads,
+            hessians=GPTQRounding.hessian_bytes(quantized),
+            layer_hessians=max(per_layer),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,11 @@ def _activations(shape: ModelShape, tokens: int, seq_len: int = 256) -> int:
 def ptq_whole(shape: ModelShape, needs: Needs) -> int:
     """Teacher and student in fp32, calibration activations, GPTQ's Hessians of every layer, the packed export,
     and the writers (in parallel threads) each holding a bf16 copy of the tensors left in high precision."""
-    calibration = _activations(shape, min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS)) if needs_calibration_data(needs.quant) else 0
+    calibration = (
+        _activations(shape, min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS))
+        if needs_calibration_data(needs.quant)
+        else 0
+    )
     gptq = shape.hessians if needs.quant.rounding == "gptq" else 0
     writers = 2 * (shape.params - shape.quantizable) * len(needs.targets)
     evaluation = 3 * 4 * EVAL_SAMPLE * shape.vocab if needs.evaluate else 0
@@ -114,9 +131,17 @@ def ptq_layerwise(shape: ModelShape, needs: Needs) -> int:
     its stored bf16 read beside it); one decoder layer in fp32 with its bf16 read, the fake-quantized copy of
     its widest linear, its packed export, the activations of one forward and its GPTQ Hessians; the head in
     fp32 with the held-out prose's logits."""
-    streams = 4 * shape.hidden * ((2 if needs.quant.smooth_alpha else 1) * needs.calib_tokens * needs_calibration_data(needs.quant)
-                                  + (2 * EVAL_TOKENS if needs.evaluate else 0))
-    forward_tokens = min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS) if needs_calibration_data(needs.quant) else EVAL_SAMPLE
+    streams = (
+        4
+        * shape.hidden
+        * (
+            (2 if needs.quant.smooth_alpha else 1) * needs.calib_tokens * needs_calibration_data(needs.quant)
+            + (2 * EVAL_TOKENS if needs.evaluate else 0)
+        )
+    )
+    forward_tokens = (
+        min(needs.calib_tokens, CALIBRATION_FORWARD_TOKENS) if needs_calibration_data(needs.quant) else EVAL_SAMPLE
+    )
     gptq = shape.layer_hessians if needs.quant.rounding == "gptq" else 0
     widest = 4 * shape.intermediate * shape.hidden
     start = 6 * shape.embedding
@@ -171,10 +196,14 @@ class Plan:
 
     @property
     def stages(self) -> dict[str, int]:
-        stages = {"PTQ, whole model": ptq_whole(self.shape, self.needs),
-                  "PTQ, layer by layer": ptq_layerwise(self.shape, self.needs)}
+        stages = {
+            "PTQ, whole model": ptq_whole(self.shape, self.needs),
+            "PTQ, layer by layer": ptq_layerwise(self.shape, self.needs),
+        }
         if self.needs.qad:
-            stages[f"QAD, per device ({self.needs.world_size} x {self.needs.device})"] = qad_per_device(self.shape, self.needs)
+            stages[f"QAD, per device ({self.needs.world_size} x {self.needs.device})"] = qad_per_device(
+                self.shape, self.needs
+            )
         return stages
 
     def fits(self, need: int) -> bool:
@@ -182,9 +211,11 @@ class Plan:
 
     def render(self) -> str:
         shape = self.shape
-        lines = [f"memory plan: {shape.params / 1e9:.2f} B parameters ({shape.quantizable / 1e9:.2f} B in NVFP4), "
-                 f"{shape.layers} layers of up to {shape.layer_params / 1e6:.0f} M",
-                 f"  {'stage':<34}{'needs':>10}{'has':>10}"]
+        lines = [
+            f"memory plan: {shape.params / 1e9:.2f} B parameters ({shape.quantizable / 1e9:.2f} B in NVFP4), "
+            f"{shape.layers} layers of up to {shape.layer_params / 1e6:.0f} M",
+            f"  {'stage':<34}{'needs':>10}{'has':>10}",
+        ]
         has = "?" if self.memory is None else f"{self.memory / GIB:.1f} GiB"
         for stage, need in self.stages.items():
             lines.append(f"  {stage:<34}{need / GIB:>6.1f} GiB{has:>10}{'' if self.fits(need) else '  (does not fit)'}")
@@ -201,8 +232,10 @@ class Plan:
         """-> "whole" or "layerwise" (memory first, then disk); a UserError naming what would fit when nothing does."""
         path = self._choose_qad(layerwise) if self.needs.qad else self._choose_ptq(layerwise)
         if self.disk_needed > self.disk:
-            raise UserError(f"not enough disk space for the outputs: {self.disk / GIB:.1f} GiB free, "
-                            f"~{self.disk_needed / GIB:.1f} GiB needed (fewer --targets, or another -o)")
+            raise UserError(
+                f"not enough disk space for the outputs: {self.disk / GIB:.1f} GiB free, "
+                f"~{self.disk_needed / GIB:.1f} GiB needed (fewer --targets, or another -o)"
+            )
         return path
 
     def _choose_ptq(self, layerwise: bool) -> str:
@@ -211,26 +244,39 @@ class Plan:
             return "whole"
         if self.fits(streamed):
             return "layerwise"
-        raise UserError(f"even one layer at a time needs ~{streamed / GIB:.1f} GiB and {self.memory / GIB:.1f} GiB "
-                        "is available" + (" (--rounding nearest drops GPTQ's Hessians)" if self.needs.quant.rounding == "gptq" else ""))
+        raise UserError(
+            f"even one layer at a time needs ~{streamed / GIB:.1f} GiB and {self.memory / GIB:.1f} GiB "
+            "is available"
+            + (" (--rounding nearest drops GPTQ's Hessians)" if self.needs.quant.rounding == "gptq" else "")
+        )
 
     def _choose_qad(self, layerwise: bool) -> str:
         training = self.needs.training
         if layerwise:
-            raise UserError(f"this {training.row} trains the whole model at once: --layerwise runs PTQ or "
-                            f"{training.streamed} (add {training.without}, or {training.streamed})")
+            raise UserError(
+                f"this {training.row} trains the whole model at once: --layerwise runs PTQ or "
+                f"{training.streamed} (add {training.without}, or {training.streamed})"
+            )
         need = qad_per_device(self.shape, self.needs)
         if self.fits(need) and self.fits(ptq_whole(self.shape, self.needs)):
             return "whole"
-        ranks = next((n for n in range(self.needs.world_size, 4097)
-                      if self.fits(qad_per_device(self.shape, _with(self.needs, world_size=n)))), None)
+        ranks = next(
+            (
+                n
+                for n in range(self.needs.world_size, 4097)
+                if self.fits(qad_per_device(self.shape, _with(self.needs, world_size=n)))
+            ),
+            None,
+        )
         hints = [f"{training.without} (PTQ, layer by layer)"]
         if ranks and self.needs.device == "cuda":
             hints.append(f"torchrun --nproc-per-node {ranks} (FSDP2 over {ranks} GPUs)")
         if training.batch > 1:
             hints.append(f"a smaller {training.batch_flag}")
-        raise UserError(f"{training.row} needs ~{need / GIB:.1f} GiB per device and {self.memory / GIB:.1f} GiB is "
-                        f"available; what fits: {', or '.join(hints)}")
+        raise UserError(
+            f"{training.row} needs ~{need / GIB:.1f} GiB per device and {self.memory / GIB:.1f} GiB is "
+            f"available; what fits: {', or '.join(hints)}"
+        )
 
 
 def _with(needs: Needs, **changes) -> Needs:
@@ -257,4 +303,3 @@ def skeleton(folder: Path) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     unfuse_experts(model)
     return model
-

@@ -23,7 +23,9 @@ def is_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def eligible_linears(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear, prefix: str = "") -> dict[str, nn.Linear]:
+def eligible_linears(
+    model: nn.Module, cfg: QuantConfig, filter_fn: Callable = is_linear, prefix: str = ""
+) -> dict[str, nn.Linear]:
     """Linears that will be quantized: every one not excluded by cfg's patterns. A linear that is neither
     quantizable (in_features a multiple of 16) nor excluded is an error, never a silent high-precision
     leftover; so is a fused group (q/k/v, gate/up) excluded in part: engines fuse its matrices. Names are
@@ -32,12 +34,16 @@ def eligible_linears(model: nn.Module, cfg: QuantConfig, filter_fn: Callable = i
     chosen = {name: module for name, module in linears.items() if not cfg.is_excluded(name)}
     odd = [f"{name} (in_features {m.in_features})" for name, m in chosen.items() if m.in_features % cfg.group_size]
     if odd:
-        raise UserError(f"cannot quantize {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}: NVFP4 needs in_features "
-                        f"a multiple of {cfg.group_size}; keep them in high precision with --exclude PATTERN")
+        raise UserError(
+            f"cannot quantize {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}: NVFP4 needs in_features "
+            f"a multiple of {cfg.group_size}; keep them in high precision with --exclude PATTERN"
+        )
     for group in fused_groups(linears):
         if any(n in chosen for n in group) and not all(n in chosen for n in group):
-            raise UserError(f"--exclude takes part of the fused group {', '.join(group)}: engines fuse these "
-                            "matrices, so exclude all of them or none")
+            raise UserError(
+                f"--exclude takes part of the fused group {', '.join(group)}: engines fuse these "
+                "matrices, so exclude all of them or none"
+            )
     return chosen
 
 
@@ -94,7 +100,9 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], cfg: QuantConfig) -> 
 
 
 @torch.no_grad()
-def calibrate_modules(modules: dict[str, NVFP4FakeQuantLinear], forward: Callable[[], object], cfg: QuantConfig) -> object:
+def calibrate_modules(
+    modules: dict[str, NVFP4FakeQuantLinear], forward: Callable[[], object], cfg: QuantConfig
+) -> object:
     """Show every calibration stage of `cfg` (converter/stages.py) each module's inputs while `forward()` runs
     with the modules computing as the original linears (so the ranges are the original model's), then let the
     stages set what the inputs decide. The whole model at once (calibrate) or one decoder layer

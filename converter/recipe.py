@@ -29,16 +29,25 @@ class ConvertRecipe:
         object.__setattr__(self, "targets", tuple(canonical_target(t) for t in self.targets))
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
-            raise UserError(f"unknown target(s) {', '.join(unknown) or '(none)'} in `targets`; choose from "
-                            f"{', '.join(TARGETS)}", field="targets")
+            raise UserError(
+                f"unknown target(s) {', '.join(unknown) or '(none)'} in `targets`; choose from {', '.join(TARGETS)}",
+                field="targets",
+            )
         if self.dtype not in DTYPES:
             raise UserError(f"unknown `dtype` {self.dtype}; choose from {', '.join(DTYPES)}", field="dtype")
         if self.calib_tokens <= 0:
             raise UserError(f"`calib_tokens` must be positive, got {self.calib_tokens}", field="calib_tokens")
 
     def to_dict(self) -> dict:
-        return {"quant": self.quant.to_dict(), "targets": list(self.targets), "calib_data": self.calib_data,
-                "calib_tokens": self.calib_tokens, "seed": self.seed, "dtype": self.dtype, "training": self.training}
+        return {
+            "quant": self.quant.to_dict(),
+            "targets": list(self.targets),
+            "calib_data": self.calib_data,
+            "calib_tokens": self.calib_tokens,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "training": self.training,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ConvertRecipe":

@@ -79,7 +79,9 @@ class Report:
             f"| bf16 (teacher) | {self.sizes_bytes['bf16']:,} | 1.000 | |",
         ]
         seconds = {t: "written layer by layer" if s is None else f"{s:.1f}" for t, s in self.export_seconds.items()}
-        lines += [f"| {t} | {self.sizes_bytes[t]:,} | {self.size_vs_bf16[t]:.3f} | {seconds[t]} |" for t in self.targets]
+        lines += [
+            f"| {t} | {self.sizes_bytes[t]:,} | {self.size_vs_bf16[t]:.3f} | {seconds[t]} |" for t in self.targets
+        ]
         lines += ["", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {name} | {seconds:.1f} |" for name, seconds in self.timings_seconds.items()]
         if self.accuracy:

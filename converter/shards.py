@@ -21,10 +21,24 @@ from nvfp4.errors import UserError
 INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size ("5GB")
-_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8", torch.int8: "I8",
-           torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-           torch.float64: "F64", torch.int16: "I16", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-           torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0"}
+_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float64: "F64",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e8m0fnu: "F8_E8M0",
+}
 _FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
 
 
@@ -36,8 +50,11 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        files = _indexed_files(self.folder / INDEX) if (self.folder / INDEX).is_file() \
+        files = (
+            _indexed_files(self.folder / INDEX)
+            if (self.folder / INDEX).is_file()
             else [p.name for p in sorted(self.folder.glob("*.safetensors"))]
+        )
         if not files:
             raise UserError(f"no safetensors weights in {self.folder} (pickled checkpoints are not loaded)")
         self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, its header entry, data start)
@@ -112,6 +129,7 @@ def _header(path: Path) -> tuple[dict, int]:
 def _check_entry(path: Path, name: str, entry, data_bytes: int) -> None:
     """One tensor's entry: a dtype we read, a shape of non-negative ints, and offsets inside the data that
     hold exactly that shape's bytes."""
+
     def corrupt(why: str) -> UserError:
         return UserError(f"corrupt checkpoint {path}: tensor {_short(name)} {why}")
 
@@ -126,8 +144,9 @@ def _check_entry(path: Path, name: str, entry, data_bytes: int) -> None:
         raise corrupt(f"has data_offsets {_short(offsets)}, outside the file's {data_bytes} data bytes")
     needed = math.prod(shape) * _FROM_CODE[dtype].itemsize
     if offsets[1] - offsets[0] != needed:
-        raise corrupt(f"of shape {_short(shape)} {dtype} needs {needed} bytes; its data_offsets hold "
-                      f"{offsets[1] - offsets[0]}")
+        raise corrupt(
+            f"of shape {_short(shape)} {dtype} needs {needed} bytes; its data_offsets hold {offsets[1] - offsets[0]}"
+        )
 
 
 def _check_no_overlap(path: Path, header: dict) -> None:
@@ -160,8 +179,13 @@ class Spec:
 class ShardWriter:
     """Writes tensors declared up front (`specs`, in the order they will come) into shards of `out`."""
 
-    def __init__(self, out: Path, specs: list[Spec], metadata: dict[str, str] | None = None,
-                 max_shard_bytes: int = MAX_SHARD_BYTES):
+    def __init__(
+        self,
+        out: Path,
+        specs: list[Spec],
+        metadata: dict[str, str] | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
+    ):
         self.out, self.metadata = Path(out), {"format": "pt", **(metadata or {})}
         self.shards: list[list[Spec]] = [[]]
         for spec in specs:
@@ -173,7 +197,11 @@ class ShardWriter:
         self._next, self._shard, self._file = 0, -1, None
 
     def file_name(self, index: int) -> str:
-        return "model.safetensors" if len(self.shards) == 1 else f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+        return (
+            "model.safetensors"
+            if len(self.shards) == 1
+            else f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+        )
 
     def _open_next_shard(self) -> None:
         if self._file is not None:
@@ -181,7 +209,11 @@ class ShardWriter:
         self._shard += 1
         header, offset = {"__metadata__": self.metadata}, 0
         for spec in self.shards[self._shard]:
-            header[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": _DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -194,7 +226,9 @@ class ShardWriter:
             raise ValueError(f"expected {spec}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         if self._next in self._starts:
             self._open_next_shard()
-        self._file.write(memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))  # no copy
+        self._file.write(
+            memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        )  # no copy
         self._next += 1
 
     def close(self) -> list[Path]:
@@ -206,5 +240,7 @@ class ShardWriter:
         if len(self.shards) > 1:
             weight_map = {spec.name: self.file_name(i) for i, shard in enumerate(self.shards) for spec in shard}
             total = sum(spec.nbytes for spec in self._pending)
-            (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            (self.out / INDEX).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+            )
         return files

@@ -110,7 +110,9 @@ def _fold_into_norm(norm: nn.Module, offset: float, readers: list[nn.Module], sc
         reader.weight.mul_(scales.to(reader.weight.dtype))
 
 
-def _attention_parts(attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> tuple[list[nn.Module], Rows] | None:
+def _attention_parts(
+    attention: nn.Module, heads: int, kv_heads: int, head_dim: int
+) -> tuple[list[nn.Module], Rows] | None:
     """(the linears reading the attention's input, v's rows), for q/k/v or a fused qkv_proj."""
     if all(hasattr(attention, leaf) for leaf in ("q_proj", "k_proj", "v_proj")):
         v = attention.v_proj
@@ -124,8 +126,10 @@ def _attention_parts(attention: nn.Module, heads: int, kv_heads: int, head_dim: 
 def _mlp_parts(mlp: nn.Module, family: Family) -> tuple[list[nn.Module], list[tuple[Rows, nn.Linear]]] | None:
     """(the modules reading the MLP's input: linears, and a MoE layer's router; [(up's rows, their down_proj)])."""
     if family.moe is not None and isinstance(getattr(mlp, "experts", None), Experts):
-        halves = [(Rows(e.gate_up_proj, e.gate_up_proj.out_features // 2, e.gate_up_proj.out_features), e.down_proj)
-                  for e in mlp.experts]
+        halves = [
+            (Rows(e.gate_up_proj, e.gate_up_proj.out_features // 2, e.gate_up_proj.out_features), e.down_proj)
+            for e in mlp.experts
+        ]
         return [getattr(mlp, family.moe.router)] + [e.gate_up_proj for e in mlp.experts], halves
     if all(hasattr(mlp, leaf) for leaf in ("gate_proj", "up_proj", "down_proj")):
         return [mlp.gate_proj, mlp.up_proj], [(Rows(mlp.up_proj, 0, mlp.up_proj.out_features), mlp.down_proj)]
@@ -143,7 +147,9 @@ def smooth(model: nn.Module, batches: Iterable[Tensor], alpha: float, all_expert
     amax = input_channel_amax(model, batches, all_experts)
     decoder = model.get_decoder()
     prefix = next(n for n, m in model.named_modules() if m is decoder.layers)
-    return sum(smooth_layer(layer, f"{prefix}.{i}", amax, model.config, alpha) for i, layer in enumerate(decoder.layers))
+    return sum(
+        smooth_layer(layer, f"{prefix}.{i}", amax, model.config, alpha) for i, layer in enumerate(decoder.layers)
+    )
 
 
 def check_alpha(alpha: float) -> None:
@@ -172,16 +178,22 @@ def smooth_layer(layer: nn.Module, name: str, amax: dict[str, Tensor], config, a
             down.weight.mul_(scales.to(down.weight.dtype))
             smoothed += 1
     if attention_parts and names[id(attention.o_proj)] in amax:
-        _smooth_attention_output(attention_parts[1], attention.o_proj, amax[names[id(attention.o_proj)]], alpha,
-                                 heads, kv_heads)
+        _smooth_attention_output(
+            attention_parts[1], attention.o_proj, amax[names[id(attention.o_proj)]], alpha, heads, kv_heads
+        )
         smoothed += 1
-    for norm, parts in ((getattr(layer, family.norms[0], None), attention_parts),
-                        (getattr(layer, family.norms[1], None), mlp_parts)):
+    for norm, parts in (
+        (getattr(layer, family.norms[0], None), attention_parts),
+        (getattr(layer, family.norms[1], None), mlp_parts),
+    ):
         readers = parts[0] if parts else []
         measured = [amax[names[id(r)]] for r in readers if names[id(r)] in amax]
         if norm is None or not measured or not _scales_output(norm, family.norm_offset):
-            log.warning("not smoothing %s: no x * weight norm before %s", name,
-                        "/".join(names[id(r)].rpartition(".")[2] for r in readers) or "its linears")
+            log.warning(
+                "not smoothing %s: no x * weight norm before %s",
+                name,
+                "/".join(names[id(r)].rpartition(".")[2] for r in readers) or "its linears",
+            )
             continue
         scales = smoothing_scales(torch.stack(measured).amax(0), [r.weight for r in readers], alpha)
         _fold_into_norm(norm, family.norm_offset, readers, scales)
@@ -189,7 +201,9 @@ def smooth_layer(layer: nn.Module, name: str, amax: dict[str, Tensor], config, a
     return smoothed
 
 
-def _smooth_attention_output(v_rows: Rows, o_proj: nn.Linear, o_amax: Tensor, alpha: float, heads: int, kv_heads: int) -> None:
+def _smooth_attention_output(
+    v_rows: Rows, o_proj: nn.Linear, o_amax: Tensor, alpha: float, heads: int, kv_heads: int
+) -> None:
     """o_proj's input channel (query head h, d) is v's row (kv head h // group, d): one scale per kv row."""
     group, head_dim = heads // kv_heads, o_amax.numel() // heads
     per_kv = lambda t: t.reshape(kv_heads, group, head_dim).amax(1).reshape(-1)  # noqa: E731

@@ -141,8 +141,11 @@ class InputScales(PTQStage):
         for group in input_scale_groups(n for n, m in modules.items() if m.quantize_input):
             recorded = [self.amax[n] for n in group if n in self.amax]
             if not recorded:  # no calibration token reached these experts (--expert-calibration routed)
-                raise UserError(f"no calibration token reached {group[0]} (and {len(group) - 1} more): calibrate "
-                                "with more tokens or `expert_calibration` all", field="expert_calibration")
+                raise UserError(
+                    f"no calibration token reached {group[0]} (and {len(group) - 1} more): calibrate "
+                    "with more tokens or `expert_calibration` all",
+                    field="expert_calibration",
+                )
             shared = numerics.activation_global_scale(torch.stack(recorded).amax())
             for name in group:
                 modules[name].input_gscale = shared.to(modules[name].weight.device)
@@ -198,7 +201,6 @@ class GPTQRounding(PTQStage):
         super().__init__(cfg)
         self.leads: set[str] = set()  # each fused group's first member holds the group's X^T X
 
-
     def begin_calibration(self, modules: Modules) -> None:
         self.leads = {group[0] for group in fused_groups(modules)}
 
@@ -206,7 +208,9 @@ class GPTQRounding(PTQStage):
         if name in self.leads:
             rows = _rows(module, x)
             previous = self.moments.sums.pop(name, None)
-            self.moments.add(name, rows.shape[0], rows.T @ rows if previous is None else torch.addmm(previous, rows.T, rows))
+            self.moments.add(
+                name, rows.shape[0], rows.T @ rows if previous is None else torch.addmm(previous, rows.T, rows)
+            )
 
     @staticmethod
     def hessian_bytes(linears: dict[str, nn.Module]) -> int:
@@ -228,8 +232,12 @@ class GPTQRounding(PTQStage):
             weights = torch.stack([torch.cat([m.weight for m in group]) for group in members])
             fixed = members[0][0].block_scales is not None
             scales = torch.stack([torch.cat([m.block_scales for m in group]) for group in members]) if fixed else None
-            latent = gptq_round(weights, torch.stack([hessians[group[0]] for group in groups]),
-                                torch.stack([group[0].weight_gscale for group in members]), scales)
+            latent = gptq_round(
+                weights,
+                torch.stack([hessians[group[0]] for group in groups]),
+                torch.stack([group[0].weight_gscale for group in members]),
+                scales,
+            )
             for group, rounded in zip(members, latent):
                 for module, part in zip(group, rounded.split([m.out_features for m in group])):
                     module.weight.copy_(part.to(module.weight.dtype))
@@ -275,8 +283,15 @@ class TrainingStage(ABC):
     def train(self, ctx: TrainingContext) -> dict:
         """Train the model in memory; -> the report's section."""
 
-    def train_layer(self, layer: nn.Module, index: int, layers: int, inputs: list[Tensor], targets: list[Tensor],
-                    arguments: list[tuple]) -> None:
+    def train_layer(
+        self,
+        layer: nn.Module,
+        index: int,
+        layers: int,
+        inputs: list[Tensor],
+        targets: list[Tensor],
+        arguments: list[tuple],
+    ) -> None:
         """Train one streamed decoder layer: `inputs` are the quantized layers' outputs, `targets` the
         unquantized layer's, `arguments` what the model's forward gives the layer."""
         raise NotImplementedError(f"{type(self).__name__} does not train layer by layer")

@@ -51,8 +51,13 @@ class Reader:
 READERS: dict[str, Reader] = {}
 
 
-def register_reader(target: str, quantizes_activations: bool = True, rel_tol: float = 1e-3,
-                    rounds_inputs: Callable[[Tensor], Tensor] | None = None, positions: float = 1.0):
+def register_reader(
+    target: str,
+    quantizes_activations: bool = True,
+    rel_tol: float = 1e-3,
+    rounds_inputs: Callable[[Tensor], Tensor] | None = None,
+    positions: float = 1.0,
+):
     def decorate(fn: Callable[[Path, Tensor], Tensor]) -> Callable[[Path, Tensor], Tensor]:
         READERS[target] = Reader(fn, quantizes_activations, rel_tol, rounds_inputs, positions)
         return fn
@@ -121,7 +126,8 @@ def vllm_logits(folder: Path, ids: Tensor) -> Tensor:
     require("verify", "compressed_tensors")
     if family_of(_config_without_quantization(folder)).moe is None:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+            folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+        )
     else:
         model = _plain_model(folder, _compressed_tensors_dequantized(folder))
     with torch.no_grad():
@@ -166,8 +172,14 @@ def llamacpp_logits(folder: Path, ids: Tensor, n_threads: int = 2) -> Tensor:
 
     Llama = require("verify", "llama_cpp").Llama
     ids = [int(i) for i in ids.reshape(-1).tolist()]
-    llm = Llama(model_path=str(Path(folder) / FILE_NAME), n_ctx=max(len(ids), 64), n_batch=max(len(ids), 64),
-                logits_all=True, n_threads=n_threads, verbose=False)
+    llm = Llama(
+        model_path=str(Path(folder) / FILE_NAME),
+        n_ctx=max(len(ids), 64),
+        n_batch=max(len(ids), 64),
+        logits_all=True,
+        n_threads=n_threads,
+        verbose=False,
+    )
     try:
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
@@ -199,14 +211,18 @@ def position_differences(theirs: Tensor, ours: Tensor) -> Tensor:
     return (theirs.float() - ours.float()).abs().amax(-1) / ours.abs().max()
 
 
-def student_logits(student: nn.Module, ids: Tensor, quantize_activations: bool,
-                   rounds_inputs: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def student_logits(
+    student: nn.Module, ids: Tensor, quantize_activations: bool, rounds_inputs: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """The student's logits [T, vocab]: W4A4 or weight-only, every quantized linear's input rounded by
     `rounds_inputs` when given."""
     modules = [m for m in student.modules() if isinstance(m, (NVFP4FakeQuantLinear, NVFP4PackedLinear))]
     saved = [m.input_gscale for m in modules]
-    handles = [m.register_forward_pre_hook(lambda _, args: (rounds_inputs(args[0]), *args[1:]))
-               for m in modules] if rounds_inputs is not None else []
+    handles = (
+        [m.register_forward_pre_hook(lambda _, args: (rounds_inputs(args[0]), *args[1:])) for m in modules]
+        if rounds_inputs is not None
+        else []
+    )
     try:
         for module in modules:
             module.input_gscale = module.input_gscale if quantize_activations else None
@@ -219,8 +235,9 @@ def student_logits(student: nn.Module, ids: Tensor, quantize_activations: bool,
             handle.remove()
 
 
-def compare(reader: Reader, target: str, theirs: Tensor, student: nn.Module, ids: Tensor,
-            rel_tol: float | None = None) -> Row:
+def compare(
+    reader: Reader, target: str, theirs: Tensor, student: nn.Module, ids: Tensor, rel_tol: float | None = None
+) -> Row:
     """The rule (module docstring): the reader's logits against the student's, with the tolerance it earns."""
     ours = student_logits(student, ids, reader.quantizes_activations)
     if theirs.shape != ours.shape:
@@ -262,15 +279,22 @@ def verify(out: Path, prompt: str = DEFAULT_PROMPT, rel_tol: float | None = None
     targets = present_targets(out, READERS)
     student, tokenizer = load_nvfp4_checkpoint(student_folder(out))
     ids = prompt_ids(tokenizer, prompt)
-    return [compare(READERS[t], t, READERS[t].logits(target_folder(out, t), ids).float(), student, ids, rel_tol)
-            for t in targets]
+    return [
+        compare(READERS[t], t, READERS[t].logits(target_folder(out, t), ids).float(), student, ids, rel_tol)
+        for t in targets
+    ]
 
 
 def render(rows: list[Row]) -> str:
-    lines = ["| target | max abs logit diff | relative (positions quantile) | top-1 agreement | tolerance | result |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| target | max abs logit diff | relative (positions quantile) | top-1 agreement | tolerance | result |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.target} | {r.max_abs_diff:.3e} | {r.rel_diff:.3e} | {r.top1_agreement:.3f} | "
-                     f"{r.rel_tol:.1e} | {'ok' if r.ok else 'FAIL'} |")
+        lines.append(
+            f"| {r.target} | {r.max_abs_diff:.3e} | {r.rel_diff:.3e} | {r.top1_agreement:.3f} | "
+            f"{r.rel_tol:.1e} | {'ok' if r.ok else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 

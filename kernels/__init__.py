@@ -21,4 +21,3 @@ __all__ = [
     "shared_global_scale",
     "tensor_amax",
 ]
-

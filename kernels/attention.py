@@ -9,19 +9,23 @@ from nvfp4.kernels import cpu
 from nvfp4.kernels.ops import register
 
 _LIB = torch.library.Library("nvfp4", "FRAGMENT")
-_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
-            "Tensor positions, float scale) -> Tensor")
+_LIB.define(
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
+    "Tensor positions, float scale) -> Tensor"
+)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor,
-                     scale: float) -> Tensor:
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, scale: float
+) -> Tensor:
     """q [B, H, D], the new token's k, v [B, KVH, D]; caches [slots, KVH, max_len, D]. Writes k, v at
     (slots[b], positions[b]) and returns softmax(scale q K^T) V over positions 0..positions[b] -> [B, H, D]."""
     return torch.ops.nvfp4.decode_attention(q, k, v, k_cache, v_cache, slots, positions, scale)
 
 
-def decode_attention_torch(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                           positions: Tensor, scale: float) -> Tensor:
+def decode_attention_torch(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, scale: float
+) -> Tensor:
     k_cache[slots, :, positions] = k
     v_cache[slots, :, positions] = v
     batch, heads, dim = q.shape
@@ -34,5 +38,10 @@ def decode_attention_torch(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
     return (weights @ values).reshape(batch, heads, dim)
 
 
-register(_LIB, "decode_attention", None if cpu.torch_ops() else decode_attention_torch, decode_attention_torch,
-         lambda q, *rest: torch.empty_like(q))
+register(
+    _LIB,
+    "decode_attention",
+    None if cpu.torch_ops() else decode_attention_torch,
+    decode_attention_torch,
+    lambda q, *rest: torch.empty_like(q),
+)

@@ -53,10 +53,27 @@ def _builds(compiler: str) -> list[_Build]:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [flag for path in cpp_extension.library_paths() for flag in (f"-L{path}", f"-Wl,-rpath,{path}")]
-    link = [cxx, *FLAGS, "-shared", "-std=c++20", abi, *includes, str(_TORCH_OPS), "{tmp}/kernels.o", "-o", "{out}",
-            *libraries, "-lc10", "-ltorch_cpu", "-lm"]
+    link = [
+        cxx,
+        *FLAGS,
+        "-shared",
+        "-std=c++20",
+        abi,
+        *includes,
+        str(_TORCH_OPS),
+        "{tmp}/kernels.o",
+        "-o",
+        "{out}",
+        *libraries,
+        "-lc10",
+        "-ltorch_cpu",
+        "-lm",
+    ]
     key = _TORCH_OPS.read_bytes() + f"{torch.__version__} {abi} {cxx} {_compiler_facts(cxx)}".encode()
-    return [_Build("cpu_nvfp4_ops", [[compiler, *FLAGS, "-c", str(_SOURCE), "-o", "{tmp}/kernels.o"], link], key), c_only]
+    return [
+        _Build("cpu_nvfp4_ops", [[compiler, *FLAGS, "-c", str(_SOURCE), "-o", "{tmp}/kernels.o"], link], key),
+        c_only,
+    ]
 
 
 @cache
@@ -87,8 +104,13 @@ def _trusted_build_dir() -> Path:
         return folder
     private = Path(tempfile.mkdtemp(prefix="nvfp4-kernels-"))
     atexit.register(shutil.rmtree, private, ignore_errors=True)
-    log.warning("not loading compiled kernels from %s: %s; building them in %s for this run (run `chmod go-w` on it "
-                "or set NVFP4_CACHE to a folder only you can write to)", folder, why, private)
+    log.warning(
+        "not loading compiled kernels from %s: %s; building them in %s for this run (run `chmod go-w` on it "
+        "or set NVFP4_CACHE to a folder only you can write to)",
+        folder,
+        why,
+        private,
+    )
     return private
 
 
@@ -166,7 +188,9 @@ def _bind(lib: ctypes.CDLL, torch_ops: bool) -> ctypes.CDLL:
 def _compiler_facts(compiler: str) -> str:
     """What the compiler makes of the flags on this CPU: `-###` prints its version and `-march=native` expanded to
     this CPU's target and features."""
-    return subprocess.run([compiler, *FLAGS, "-###", "-E", "-x", "c", os.devnull], capture_output=True, text=True).stderr
+    return subprocess.run(
+        [compiler, *FLAGS, "-###", "-E", "-x", "c", os.devnull], capture_output=True, text=True
+    ).stderr
 
 
 def build_key(compiler: str, extra: bytes = b"") -> str:
@@ -209,8 +233,15 @@ def int8_block_gemv(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
     assert x.shape[0] <= GEMV_MAX_BATCH and codes.shape[1] == x.shape[1] == scales.shape[1] * 32
     y = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
     _sync_threads(lib)
-    lib.int8_block_gemv(x.data_ptr(), x.shape[0], codes.contiguous().data_ptr(), scales.contiguous().data_ptr(),
-                        y.data_ptr(), codes.shape[0], codes.shape[1])
+    lib.int8_block_gemv(
+        x.data_ptr(),
+        x.shape[0],
+        codes.contiguous().data_ptr(),
+        scales.contiguous().data_ptr(),
+        y.data_ptr(),
+        codes.shape[0],
+        codes.shape[1],
+    )
     return y
 
 
@@ -220,9 +251,13 @@ def quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> tuple[T
     x32 = x.detach().float().contiguous()
     rows, cols = x32.shape
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    out_scales = torch.empty(rows, cols // 16, dtype=torch.uint8) if scales is None else scales.view(torch.uint8).clone()
+    out_scales = (
+        torch.empty(rows, cols // 16, dtype=torch.uint8) if scales is None else scales.view(torch.uint8).clone()
+    )
     _sync_threads(lib)
-    lib.nvfp4_quantize(x32.data_ptr(), float(gscale), packed.data_ptr(), out_scales.data_ptr(), int(scales is not None), rows, cols)
+    lib.nvfp4_quantize(
+        x32.data_ptr(), float(gscale), packed.data_ptr(), out_scales.data_ptr(), int(scales is not None), rows, cols
+    )
     return packed, out_scales.view(torch.float8_e4m3fn)
 
 
@@ -234,8 +269,9 @@ def fake_quantize(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> Te
     out = torch.empty(rows, cols, dtype=torch.float32)
     fixed = None if scales is None else scales.view(torch.uint8).contiguous()
     _sync_threads(lib)
-    lib.nvfp4_fake_quantize(x32.data_ptr(), float(gscale), None if fixed is None else fixed.data_ptr(),
-                            out.data_ptr(), rows, cols)
+    lib.nvfp4_fake_quantize(
+        x32.data_ptr(), float(gscale), None if fixed is None else fixed.data_ptr(), out.data_ptr(), rows, cols
+    )
     return out
 
 
@@ -248,9 +284,17 @@ def scale_gradient(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscal
     grad_x = torch.empty_like(x32)
     grad_log = torch.empty(rows, cols // 16, dtype=torch.float32)
     _sync_threads(lib)
-    lib.nvfp4_scale_gradient(x32.data_ptr(), grad32.data_ptr(), scale.float().contiguous().data_ptr(),
-                             scales.view(torch.uint8).contiguous().data_ptr(), float(gscale), grad_x.data_ptr(),
-                             grad_log.data_ptr(), rows, cols)
+    lib.nvfp4_scale_gradient(
+        x32.data_ptr(),
+        grad32.data_ptr(),
+        scale.float().contiguous().data_ptr(),
+        scales.view(torch.uint8).contiguous().data_ptr(),
+        float(gscale),
+        grad_x.data_ptr(),
+        grad_log.data_ptr(),
+        rows,
+        cols,
+    )
     return grad_x, grad_log
 
 
@@ -263,7 +307,7 @@ def kl_rows(teacher: Tensor, student: Tensor, with_grad: bool) -> tuple[Tensor, 
     kl = torch.empty(teacher.shape[0], dtype=torch.float32)
     grad = torch.empty_like(student) if with_grad else None
     _sync_threads(lib)
-    lib.kl_rows(teacher.data_ptr(), student.data_ptr(), kl.data_ptr(), None if grad is None else grad.data_ptr(),
-                *teacher.shape)
+    lib.kl_rows(
+        teacher.data_ptr(), student.data_ptr(), kl.data_ptr(), None if grad is None else grad.data_ptr(), *teacher.shape
+    )
     return kl, grad
-

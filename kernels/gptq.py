@@ -29,8 +29,14 @@ _MARGIN = 1e-3  # latent values stay this far (in block-scale units) inside thei
 _CHUNK_ELEMENTS = 1 << 26  # matrices per call hold about this many weights (bounds the fp32 copies)
 
 
-def gptq_round(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor | None = None,
-               damp: float = 0.01, lazy_block: int = 32) -> Tensor:
+def gptq_round(
+    weight: Tensor,
+    hessian: Tensor,
+    gscale: Tensor,
+    scales: Tensor | None = None,
+    damp: float = 0.01,
+    lazy_block: int = 32,
+) -> Tensor:
     """Latent weights whose NVFP4 quantization is GPTQ's rounding of `weight`.
 
     weight [B, N, K] (or [N, K]), hessian [B, K, K] (or [K, K], X^T X of the inputs, any positive
@@ -47,9 +53,17 @@ def gptq_round(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor |
         raise ValueError(f"GPTQ for NVFP4 needs K and the lazy block divisible by 16, got K={columns}, {lazy_block}")
     gscale = torch.as_tensor(gscale, dtype=torch.float32).reshape(-1).expand(batch).to(weight.device)
     step = max(1, _CHUNK_ELEMENTS // (rows * columns))
-    out = [_gptq_chunk(weight[i : i + step], hessian[i : i + step], gscale[i : i + step],
-                       None if scales is None else scales[i : i + step], damp, lazy_block)
-           for i in range(0, batch, step)]
+    out = [
+        _gptq_chunk(
+            weight[i : i + step],
+            hessian[i : i + step],
+            gscale[i : i + step],
+            None if scales is None else scales[i : i + step],
+            damp,
+            lazy_block,
+        )
+        for i in range(0, batch, step)
+    ]
     latent = torch.cat(out)
     return latent[0] if single else latent
 
@@ -71,8 +85,9 @@ def _inverse_hessian_factor(hessian: Tensor, weight_t: Tensor, damp: float) -> T
     return torch.linalg.solve_triangular(lower, identity, upper=False).flip(-1, -2)
 
 
-def _gptq_chunk(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor | None, damp: float,
-                lazy_block: int) -> Tensor:
+def _gptq_chunk(
+    weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor | None, damp: float, lazy_block: int
+) -> Tensor:
     work = weight.detach().float().transpose(1, 2).contiguous()  # [B, K, N]: input column k is work[:, k]
     factor = _inverse_hessian_factor(hessian, work, damp)  # [B, K, K]
     table = _Intervals(work.device)
@@ -83,15 +98,19 @@ def _gptq_chunk(weight: Tensor, hessian: Tensor, gscale: Tensor, scales: Tensor 
         end = min(start + lazy_block, columns)
         errors = torch.empty(work.shape[0], end - start, work.shape[2], device=work.device)
         for block in range(start, end, numerics.BLOCK):
-            unit, lead, zero = _block_rule(work[:, block : block + numerics.BLOCK], gscale,
-                                           None if scales is None else scales[:, :, block // numerics.BLOCK])
+            unit, lead, zero = _block_rule(
+                work[:, block : block + numerics.BLOCK],
+                gscale,
+                None if scales is None else scales[:, :, block // numerics.BLOCK],
+            )
             for k in range(block, block + numerics.BLOCK):
                 value = work[:, k] / unit  # [B, N] in block-scale units
                 code, inside = table.round(value, pinned=lead == k - block, zero=zero)
                 latent[:, k] = inside * unit
                 torch.div(work[:, k] - code * unit, factor[:, k, k].unsqueeze(-1), out=errors[:, k - start])
-                work[:, k + 1 : end].addcmul_(factor[:, k, k + 1 : end].unsqueeze(-1), errors[:, k - start].unsqueeze(1),
-                                              value=-1)
+                work[:, k + 1 : end].addcmul_(
+                    factor[:, k, k + 1 : end].unsqueeze(-1), errors[:, k - start].unsqueeze(1), value=-1
+                )
         work[:, end:].baddbmm_(factor[:, start:end, end:].transpose(1, 2), errors, alpha=-1)
     return latent.transpose(1, 2).contiguous()
 

@@ -94,8 +94,9 @@ def _linear(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
 _LIB = torch.library.Library("nvfp4", "FRAGMENT")
 _LIB.define("linear_int8_blocks(Tensor x, Tensor codes, Tensor scales) -> Tensor")
 _LIB.impl("linear_int8_blocks", _linear, "CompositeExplicitAutograd")
-torch.library.register_fake("nvfp4::linear_int8_blocks", lambda x, codes, scales: x.new_empty(x.shape[0], codes.shape[0]),
-                            lib=_LIB)
+torch.library.register_fake(
+    "nvfp4::linear_int8_blocks", lambda x, codes, scales: x.new_empty(x.shape[0], codes.shape[0]), lib=_LIB
+)
 
 
 def q8_0_round(x: Tensor) -> Tensor:

@@ -38,8 +38,13 @@ class _KLRows(torch.autograd.Function):
 
 
 def _use_c(teacher_logits: Tensor, student_logits: Tensor) -> bool:
-    return (student_logits.device.type == "cpu" and teacher_logits.dtype == student_logits.dtype == torch.float32
-            and student_logits.dim() == 2 and cpu.available() and not teacher_logits.requires_grad)
+    return (
+        student_logits.device.type == "cpu"
+        and teacher_logits.dtype == student_logits.dtype == torch.float32
+        and student_logits.dim() == 2
+        and cpu.available()
+        and not teacher_logits.requires_grad
+    )
 
 
 def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

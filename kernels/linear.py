@@ -134,7 +134,9 @@ class NVFP4PackedLinear(nn.Module):
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("gscale", weight.gscale.float().reshape(()))
-        self.register_buffer("input_gscale", None if weight.input_gscale is None else weight.input_gscale.float().reshape(()))
+        self.register_buffer(
+            "input_gscale", None if weight.input_gscale is None else weight.input_gscale.float().reshape(())
+        )
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:

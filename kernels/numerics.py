@@ -92,7 +92,9 @@ def quantize_codes(x: Tensor, gscale: Tensor, scales: Tensor | None = None) -> t
     return encode_e2m1(scaled.flatten(-2)), scales
 
 
-def quantize_ref(x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_ref(
+    x: Tensor, gscale: Tensor | None = None, scales: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """x [..., K] -> (packed uint8 [..., K/2], scales e4m3 [..., K/16], gscale fp32 scalar)."""
     if gscale is None:
         gscale = global_scale(tensor_amax(x))

@@ -194,4 +194,6 @@ def _linear_bf16_weight(x: Tensor, weight: Tensor, max_gemv_rows: int = 64) -> T
 
 _LIB.define("linear_bf16_weight(Tensor x, Tensor weight) -> Tensor")
 _LIB.impl("linear_bf16_weight", _linear_bf16_weight, "CompositeExplicitAutograd")
-torch.library.register_fake("nvfp4::linear_bf16_weight", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=_LIB)
+torch.library.register_fake(
+    "nvfp4::linear_bf16_weight", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=_LIB
+)

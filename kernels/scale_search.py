@@ -56,7 +56,9 @@ def block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Ten
     return _block_errors(weight.detach().float(), gscale, scales, act_weight, unit=1.0)
 
 
-def _block_errors(weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Tensor | None, unit: Tensor | float) -> Tensor:
+def _block_errors(
+    weight: Tensor, gscale: Tensor, scales: Tensor, act_weight: Tensor | None, unit: Tensor | float
+) -> Tensor:
     # the search measures errors in units of s2 so that fp32 squares neither overflow nor flush to zero
     error = ((weight - fake_quantize(weight, gscale, scales)) / unit).square()
     if act_weight is not None:

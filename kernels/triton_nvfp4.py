@@ -36,8 +36,15 @@ def _e4m3_round(s):
 @triton.jit
 def _e2m1_codes(scaled):
     a = tl.abs(scaled)
-    code = ((a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8) + (a >= 1.75).to(tl.uint8)
-            + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8))
+    code = (
+        (a > 0.25).to(tl.uint8)
+        + (a >= 0.75).to(tl.uint8)
+        + (a > 1.25).to(tl.uint8)
+        + (a >= 1.75).to(tl.uint8)
+        + (a > 2.5).to(tl.uint8)
+        + (a >= 3.5).to(tl.uint8)
+        + (a > 5.0).to(tl.uint8)
+    )
     return code | ((scaled < 0).to(tl.uint8) << 3)
 
 
@@ -72,8 +79,9 @@ def _quantize_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, n_blocks, BLOCKS
 
 
 @triton.jit
-def _fake_quantize_kernel(x_ptr, out_ptr, gscale_ptr, multiplier_ptr, n_blocks, BLOCKS: tl.constexpr,
-                          GIVEN_SCALES: tl.constexpr):
+def _fake_quantize_kernel(
+    x_ptr, out_ptr, gscale_ptr, multiplier_ptr, n_blocks, BLOCKS: tl.constexpr, GIVEN_SCALES: tl.constexpr
+):
     blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     live = blocks < n_blocks
     offsets = blocks[:, None] * 16 + tl.arange(0, 16)[None, :]
@@ -87,8 +95,9 @@ def _fake_quantize_kernel(x_ptr, out_ptr, gscale_ptr, multiplier_ptr, n_blocks, 
 
 
 @triton.jit
-def _scale_gradient_kernel(x_ptr, grad_ptr, multiplier_ptr, chain_ptr, grad_x_ptr, grad_log_ptr, n_blocks,
-                           BLOCKS: tl.constexpr):
+def _scale_gradient_kernel(
+    x_ptr, grad_ptr, multiplier_ptr, chain_ptr, grad_x_ptr, grad_log_ptr, n_blocks, BLOCKS: tl.constexpr
+):
     """numerics.scale_gradient_ref per block of 16: grad_x = grad where |u| <= 6 (u = x / m), and
     d/d log(scale) = m * sum grad * (q - u unclipped, q clipped) * the log-scale chain factor."""
     blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
@@ -118,7 +127,9 @@ def quantize_triton(x: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
     packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(*x.shape[:-1], x.shape[-1] // 16, dtype=torch.uint8, device=x.device)
     gscale = gscale.float().reshape(1).to(x.device)
-    _quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, packed, scales, gscale, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM)
+    _quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
+        flat, packed, scales, gscale, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM
+    )
     return packed, scales.view(torch.float8_e4m3fn)
 
 
@@ -132,13 +143,15 @@ def fake_quantize_triton(x: Tensor, gscale: Tensor, scales: Tensor | None = None
     out = torch.empty(flat.shape, dtype=torch.float32, device=x.device)
     gscale = gscale.float().reshape(1).to(x.device)
     multiplier = gscale if scales is None else block_multiplier(scales, gscale).reshape(-1).contiguous()
-    _fake_quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, out, gscale, multiplier, n_blocks,
-                                                                      BLOCKS=BLOCKS_PER_PROGRAM,
-                                                                      GIVEN_SCALES=scales is not None)
+    _fake_quantize_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
+        flat, out, gscale, multiplier, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM, GIVEN_SCALES=scales is not None
+    )
     return out.to(x.dtype)
 
 
-def scale_gradient_triton(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor) -> tuple[Tensor, Tensor]:
+def scale_gradient_triton(
+    x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor, gscale: Tensor
+) -> tuple[Tensor, Tensor]:
     """Backward of fake_quantize_triton(x, gscale, scales) for block scales learned as logarithms: `scale` the
     fp32 exp of the logarithms [..., K/16], `scales` its e4m3 rounding. -> (grad_x fp32, grad_log_scales fp32),
     as numerics.scale_gradient_ref (grad_x exactly; the block sums in another order)."""
@@ -149,8 +162,9 @@ def scale_gradient_triton(x: Tensor, grad: Tensor, scale: Tensor, scales: Tensor
     chain = log_scale_chain(scale.float(), scales).reshape(-1).contiguous()
     grad_x = torch.empty(flat.shape, dtype=torch.float32, device=x.device)
     grad_log = torch.empty(scale.shape, dtype=torch.float32, device=x.device)
-    _scale_gradient_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](flat, grad, multiplier, chain, grad_x, grad_log,
-                                                                       n_blocks, BLOCKS=BLOCKS_PER_PROGRAM)
+    _scale_gradient_kernel[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
+        flat, grad, multiplier, chain, grad_x, grad_log, n_blocks, BLOCKS=BLOCKS_PER_PROGRAM
+    )
     return grad_x, grad_log
 
 
@@ -167,32 +181,54 @@ def _dequantized_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, BLOCK_N: tl.cons
     codes = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K))
     groups = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     scale_live = (offs_n[:, None] < N) & (groups[None, :] < K // 16)
-    scale = tl.load(scales_ptr + offs_n[:, None] * (K // 16) + groups[None, :], mask=scale_live, other=0.0).to(tl.float32)
+    scale = tl.load(scales_ptr + offs_n[:, None] * (K // 16) + groups[None, :], mask=scale_live, other=0.0).to(
+        tl.float32
+    )
     multiplier = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
     return _e2m1_values(codes) * multiplier
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr):
+def _matmul_kernel(
+    x_ptr,
+    packed_ptr,
+    scales_ptr,
+    gscale_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gscale = tl.load(gscale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0
+        )
         w = _dequantized_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
         if HALF_DOT:  # tensor cores in x's 16-bit dtype; w is exact in it
             acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
         else:  # fp32 products of 16-bit x and w are exact too; "ieee": no silent TF32 for fp32 x
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
     acc = acc * gscale
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(
+        y_ptr + offs_m[:, None] * N + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(
+    x_ptr, packed_ptr, scales_ptr, gscale_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """Decode (small M): one row of x per program, no tensor-core padding; weights stream once per row."""
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,7 +248,9 @@ def matmul_w4a16_triton(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tenso
     M, K = x.shape
     N = packed.shape[0]
     if K % 16 or packed.shape[1] * 2 != K:
-        raise ValueError(f"x [M, K={K}] does not match packed weight {tuple(packed.shape)} (K must be a multiple of 16)")
+        raise ValueError(
+            f"x [M, K={K}] does not match packed weight {tuple(packed.shape)} (K must be a multiple of 16)"
+        )
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     gscale = gscale.float().reshape(1).to(x.device)
@@ -226,5 +264,7 @@ def matmul_w4a16_triton(x: Tensor, packed: Tensor, scales: Tensor, gscale: Tenso
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
         # the interpreter's bf16 tl.dot returns garbage (triton 3.9), so CPU tensors take the fp32 dot
         half_dot = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        _matmul_kernel[grid](x, packed, scales, gscale, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, HALF_DOT=half_dot)
+        _matmul_kernel[grid](
+            x, packed, scales, gscale, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, HALF_DOT=half_dot
+        )
     return y

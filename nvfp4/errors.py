@@ -33,5 +33,7 @@ def require(extra: str, *modules: str) -> ModuleType:
         try:
             module = importlib.import_module(name)
         except ImportError as error:
-            raise UserError(f"{name.partition('.')[0]} is not installed ({error}): pip install 'nvfp4[{extra}]'") from error
+            raise UserError(
+                f"{name.partition('.')[0]} is not installed ({error}): pip install 'nvfp4[{extra}]'"
+            ) from error
     return module

@@ -37,8 +37,16 @@ class QADConfig:
             _refuse("steps", f"must be >= 0, got {self.steps}")
         if self.loss not in LOSSES:
             _refuse("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("lr", "batch", "seq_len", "budget_minutes", "reuse", "checkpoint_every", "checkpoint_seconds",
-                     "kl_chunk_tokens"):
+        for name in (
+            "lr",
+            "batch",
+            "seq_len",
+            "budget_minutes",
+            "reuse",
+            "checkpoint_every",
+            "checkpoint_seconds",
+            "kl_chunk_tokens",
+        ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 _refuse(name, f"must be positive, got {getattr(self, name)}")
         if self.mode not in MODES:

@@ -43,8 +43,9 @@ class TeacherSamples:
         """One round: `batch` prompts, each answered up to seq_len tokens; -> [n, seq_len] rows."""
         chosen = [self.rng.choice(self.prompts) for _ in range(self.batch)]
         new_tokens = max(8, self.seq_len - min(len(p) for p in chosen))
-        answers = generate_batch(self.teacher, chosen, new_tokens, *pad_and_eos(self.tokenizer), self.generator,
-                                 temperature=self.TEMPERATURE)
+        answers = generate_batch(
+            self.teacher, chosen, new_tokens, *pad_and_eos(self.tokenizer), self.generator, temperature=self.TEMPERATURE
+        )
         return _fixed_length([p + a for p, a in zip(chosen, answers)], self.seq_len)
 
 

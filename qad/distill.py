@@ -36,6 +36,7 @@ _POOL = "qad_pool.pt"
 
 # ---------------------------------------------------------------- distributed (torchrun + FSDP2)
 
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes in the environment (once); -> (rank, world size)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -85,6 +86,7 @@ def _local(t):
 
 # ---------------------------------------------------------------- loss and step
 
+
 def trainable_parameters(student: nn.Module, learn_scales: bool = False) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the quantized linears' weights (and, with `learn_scales`, make
     their block scales trainable as logarithms: the export stores them as it stores any FP8 scale)."""
@@ -96,8 +98,14 @@ def trainable_parameters(student: nn.Module, learn_scales: bool = False) -> list
     return params
 
 
-def chunked_loss(hidden: Tensor, head: nn.Module, teacher_hidden: Tensor | None, teacher_head: nn.Module | None,
-                 targets: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+def chunked_loss(
+    hidden: Tensor,
+    head: nn.Module,
+    teacher_hidden: Tensor | None,
+    teacher_head: nn.Module | None,
+    targets: Tensor | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
     """Mean per-token loss and its gradient w.r.t. `hidden` [N, H], one token chunk at a time.
 
     KL(teacher || student) when `teacher_hidden` is given, else next-token cross-entropy on `targets`.
@@ -160,8 +168,14 @@ def train_step(student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: QADCo
         if cfg.loss == "kl":
             with torch.no_grad():  # the teacher's logits are recomputed per chunk, never stored for the run
                 teacher_hidden = teacher.get_decoder()(input_ids=batch).last_hidden_state[:, :-1]
-            loss, grad = chunked_loss(hidden_flat, head, teacher_hidden.reshape(hidden_flat.shape),
-                                      teacher.get_output_embeddings(), None, cfg.kl_chunk_tokens)
+            loss, grad = chunked_loss(
+                hidden_flat,
+                head,
+                teacher_hidden.reshape(hidden_flat.shape),
+                teacher.get_output_embeddings(),
+                None,
+                cfg.kl_chunk_tokens,
+            )
         else:
             loss, grad = chunked_loss(hidden_flat, head, None, None, batch[:, 1:].reshape(-1), cfg.kl_chunk_tokens)
     hidden_flat.backward(grad)
@@ -230,6 +244,7 @@ class _Schedule:
 
 # ---------------------------------------------------------------- data plan
 
+
 class _DataOrder:
     """Which pool rows each step trains on: one shuffle of the pool after another (fixed before step 0 by the
     seed, however many steps the budget ends up allowing); `total` is the planned (or estimated) step count."""
@@ -246,8 +261,9 @@ class _DataOrder:
         return self.pool[self._order[step * self.cfg.batch : end]]
 
 
-def _data_pool(teacher, tokenizer, cfg: QADConfig, rows_needed: int | None, deadline: float | None,
-               step_seconds: float | None) -> Tensor:
+def _data_pool(
+    teacher, tokenizer, cfg: QADConfig, rows_needed: int | None, deadline: float | None, step_seconds: float | None
+) -> Tensor:
     """Rows [n, seq_len] to train on; for `self`, sampled until enough rows or the budget is spent."""
     if cfg.data == "random":
         return random_rows(teacher.config.vocab_size, rows_needed, cfg.seq_len, cfg.seed)
@@ -304,6 +320,7 @@ def _plan_pool(student, teacher, tokenizer, cfg: QADConfig, deadline: float | No
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def _save_atomically(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -318,16 +335,31 @@ def _state_files(workdir: Path, rank: int) -> tuple[Path, Path]:
     return workdir / f"qad_state.rank{rank}.pt", workdir / f"qad_state.rank{rank}.prev.pt"
 
 
-def _save_checkpoint(workdir: Path, params: list[Tensor], optimizer, step: int, total: int, losses: list[dict],
-                     cfg: QADConfig, schedule: dict) -> None:
+def _save_checkpoint(
+    workdir: Path,
+    params: list[Tensor],
+    optimizer,
+    step: int,
+    total: int,
+    losses: list[dict],
+    cfg: QADConfig,
+    schedule: dict,
+) -> None:
     """This rank's shards, optimizer state and RNG; the previous checkpoint is kept until this one lands."""
     from torch.utils._pytree import tree_map
 
     current, previous = _state_files(workdir, world()[0])
-    state = {"step": step, "total": total, "schedule": schedule, "losses": losses, "world_size": world()[1],
-             "config": cfg.to_dict(),
-             "weights": [_local(p.detach()).clone() for p in params],
-             "optimizer": tree_map(_local, optimizer.state_dict()), "rng": torch.get_rng_state()}
+    state = {
+        "step": step,
+        "total": total,
+        "schedule": schedule,
+        "losses": losses,
+        "world_size": world()[1],
+        "config": cfg.to_dict(),
+        "weights": [_local(p.detach()).clone() for p in params],
+        "optimizer": tree_map(_local, optimizer.state_dict()),
+        "rng": torch.get_rng_state(),
+    }
     if current.exists():
         os.replace(current, previous)
     _save_atomically(state, current)
@@ -354,7 +386,9 @@ def _load_checkpoint(workdir: Path, cfg: QADConfig) -> dict | None:
         return None
     state = found[max(common)]
     if state["world_size"] != size:
-        raise UserError(f"the QAD checkpoint in {workdir} was written by {state['world_size']} ranks; resume with as many")
+        raise UserError(
+            f"the QAD checkpoint in {workdir} was written by {state['world_size']} ranks; resume with as many"
+        )
     if state["config"] != cfg.to_dict():
         raise UserError(f"the QAD checkpoint in {workdir} was made with other QAD options; rerun them or drop --resume")
     return state
@@ -376,6 +410,7 @@ def _restore(state: dict, params: list[Tensor], optimizer) -> None:
 
 
 # ---------------------------------------------------------------- the pass
+
 
 def _plot(losses: list[dict], path: Path) -> None:
     import matplotlib
@@ -402,8 +437,16 @@ def _check(cfg: QADConfig, teacher: nn.Module) -> None:
         raise UserError(f"--qad-batch {cfg.batch} must be a multiple of the number of ranks ({world()[1]})")
 
 
-def run_qad(student: nn.Module, teacher: nn.Module, tokenizer, cfg: QADConfig, workdir: Path, log_dir: Path,
-            resume: bool = False, deadline: float | None = None) -> dict:
+def run_qad(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    cfg: QADConfig,
+    workdir: Path,
+    log_dir: Path,
+    resume: bool = False,
+    deadline: float | None = None,
+) -> dict:
     """Train `student` in place; checkpoints in `workdir` (for resume), loss.png + log.jsonl in `log_dir`.
 
     `deadline` (time.monotonic) bounds a budgeted run (cfg.steps None): data sampling plus training.
@@ -491,8 +534,9 @@ class _Loop:
         log_file = open(self.log_dir / "log.jsonl", "w") if rank == 0 else None
         if log_file:  # steps a crash logged past the checkpoint are dropped: they run again
             log_file.writelines(json.dumps(record) + "\n" for record in losses)
-        bar = tqdm(total=self.plan.total, initial=first_step, desc=f"QAD ({self.cfg.loss})", unit="step",
-                   disable=rank != 0)
+        bar = tqdm(
+            total=self.plan.total, initial=first_step, desc=f"QAD ({self.cfg.loss})", unit="step", disable=rank != 0
+        )
         last_save, step = time.monotonic(), first_step
         try:
             while budgeted or step < self.plan.total:
@@ -502,8 +546,10 @@ class _Loop:
                     if step:
                         log.info("QAD: the budget's training window ends after %d steps", step)
                     else:
-                        log.warning("QAD: the stages before training spent the budget: no step trained, the student "
-                                    "is QAD's start (raise --qad-budget-minutes)")
+                        log.warning(
+                            "QAD: the stages before training spent the budget: no step trained, the student "
+                            "is QAD's start (raise --qad-budget-minutes)"
+                        )
                     break
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(progress, self.cfg) * group["lr_ratio"]
@@ -511,9 +557,14 @@ class _Loop:
                 loss = _global_step(self.student, self.teacher, self.plan.batch(step).to(device), self.cfg)
                 update(self.optimizer, self.cfg)
                 seconds = time.monotonic() - tick
-                record = {"step": step, "loss": loss, "loss_kind": self.cfg.loss,
-                          "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
-                          "tokens_per_s": round(tokens_per_step / seconds, 1)}
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "loss_kind": self.cfg.loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "seconds": round(seconds, 3),
+                    "tokens_per_s": round(tokens_per_step / seconds, 1),
+                }
                 losses.append(record)
                 if log_file:
                     log_file.write(json.dumps(record) + "\n")
@@ -521,12 +572,25 @@ class _Loop:
                 step += 1
                 if budgeted:  # the bar's length follows the steps the rest of the window holds at the current pace
                     bar.total = step + max(0, int((1 - progress) * self.schedule.window / _recent_step_seconds(losses)))
-                bar.set_postfix({self.cfg.loss: f"{loss:.4f}", "lr": f"{record['lr']:.1e}",
-                                 "tok/s": f"{record['tokens_per_s']:.0f}"})
+                bar.set_postfix(
+                    {
+                        self.cfg.loss: f"{loss:.4f}",
+                        "lr": f"{record['lr']:.1e}",
+                        "tok/s": f"{record['tokens_per_s']:.0f}",
+                    }
+                )
                 bar.update(1)
                 if step == self.plan.total and not budgeted or _checkpoint_due(step - 1, last_save, self.cfg):
-                    _save_checkpoint(self.workdir, self.params, self.optimizer, step, self.plan.total, losses, self.cfg,
-                                     self.schedule.state(progress))
+                    _save_checkpoint(
+                        self.workdir,
+                        self.params,
+                        self.optimizer,
+                        step,
+                        self.plan.total,
+                        losses,
+                        self.cfg,
+                        self.schedule.state(progress),
+                    )
                     last_save = time.monotonic()
         finally:
             bar.close()

@@ -29,8 +29,16 @@ class LayerResult:
     last_loss: float
 
 
-def train_layer(layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], arguments: list[tuple],
-                cfg: QADConfig, seconds: float | None, steps: int | None, seed: int = 0) -> LayerResult:
+def train_layer(
+    layer: nn.Module,
+    inputs: list[Tensor],
+    targets: list[Tensor],
+    arguments: list[tuple],
+    cfg: QADConfig,
+    seconds: float | None,
+    steps: int | None,
+    seed: int = 0,
+) -> LayerResult:
     """Train `layer`'s quantized linears (weights, and with cfg.scale_lr their block scales as logarithms) so
     that layer(input) matches target, one sequence a step, for `steps` or until `seconds` have passed; the
     learned scales then become its block scales. -> steps taken and the relative error before and after."""
@@ -46,7 +54,9 @@ def train_layer(layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], a
     order, rng = [], random.Random(seed)
     started, losses = time.monotonic(), []
     with torch.enable_grad():
-        while (steps is None or len(losses) < steps) and (seconds is None or time.monotonic() - started < seconds or not losses):
+        while (steps is None or len(losses) < steps) and (
+            seconds is None or time.monotonic() - started < seconds or not losses
+        ):
             if not order:
                 order = rng.sample(range(len(inputs)), len(inputs))
             row = order.pop()
@@ -76,8 +86,9 @@ def _tail_mean(losses: list[float], tail: int = 8) -> float:
     return sum(losses[-tail:]) / len(losses[-tail:])
 
 
-def distill_layers(student: nn.Module, teacher: nn.Module, sequences: list[Tensor], cfg: QADConfig,
-                   deadline: float | None) -> dict:
+def distill_layers(
+    student: nn.Module, teacher: nn.Module, sequences: list[Tensor], cfg: QADConfig, deadline: float | None
+) -> dict:
     """Layer-local distillation of an in-memory student, first layer to last, on `sequences` (ids [1, T] each):
     the time left before `deadline` split evenly over the layers still to train (or cfg.steps steps a layer)."""
     inputs, arguments = capture_layer_inputs(teacher, sequences)
@@ -87,8 +98,18 @@ def distill_layers(student: nn.Module, teacher: nn.Module, sequences: list[Tenso
     for index, (teacher_layer, student_layer) in enumerate(zip(teacher_layers, student_layers)):
         targets = run_layer(teacher_layer, inputs, arguments[index])
         seconds = None if deadline is None else max(0.0, (deadline - time.monotonic()) / (len(student_layers) - index))
-        results.append(train_layer(student_layer, student_inputs, targets, arguments[index], cfg, seconds,
-                                   cfg.steps if deadline is None else None, seed=cfg.seed + index))
+        results.append(
+            train_layer(
+                student_layer,
+                student_inputs,
+                targets,
+                arguments[index],
+                cfg,
+                seconds,
+                cfg.steps if deadline is None else None,
+                seed=cfg.seed + index,
+            )
+        )
         student_inputs, inputs = run_layer(student_layer, student_inputs, arguments[index]), targets
         bar.set_postfix({"error": f"{results[-1].first_loss:.4f} -> {results[-1].last_loss:.4f}"})
         bar.update(1)
@@ -98,6 +119,9 @@ def distill_layers(student: nn.Module, teacher: nn.Module, sequences: list[Tenso
 
 
 def summary(results: list[LayerResult]) -> dict:
-    return {"layers": len(results), "steps": sum(r.steps for r in results),
-            "relative_error_before": [round(r.first_loss, 5) for r in results],
-            "relative_error_after": [round(r.last_loss, 5) for r in results]}
+    return {
+        "layers": len(results),
+        "steps": sum(r.steps for r in results),
+        "relative_error_before": [round(r.first_loss, 5) for r in results],
+        "relative_error_after": [round(r.last_loss, 5) for r in results],
+    }

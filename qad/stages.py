@@ -38,11 +38,18 @@ class QADStage(TrainingStage):
 
     @property
     def requirements(self) -> Requirements:
-        return Requirements(whole_model=self.whole_model, per_layer=self.per_layer, batch=self.cfg.batch,
-                            seq_len=self.cfg.seq_len, resume=self.resume,
-                            state_bytes_per_weight=OPTIMIZER_BYTES_PER_WEIGHT if self.whole_model else 0,
-                            row="QAT" if self.cfg.loss == "ce" else "QAD", without="--qad-steps 0",
-                            streamed="--qad-mode layer", batch_flag="--qad-batch")
+        return Requirements(
+            whole_model=self.whole_model,
+            per_layer=self.per_layer,
+            batch=self.cfg.batch,
+            seq_len=self.cfg.seq_len,
+            resume=self.resume,
+            state_bytes_per_weight=OPTIMIZER_BYTES_PER_WEIGHT if self.whole_model else 0,
+            row="QAT" if self.cfg.loss == "ce" else "QAD",
+            without="--qad-steps 0",
+            streamed="--qad-mode layer",
+            batch_flag="--qad-batch",
+        )
 
     whole_model = True
     per_layer = False
@@ -62,8 +69,16 @@ class QADStage(TrainingStage):
         return self.started + self.cfg.budget_minutes * 60 - EXPORT_RESERVE_SECONDS - reserve_seconds
 
     def _global(self, ctx: TrainingContext) -> dict:
-        return run_qad(ctx.student, ctx.teacher, ctx.tokenizer, self.cfg, ctx.workdir, ctx.logdir, resume=self.resume,
-                       deadline=self.deadline(ctx.reserve_seconds))
+        return run_qad(
+            ctx.student,
+            ctx.teacher,
+            ctx.tokenizer,
+            self.cfg,
+            ctx.workdir,
+            ctx.logdir,
+            resume=self.resume,
+            deadline=self.deadline(ctx.reserve_seconds),
+        )
 
 
 @register_training_stage("global")
@@ -85,15 +100,35 @@ class LayerQAD(QADStage):
         metrics = distill_layers(ctx.student, ctx.teacher, ctx.calibration, self.cfg, deadline)
         return {"config": self.cfg.to_dict(), "steps": metrics["steps"], "layer_local": metrics}
 
-    def train_layer(self, layer: nn.Module, index: int, layers: int, inputs: list[Tensor], targets: list[Tensor],
-                    arguments: list[tuple]) -> None:
+    def train_layer(
+        self,
+        layer: nn.Module,
+        index: int,
+        layers: int,
+        inputs: list[Tensor],
+        targets: list[Tensor],
+        arguments: list[tuple],
+    ) -> None:
         seconds = max(0.0, (self.deadline() - time.monotonic()) / (layers - index)) if self.budgeted else None
-        self.results.append(train_layer(layer, inputs, targets, arguments, self.cfg, seconds,
-                                        None if self.budgeted else self.cfg.steps, seed=self.cfg.seed + index))
+        self.results.append(
+            train_layer(
+                layer,
+                inputs,
+                targets,
+                arguments,
+                self.cfg,
+                seconds,
+                None if self.budgeted else self.cfg.steps,
+                seed=self.cfg.seed + index,
+            )
+        )
 
     def summary(self) -> dict:
-        return {"config": self.cfg.to_dict(), "steps": sum(r.steps for r in self.results),
-                "layer_local": summary(self.results)}
+        return {
+            "config": self.cfg.to_dict(),
+            "steps": sum(r.steps for r in self.results),
+            "layer_local": summary(self.results),
+        }
 
 
 @register_training_stage("layer+global")
@@ -103,8 +138,9 @@ class LayerThenGlobalQAD(QADStage):
     def train(self, ctx: TrainingContext) -> dict:
         now = time.monotonic()
         layer_deadline = now + (self.deadline(ctx.reserve_seconds) - now) * self.cfg.layer_fraction
-        layer_metrics = distill_layers(ctx.student, ctx.teacher, ctx.calibration, self.cfg,
-                                       layer_deadline if self.budgeted else None)
+        layer_metrics = distill_layers(
+            ctx.student, ctx.teacher, ctx.calibration, self.cfg, layer_deadline if self.budgeted else None
+        )
         return {**self._global(ctx), "layer_local": layer_metrics}
 
 

@@ -60,7 +60,12 @@ class Served:
 
     def get(self, name: str) -> tuple[str, Engine]:
         if name not in self.by_name:
-            raise APIError(404, f"the model `{name}` does not exist; choose one of {sorted(self.by_name)}", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model `{name}` does not exist; choose one of {sorted(self.by_name)}",
+                "model",
+                "model_not_found",
+            )
         alias, engine = self.by_name[name]
         if not engine.ready:
             raise APIError(503, f"model `{alias}` is not ready", "model", "not_ready")
@@ -75,9 +80,15 @@ class Served:
         return all(e.ready for e in self.models.values())
 
 
-def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeout: float = 30.0,
-              limits: Limits = Limits(), open_metrics: bool = True,
-              body_timeout: float = ConnectionLimits.body_timeout, local_names_only: bool = False) -> FastAPI:
+def build_app(
+    models: dict[str, Engine],
+    api_key: str | None = None,
+    drain_timeout: float = 30.0,
+    limits: Limits = Limits(),
+    open_metrics: bool = True,
+    body_timeout: float = ConnectionLimits.body_timeout,
+    local_names_only: bool = False,
+) -> FastAPI:
     """The endpoint. With api_key, every path but /health and /ready (and /metrics while open_metrics) needs it,
     pages mounted later (/ui) included. A /v1 body must arrive within body_timeout seconds. With
     local_names_only (a keyless server on loopback), only a Host naming loopback is answered there."""
@@ -102,8 +113,9 @@ def build_app(models: dict[str, Engine], api_key: str | None = None, drain_timeo
     app.include_router(_tokenize_router(served))
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, timeout=body_timeout, metrics=metrics)
     if api_key is not None:
-        app.add_middleware(_KeyCheck, api_key=api_key, open_paths=OPEN_PATHS + (("/metrics",) if open_metrics else ()),
-                           metrics=metrics)
+        app.add_middleware(
+            _KeyCheck, api_key=api_key, open_paths=OPEN_PATHS + (("/metrics",) if open_metrics else ()), metrics=metrics
+        )
     if local_names_only:
         app.add_middleware(_LocalNamesOnly, open_paths=OPEN_PATHS + ("/metrics",), metrics=metrics)
     app.add_middleware(_RequestId)  # outermost: every answer of the middlewares above carries it too
@@ -181,7 +193,9 @@ class _KeyCheck:
             return await send({"type": "websocket.close", "code": 1008})
         self.metrics.error(None, 401)
         body = error_body(401, "missing or invalid API key (send Authorization: Bearer KEY)", None, "invalid_api_key")
-        browser = {"WWW-Authenticate": 'Basic realm="nvfp4", charset="UTF-8"'} if scope["path"].startswith("/ui") else {}
+        browser = (
+            {"WWW-Authenticate": 'Basic realm="nvfp4", charset="UTF-8"'} if scope["path"].startswith("/ui") else {}
+        )
         await JSONResponse(body, status_code=401, headers=browser)(scope, receive, send)
 
 
@@ -204,8 +218,10 @@ class _LocalNamesOnly:
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         self.metrics.error(None, 400)
-        message = (f"this server answers Host: localhost, 127.0.0.1 or [::1], not {host!r}: it has no key and is "
-                   f"reachable from this machine only (start it with --api-key to serve other names)")
+        message = (
+            f"this server answers Host: localhost, 127.0.0.1 or [::1], not {host!r}: it has no key and is "
+            f"reachable from this machine only (start it with --api-key to serve other names)"
+        )
         await JSONResponse(error_body(400, message, None, "invalid_host"), status_code=400)(scope, receive, send)
 
 
@@ -253,8 +269,11 @@ class _BodyLimit:
         try:
             body = await asyncio.wait_for(self._read(receive), self.timeout)
         except asyncio.TimeoutError:
-            return None, (408, f"the request body did not arrive within {self.timeout:g} s (--body-timeout)",
-                          "body_timeout")
+            return None, (
+                408,
+                f"the request body did not arrive within {self.timeout:g} s (--body-timeout)",
+                "body_timeout",
+            )
         if body is not None and len(body) > self.limit:
             return None, (413, self._over_limit(), "body_too_large")
         return body, None
@@ -302,8 +321,13 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def invalid(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in error.errors()[:5])
-        return respond(request, 400, error_body(400, message or "invalid request", ".".join(loc) or None, "invalid_parameter"))
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in error.errors()[:5]
+        )
+        return respond(
+            request, 400, error_body(400, message or "invalid request", ".".join(loc) or None, "invalid_parameter")
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -345,12 +369,19 @@ def _openai_router(served: Served, metrics: ServerMetrics) -> APIRouter:
 
     chat_serving, completion_serving = ServingChat(metrics, served.limits), ServingCompletion(metrics, served.limits)
 
-    @router.get("/models", response_model=ModelList, response_model_exclude_none=True, responses=openapi_responses(None))
+    @router.get(
+        "/models", response_model=ModelList, response_model_exclude_none=True, responses=openapi_responses(None)
+    )
     async def list_models() -> ModelList:
-        data = [ModelCard(id=alias, root=engine.name, max_model_len=engine.max_model_len, nvfp4=engine.card())
-                for alias, engine in served.models.items()]
-        data += [ModelCard(id=name, root=name, parent=alias, max_model_len=engine.max_model_len)
-                 for name, (alias, engine) in served.by_name.items() if name not in served.models]
+        data = [
+            ModelCard(id=alias, root=engine.name, max_model_len=engine.max_model_len, nvfp4=engine.card())
+            for alias, engine in served.models.items()
+        ]
+        data += [
+            ModelCard(id=name, root=name, parent=alias, max_model_len=engine.max_model_len)
+            for name, (alias, engine) in served.by_name.items()
+            if name not in served.models
+        ]
         return ModelList(data=data)
 
     @router.post("/chat/completions", responses=openapi_responses(ChatCompletionResponse, stream=True))
@@ -371,8 +402,12 @@ def _tokenize_router(served: Served) -> APIRouter:
     """vLLM's /tokenize and /detokenize (outside /v1, as vLLM serves them)."""
     router, serving = APIRouter(), ServingTokenization()
 
-    @router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True,
-                 responses=openapi_responses(TokenizeResponse))
+    @router.post(
+        "/tokenize",
+        response_model=TokenizeResponse,
+        response_model_exclude_none=True,
+        responses=openapi_responses(TokenizeResponse),
+    )
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         return await serving.tokenize(body, _model(served, body.model, request, default_first=True)[1])
 
@@ -393,10 +428,14 @@ def _check_echo_size(body: CompletionRequest, max_model_len: int) -> None:
     tokens = sum(min(len(p.encode()) + 1 if isinstance(p, str) else len(p), max_model_len) for p in prompts)
     count = tokens * body.n * (1 + body.logprobs)
     if count > ECHO_LOGPROBS_LIMIT:
-        raise APIError(400, f"echo with logprobs would return up to {count} log-probabilities (prompt tokens x n x "
-                       f"(1 + logprobs), a text prompt's tokens counted as its bytes); at most {ECHO_LOGPROBS_LIMIT} "
-                       f"per request: send fewer or shorter prompts (or token ids), or lower n or logprobs",
-                       "logprobs", "echo_too_large")
+        raise APIError(
+            400,
+            f"echo with logprobs would return up to {count} log-probabilities (prompt tokens x n x "
+            f"(1 + logprobs), a text prompt's tokens counted as its bytes); at most {ECHO_LOGPROBS_LIMIT} "
+            f"per request: send fewer or shorter prompts (or token ids), or lower n or logprobs",
+            "logprobs",
+            "echo_too_large",
+        )
 
 
 def _model(served: Served, name: str | None, request: Request, default_first: bool = False) -> tuple[str, Engine]:

@@ -67,8 +67,14 @@ ACCEPT_OUT_OF_FILES = "socket.accept() out of system resource"  # asyncio's word
 RESERVED_FILES = 128  # what the server opens besides its clients: model files, engine pipes, logs
 
 
-def run_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
-               connections: ConnectionLimits = ConnectionLimits()) -> None:
+def run_server(
+    app,
+    host: str,
+    port: int,
+    drain_timeout: float,
+    log_level: str = "info",
+    connections: ConnectionLimits = ConnectionLimits(),
+) -> None:
     """uvicorn handles SIGTERM/SIGINT: stop accepting, let requests finish (bounded), then lifespan shutdown.
     The open-file limit is raised to its hard limit first, and the connections fitted under it."""
     connections = fit_open_files(connections, raise_open_file_limit())
@@ -93,10 +99,16 @@ def guarded_server(app, host: str, port: int, drain_timeout: float, log_level: s
 
     # past max_connections the idle ones close; uvicorn answers 503 only past the room fit_open_files keeps for
     # the connections of a burst not yet closed (a /health arriving in a flood would get it too)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
-                            http=guarded_protocol(AutoHTTPProtocol, connections),
-                            limit_concurrency=connections.max_connections + 4 * connections.backlog,
-                            backlog=connections.backlog)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=drain_timeout,
+        http=guarded_protocol(AutoHTTPProtocol, connections),
+        limit_concurrency=connections.max_connections + 4 * connections.backlog,
+        backlog=connections.backlog,
+    )
     return Server(config)
 
 
@@ -133,8 +145,11 @@ def guarded_protocol(base: type, limits: ConnectionLimits) -> type:
 
         def idle(self) -> bool:
             """No request in progress (none yet, or the last one answered); still HTTP (not a websocket), open."""
-            return ((self.cycle is None or self.cycle.response_complete) and self.transport.get_protocol() is self
-                    and not self.transport.is_closing())
+            return (
+                (self.cycle is None or self.cycle.response_complete)
+                and self.transport.get_protocol() is self
+                and not self.transport.is_closing()
+            )
 
         def header_deadline_passed(self) -> None:
             if self.idle():
@@ -170,8 +185,13 @@ class AcceptErrorLog:
         now = self.clock()
         if self.reported_at is None or now - self.reported_at >= self.interval_s:
             since = "" if self.reported_at is None else f" in the last {now - self.reported_at:.0f} s"
-            log.error("accept() refused %d connection(s)%s: the process is at its open-file limit (%s); they wait "
-                      "in the backlog", self.refused, since, context.get("exception"))
+            log.error(
+                "accept() refused %d connection(s)%s: the process is at its open-file limit (%s); they wait "
+                "in the backlog",
+                self.refused,
+                since,
+                context.get("exception"),
+            )
             self.reported_at, self.refused = now, 0
         return None
 
@@ -202,8 +222,12 @@ def fit_open_files(connections: ConnectionLimits, open_files: int | None) -> Con
     backlog = min(connections.backlog, max(16, open_files // 16))
     room = max(4, open_files - RESERVED_FILES - 4 * backlog)
     if connections.max_connections > room:
-        log.warning("holding at most %d connections, not %d: the open-file limit is %d (raise `ulimit -n`)",
-                    room, connections.max_connections, open_files)
+        log.warning(
+            "holding at most %d connections, not %d: the open-file limit is %d (raise `ulimit -n`)",
+            room,
+            connections.max_connections,
+            open_files,
+        )
     return replace(connections, backlog=backlog, max_connections=min(connections.max_connections, room))
 
 
@@ -234,8 +258,11 @@ def check_device(device: str) -> None:
 
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"`native.device` cuda: torch {torch.__version__} sees no CUDA device here; serve with "
-                            f"`native.device` cpu", field="native.device")
+            raise UserError(
+                f"`native.device` cuda: torch {torch.__version__} sees no CUDA device here; serve with "
+                f"`native.device` cpu",
+                field="native.device",
+            )
         require("triton", "triton")
 
 
@@ -257,9 +284,13 @@ def native_engines(config: ServeConfig) -> dict:
     if not (student_folder(out) / "config.json").is_file():
         raise UserError(f"no student checkpoint at {student_folder(out)} (run `nvfp4 convert ... -o {out}` first)")
     check_native(student_folder(out), "student")
-    kwargs = dict(max_num_seqs=config.limits.max_num_seqs, max_queue=config.limits.max_queue,
-                  max_model_len=config.max_model_len, compile=config.native.compile,
-                  prefix_caching=config.native.prefix_caching)
+    kwargs = dict(
+        max_num_seqs=config.limits.max_num_seqs,
+        max_queue=config.limits.max_queue,
+        max_model_len=config.max_model_len,
+        compile=config.native.compile,
+        prefix_caching=config.native.prefix_caching,
+    )
     shared = SharedTensors()  # the student's unquantized tensors are the teacher's: held once
     engines = {"student": NativeEngine(out.name + "-nvfp4", shared.loader(lambda: load_student(out, device)), **kwargs)}
     if serves_teacher(config.teacher):
@@ -278,15 +309,27 @@ def adapter_engines(config: ServeConfig) -> dict:
     from nvfp4.serve.native.loader import check_native, load_teacher
 
     settings, limits = config.adapter, config.limits
-    opts = EngineOptions(config.engine, config.max_model_len, settings.args, settings.vllm_bin, settings.trtllm_bin,
-                         engine_threads(config.threads, config.teacher, os.cpu_count() or 1), settings.ready_timeout,
-                         max_num_seqs=limits.max_num_seqs)
+    opts = EngineOptions(
+        config.engine,
+        config.max_model_len,
+        settings.args,
+        settings.vllm_bin,
+        settings.trtllm_bin,
+        engine_threads(config.threads, config.teacher, os.cpu_count() or 1),
+        settings.ready_timeout,
+        max_num_seqs=limits.max_num_seqs,
+    )
 
     def native_teacher(source, name):
         check_native(resolve_model(source), "teacher")
-        return NativeEngine(name, lambda: load_teacher(source)[:2], max_num_seqs=limits.max_num_seqs,
-                            max_queue=limits.max_queue, max_model_len=config.max_model_len,
-                            prefix_caching=config.native.prefix_caching)
+        return NativeEngine(
+            name,
+            lambda: load_teacher(source)[:2],
+            max_num_seqs=limits.max_num_seqs,
+            max_queue=limits.max_queue,
+            max_model_len=config.max_model_len,
+            prefix_caching=config.native.prefix_caching,
+        )
 
     return adapter_models(config.out, config.teacher, opts, native_teacher)
 
@@ -308,17 +351,24 @@ def load_engines(config: ServeConfig) -> dict:
 def check_ui(config: ServeConfig, mount_ui: MountUI | None) -> None:
     """The /ui page comes from the ui package, which the `nvfp4` command stitches in (serve never imports it)."""
     if config.ui and mount_ui is None:
-        raise UserError("`ui` is mounted by the `nvfp4` command: run `nvfp4 serve OUT --ui` (or pass mount_ui)",
-                        field="ui")
+        raise UserError(
+            "`ui` is mounted by the `nvfp4` command: run `nvfp4 serve OUT --ui` (or pass mount_ui)", field="ui"
+        )
 
 
 def serve_app(config: ServeConfig, models: dict, mount_ui: MountUI | None = None):
     """The FastAPI app over `models`: routes, key, limits, /metrics/engine for adapters, and the /ui page."""
     from nvfp4.serve.app import build_app
 
-    app = build_app(models, api_key=config.api_key, drain_timeout=config.drain_timeout, limits=config.limits,
-                    open_metrics=not config.key_metrics, body_timeout=config.body_timeout,
-                    local_names_only=config.api_key is None)  # keyless: loopback only (check_key)
+    app = build_app(
+        models,
+        api_key=config.api_key,
+        drain_timeout=config.drain_timeout,
+        limits=config.limits,
+        open_metrics=not config.key_metrics,
+        body_timeout=config.body_timeout,
+        local_names_only=config.api_key is None,
+    )  # keyless: loopback only (check_key)
     if config.engine != "native":
         from nvfp4.serve.adapters import mount_engine_metrics
 
@@ -337,50 +387,172 @@ def run(config: ServeConfig, mount_ui: MountUI | None = None) -> None:
     check_ui(config, mount_ui)  # before the models load
     models = load_engines(config)
     set_threads(config.threads, len(models))
-    run_server(serve_app(config, models, mount_ui), config.host, config.port, config.drain_timeout, config.log_level,
-               config.connections)
+    run_server(
+        serve_app(config, models, mount_ui),
+        config.host,
+        config.port,
+        config.drain_timeout,
+        config.log_level,
+        config.connections,
+    )
 
 
 def config_from_flags(flags: dict) -> ServeConfig:
     """The command's keyword arguments (one per flag) as a ServeConfig."""
     flags = dict(flags)
     limits = Limits(**{limit.name: flags.pop(limit.name) for limit in fields(Limits)})
-    native = NativeSettings(device=flags.pop("device"), compile=flags.pop("compile_decode"),
-                            prefix_caching=flags.pop("prefix_caching"))
-    adapter = AdapterSettings(args=flags.pop("engine_args"), vllm_bin=flags.pop("vllm_bin"),
-                              trtllm_bin=flags.pop("trtllm_bin"), ready_timeout=flags.pop("engine_timeout"))
+    native = NativeSettings(
+        device=flags.pop("device"), compile=flags.pop("compile_decode"), prefix_caching=flags.pop("prefix_caching")
+    )
+    adapter = AdapterSettings(
+        args=flags.pop("engine_args"),
+        vllm_bin=flags.pop("vllm_bin"),
+        trtllm_bin=flags.pop("trtllm_bin"),
+        ready_timeout=flags.pop("engine_timeout"),
+    )
     return ServeConfig(limits=limits, native=native, adapter=adapter, **flags)
 
 
 @click.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--teacher", default=None, help="Teacher model (HF folder or .gguf); `none` serves the student only. Default: report.json's source.")
+@click.option(
+    "--teacher",
+    default=None,
+    help="Teacher model (HF folder or .gguf); `none` serves the student only. Default: report.json's source.",
+)
 @click.option("--host", default=ServeConfig.host, show_default=True, help="Interface to bind (0.0.0.0 exposes it).")
 @click.option("--port", default=ServeConfig.port, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--engine", type=click.Choice(ENGINES), default=ServeConfig.engine, show_default=True)
-@click.option("--api-key", envvar="NVFP4_API_KEY", default=None, help="Require `Authorization: Bearer KEY` (or NVFP4_API_KEY) everywhere but /health and /ready; the /ui page takes it as a browser password.")
-@click.option("--published-on", envvar="NVFP4_PUBLISHED_ON", default=None, help="In a container: the host interface its port is published on (compose sets it). A key is required unless the server is reachable from this machine only.")
+@click.option(
+    "--api-key",
+    envvar="NVFP4_API_KEY",
+    default=None,
+    help="Require `Authorization: Bearer KEY` (or NVFP4_API_KEY) everywhere but /health and /ready; the /ui page takes it as a browser password.",
+)
+@click.option(
+    "--published-on",
+    envvar="NVFP4_PUBLISHED_ON",
+    default=None,
+    help="In a container: the host interface its port is published on (compose sets it). A key is required unless the server is reachable from this machine only.",
+)
 @click.option("--key-metrics", is_flag=True, help="Require the API key on /metrics too (Prometheus then sends it).")
-@click.option("--max-num-seqs", default=Limits.max_num_seqs, show_default=True, type=click.IntRange(1, 1024), help="Running batch size (KV slots).")
-@click.option("--max-queue", default=Limits.max_queue, show_default=True, type=click.IntRange(0), help="Waiting choices per model before 429 (every engine).")
-@click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True, type=click.IntRange(1024), help="Largest request body (413 above).")
-@click.option("--max-choices", default=Limits.max_choices, show_default=True, type=click.IntRange(1), help="Prompts x n per request (400 above).")
-@click.option("--max-stop-chars", default=Limits.max_stop_chars, show_default=True, type=click.IntRange(1), help="Longest stop string (400 above).")
-@click.option("--max-model-len", default=ServeConfig.max_model_len, show_default=True, type=click.IntRange(16), help="Context length per sequence.")
-@click.option("--drain-timeout", default=ServeConfig.drain_timeout, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for running requests.")
-@click.option("--max-connections", default=ServeConfig.max_connections, show_default=True, type=click.IntRange(4), help="Open connections at once; past it the longest idle one is closed (a half-sent request, a kept-alive client). At most the open-file limit allows.")
-@click.option("--header-timeout", default=ServeConfig.header_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a connection may take to send a complete request head (from connecting, or from its last answer).")
-@click.option("--body-timeout", default=ServeConfig.body_timeout, show_default=True, type=click.FloatRange(0.1), help="Seconds a /v1 request body may take to arrive (408 after).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).")
-@click.option("--device", type=click.Choice(DEVICES), default=NativeSettings.device, show_default=True, help="Native engine: where the models and KV cache live (cuda: the student's linears run the Triton W4A16 kernel, the teacher bf16).")
-@click.option("--compile/--no-compile", "compile_decode", default=NativeSettings.compile, show_default=True, help="Native engine: torch.compile the decode step (faster decode; the first start compiles for ~1 min per model, later starts reuse the cache).")
-@click.option("--prefix-caching/--no-prefix-caching", "--enable-prefix-caching/--no-enable-prefix-caching",
-              "prefix_caching", default=NativeSettings.prefix_caching, show_default=True, help="Native engine: reuse the KV cache of prompt prefixes seen before (a shared system prompt is prefilled once); vLLM's --enable-prefix-caching/--no-enable-prefix-caching are accepted. Engine vllm: pass vLLM's flag after `--`.")
+@click.option(
+    "--max-num-seqs",
+    default=Limits.max_num_seqs,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Running batch size (KV slots).",
+)
+@click.option(
+    "--max-queue",
+    default=Limits.max_queue,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Waiting choices per model before 429 (every engine).",
+)
+@click.option(
+    "--max-body-bytes",
+    default=Limits.max_body_bytes,
+    show_default=True,
+    type=click.IntRange(1024),
+    help="Largest request body (413 above).",
+)
+@click.option(
+    "--max-choices",
+    default=Limits.max_choices,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Prompts x n per request (400 above).",
+)
+@click.option(
+    "--max-stop-chars",
+    default=Limits.max_stop_chars,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Longest stop string (400 above).",
+)
+@click.option(
+    "--max-model-len",
+    default=ServeConfig.max_model_len,
+    show_default=True,
+    type=click.IntRange(16),
+    help="Context length per sequence.",
+)
+@click.option(
+    "--drain-timeout",
+    default=ServeConfig.drain_timeout,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds SIGTERM waits for running requests.",
+)
+@click.option(
+    "--max-connections",
+    default=ServeConfig.max_connections,
+    show_default=True,
+    type=click.IntRange(4),
+    help="Open connections at once; past it the longest idle one is closed (a half-sent request, a kept-alive client). At most the open-file limit allows.",
+)
+@click.option(
+    "--header-timeout",
+    default=ServeConfig.header_timeout,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds a connection may take to send a complete request head (from connecting, or from its last answer).",
+)
+@click.option(
+    "--body-timeout",
+    default=ServeConfig.body_timeout,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds a /v1 request body may take to arrive (408 after).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch CPU threads (default: cores / served models; small decode ops lose more to thread sync than they gain).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default=NativeSettings.device,
+    show_default=True,
+    help="Native engine: where the models and KV cache live (cuda: the student's linears run the Triton W4A16 kernel, the teacher bf16).",
+)
+@click.option(
+    "--compile/--no-compile",
+    "compile_decode",
+    default=NativeSettings.compile,
+    show_default=True,
+    help="Native engine: torch.compile the decode step (faster decode; the first start compiles for ~1 min per model, later starts reuse the cache).",
+)
+@click.option(
+    "--prefix-caching/--no-prefix-caching",
+    "--enable-prefix-caching/--no-enable-prefix-caching",
+    "prefix_caching",
+    default=NativeSettings.prefix_caching,
+    show_default=True,
+    help="Native engine: reuse the KV cache of prompt prefixes seen before (a shared system prompt is prefilled once); vLLM's --enable-prefix-caching/--no-enable-prefix-caching are accepted. Engine vllm: pass vLLM's flag after `--`.",
+)
 @click.option("--ui", is_flag=True, help="Mount the Gradio side-by-side chat at /ui.")
 @click.option("--log-level", default=ServeConfig.log_level, type=click.Choice(LOG_LEVELS))
-@click.option("--vllm-bin", default=None, help="--engine vllm: the `vllm` executable, or a Python with vllm (default: $NVFP4_VLLM_BIN, PATH).")
-@click.option("--trtllm-bin", default=None, help="--engine trtllm: the `trtllm-serve` executable (default: $NVFP4_TRTLLM_BIN, PATH).")
-@click.option("--engine-timeout", default=AdapterSettings.ready_timeout, show_default=True, type=click.FloatRange(1), help="Seconds an engine process may take to become ready.")
+@click.option(
+    "--vllm-bin",
+    default=None,
+    help="--engine vllm: the `vllm` executable, or a Python with vllm (default: $NVFP4_VLLM_BIN, PATH).",
+)
+@click.option(
+    "--trtllm-bin",
+    default=None,
+    help="--engine trtllm: the `trtllm-serve` executable (default: $NVFP4_TRTLLM_BIN, PATH).",
+)
+@click.option(
+    "--engine-timeout",
+    default=AdapterSettings.ready_timeout,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds an engine process may take to become ready.",
+)
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def serve(glue: dict | None, **flags) -> None:

@@ -107,11 +107,15 @@ class ServeConfig:
     def _check_engine_settings(self) -> None:
         """Settings of one kind of engine given to the other."""
         if self.engine == "native" and self.adapter.args:
-            raise UserError(f"`adapter.args` ({' '.join(self.adapter.args)}) go to engine vllm, trtllm or llamacpp, "
-                            f"not native", field="adapter.args")
+            raise UserError(
+                f"`adapter.args` ({' '.join(self.adapter.args)}) go to engine vllm, trtllm or llamacpp, not native",
+                field="adapter.args",
+            )
         if self.engine != "native" and self.native.device != "cpu":
-            raise UserError(f"`native.device` is the native engine's; engine {self.engine} places its models itself",
-                            field="native.device")
+            raise UserError(
+                f"`native.device` is the native engine's; engine {self.engine} places its models itself",
+                field="native.device",
+            )
 
 
 def check_key(api_key: str | None, host: str, published_on: str | None) -> None:
@@ -120,8 +124,11 @@ def check_key(api_key: str | None, host: str, published_on: str | None) -> None:
         raise UserError("`api_key` is empty: set a real key, or leave it unset on a loopback host", field="api_key")
     reachable_on = published_on or host
     if api_key is None and reachable_on not in LOOPBACK:
-        raise UserError(f"serving on {reachable_on} without a key lets any machine that reaches it use the models: "
-                        f"set `api_key`, or bind 127.0.0.1", field="api_key")
+        raise UserError(
+            f"serving on {reachable_on} without a key lets any machine that reaches it use the models: "
+            f"set `api_key`, or bind 127.0.0.1",
+            field="api_key",
+        )
 
 
 def _one_of(value, choices: tuple, name: str) -> None:

@@ -116,8 +116,11 @@ class Engine(ABC):
         """What /v1/models shows under `nvfp4`: the facts, and the chat template once the tokenizer is loaded
         (the UI scores a transcript in it)."""
         template = getattr(self.tokenizer, "chat_template", None)
-        tokens = {"chat_template": template, "bos_token": self.tokenizer.bos_token,
-                  "eos_token": self.tokenizer.eos_token} if isinstance(template, str) else {}
+        tokens = (
+            {"chat_template": template, "bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token}
+            if isinstance(template, str)
+            else {}
+        )
         return {**self.facts, **tokens}
 
     @property

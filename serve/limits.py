@@ -25,8 +25,9 @@ class Admission:
 
     def take(self, choices: int) -> None:
         if self.in_flight + choices > self.capacity:
-            raise QueueFull(f"`{self.name}` is at capacity ({self.in_flight} of {self.capacity} choices in flight); "
-                            f"retry later")
+            raise QueueFull(
+                f"`{self.name}` is at capacity ({self.in_flight} of {self.capacity} choices in flight); retry later"
+            )
         self.in_flight += choices
 
     def give_back(self, choices: int) -> None:

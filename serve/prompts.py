@@ -73,8 +73,9 @@ def _backend_copy(backend, split_special_tokens: bool):
     return copy
 
 
-def chat_prompt(engine: Engine, body: ChatCompletionRequest, tools: list[dict] | None = None,
-                add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt(
+    engine: Engine, body: ChatCompletionRequest, tools: list[dict] | None = None, add_generation_prompt: bool = True
+) -> list[int]:
     """`tools` (as the template takes them) are rendered into the prompt where the template shows them; without
     add_generation_prompt (/tokenize's), the messages alone, with no opened assistant turn."""
     tokenizer = engine.tokenizer
@@ -85,10 +86,14 @@ def chat_prompt(engine: Engine, body: ChatCompletionRequest, tools: list[dict] |
     # off: `<|im_end|>` typed by a user is text, never a control token
     marker = f"\x00{secrets.token_hex(8)}\x00"
     contents = [m.text() for m in body.messages]
-    messages = [{**_tool_fields(m), "role": "system" if m.role == "developer" else m.role,
-                 "content": f"{marker}{i}{marker}"} for i, m in enumerate(body.messages)]
+    messages = [
+        {**_tool_fields(m), "role": "system" if m.role == "developer" else m.role, "content": f"{marker}{i}{marker}"}
+        for i, m in enumerate(body.messages)
+    ]
     _refuse_control_tokens(tokenizer, tools, messages)
-    pieces = _render(tokenizer, messages, tools, add_generation_prompt).split(marker)  # template, content 0, template, content 1, ...
+    pieces = _render(tokenizer, messages, tools, add_generation_prompt).split(
+        marker
+    )  # template, content 0, template, content 1, ...
     if pieces[1::2] != [str(i) for i in range(len(contents))]:  # a template that edits or drops contents
         messages = [{**m, "content": c} for m, c in zip(messages, contents)]
         return encoder.encode(_render(tokenizer, messages, tools, add_generation_prompt))
@@ -105,9 +110,14 @@ def _tool_fields(message) -> dict:
     answer's call id, as chat templates read them."""
     fields = {}
     if message.tool_calls:
-        fields["tool_calls"] = [{"id": call.id, "type": "function",
-                                 "function": {"name": call.function.name, "arguments": _as_object(call.function.arguments)}}
-                                for call in message.tool_calls]
+        fields["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": _as_object(call.function.arguments)},
+            }
+            for call in message.tool_calls
+        ]
     if message.tool_call_id is not None:
         fields["tool_call_id"] = message.tool_call_id
     return fields
@@ -135,11 +145,14 @@ def _refuse_control_tokens(tokenizer, tools: list[dict] | None, messages: list[d
         raise APIError(400, f"`tools` and `tool_calls` may not contain the control token {forged!r}", "tools")
 
 
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+def _render(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
+) -> str:
     try:
         extra = {"tools": tools} if tools else {}
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+        )
     except Exception as error:  # jinja raises its own errors (e.g. role order the template rejects)
         raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from error
 
@@ -199,5 +212,9 @@ def check_completion_fits(engine: Engine, body: CompletionRequest) -> None:
 
 
 def _too_long(engine: Engine, what: str, param: str) -> APIError:
-    return APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; {what} cannot fit "
-                    f"in it", param, "context_length_exceeded")
+    return APIError(
+        400,
+        f"this model's maximum context length is {engine.max_model_len} tokens; {what} cannot fit in it",
+        param,
+        "context_length_exceeded",
+    )

@@ -124,11 +124,19 @@ class _Sampling(OpenAIModel):
         found = []
         if self.response_format is not None and self.response_format.type != "text":
             fmt = self.response_format
-            found.append(("response_format", Constraint.json_schema(fmt.json_schema.schema_ if fmt.json_schema else None)))
+            found.append(
+                ("response_format", Constraint.json_schema(fmt.json_schema.schema_ if fmt.json_schema else None))
+            )
         if self.structured_outputs is not None and (constraint := self.structured_outputs.constraint()):
             found.append(("structured_outputs", constraint))
-        guided = StructuredOutputs.model_validate({"json": self.guided_json, "regex": self.guided_regex,
-                                                   "choice": self.guided_choice, "grammar": self.guided_grammar})
+        guided = StructuredOutputs.model_validate(
+            {
+                "json": self.guided_json,
+                "regex": self.guided_regex,
+                "choice": self.guided_choice,
+                "grammar": self.guided_grammar,
+            }
+        )
         if (constraint := _guided(guided)) is not None:
             found.append(("guided_*", constraint))
         if len(found) > 1:
@@ -136,8 +144,14 @@ class _Sampling(OpenAIModel):
             raise APIError(400, f"{names} each constrain the output: send one", found[1][0])
         return found[0][1] if found else None
 
-    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, index: int,
-                 constraint: Constraint | None = None) -> SamplingParams:
+    def sampling(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+        index: int,
+        constraint: Constraint | None = None,
+    ) -> SamplingParams:
         """Choice `index` of n gets seed + index, so n > 1 with a seed is reproducible and varied."""
         return SamplingParams(
             max_tokens=max_tokens,
@@ -231,8 +245,10 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("tools", mode="before")
     @classmethod
     def _tools_are_functions(cls, value):
-        if isinstance(value, list) and not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in value):
-            raise ValueError("`tools`: each tool is {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        if isinstance(value, list) and not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) for t in value
+        ):
+            raise ValueError('`tools`: each tool is {"type": "function", "function": {"name": ...}}')
         return value
 
     @field_validator("messages", mode="before")
@@ -318,9 +334,15 @@ class DetokenizeResponse(BaseModel):
 
 # ---- responses ---------------------------------------------------------------------------------
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               411: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
@@ -343,8 +365,12 @@ class ErrorResponse(BaseModel):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
-    detail = ErrorDetail(message=message, type=ERROR_TYPES.get(status, "internal_error"), param=param,
-                         code=code if code is not None else status)
+    detail = ErrorDetail(
+        message=message,
+        type=ERROR_TYPES.get(status, "internal_error"),
+        param=param,
+        code=code if code is not None else status,
+    )
     return ErrorResponse(error=detail).model_dump()
 
 

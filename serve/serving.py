@@ -51,16 +51,27 @@ class ServingChat:
     def __init__(self, metrics: ServerMetrics, limits: Limits):
         self.metrics, self.limits = metrics, limits
 
-    async def create(self, body: ChatCompletionRequest, alias: str, engine: Engine, admission: Admission,
-                     request: Request) -> Response:
+    async def create(
+        self, body: ChatCompletionRequest, alias: str, engine: Engine, admission: Admission, request: Request
+    ) -> Response:
         _check_limits(self.limits, body, 1)
         check_chat_fits(engine, body)
         arrival = time.perf_counter()
 
         async def job() -> Job:
             prompt, plan, constraint = await on_prompt_workers(_chat_inputs, engine, body)
-            return Job(self.metrics, engine, alias, body, [prompt], chat=True, admission=admission, arrival=arrival,
-                       constraint=constraint, tool_plan=plan)
+            return Job(
+                self.metrics,
+                engine,
+                alias,
+                body,
+                [prompt],
+                chat=True,
+                admission=admission,
+                arrival=arrival,
+                constraint=constraint,
+                tool_plan=plan,
+            )
 
         return await _serve(await _admitted(admission, body.n, job), request)
 
@@ -72,16 +83,26 @@ class ServingCompletion:
     def __init__(self, metrics: ServerMetrics, limits: Limits):
         self.metrics, self.limits = metrics, limits
 
-    async def create(self, body: CompletionRequest, alias: str, engine: Engine, admission: Admission,
-                     request: Request) -> Response:
+    async def create(
+        self, body: CompletionRequest, alias: str, engine: Engine, admission: Admission, request: Request
+    ) -> Response:
         _check_limits(self.limits, body, body.prompt_count())
         check_completion_fits(engine, body)
         arrival = time.perf_counter()
 
         async def job() -> Job:
             prompts, constraint = await on_prompt_workers(_completion_inputs, engine, body)
-            return Job(self.metrics, engine, alias, body, prompts, chat=False, admission=admission, arrival=arrival,
-                       constraint=constraint)
+            return Job(
+                self.metrics,
+                engine,
+                alias,
+                body,
+                prompts,
+                chat=False,
+                admission=admission,
+                arrival=arrival,
+                constraint=constraint,
+            )
 
         return await _serve(await _admitted(admission, body.prompt_count() * body.n, job), request)
 
@@ -104,8 +125,12 @@ class ServingTokenization:
         if body.tokens and not 0 <= min(body.tokens) <= max(body.tokens) < limit:
             raise APIError(400, f"token ids must be in [0, {limit})", "tokens", "invalid_token_id")
         if len(body.tokens) > engine.max_model_len:
-            raise APIError(400, f"at most {engine.max_model_len} token ids (the context length)", "tokens",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"at most {engine.max_model_len} token ids (the context length)",
+                "tokens",
+                "context_length_exceeded",
+            )
         return DetokenizeResponse(prompt=await on_prompt_workers(engine.tokenizer.decode, body.tokens))
 
 
@@ -139,8 +164,12 @@ def _chat_inputs(engine: Engine, body: ChatCompletionRequest) -> tuple[list[int]
     constraint = body.output_constraint()
     if plan is not None and plan.constraint is not None:
         if constraint is not None:
-            raise APIError(400, f"tool_choice {plan.mode} constrains the output already: send no `response_format` "
-                           "or structured output beside it", "tool_choice")
+            raise APIError(
+                400,
+                f"tool_choice {plan.mode} constrains the output already: send no `response_format` "
+                "or structured output beside it",
+                "tool_choice",
+            )
         constraint = plan.constraint
     _prepare(engine, constraint)
     return chat_prompt(engine, body, plan.tools if plan else None), plan, constraint
@@ -169,8 +198,13 @@ def _prepare(engine: Engine, constraint: Constraint | None) -> None:
 def _check_limits(limits: Limits, body, prompts: int) -> None:
     """Before any tokenization: the request's choices and stop strings within the server's limits."""
     if prompts * body.n > limits.max_choices:
-        raise APIError(400, f"{prompts} prompt(s) x n={body.n} is over the limit of {limits.max_choices} choices "
-                       f"per request (--max-choices)", "n", "too_many_choices")
+        raise APIError(
+            400,
+            f"{prompts} prompt(s) x n={body.n} is over the limit of {limits.max_choices} choices "
+            f"per request (--max-choices)",
+            "n",
+            "too_many_choices",
+        )
     if any(len(stop) > limits.max_stop_chars for stop in body.stops()):
         raise APIError(400, f"a stop string is over the limit of {limits.max_stop_chars} characters", "stop")
 
@@ -178,13 +212,30 @@ def _check_limits(limits: Limits, body, prompts: int) -> None:
 class Job:
     """One HTTP request: n choices per prompt, each a generation on the engine."""
 
-    def __init__(self, metrics, engine: Engine, alias: str, body, prompts: list[list[int]], chat: bool,
-                 admission: Admission, arrival: float, constraint: Constraint | None = None,
-                 tool_plan: ToolPlan | None = None):
+    def __init__(
+        self,
+        metrics,
+        engine: Engine,
+        alias: str,
+        body,
+        prompts: list[list[int]],
+        chat: bool,
+        admission: Admission,
+        arrival: float,
+        constraint: Constraint | None = None,
+        tool_plan: ToolPlan | None = None,
+    ):
         """`admission` holds this job's choices already; close() gives them back."""
         self.constraint, self.tool_plan = constraint, tool_plan
         self.held_text: dict[int, tuple[str, int]] = {}  # choice -> (its text so far, characters sent), with tools
-        self.metrics, self.engine, self.alias, self.body, self.prompts, self.chat = metrics, engine, alias, body, prompts, chat
+        self.metrics, self.engine, self.alias, self.body, self.prompts, self.chat = (
+            metrics,
+            engine,
+            alias,
+            body,
+            prompts,
+            chat,
+        )
         self.id = make_id("chatcmpl" if chat else "cmpl")
         self.created, self.arrival = now(), arrival
         self.logprobs = body.logprob_count() if chat else body.logprobs
@@ -199,8 +250,12 @@ class Job:
         limit = self.body.limit() if self.chat else self.body.max_tokens
         if room < (1 if limit is None else limit) or room <= 0:
             raise APIError(
-                400, f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
-                f"{len(prompt)} tokens and {limit or 1} completion tokens were requested", "messages" if self.chat else "prompt", "context_length_exceeded")
+                400,
+                f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
+                f"{len(prompt)} tokens and {limit or 1} completion tokens were requested",
+                "messages" if self.chat else "prompt",
+                "context_length_exceeded",
+            )
         scoring = self.logprobs if self.echo and self.logprobs is not None else None
         return self.body.sampling(room if limit is None else limit, self.logprobs, scoring, index, self.constraint)
 
@@ -255,7 +310,10 @@ def _chat_logprobs(job: Job, events: list[TokenEvent]) -> dict:
         if e.token_id is None or e.logprob is None:
             continue
         text = job.text_of(e.token_id)
-        top = [{"token": job.text_of(t), "logprob": _lp(lp), "bytes": list(job.text_of(t).encode())} for t, lp in e.top_logprobs or []]
+        top = [
+            {"token": job.text_of(t), "logprob": _lp(lp), "bytes": list(job.text_of(t).encode())}
+            for t, lp in e.top_logprobs or []
+        ]
         content.append({"token": text, "logprob": _lp(e.logprob), "bytes": list(text.encode()), "top_logprobs": top})
     return {"content": content}
 
@@ -265,7 +323,9 @@ def _completion_logprobs(job: Job, events: list[TokenEvent], prompt: list[int] |
     pairs = []
     if prompt is not None and events and events[0].prompt_logprobs is not None:
         pairs += [(t, lp, top) for t, (lp, top) in zip(prompt, events[0].prompt_logprobs)]
-    pairs += [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None and e.logprob is not None]
+    pairs += [
+        (e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None and e.logprob is not None
+    ]
     for token, logprob, top in pairs:
         text = job.text_of(token)
         tokens.append(text)
@@ -356,17 +416,30 @@ async def _complete(job: Job, streams) -> JSONResponse:
         text, last = "".join(e.text for e in events), events[-1]
         if job.chat:
             message, finish = _chat_message(job, text, last.finish_reason)
-            choices.append({"index": index, "message": message,
-                            "logprobs": _chat_logprobs(job, events) if job.logprobs is not None else None,
-                            "finish_reason": finish})
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": _chat_logprobs(job, events) if job.logprobs is not None else None,
+                    "finish_reason": finish,
+                }
+            )
         else:
             prompt_text = job.engine.tokenizer.decode(job.prompt_of(index)) if job.echo else ""
             logprobs = None
             if job.logprobs is not None:
                 logprobs = _completion_logprobs(job, events, job.prompt_of(index) if job.echo else None, 0)
-            choices.append({"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": last.finish_reason})
-    body = {"id": job.id, "object": "chat.completion" if job.chat else "text_completion", "created": job.created,
-            "model": job.body.model, "choices": choices, "usage": job.usage([r[-1].num_generated for r in results])}
+            choices.append(
+                {"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": last.finish_reason}
+            )
+    body = {
+        "id": job.id,
+        "object": "chat.completion" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.body.model,
+        "choices": choices,
+        "usage": job.usage([r[-1].num_generated for r in results]),
+    }
     model = ChatCompletionResponse if job.chat else CompletionResponse
     return JSONResponse(model.model_validate(body).model_dump())
 
@@ -413,7 +486,9 @@ async def _sse(job: Job, streams) -> AsyncIterator[str]:
                 await queue.put((index, event))
         except Exception as error:  # a proxied engine failing mid-stream: an error frame, never a silent end
             status = getattr(error, "status", 500)
-            await queue.put((index, TokenEvent(None, "", finish_reason="error", error=f"{error}", num_generated=generated[index])))
+            await queue.put(
+                (index, TokenEvent(None, "", finish_reason="error", error=f"{error}", num_generated=generated[index]))
+            )
             log.warning("choice %d of %s failed mid-stream (%s): %s", index, job.id, status, error)
         finally:
             await queue.put((index, None))
@@ -437,8 +512,16 @@ async def _sse(job: Job, streams) -> AsyncIterator[str]:
             if chunk is not None:
                 yield _frame(chunk)
         if job.body.include_usage():
-            yield _frame({"id": job.id, "object": _chunk_object(job), "created": job.created, "model": job.body.model,
-                          "choices": [], "usage": job.usage(generated)})
+            yield _frame(
+                {
+                    "id": job.id,
+                    "object": _chunk_object(job),
+                    "created": job.created,
+                    "model": job.body.model,
+                    "choices": [],
+                    "usage": job.usage(generated),
+                }
+            )
         yield "data: [DONE]\n\n"
     finally:
         for task in tasks:
@@ -456,8 +539,12 @@ def _chunk(job: Job, index: int, event: TokenEvent, first: bool) -> dict | None:
         if not delta.get("content") and not finish and not first and not has_logprob:
             return None
         delta = {"role": "assistant", **delta} if first else delta
-        choice = {"index": index, "delta": delta, "logprobs": _chat_logprobs(job, [event]) if has_logprob else None,
-                  "finish_reason": finish}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": _chat_logprobs(job, [event]) if has_logprob else None,
+            "finish_reason": finish,
+        }
     else:
         if not event.text and not event.finish_reason and not first and not has_logprob:
             return None
@@ -467,7 +554,13 @@ def _chunk(job: Job, index: int, event: TokenEvent, first: bool) -> dict | None:
             text = job.engine.tokenizer.decode(prompt) + text
         logprobs = _completion_logprobs(job, [event], prompt, 0) if job.logprobs is not None else None
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": event.finish_reason}
-    return {"id": job.id, "object": _chunk_object(job), "created": job.created, "model": job.body.model, "choices": [choice]}
+    return {
+        "id": job.id,
+        "object": _chunk_object(job),
+        "created": job.created,
+        "model": job.body.model,
+        "choices": [choice],
+    }
 
 
 def _frame(payload: dict) -> str:

@@ -72,8 +72,10 @@ def _choice_ebnf(options: list[str]) -> str:
 
 
 def _ebnf_literal(text: str) -> str:
-    escaped = "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000
-                      else f"\\U{ord(c):08x}" for c in text)
+    escaped = "".join(
+        c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+        for c in text
+    )
     return f'"{escaped}"' if text else '""'
 
 
@@ -133,8 +135,9 @@ class Guide:
 
         xgr = _xgr()
         self.vocab_size = vocab_size
-        self.matcher = xgr.GrammarMatcher(compile_constraint(tokenizer, vocab_size, constraint),
-                                          override_stop_tokens=list(stop_ids))
+        self.matcher = xgr.GrammarMatcher(
+            compile_constraint(tokenizer, vocab_size, constraint), override_stop_tokens=list(stop_ids)
+        )
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.accepted = 0
         self._shifts = torch.arange(32, dtype=torch.int32)
@@ -154,8 +157,10 @@ class Guide:
         tokens, say) have left no allowed token finite, the allowed ones become equally likely."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         if not self.bitmask.any():
-            raise GrammarStuck(f"the constraint cannot go on: no token of this model's vocabulary spells what it "
-                               f"requires next (after {self.accepted} tokens)")
+            raise GrammarStuck(
+                f"the constraint cannot go on: no token of this model's vocabulary spells what it "
+                f"requires next (after {self.accepted} tokens)"
+            )
         _xgr().apply_token_bitmask_inplace(row[None], self.bitmask.to(row.device), vocab_size=self.vocab_size)
         if not row.max().isfinite():
             row.masked_fill_(self.allowed().to(row.device)[: row.shape[-1]], 0.0)

@@ -23,8 +23,11 @@ class ToolCall:
     arguments: str  # JSON text
 
     def as_openai(self, index: int | None = None) -> dict:
-        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         return call if index is None else {"index": index, **call}
 
 
@@ -109,8 +112,14 @@ def _parameter_schemas(body: ChatCompletionRequest) -> dict[str, dict]:
 
 def _calls_schema(schemas: dict[str, dict], parallel: bool) -> dict:
     """vLLM's shape for tool_choice=required: a JSON array of {"name", "parameters"} objects."""
-    call = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-             "required": ["name", "parameters"]} for name, schema in schemas.items()]
+    call = [
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+            "required": ["name", "parameters"],
+        }
+        for name, schema in schemas.items()
+    ]
     return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": call}}
 
 
@@ -120,8 +129,12 @@ def _call_format(chat_template: str | None) -> str:
         return "hermes"
     if LLAMA_TAG in template or '"parameters": dictionary of argument name' in template:
         return "llama3_json"
-    raise APIError(400, "this model's chat template defines no tool-call format, so `tool_choice` auto cannot be "
-                   "parsed; use tool_choice \"required\" or a named function", "tool_choice")
+    raise APIError(
+        400,
+        "this model's chat template defines no tool-call format, so `tool_choice` auto cannot be "
+        'parsed; use tool_choice "required" or a named function',
+        "tool_choice",
+    )
 
 
 def _arguments(value) -> str | None:

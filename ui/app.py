@@ -106,7 +106,9 @@ class Endpoint:
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0):
         self.url = base_url.rstrip("/")
-        self.client = openai.AsyncOpenAI(base_url=api_base(base_url), api_key=api_key or "none", max_retries=0, timeout=timeout)
+        self.client = openai.AsyncOpenAI(
+            base_url=api_base(base_url), api_key=api_key or "none", max_retries=0, timeout=timeout
+        )
 
     async def models(self) -> dict[str, dict]:
         """id -> /v1/models entry (extra fields kept: `nvfp4` {scheme, weight_bytes, heldout_kl} when served)."""
@@ -119,8 +121,13 @@ class Endpoint:
         first = None
         try:
             stream = await self.client.chat.completions.create(
-                model=model, messages=messages, stream=True, logprobs=True,
-                stream_options={"include_usage": True}, **sampling.kwargs())
+                model=model,
+                messages=messages,
+                stream=True,
+                logprobs=True,
+                stream_options={"include_usage": True},
+                **sampling.kwargs(),
+            )
             async with stream:  # Stop cancels this task: closing the response makes the server abort the request
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -143,8 +150,9 @@ class Endpoint:
 
     async def score(self, model: str, context: str, answer: str) -> Score:
         """Teacher log-probs of `answer` following `context`, via /v1/completions echo + logprobs."""
-        out = await self.client.completions.create(model=model, prompt=context + answer, max_tokens=1,
-                                                   temperature=0.0, echo=True, logprobs=0)
+        out = await self.client.completions.create(
+            model=model, prompt=context + answer, max_tokens=1, temperature=0.0, echo=True, logprobs=0
+        )
         lp = out.choices[0].logprobs
         generated = out.usage.completion_tokens if out.usage else 1
         tokens, values = lp.tokens[: len(lp.tokens) - generated], lp.token_logprobs[: len(lp.tokens) - generated]
@@ -181,8 +189,9 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=bos_token, eos_token=eos_token)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
+    )
 
 
 def scoring_context(entry: dict | None, messages: list[dict]) -> tuple[str, bool]:
@@ -190,13 +199,16 @@ def scoring_context(entry: dict | None, messages: list[dict]) -> tuple[str, bool
     meta = (entry or {}).get("nvfp4") or {}
     if meta.get("chat_template"):
         try:
-            return render_chat(meta["chat_template"], messages, meta.get("bos_token") or "", meta.get("eos_token") or ""), True
+            return render_chat(
+                meta["chat_template"], messages, meta.get("bos_token") or "", meta.get("eos_token") or ""
+            ), True
         except Exception:  # a template this renderer cannot run: fall back to the transcript
             pass
     return transcript(messages), False
 
 
 # ----------------------------------------------------------------------------------- rendering
+
 
 def _esc(text: str) -> str:
     return html.escape(text).replace("\n", "↵")  # strips stay one flowing line per answer
@@ -228,8 +240,7 @@ def header_html(role: str, alias: str, entry: dict | None) -> str:
         facts.append(f"weights {_size(float(meta['weight_bytes']))}")
     if meta.get("heldout_kl") is not None:
         facts.append(f"held-out KL {float(meta['heldout_kl']):.3f}")
-    return (f"<div class='nv-head'><b>{role}</b> <code>{html.escape(alias)}</code> · "
-            + " · ".join(facts) + "</div>")
+    return f"<div class='nv-head'><b>{role}</b> <code>{html.escape(alias)}</code> · " + " · ".join(facts) + "</div>"
 
 
 def metrics_html(answer: Answer | None) -> str:
@@ -239,9 +250,17 @@ def metrics_html(answer: Answer | None) -> str:
         return f"<div class='nv-metrics nv-bad'>{html.escape(answer.error)}</div>"
     ttft = "–" if answer.ttft is None else f"{answer.ttft * 1000:.0f} ms"
     rate = "–" if answer.tokens_per_s is None else f"{answer.tokens_per_s:.1f}"
-    cells = [("TTFT", ttft), ("tokens/s", rate), ("tokens", str(answer.num_tokens)), ("finish", answer.finish_reason or "…")]
-    return "<div class='nv-metrics'>" + "".join(
-        f"<span class='nv-cell'><small>{k}</small> <b>{v}</b></span>" for k, v in cells) + "</div>"
+    cells = [
+        ("TTFT", ttft),
+        ("tokens/s", rate),
+        ("tokens", str(answer.num_tokens)),
+        ("finish", answer.finish_reason or "…"),
+    ]
+    return (
+        "<div class='nv-metrics'>"
+        + "".join(f"<span class='nv-cell'><small>{k}</small> <b>{v}</b></span>" for k, v in cells)
+        + "</div>"
+    )
 
 
 def agreement_html(teacher: Answer | None, student: Answer | None) -> str:
@@ -249,17 +268,21 @@ def agreement_html(teacher: Answer | None, student: Answer | None) -> str:
         return ""
     at = first_divergence(teacher.tokens, student.tokens)
     if at is None:
-        return (f"<div class='nv-agree'><b>Agreement:</b> the student's answer equals the teacher's "
-                f"({len(student.tokens)} tokens).</div>")
+        return (
+            f"<div class='nv-agree'><b>Agreement:</b> the student's answer equals the teacher's "
+            f"({len(student.tokens)} tokens).</div>"
+        )
     same = _window(student.tokens[:at], 60, tail=True)
     left = student.tokens[at] if at < len(student.tokens) else "⟨end⟩"
     wanted = teacher.tokens[at] if at < len(teacher.tokens) else "⟨end⟩"
-    rest = _window(student.tokens[at + 1:], 60, tail=False)
-    return (f"<div class='nv-agree'><b>Agreement:</b> the student leaves the teacher at token {at} "
-            f"(teacher: <code>{html.escape(repr(wanted))}</code>, student: <code>{html.escape(repr(left))}</code>)"
-            f"<div class='nv-strip'><span class='nv-same'>{_esc(same)}</span>"
-            f"<mark class='nv-diverge' title='first token that differs from the teacher'>{_esc(left)}</mark>"
-            f"<span class='nv-rest'>{_esc(rest)}</span></div></div>")
+    rest = _window(student.tokens[at + 1 :], 60, tail=False)
+    return (
+        f"<div class='nv-agree'><b>Agreement:</b> the student leaves the teacher at token {at} "
+        f"(teacher: <code>{html.escape(repr(wanted))}</code>, student: <code>{html.escape(repr(left))}</code>)"
+        f"<div class='nv-strip'><span class='nv-same'>{_esc(same)}</span>"
+        f"<mark class='nv-diverge' title='first token that differs from the teacher'>{_esc(left)}</mark>"
+        f"<span class='nv-rest'>{_esc(rest)}</span></div></div>"
+    )
 
 
 def _colour(logprob: float) -> str:
@@ -273,16 +296,24 @@ def score_html(student: Score, teacher: Score | None, templated: bool = False) -
         return "<div class='nv-score'>The student's answer is empty: nothing to score.</div>"
     spans = "".join(
         f"<span class='nv-tok' style='background:{_colour(lp)}' title='log p = {lp:.3f}'>{_esc(tok)}</span>"
-        for tok, lp in zip(student.tokens, student.logprobs))
-    summary = (f"mean −log p (KL proxy) <b>{student.mean_nll:.3f}</b> nats/token · perplexity "
-               f"<b>{student.perplexity:.2f}</b> · {len(student.tokens)} tokens")
+        for tok, lp in zip(student.tokens, student.logprobs)
+    )
+    summary = (
+        f"mean −log p (KL proxy) <b>{student.mean_nll:.3f}</b> nats/token · perplexity "
+        f"<b>{student.perplexity:.2f}</b> · {len(student.tokens)} tokens"
+    )
     if teacher is not None and teacher.tokens:
         summary += f" · teacher's own answer: {teacher.mean_nll:.3f} nats/token, perplexity {teacher.perplexity:.2f}"
-    how = ("conversation in the teacher's chat template" if templated else
-           "after a plain-text transcript: the server does not expose its chat template, so values are a proxy")
-    return (f"<div class='nv-score'><b>Student's answer under the teacher</b> (green: the teacher agrees, red: it "
-            f"would not have said it)<div class='nv-strip'>{spans}</div><div>{summary}</div>"
-            f"<div class='nv-note'>Scored {how}.</div></div>")
+    how = (
+        "conversation in the teacher's chat template"
+        if templated
+        else "after a plain-text transcript: the server does not expose its chat template, so values are a proxy"
+    )
+    return (
+        f"<div class='nv-score'><b>Student's answer under the teacher</b> (green: the teacher agrees, red: it "
+        f"would not have said it)<div class='nv-strip'>{spans}</div><div>{summary}</div>"
+        f"<div class='nv-note'>Scored {how}.</div></div>"
+    )
 
 
 def status_html(message: str | None) -> str:
@@ -310,6 +341,7 @@ STYLE = """<style>
 
 
 # ----------------------------------------------------------------------------------- the page
+
 
 @dataclass
 class Conversation:
@@ -369,8 +401,9 @@ async def _merge(streams: dict[str, AsyncIterator[Answer]]) -> AsyncIterator[tup
             task.cancel()
 
 
-def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str = "student",
-             api_key: str | None = None) -> gr.Blocks:
+def build_ui(
+    base_url: str, teacher_model: str = "teacher", student_model: str = "student", api_key: str | None = None
+) -> gr.Blocks:
     """The side-by-side page for the two models of the endpoint at base_url (root or .../v1)."""
     endpoint = Endpoint(base_url, api_key)
     names = {"teacher": teacher_model, "student": student_model}
@@ -379,25 +412,38 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         try:
             served = await endpoint.models()
         except Exception as error:
-            return status_html(describe_error(error, endpoint.url)), header_html("Teacher", teacher_model, {}), header_html("Student", student_model, {})
+            return (
+                status_html(describe_error(error, endpoint.url)),
+                header_html("Teacher", teacher_model, {}),
+                header_html("Student", student_model, {}),
+            )
         missing = [m for m in names.values() if m not in served]
         note = None
         if missing:
-            note = (f"The endpoint at {endpoint.url} does not serve {', '.join(f'`{m}`' for m in missing)}; it serves: "
-                    f"{', '.join(sorted(served)) or 'nothing'} (choose with --teacher-model / --student-model).")
-        return (status_html(note), header_html("Teacher", teacher_model, served.get(teacher_model)),
-                header_html("Student", student_model, served.get(student_model)))
+            note = (
+                f"The endpoint at {endpoint.url} does not serve {', '.join(f'`{m}`' for m in missing)}; it serves: "
+                f"{', '.join(sorted(served)) or 'nothing'} (choose with --teacher-model / --student-model)."
+            )
+        return (
+            status_html(note),
+            header_html("Teacher", teacher_model, served.get(teacher_model)),
+            header_html("Student", student_model, served.get(student_model)),
+        )
 
     async def send(message, system, conv: Conversation, temperature, top_p, max_tokens, seed, greedy):
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
         status, head_t, head_s = await headers()
         _close_turn(conv)
-        sampling = Sampling(float(temperature), float(top_p), int(max_tokens), None if seed in (None, "") else int(seed), bool(greedy))
+        sampling = Sampling(
+            float(temperature), float(top_p), int(max_tokens), None if seed in (None, "") else int(seed), bool(greedy)
+        )
         conv.last, conv.stopped = {}, False
         conv.teacher.append({"role": "user", "content": message})
         conv.student.append({"role": "user", "content": message})
-        streams = {role: endpoint.chat(names[role], _with_system(system, getattr(conv, role)), sampling) for role in names}
+        streams = {
+            role: endpoint.chat(names[role], _with_system(system, getattr(conv, role)), sampling) for role in names
+        }
         yield _outputs(conv, "", status, head_t, head_s)
         async for role, answer in _merge(streams):
             if conv.stopped:
@@ -411,7 +457,18 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
     def _outputs(conv: Conversation, box: str, status: str, head_t: str, head_s: str) -> tuple:
         t, s = conv.last.get("teacher"), conv.last.get("student")
         view_t, view_s = _chat_view(conv.teacher, t), _chat_view(conv.student, s)
-        return (box, view_t, view_s, metrics_html(t), metrics_html(s), agreement_html(t, s), status, head_t, head_s, conv)
+        return (
+            box,
+            view_t,
+            view_s,
+            metrics_html(t),
+            metrics_html(s),
+            agreement_html(t, s),
+            status,
+            head_t,
+            head_s,
+            conv,
+        )
 
     async def score(system, conv: Conversation):
         student = conv.last.get("student")
@@ -435,17 +492,25 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         conv.stopped = True
         _close_turn(conv)
         t, s = conv.last.get("teacher"), conv.last.get("student")
-        return (_chat_view(conv.teacher, t), _chat_view(conv.student, s), metrics_html(t), metrics_html(s),
-                agreement_html(t, s), conv)
+        return (
+            _chat_view(conv.teacher, t),
+            _chat_view(conv.student, s),
+            metrics_html(t),
+            metrics_html(s),
+            agreement_html(t, s),
+            conv,
+        )
 
     def clear():
         conv = Conversation()
         return ("", [], [], metrics_html(None), metrics_html(None), "", "", conv)
 
     with gr.Blocks(title="nvfp4 · teacher vs student", analytics_enabled=False) as demo:
-        gr.HTML(STYLE + "<div class='nv-title'><h1>Teacher vs NVFP4 student</h1>"
-                f"<p>Every message goes to both models of <code>{html.escape(endpoint.url)}</code>. "
-                "Greedy decoding compares them token for token.</p></div>")
+        gr.HTML(
+            STYLE + "<div class='nv-title'><h1>Teacher vs NVFP4 student</h1>"
+            f"<p>Every message goes to both models of <code>{html.escape(endpoint.url)}</code>. "
+            "Greedy decoding compares them token for token.</p></div>"
+        )
         status = gr.HTML(elem_id="status")
         conv = gr.State(Conversation())
         with gr.Row(equal_height=True):
@@ -458,7 +523,9 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
                 chat_s = gr.Chatbot(label=f"Student · {student_model}", height=380, elem_id="student-chat")
                 metrics_s = gr.HTML(metrics_html(None), elem_id="student-metrics")
         with gr.Row(equal_height=True):
-            box = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=6, elem_id="prompt", autofocus=True)
+            box = gr.Textbox(
+                placeholder="Ask both models…", show_label=False, scale=6, elem_id="prompt", autofocus=True
+            )
             send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
             clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
@@ -479,9 +546,16 @@ def build_ui(base_url: str, teacher_model: str = "teacher", student_model: str =
         outputs = [box, chat_t, chat_s, metrics_t, metrics_s, agreement, status, head_t, head_s, conv]
         sent = send_btn.click(send, inputs, outputs, api_name="send")
         submitted = box.submit(send, inputs, outputs, api_name=False)
-        stop_btn.click(stop, conv, [chat_t, chat_s, metrics_t, metrics_s, agreement, conv],
-                       cancels=[sent, submitted], api_name=False)
-        clear_btn.click(clear, None, [box, chat_t, chat_s, metrics_t, metrics_s, agreement, scored, conv], api_name="clear")
+        stop_btn.click(
+            stop,
+            conv,
+            [chat_t, chat_s, metrics_t, metrics_s, agreement, conv],
+            cancels=[sent, submitted],
+            api_name=False,
+        )
+        clear_btn.click(
+            clear, None, [box, chat_t, chat_s, metrics_t, metrics_s, agreement, scored, conv], api_name="clear"
+        )
         score_btn.click(score, [system, conv], scored, api_name="score")
         demo.load(headers, None, [status, head_t, head_s], api_name="models")
     return demo

@@ -40,7 +40,9 @@ class Entry:
     @property
     def layer(self) -> int | None:
         parts = self.name.split(".")
-        return next((int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
+        return next(
+            (int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None
+        )
 
 
 def entries(model: nn.Module, quantized: dict[str, bool]) -> list[Entry]:
@@ -61,8 +63,14 @@ def entries(model: nn.Module, quantized: dict[str, bool]) -> list[Entry]:
 
 
 def student_entries(student: nn.Module) -> list[Entry]:
-    return entries(student, {n: m.quantize_input and m.input_gscale is not None for n, m in student.named_modules()
-                             if isinstance(m, NVFP4FakeQuantLinear)})
+    return entries(
+        student,
+        {
+            n: m.quantize_input and m.input_gscale is not None
+            for n, m in student.named_modules()
+            if isinstance(m, NVFP4FakeQuantLinear)
+        },
+    )
 
 
 _EXPORTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, PackedWeight]]]" = weakref.WeakKeyDictionary()
@@ -74,7 +82,13 @@ def _fingerprint(student: nn.Module) -> tuple:
     for name, module in student.named_modules():
         if isinstance(module, NVFP4FakeQuantLinear):
             tensors = (module.weight, module.weight_gscale, module.block_scales, module.input_gscale)
-            state.append((name, module.quantize_input, *((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors)))
+            state.append(
+                (
+                    name,
+                    module.quantize_input,
+                    *((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors),
+                )
+            )
     return tuple(state)
 
 

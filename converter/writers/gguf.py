@@ -94,8 +94,12 @@ class _BulkArrayGGUFWriter(gguf.GGUFWriter):
     """gguf.GGUFWriter that packs string and integer arrays (the vocabulary, its merges and token
     types: ~150k items on the default model) in bulk; the bytes are the same."""
 
-    _INTEGERS = {gguf.GGUFValueType.INT32: "i4", gguf.GGUFValueType.UINT32: "u4",
-                 gguf.GGUFValueType.INT64: "i8", gguf.GGUFValueType.UINT64: "u8"}
+    _INTEGERS = {
+        gguf.GGUFValueType.INT32: "i4",
+        gguf.GGUFValueType.UINT32: "u4",
+        gguf.GGUFValueType.INT64: "i8",
+        gguf.GGUFValueType.UINT64: "u8",
+    }
 
     def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
         if vtype != gguf.GGUFValueType.ARRAY or isinstance(val, bytes) or not val:
@@ -124,9 +128,11 @@ class GGUFWriter(Writer, target="llamacpp"):
         check_tokenizer(tokenizer)
         odd = [f"{n} ({m.in_features})" for n, m in linears.items() if m.in_features % GGUF_BLOCK]
         if odd:
-            raise UserError(f"llama.cpp's NVFP4 blocks span {GGUF_BLOCK} inputs, and {', '.join(odd[:3])}"
-                            f"{' ...' if len(odd) > 3 else ''} do not divide: drop llamacpp from --targets, or "
-                            "--exclude those linears")
+            raise UserError(
+                f"llama.cpp's NVFP4 blocks span {GGUF_BLOCK} inputs, and {', '.join(odd[:3])}"
+                f"{' ...' if len(odd) > 3 else ''} do not divide: drop llamacpp from --targets, or "
+                "--exclude those linears"
+            )
 
     def begin(self, model: nn.Module, tokenizer, source_dir: Path, out: Path, stream: list[Entry]) -> None:
         config = model.config
@@ -146,8 +152,9 @@ class GGUFWriter(Writer, target="llamacpp"):
                 self.writer.add_array("general.tensor_extra.name", weight_only)
                 self.writer.add_array("general.tensor_extra.prec_a4", [False] * len(weight_only))
             for tensor in planned:
-                self.writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(tensor.dtype), tensor.nbytes,
-                                            raw_dtype=tensor.raw_dtype)
+                self.writer.add_tensor_info(
+                    tensor.name, tensor.shape, np.dtype(tensor.dtype), tensor.nbytes, raw_dtype=tensor.raw_dtype
+                )
             self.writer.write_header_to_file()
             self.writer.write_kv_data_to_file()
             self.writer.write_ti_data_to_file()
@@ -244,8 +251,9 @@ def _add_attention_hparams(writer: gguf.GGUFWriter, config) -> None:
             writer.add_rope_freq_base_swa(float(swa_theta))
     elif config.model_type == "phi3":  # llama.cpp tells Phi-4 (no sliding window) by a window of 0
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
-        writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None)
-                                             or config.max_position_embeddings)
+        writer.add_rope_scaling_orig_ctx_len(
+            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        )
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
@@ -347,13 +355,23 @@ class _Tensors:
             return [_plain(name, None if values[0] is None else torch.stack(values), (len(values), *shape), self.dtype)]
         base, scales = name.removesuffix(".weight"), [("scale", lambda w: w.gscale)]
         stacked = None if values[0] is None else np.stack([to_gguf_nvfp4(w.packed, w.scales) for w in values])
-        tensors = [GGUFTensor(name, (len(values), shape[0], shape[1] // GGUF_BLOCK * GGUF_BLOCK_BYTES), np.uint8, NVFP4,
-                              stacked, entry.input_scale)]
+        tensors = [
+            GGUFTensor(
+                name,
+                (len(values), shape[0], shape[1] // GGUF_BLOCK * GGUF_BLOCK_BYTES),
+                np.uint8,
+                NVFP4,
+                stacked,
+                entry.input_scale,
+            )
+        ]
         if entry.input_scale:
             scales.append(("input_scale", lambda w: w.input_gscale))
         for suffix, scale in scales:
             array = None if values[0] is None else np.array([float(scale(w)) for w in values], dtype=np.float32)
-            tensors.append(GGUFTensor(f"{base}.{suffix}", (len(values),), np.float32, gguf.GGMLQuantizationType.F32, array))
+            tensors.append(
+                GGUFTensor(f"{base}.{suffix}", (len(values),), np.float32, gguf.GGMLQuantizationType.F32, array)
+            )
         return tensors
 
     def tail(self, planned: bool) -> list[GGUFTensor]:
@@ -362,8 +380,15 @@ class _Tensors:
             return []
         factors = llama3_rope_factors(self.config)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        return [GGUFTensor(name, tuple(factors.shape), np.float32, gguf.GGMLQuantizationType.F32,
-                           None if planned else factors.numpy())]
+        return [
+            GGUFTensor(
+                name,
+                tuple(factors.shape),
+                np.float32,
+                gguf.GGMLQuantizationType.F32,
+                None if planned else factors.numpy(),
+            )
+        ]
 
 
 def _rows(value: Tensor | PackedWeight, start: int, stop: int) -> Tensor | PackedWeight:
@@ -372,8 +397,9 @@ def _rows(value: Tensor | PackedWeight, start: int, stop: int) -> Tensor | Packe
     return value.detach()[start:stop] if value.dim() else value.detach()
 
 
-def _nvfp4(name: str, weight: PackedWeight | None, shape: tuple[int, int], heads: int | None,
-           input_scale: bool) -> list[GGUFTensor]:
+def _nvfp4(
+    name: str, weight: PackedWeight | None, shape: tuple[int, int], heads: int | None, input_scale: bool
+) -> list[GGUFTensor]:
     """One quantized linear as NVFP4, its s2 as `<base>.scale` and (W4A4) its input scale as `<base>.input_scale`."""
     array = None
     if weight is not None:
@@ -382,8 +408,10 @@ def _nvfp4(name: str, weight: PackedWeight | None, shape: tuple[int, int], heads
             packed, scales = permute_rows(packed, heads), permute_rows(scales.view(torch.uint8), heads)
         array = to_gguf_nvfp4(packed, scales.view(torch.float8_e4m3fn))
     base = name.removesuffix(".weight")
-    tensors = [GGUFTensor(name, (shape[0], shape[1] // GGUF_BLOCK * GGUF_BLOCK_BYTES), np.uint8, NVFP4, array, input_scale),
-               _scalar(f"{base}.scale", None if weight is None else weight.gscale)]
+    tensors = [
+        GGUFTensor(name, (shape[0], shape[1] // GGUF_BLOCK * GGUF_BLOCK_BYTES), np.uint8, NVFP4, array, input_scale),
+        _scalar(f"{base}.scale", None if weight is None else weight.gscale),
+    ]
     if input_scale:
         tensors.append(_scalar(f"{base}.input_scale", None if weight is None else weight.input_gscale))
     return tensors
@@ -422,7 +450,9 @@ def pre_tokenizer_name(tokenizer) -> str:
     digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
     name = PRE_TOKENIZERS.get(digest)
     if name is None:
-        log.warning("unknown BPE pre-tokenizer (hash %s): writing 'default'; llama.cpp may split text differently", digest)
+        log.warning(
+            "unknown BPE pre-tokenizer (hash %s): writing 'default'; llama.cpp may split text differently", digest
+        )
         return "default"
     return name
 
@@ -465,8 +495,10 @@ def check_tokenizer(tokenizer) -> None:
         raise UserError("the GGUF writer needs a fast (tokenizer.json) tokenizer; drop llamacpp from --targets")
     backend = tokenizer.backend_tokenizer
     if type(backend.model).__name__ != "BPE" or getattr(backend.model, "byte_fallback", False):
-        raise UserError("the GGUF writer supports byte-level BPE (GPT-2 style) tokenizers only, not SentencePiece-"
-                        "style vocabularies; drop llamacpp from --targets")
+        raise UserError(
+            "the GGUF writer supports byte-level BPE (GPT-2 style) tokenizers only, not SentencePiece-"
+            "style vocabularies; drop llamacpp from --targets"
+        )
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
@@ -488,8 +520,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
         # vocabulary above all) took 0.2 s, a third of this writer's time on the default model.
         tokenizer.save_pretrained(folder)
         post = backend.post_processor
-        parts = {"added_tokens": [{"id": i, "content": t.content} for i, t in sorted(tokenizer.added_tokens_decoder.items())],
-                 "post_processor": None if post is None else json.loads(post.__getstate__())}
+        parts = {
+            "added_tokens": [
+                {"id": i, "content": t.content} for i, t in sorted(tokenizer.added_tokens_decoder.items())
+            ],
+            "post_processor": None if post is None else json.loads(post.__getstate__()),
+        }
         (Path(folder) / "tokenizer.json").write_text(json.dumps(parts))
         special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
     special.merges = merges

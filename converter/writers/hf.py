@@ -28,10 +28,15 @@ def high_precision_modules(model: nn.Module, quantized: set[str], embeddings: bo
     `exclude_modules` lists them too) embeddings."""
     family = family_of(model.config)
     # exactly nn.Embedding, as ModelOpt lists them: not subclasses such as Gemma's scaled embedding
-    names = [n for n, m in model.named_modules()
-             if n not in quantized and (isinstance(m, nn.Linear) or embeddings and type(m) is nn.Embedding)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n not in quantized and (isinstance(m, nn.Linear) or embeddings and type(m) is nn.Embedding)
+    ]
     if family.moe is not None:
-        names += [n for n, m in model.named_modules() if n.endswith(f".mlp.{family.moe.router}") and hasattr(m, "weight")]
+        names += [
+            n for n, m in model.named_modules() if n.endswith(f".mlp.{family.moe.router}") and hasattr(m, "weight")
+        ]
     return sorted(hub for name in names for hub in hub_names(family, name))
 
 
@@ -45,8 +50,17 @@ def hub_packed(family: Family, name: str, weight: PackedWeight) -> list[tuple[st
     parts = []
     for part, hub in enumerate(hubs):
         piece = slice(part * rows, (part + 1) * rows)
-        parts.append((hub, PackedWeight(weight.packed[piece].clone(), weight.scales[piece].clone(), weight.gscale.clone(),
-                                        None if weight.input_gscale is None else weight.input_gscale.clone())))
+        parts.append(
+            (
+                hub,
+                PackedWeight(
+                    weight.packed[piece].clone(),
+                    weight.scales[piece].clone(),
+                    weight.gscale.clone(),
+                    None if weight.input_gscale is None else weight.input_gscale.clone(),
+                ),
+            )
+        )
     return parts
 
 
@@ -56,9 +70,12 @@ def meta_value(entry: Entry) -> Tensor | PackedWeight:
         return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
     rows, cols = entry.shape
     scalar = torch.empty((), dtype=torch.float32, device="meta")
-    return PackedWeight(torch.empty(rows, cols // 2, dtype=torch.uint8, device="meta"),
-                        torch.empty(rows, cols // 16, dtype=torch.float8_e4m3fn, device="meta"), scalar,
-                        scalar if entry.input_scale else None)
+    return PackedWeight(
+        torch.empty(rows, cols // 2, dtype=torch.uint8, device="meta"),
+        torch.empty(rows, cols // 16, dtype=torch.float8_e4m3fn, device="meta"),
+        scalar,
+        scalar if entry.input_scale else None,
+    )
 
 
 def _write_config(model: nn.Module, out: Path, dtype: torch.dtype, quantization_config: dict) -> None:
@@ -95,7 +112,11 @@ class SafetensorsWriter(Writer, target=None):
 
     def begin(self, model: nn.Module, tokenizer, source_dir: Path, out: Path, stream: list[Entry]) -> None:
         self.family, self.out = family_of(model.config), Path(out)
-        specs = [Spec(name, t.dtype, tuple(t.shape)) for entry in stream for name, t in self.tensors(entry, meta_value(entry))]
+        specs = [
+            Spec(name, t.dtype, tuple(t.shape))
+            for entry in stream
+            for name, t in self.tensors(entry, meta_value(entry))
+        ]
         self.shards = ShardWriter(self.out, specs)
         quantized = {entry.name for entry in stream if entry.packed}
         _write_config(model, self.out, self.dtype, self.quantization_config(model, quantized))
@@ -115,8 +136,11 @@ class ModelOptWriter(SafetensorsWriter, target="modelopt"):
     weight_scale_2 fp32 scalar, input_scale fp32 scalar (W4A4)."""
 
     def quantized_tensors(self, name: str, weight: PackedWeight) -> dict[str, Tensor]:
-        tensors = {f"{name}.weight": weight.packed, f"{name}.weight_scale": weight.scales,
-                   f"{name}.weight_scale_2": weight.gscale.float().reshape(())}
+        tensors = {
+            f"{name}.weight": weight.packed,
+            f"{name}.weight_scale": weight.scales,
+            f"{name}.weight_scale_2": weight.gscale.float().reshape(()),
+        }
         if weight.input_gscale is not None:
             tensors[f"{name}.input_scale"] = weight.input_gscale.float().reshape(())
         return tensors
@@ -132,7 +156,8 @@ class ModelOptWriter(SafetensorsWriter, target="modelopt"):
     def quantization_config(self, model: nn.Module, quantized: set[str]) -> dict:
         quantization = self.quantization(model, quantized)
         (self.out / "hf_quant_config.json").write_text(
-            json.dumps({"producer": PRODUCER, "quantization": quantization}, indent=4) + "\n")
+            json.dumps({"producer": PRODUCER, "quantization": quantization}, indent=4) + "\n"
+        )
         args = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": self.cfg.group_size}
         group = {"weights": args, "targets": ["Linear"]}
         if self.cfg.quantize_activations:
@@ -164,15 +189,25 @@ class VLLMWriter(SafetensorsWriter, target="vllm"):
     """
 
     def quantized_tensors(self, name: str, weight: PackedWeight) -> dict[str, Tensor]:
-        tensors = {f"{name}.weight_packed": weight.packed, f"{name}.weight_scale": weight.scales,
-                   f"{name}.weight_global_scale": _reciprocal(weight.gscale)}
+        tensors = {
+            f"{name}.weight_packed": weight.packed,
+            f"{name}.weight_scale": weight.scales,
+            f"{name}.weight_global_scale": _reciprocal(weight.gscale),
+        }
         if weight.input_gscale is not None:
             tensors[f"{name}.input_global_scale"] = _reciprocal(weight.input_gscale)
         return tensors
 
     def quantization_config(self, model: nn.Module, quantized: set[str]) -> dict:
-        args = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": self.cfg.group_size,
-                "strategy": "tensor_group", "dynamic": False, "observer": "minmax"}
+        args = {
+            "num_bits": 4,
+            "type": "float",
+            "symmetric": True,
+            "group_size": self.cfg.group_size,
+            "strategy": "tensor_group",
+            "dynamic": False,
+            "observer": "minmax",
+        }
         group = {"targets": ["Linear"], "weights": args}
         if self.cfg.quantize_activations:
             group["input_activations"] = {**args, "dynamic": "local"}

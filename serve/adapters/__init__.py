@@ -41,7 +41,9 @@ class EngineOptions:
 
     def common(self) -> dict:
         """The keyword arguments every ProxyEngine takes."""
-        return dict(extra_args=self.extra_args, ready_timeout=self.ready_timeout, env=self.env, max_num_seqs=self.max_num_seqs)
+        return dict(
+            extra_args=self.extra_args, ready_timeout=self.ready_timeout, env=self.env, max_num_seqs=self.max_num_seqs
+        )
 
 
 def tokenizer_of(folder: Path):
@@ -70,8 +72,9 @@ def teacher_engine(source: str | None, name: str, opts: EngineOptions, native: C
     return adapter(opts.engine).for_teacher(source, name, opts) or native()
 
 
-def adapter_models(out: Path, teacher: str | None, opts: EngineOptions,
-                   native_teacher: Callable[[str | None, str], Engine]) -> dict[str, Engine]:
+def adapter_models(
+    out: Path, teacher: str | None, opts: EngineOptions, native_teacher: Callable[[str | None, str], Engine]
+) -> dict[str, Engine]:
     """{"student": adapter, "teacher": adapter or native} as `nvfp4 serve --engine ADAPTER` serves them."""
     from nvfp4.converter.models import DEFAULT_MODEL_NAME, resolve_model
     from nvfp4.serve.native.loader import serves_teacher, teacher_source
@@ -96,8 +99,13 @@ async def engine_metrics_text(models: dict[str, Engine]) -> str:
         except ValueError:  # not Prometheus text (an engine version that answers JSON there)
             continue
         for family in parsed:
-            lines = families.setdefault(family.name, [f"# HELP {family.name} {_escape(family.documentation, quotes=False)}",
-                                                      f"# TYPE {family.name} {family.type}"])
+            lines = families.setdefault(
+                family.name,
+                [
+                    f"# HELP {family.name} {_escape(family.documentation, quotes=False)}",
+                    f"# TYPE {family.name} {family.type}",
+                ],
+            )
             for sample in family.samples:
                 labels = {**sample.labels, "served_model": alias}
                 body = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())

@@ -76,9 +76,19 @@ class ProxyEngine(Engine):
     stats_series: dict[str, str] = {}  # EngineStats field -> the engine's own gauge, polled from metrics_path
     fails_after_submit = True  # errors arrive with the engine's answer: the app waits for it before a 200
 
-    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, *, executable: str | None = None,
-                 extra_args: tuple[str, ...] = (), ready_timeout: float = 600.0, env: dict[str, str] | None = None,
-                 max_num_seqs: int = 16):
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        tokenizer,
+        max_model_len: int,
+        *,
+        executable: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        ready_timeout: float = 600.0,
+        env: dict[str, str] | None = None,
+        max_num_seqs: int = 16,
+    ):
         self.name, self.model, self.tokenizer, self.max_model_len = name, model, tokenizer, max_model_len
         self.executable = executable or sys.executable  # what command() runs: the engine's binary, or a Python
         self.extra_args, self.ready_timeout, self.env = tuple(extra_args), ready_timeout, env or {}
@@ -127,8 +137,10 @@ class ProxyEngine(Engine):
         return self._ready and not self._closing
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, pool=None),
-                                         limits=httpx.Limits(max_connections=self.max_num_seqs + 4))
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=None, pool=None),
+            limits=httpx.Limits(max_connections=self.max_num_seqs + 4),
+        )
         await self._launch()
         self._watcher = asyncio.create_task(self._watch())
         self._poller = asyncio.create_task(self._poll_stats()) if self.stats_series else None
@@ -142,8 +154,11 @@ class ProxyEngine(Engine):
 
     def stats(self) -> EngineStats:
         """Running = our in-flight requests; waiting and KV use come from the engine where it exports them."""
-        return EngineStats(running=self._inflight, waiting=self._waiting + self._stats.waiting,
-                           kv_cache_usage=self._stats.kv_cache_usage)
+        return EngineStats(
+            running=self._inflight,
+            waiting=self._waiting + self._stats.waiting,
+            kv_cache_usage=self._stats.kv_cache_usage,
+        )
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         self._closing = True
@@ -191,8 +206,13 @@ class ProxyEngine(Engine):
         env = {**os.environ, **self.env, "NVFP4_REAPER_PARENT": str(os.getpid()), "PYTHONSAFEPATH": "1"}
         logfile = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "nvfp4.serve.adapters.reaper", *argv], env=env,
-                                            stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nvfp4.serve.adapters.reaper", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+            )
         finally:
             logfile.close()
 
@@ -201,8 +221,10 @@ class ProxyEngine(Engine):
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise EngineStartError(f"{self.kind} exited with code {self.process.returncode} before it was ready; "
-                                       f"last log lines ({self.log_path}):\n{self.log_tail()}")
+                raise EngineStartError(
+                    f"{self.kind} exited with code {self.process.returncode} before it was ready; "
+                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
             try:
                 if (await self._client.get(self.url + self.health_path, timeout=2.0)).status_code == 200:
                     self._ready = True
@@ -211,8 +233,9 @@ class ProxyEngine(Engine):
                 pass
             await asyncio.sleep(0.25)
         await asyncio.to_thread(self._stop_process)
-        raise EngineStartError(f"{self.kind} not ready after {self.ready_timeout:.0f} s; log: {self.log_path}\n"
-                               f"{self.log_tail()}")
+        raise EngineStartError(
+            f"{self.kind} not ready after {self.ready_timeout:.0f} s; log: {self.log_path}\n{self.log_tail()}"
+        )
 
     async def _watch(self) -> None:
         """Restart a dead engine with exponential backoff; healthy for a minute resets the backoff."""
@@ -225,7 +248,13 @@ class ProxyEngine(Engine):
                 continue
             self._ready = False
             delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-            log.error("%s for %s exited with code %s; restarting in %.0f s", self.kind, self.name, self.process.returncode, delay)
+            log.error(
+                "%s for %s exited with code %s; restarting in %.0f s",
+                self.kind,
+                self.name,
+                self.process.returncode,
+                delay,
+            )
             await asyncio.sleep(delay)
             try:
                 await self._launch()
@@ -267,13 +296,17 @@ class ProxyEngine(Engine):
             async with self._client.stream("POST", self.url + "/v1/completions", json=body) as response:
                 answered = True
                 if response.status_code != 200:
-                    raise UpstreamError(response.status_code, error_message(response.status_code, await response.aread()))
+                    raise UpstreamError(
+                        response.status_code, error_message(response.status_code, await response.aread())
+                    )
                 async for event in self._events(response, request.params):
                     yield event
         except httpx.TransportError as error:
             if answered:  # it answered, then cut the stream (llama-cpp-python does, at times, on a failed generation)
                 raise self._unfinished(type(error).__name__) from error
-            raise NotReady(f"the {self.kind} engine process for `{self.name}` went away: {type(error).__name__}") from error
+            raise NotReady(
+                f"the {self.kind} engine process for `{self.name}` went away: {type(error).__name__}"
+            ) from error
         finally:
             self._inflight -= 1
             self._slots.release()
@@ -307,5 +340,7 @@ class ProxyEngine(Engine):
 
     def _unfinished(self, cause: str = "") -> UpstreamError:
         how = f" ({cause})" if cause else ""
-        log.warning("%s ended a stream unfinished%s; its log: %s", self.kind, how, self.log_path)  # clients never see paths
+        log.warning(
+            "%s ended a stream unfinished%s; its log: %s", self.kind, how, self.log_path
+        )  # clients never see paths
         return UpstreamError(502, f"the {self.kind} engine ended the stream without finishing the request{how}")

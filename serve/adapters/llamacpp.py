@@ -22,7 +22,9 @@ from nvfp4.serve.structured import Constraint
 def check_installed() -> None:
     for module in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings"):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"--engine llamacpp needs llama-cpp-python's server (pip install 'llama-cpp-python[server]'): no {module}")
+            raise UserError(
+                f"--engine llamacpp needs llama-cpp-python's server (pip install 'llama-cpp-python[server]'): no {module}"
+            )
 
 
 def student_gguf(out: Path) -> Path:
@@ -46,8 +48,14 @@ class LlamaCppEngine(ProxyEngine):
         from nvfp4.serve.adapters import student_tokenizer_dir, tokenizer_of
 
         check_installed()
-        return cls(name, str(student_gguf(out)), tokenizer_of(student_tokenizer_dir(out)), opts.max_model_len,
-                   threads=opts.threads, **opts.common())
+        return cls(
+            name,
+            str(student_gguf(out)),
+            tokenizer_of(student_tokenizer_dir(out)),
+            opts.max_model_len,
+            threads=opts.threads,
+            **opts.common(),
+        )
 
     @classmethod
     def for_teacher(cls, source: str | None, name: str, opts) -> LlamaCppEngine | None:
@@ -57,25 +65,59 @@ class LlamaCppEngine(ProxyEngine):
         gguf = embedded_gguf() if source is None else Path(source) if str(source).endswith(".gguf") else None
         if gguf is None:
             return None
-        return cls(name, str(gguf), tokenizer_of(resolve_model(source)), opts.max_model_len, threads=opts.threads,
-                   **opts.common())
+        return cls(
+            name,
+            str(gguf),
+            tokenizer_of(resolve_model(source)),
+            opts.max_model_len,
+            threads=opts.threads,
+            **opts.common(),
+        )
 
     def command(self, port: int) -> list[str]:
-        return [self.executable, "-m", "llama_cpp.server", "--model", self.model, "--model_alias", self.name,
-                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(self.max_model_len),
-                "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
-                "--interrupt_requests", "False", *self.extra_args]
+        return [
+            self.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            self.model,
+            "--model_alias",
+            self.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(self.max_model_len),
+            "--n_threads",
+            str(self.threads),
+            "--n_threads_batch",
+            str(self.threads),
+            "--interrupt_requests",
+            "False",
+            *self.extra_args,
+        ]
 
     def request_body(self, prompt_ids: list[int], params: SamplingParams) -> dict:
         if params.logprobs is not None:
             raise UpstreamError(400, f"logprobs are not supported on --engine {self.kind}")
         if params.stop_token_ids:
             raise UpstreamError(400, f"stop_token_ids are not supported on --engine {self.kind}; use stop strings")
-        body = {"model": self.name, "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
-                "max_tokens": params.max_tokens, "min_tokens": params.min_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "top_k": max(params.top_k, 0), "min_p": 0.0, "seed": params.seed,
-                "stop": list(params.stop), "repeat_penalty": params.repetition_penalty,
-                "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
+        body = {
+            "model": self.name,
+            "prompt": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+            "max_tokens": params.max_tokens,
+            "min_tokens": params.min_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": max(params.top_k, 0),
+            "min_p": 0.0,
+            "seed": params.seed,
+            "stop": list(params.stop),
+            "repeat_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+        }
         if params.ignore_eos and self.tokenizer.eos_token_id is not None:
             body.update(logit_bias={str(self.tokenizer.eos_token_id): -1e9}, logit_bias_type="input_ids")
         if params.constraint is not None:
@@ -93,10 +135,13 @@ def gbnf(constraint: Constraint, kind: str = "llamacpp") -> str:
         try:
             return json_schema_to_gbnf(constraint.spec)
         except Exception as error:  # its converter raises plain exceptions for the schemas it cannot express
-            raise UpstreamError(400, f"--engine {kind} cannot express this JSON schema as a grammar: {error}") from error
+            raise UpstreamError(
+                400, f"--engine {kind} cannot express this JSON schema as a grammar: {error}"
+            ) from error
     if constraint.kind == "choice":
         return "root ::= " + " | ".join(json.dumps(option) for option in json.loads(constraint.spec))
     if constraint.kind == "grammar":
         return constraint.spec
-    raise UpstreamError(400, f"a regex constraint is not supported on --engine {kind}; send a JSON schema, choices or "
-                        "a grammar")
+    raise UpstreamError(
+        400, f"a regex constraint is not supported on --engine {kind}; send a JSON schema, choices or a grammar"
+    )

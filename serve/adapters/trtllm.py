@@ -19,7 +19,9 @@ from nvfp4.serve.adapters.vllm import VLLMEngine
 def find_trtllm(trtllm_bin: str | None) -> str:
     candidate = trtllm_bin or os.environ.get("NVFP4_TRTLLM_BIN") or shutil.which("trtllm-serve")
     if not candidate:
-        raise UserError("--engine trtllm needs TensorRT-LLM (CUDA only): put `trtllm-serve` on PATH or pass --trtllm-bin")
+        raise UserError(
+            "--engine trtllm needs TensorRT-LLM (CUDA only): put `trtllm-serve` on PATH or pass --trtllm-bin"
+        )
     path = shutil.which(candidate) or candidate
     if not Path(path).is_file():
         raise UserError(f"--trtllm-bin {candidate}: no such executable")
@@ -29,7 +31,9 @@ def find_trtllm(trtllm_bin: str | None) -> str:
 def student_checkpoint(out: Path) -> Path:
     folder = student_folder(out)
     if not (folder / "hf_quant_config.json").is_file():
-        raise UserError(f"no ModelOpt checkpoint at {folder} (run `nvfp4 convert ... -o {out}` with the modelopt target)")
+        raise UserError(
+            f"no ModelOpt checkpoint at {folder} (run `nvfp4 convert ... -o {out}` with the modelopt target)"
+        )
     return folder
 
 
@@ -45,8 +49,14 @@ class TRTLLMEngine(VLLMEngine):
         from nvfp4.serve.adapters import tokenizer_of
 
         folder = student_checkpoint(out)
-        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=find_trtllm(opts.trtllm_bin),
-                   **opts.common())
+        return cls(
+            name,
+            str(folder),
+            tokenizer_of(folder),
+            opts.max_model_len,
+            executable=find_trtllm(opts.trtllm_bin),
+            **opts.common(),
+        )
 
     @classmethod
     def for_teacher(cls, source: str | None, name: str, opts) -> TRTLLMEngine:
@@ -54,9 +64,29 @@ class TRTLLMEngine(VLLMEngine):
         from nvfp4.serve.adapters import tokenizer_of
 
         folder = resolve_model(source)
-        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=find_trtllm(opts.trtllm_bin),
-                   **opts.common())
+        return cls(
+            name,
+            str(folder),
+            tokenizer_of(folder),
+            opts.max_model_len,
+            executable=find_trtllm(opts.trtllm_bin),
+            **opts.common(),
+        )
 
     def command(self, port: int) -> list[str]:
-        return [self.executable, self.model, "--backend", "pytorch", "--host", "127.0.0.1", "--port", str(port),
-                "--tokenizer", self.model, "--max_seq_len", str(self.max_model_len), *self.model_args, *self.extra_args]
+        return [
+            self.executable,
+            self.model,
+            "--backend",
+            "pytorch",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--tokenizer",
+            self.model,
+            "--max_seq_len",
+            str(self.max_model_len),
+            *self.model_args,
+            *self.extra_args,
+        ]

@@ -20,8 +20,10 @@ def find_vllm(vllm_bin: str | None) -> str:
     """--vllm-bin, else $NVFP4_VLLM_BIN, else `vllm` on PATH. A Python interpreter with vllm works too."""
     candidate = vllm_bin or os.environ.get("NVFP4_VLLM_BIN") or shutil.which("vllm")
     if not candidate:
-        raise UserError("--engine vllm needs vLLM: put `vllm` on PATH or pass --vllm-bin (the `vllm` executable or "
-                        "a Python interpreter that imports vllm, e.g. .venv-vllm/bin/python from `make vllm`)")
+        raise UserError(
+            "--engine vllm needs vLLM: put `vllm` on PATH or pass --vllm-bin (the `vllm` executable or "
+            "a Python interpreter that imports vllm, e.g. .venv-vllm/bin/python from `make vllm`)"
+        )
     path = shutil.which(candidate) or candidate
     if not Path(path).is_file():
         raise UserError(f"--vllm-bin {candidate}: no such executable")
@@ -54,8 +56,9 @@ class VLLMEngine(ProxyEngine):
     metrics_path = "/metrics"
     stats_series = {"waiting": "vllm:num_requests_waiting", "kv_cache_usage": "vllm:kv_cache_usage_perc"}
 
-    def __init__(self, name: str, model: str, tokenizer, max_model_len: int, model_args: tuple[str, ...] = (),
-                 **kwargs):
+    def __init__(
+        self, name: str, model: str, tokenizer, max_model_len: int, model_args: tuple[str, ...] = (), **kwargs
+    ):
         super().__init__(name, model, tokenizer, max_model_len, **kwargs)
         self.model_args = tuple(model_args)
 
@@ -64,8 +67,15 @@ class VLLMEngine(ProxyEngine):
         from nvfp4.serve.adapters import student_tokenizer_dir, tokenizer_of
 
         folder, model_args = student_checkpoint(out)
-        return cls(name, str(folder), tokenizer_of(student_tokenizer_dir(out)), opts.max_model_len,
-                   model_args=tuple(model_args), executable=find_vllm(opts.vllm_bin), **opts.common())
+        return cls(
+            name,
+            str(folder),
+            tokenizer_of(student_tokenizer_dir(out)),
+            opts.max_model_len,
+            model_args=tuple(model_args),
+            executable=find_vllm(opts.vllm_bin),
+            **opts.common(),
+        )
 
     @classmethod
     def for_teacher(cls, source: str | None, name: str, opts) -> VLLMEngine:
@@ -73,31 +83,61 @@ class VLLMEngine(ProxyEngine):
         from nvfp4.serve.adapters import tokenizer_of
 
         folder = resolve_model(source)
-        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=find_vllm(opts.vllm_bin),
-                   **opts.common())
+        return cls(
+            name,
+            str(folder),
+            tokenizer_of(folder),
+            opts.max_model_len,
+            executable=find_vllm(opts.vllm_bin),
+            **opts.common(),
+        )
 
     def command(self, port: int) -> list[str]:
-        return [*vllm_argv(self.executable, self.model), "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", self.name, "--max-model-len", str(self.max_model_len),
-                "--disable-uvicorn-access-log", *self.model_args, *self.extra_args]
+        return [
+            *vllm_argv(self.executable, self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            self.name,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--disable-uvicorn-access-log",
+            *self.model_args,
+            *self.extra_args,
+        ]
 
     structured_outputs = True  # constraints travel as vLLM's `structured_outputs`
 
     def request_body(self, prompt_ids: list[int], params: SamplingParams) -> dict:
         if params.logprobs is not None:
             raise UpstreamError(400, f"logprobs are not supported on --engine {self.kind} yet")
-        body = {"model": self.name, "prompt": prompt_ids, "max_tokens": params.max_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
-                "stop": list(params.stop), "stop_token_ids": list(params.stop_token_ids),
-                "ignore_eos": params.ignore_eos, "min_tokens": params.min_tokens,
-                "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
-                "frequency_penalty": params.frequency_penalty, "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.name,
+            "prompt": prompt_ids,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "stop": list(params.stop),
+            "stop_token_ids": list(params.stop_token_ids),
+            "ignore_eos": params.ignore_eos,
+            "min_tokens": params.min_tokens,
+            "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "stream_options": {"include_usage": True},
+        }
         if params.top_k > 0:
             body["top_k"] = params.top_k
         if params.constraint is not None:
             if not self.structured_outputs:
-                raise UpstreamError(400, "structured outputs (response_format, structured_outputs, guided_*, tool_choice "
-                                    f"required or named) are not supported on --engine {self.kind}")
+                raise UpstreamError(
+                    400,
+                    "structured outputs (response_format, structured_outputs, guided_*, tool_choice "
+                    f"required or named) are not supported on --engine {self.kind}",
+                )
             body["structured_outputs"] = structured_outputs(params.constraint)
         return body
 

@@ -152,9 +152,12 @@ class NativeEngine(Engine):
     async def _warm_up(self) -> None:
         """Two short requests: a prefill, decode steps of two sequences and of one (a compiled decode step builds
         its graphs for one and for several sequences here, not on a client's request)."""
+
         async def one(max_tokens: int) -> None:
             prompt = [self.eos_ids[0] if self.eos_ids else 0] * 4
-            async for _ in self._submit(GenerationRequest("warmup", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))):
+            async for _ in self._submit(
+                GenerationRequest("warmup", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            ):
                 pass
 
         await asyncio.gather(*(one(3 + i) for i in range(min(2, self.max_num_seqs))))
@@ -213,8 +216,13 @@ class NativeEngine(Engine):
         if not hasattr(self, "cache"):
             return EngineStats(waiting=len(self._waiting))
         pool = self.prefix_cache
-        return EngineStats(len(self._running), len(self._waiting), self.cache.usage(),
-                           prefix_cache_queries=pool.queries if pool else 0, prefix_cache_hits=pool.hits if pool else 0)
+        return EngineStats(
+            len(self._running),
+            len(self._waiting),
+            self.cache.usage(),
+            prefix_cache_queries=pool.queries if pool else 0,
+            prefix_cache_hits=pool.hits if pool else 0,
+        )
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         self._accepting = False
@@ -247,7 +255,9 @@ class NativeEngine(Engine):
                 except Exception as error:  # the batch's forward failed (a bug): fail its requests, never hang them
                     log.exception("engine step failed")
                     for seq in list(self._running):
-                        self._finish(seq, TokenEvent(None, "", finish_reason="error", error=f"{type(error).__name__}: {error}"))
+                        self._finish(
+                            seq, TokenEvent(None, "", finish_reason="error", error=f"{type(error).__name__}: {error}")
+                        )
         for seq in [*self._running, *self._waiting]:
             self._finish(seq, TokenEvent(None, "", finish_reason="abort"))
 
@@ -311,7 +321,9 @@ class NativeEngine(Engine):
                 n = min(len(seq.prompt) - seq.computed, budget)
                 budget -= n
                 ids = seq.prompt[seq.computed : seq.computed + n]
-                prompts.append((seq, Chunk(seq.slot, ids, seq.computed, all_logits=seq.params.prompt_logprobs is not None)))
+                prompts.append(
+                    (seq, Chunk(seq.slot, ids, seq.computed, all_logits=seq.params.prompt_logprobs is not None))
+                )
             else:
                 decodes.append((seq, Chunk(seq.slot, [seq.generated[-1]], seq.computed, decode=True)))
         return decodes + prompts
@@ -345,8 +357,16 @@ class NativeEngine(Engine):
             return fn(*args)
         except Exception as error:
             log.exception("request %s failed", seq.request.request_id)
-            self._finish(seq, TokenEvent(None, "", finish_reason="error", num_generated=len(seq.generated),
-                                         error=f"{type(error).__name__}: {error}"))
+            self._finish(
+                seq,
+                TokenEvent(
+                    None,
+                    "",
+                    finish_reason="error",
+                    num_generated=len(seq.generated),
+                    error=f"{type(error).__name__}: {error}",
+                ),
+            )
             return _FAILED
 
     def _choose(self, choosing: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
@@ -374,7 +394,9 @@ class NativeEngine(Engine):
         try:
             tokens = sample(logits[rows], [s.params for s, _ in ready], [s.generator for s, _ in ready])
         except Exception:
-            tokens = [self._guarded(seq, sample, logits[row][None], [seq.params], [seq.generator]) for seq, row in ready]
+            tokens = [
+                self._guarded(seq, sample, logits[row][None], [seq.params], [seq.generator]) for seq, row in ready
+            ]
             tokens = [t if t is _FAILED else t[0] for t in tokens]
         for (seq, row), token in zip(ready, tokens):
             if token is not _FAILED:
@@ -392,8 +414,17 @@ class NativeEngine(Engine):
         try:
             seq.guide.mask(logits[row])
         except GrammarStuck as error:  # the client's grammar, not a failure of the engine
-            self._finish(seq, TokenEvent(None, "", finish_reason="error", error=str(error), error_status=error.status,
-                                         num_generated=len(seq.generated)))
+            self._finish(
+                seq,
+                TokenEvent(
+                    None,
+                    "",
+                    finish_reason="error",
+                    error=str(error),
+                    error_status=error.status,
+                    num_generated=len(seq.generated),
+                ),
+            )
             return False
         return True
 

@@ -15,8 +15,16 @@ class KVCache:
     Allocated with torch.empty: untouched pages are never made resident, so memory grows with use.
     """
 
-    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int, dtype=torch.float32,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype=torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (num_slots, kv_heads, max_len, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

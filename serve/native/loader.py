@@ -43,7 +43,9 @@ def check_native(folder: Path, role: str) -> None:
 
     family = family_of(load_config(folder))
     if not family.native:
-        raise UserError(f"the native engine does not run {family.name} models (the {role}); serve with {engine_hint(family)}")
+        raise UserError(
+            f"the native engine does not run {family.name} models (the {role}); serve with {engine_hint(family)}"
+        )
 
 
 def load_student(out: Path, device: str = "cpu"):
@@ -87,7 +89,11 @@ def report_facts(out: Path, teacher: str | None, target: str) -> dict[str, dict]
     student = {"scheme": report.scheme, "weight_bytes": sizes.get(target), "heldout_kl": row.get("chat_kl")}
     facts = {"student": {k: v for k, v in student.items() if v is not None}}
     if teacher is None:
-        facts["teacher"] = {"scheme": "bf16", "heldout_kl": 0.0, **({"weight_bytes": sizes["bf16"]} if "bf16" in sizes else {})}
+        facts["teacher"] = {
+            "scheme": "bf16",
+            "heldout_kl": 0.0,
+            **({"weight_bytes": sizes["bf16"]} if "bf16" in sizes else {}),
+        }
     return facts
 
 
@@ -121,7 +127,11 @@ def hold_vocab_compact(model: nn.Module) -> nn.Module:
             held[id(weight)] = None
             if weight.dtype == torch.float32 and weight.device.type == "cpu":
                 if (blocks := exact_int8_blocks(weight)) is not None:
-                    held[id(weight)] = (Int8BlockEmbedding, Int8BlockLinear, [nn.Parameter(t, requires_grad=False) for t in blocks])
+                    held[id(weight)] = (
+                        Int8BlockEmbedding,
+                        Int8BlockLinear,
+                        [nn.Parameter(t, requires_grad=False) for t in blocks],
+                    )
                 elif torch.equal((as_bf16 := weight.detach().bfloat16()).float(), weight):
                     held[id(weight)] = (BF16HeldEmbedding, BF16HeldLinear, [nn.Parameter(as_bf16, requires_grad=False)])
         return held[id(weight)]
@@ -163,6 +173,7 @@ class SharedTensors:
 
     def loader(self, load: Callable[[], tuple]) -> Callable[[], tuple]:
         """Wrap an engine's loader ((model, tokenizer, ...) -> (model, tokenizer)) to adopt its model."""
+
         def adopted() -> tuple:
             model, tokenizer = load()[:2]
             return self.adopt(model), tokenizer

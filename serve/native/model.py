@@ -69,10 +69,13 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
     first = modules[0]
     same = all(torch.equal(m.gscale, first.gscale) and (m.bias is None) == (first.bias is None) for m in modules)
     inputs = [m.input_gscale for m in modules]
-    if not same or not (all(i is None for i in inputs) or all(i is not None and torch.equal(i, inputs[0]) for i in inputs)):
+    if not same or not (
+        all(i is None for i in inputs) or all(i is not None and torch.equal(i, inputs[0]) for i in inputs)
+    ):
         return None  # one global scale (and one input scale) per matrix: these were quantized apart
-    weight = PackedWeight(torch.cat([m.packed for m in modules]), torch.cat([m.scales for m in modules]), first.gscale,
-                          first.input_gscale)
+    weight = PackedWeight(
+        torch.cat([m.packed for m in modules]), torch.cat([m.scales for m in modules]), first.gscale, first.input_gscale
+    )
     fused = NVFP4PackedLinear(weight, None if first.bias is None else torch.cat([m.bias for m in modules]))
     _share_rows(modules, fused, ("packed", "scales", "bias"))
     return fused
@@ -116,9 +119,18 @@ class BatchedCausalLM:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_proj, mlp.up_proj]
-        return _Layer(layer.input_layernorm, fuse_linears(qkv) or _Concatenated(qkv), getattr(attn, "q_norm", None),
-                      getattr(attn, "k_norm", None), attn.o_proj, attn.scaling, layer.post_attention_layernorm,
-                      fuse_linears(gate_up) or _Concatenated(gate_up), mlp.act_fn, mlp.down_proj)
+        return _Layer(
+            layer.input_layernorm,
+            fuse_linears(qkv) or _Concatenated(qkv),
+            getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None),
+            attn.o_proj,
+            attn.scaling,
+            layer.post_attention_layernorm,
+            fuse_linears(gate_up) or _Concatenated(gate_up),
+            mlp.act_fn,
+            mlp.down_proj,
+        )
 
     @staticmethod
     def kv_shape(hf_model: nn.Module) -> tuple[int, int, int]:
@@ -141,8 +153,11 @@ class BatchedCausalLM:
         parts, spans = [], [slice(i, i + 1) for i in range(decode_rows)]
         if decode_rows:
             device = self.cache.k[0].device
-            columns = [[c.token_ids[0] for c in chunks[:decode_rows]], [c.start for c in chunks[:decode_rows]],
-                       [c.slot for c in chunks[:decode_rows]]]
+            columns = [
+                [c.token_ids[0] for c in chunks[:decode_rows]],
+                [c.start for c in chunks[:decode_rows]],
+                [c.slot for c in chunks[:decode_rows]],
+            ]
             parts.append(self.decode(*(torch.tensor(column, dtype=torch.long, device=device) for column in columns)))
         if decode_rows < len(chunks):
             logits, prompt_spans = self.prefill(chunks[decode_rows:])
@@ -159,7 +174,9 @@ class BatchedCausalLM:
         cos, sin = self._rope_tables(hidden, positions)
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, _rms_norm(layer.attn_norm, hidden), cos, sin, _apply)
-            attended = decode_attention(q, k, v, self.cache.k[index], self.cache.v[index], slots, positions, layer.scaling)
+            attended = decode_attention(
+                q, k, v, self.cache.k[index], self.cache.v[index], slots, positions, layer.scaling
+            )
             hidden = hidden + layer.o_proj(attended.reshape(len(tokens), -1))
             hidden = hidden + self._mlp(layer, _rms_norm(layer.mlp_norm, hidden), _apply)
         return self.hf.lm_head(_rms_norm(self.base.norm, hidden)).float()
@@ -172,17 +189,29 @@ class BatchedCausalLM:
         positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks]).to(device)
         hidden = self.base.embed_tokens(tokens)
         cos, sin = self._rope_tables(hidden, positions)
-        masks = [None if c.start == 0 else torch.ones(len(c.token_ids), c.start + len(c.token_ids), dtype=torch.bool,
-                                                       device=device).tril(c.start) for c in chunks]  # query i sees 0..start+i
+        masks = [
+            None
+            if c.start == 0
+            else torch.ones(len(c.token_ids), c.start + len(c.token_ids), dtype=torch.bool, device=device).tril(c.start)
+            for c in chunks
+        ]  # query i sees 0..start+i
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, _rms_norm(layer.attn_norm, hidden), cos, sin, _as_matrix)
             outputs, row = [], 0
             for chunk, mask in zip(chunks, masks):
                 rows = slice(row, row + len(chunk.token_ids))
-                k_seen, v_seen = self.cache.write(index, chunk.slot, chunk.start, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
-                attended = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k_seen[None], v_seen[None],
-                                                          attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
-                                                          enable_gqa=True)
+                k_seen, v_seen = self.cache.write(
+                    index, chunk.slot, chunk.start, k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                )
+                attended = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1)[None],
+                    k_seen[None],
+                    v_seen[None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=layer.scaling,
+                    enable_gqa=True,
+                )
                 outputs.append(attended[0].transpose(0, 1))
                 row = rows.stop
             hidden = hidden + _as_matrix(layer.o_proj, torch.cat(outputs).reshape(len(tokens), -1))

@@ -10,8 +10,9 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed % 2**63)
 
 
-def apply_penalties(logits: Tensor, params: SamplingParams, history: list[int], banned: list[int],
-                    generated: list[int] = ()) -> Tensor:
+def apply_penalties(
+    logits: Tensor, params: SamplingParams, history: list[int], banned: list[int], generated: list[int] = ()
+) -> Tensor:
     """Repetition penalty (HF/vLLM rule) on every token seen so far; presence and frequency penalties (OpenAI's
     rule) on the generated ones; `banned` (EOS before min_tokens) to -inf."""
     if params.repetition_penalty != 1.0 and history:
@@ -56,7 +57,9 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     probs = torch.softmax(logits, dim=-1)
     if sort:
         top_p = torch.tensor([p.top_p for p in params], device=device)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)  # keep the smallest set reaching top_p
+        probs = probs.masked_fill(
+            probs.cumsum(-1) - probs > top_p[:, None], 0.0
+        )  # keep the smallest set reaching top_p
     cdf = probs.cumsum(-1)
     draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)

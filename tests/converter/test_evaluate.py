@@ -71,11 +71,26 @@ def test_frozen_fake_quant_changes_nothing_but_speed(setup):
 def test_eval_command_on_a_converted_folder_writes_json(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     runner = CliRunner()
-    converted = runner.invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
-                                    "--scheme", "nvfp4-a16", "--targets", "modelopt", "--no-eval"])
+    converted = runner.invoke(
+        cli,
+        [
+            "convert",
+            str(tiny_model_dir),
+            "-o",
+            str(out),
+            "--qad-steps",
+            "0",
+            "--scheme",
+            "nvfp4-a16",
+            "--targets",
+            "modelopt",
+            "--no-eval",
+        ],
+    )
     assert converted.exit_code == 0, converted.output
-    result = runner.invoke(cli, ["eval", str(tiny_model_dir), str(out), str(tiny_model_dir), "--json",
-                                 str(tmp_path / "r.json")])
+    result = runner.invoke(
+        cli, ["eval", str(tiny_model_dir), str(out), str(tiny_model_dir), "--json", str(tmp_path / "r.json")]
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert list(saved) == ["BF16", "out", tiny_model_dir.name]

@@ -19,15 +19,32 @@ from nvfp4.qad.stages import GlobalQAD
 
 
 def convert(source, out, *args):
-    result = CliRunner().invoke(cli, ["convert", str(source), "-o", str(out), "--qad-steps", "0", "--calib-data", "random",
-                                      "--calib-tokens", "256", *args])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(source),
+            "-o",
+            str(out),
+            "--qad-steps",
+            "0",
+            "--calib-data",
+            "random",
+            "--calib-tokens",
+            "256",
+            *args,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
 def files(out) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.suffix in (".safetensors", ".gguf", ".json") and p.name != "report.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.suffix in (".safetensors", ".gguf", ".json") and p.name != "report.json"
+    }
 
 
 CASES = [
@@ -58,7 +75,9 @@ def test_at_most_one_decoder_layer_is_held_at_a_time(family_dirs, tmp_path, monk
     real_layer = layerwise.ShardedModel.layer
 
     def layer(self, index):
-        held.append(sum(any(not p.is_meta for p in decoder_layer.parameters()) for decoder_layer in self.decoder.layers))
+        held.append(
+            sum(any(not p.is_meta for p in decoder_layer.parameters()) for decoder_layer in self.decoder.layers)
+        )
         return real_layer(self, index)
 
     monkeypatch.setattr(layerwise.ShardedModel, "layer", layer)
@@ -81,9 +100,11 @@ def test_sharded_input_folders_convert_as_one_file_does(family_dirs, tmp_path, d
         model.save_pretrained(folders[kind], max_shard_size=shard)
         tokenizer.save_pretrained(folders[kind])
     assert (folders["sharded"] / INDEX).is_file() and len(list(folders["sharded"].glob("*.safetensors"))) > 2
-    outputs = [files(convert(folders["one"], tmp_path / "out-one", "--scheme", "nvfp4")),
-               files(convert(folders["sharded"], tmp_path / "out-sharded", "--scheme", "nvfp4", "--layerwise")),
-               files(convert(folders["sharded"], tmp_path / "out-whole", "--scheme", "nvfp4"))]
+    outputs = [
+        files(convert(folders["one"], tmp_path / "out-one", "--scheme", "nvfp4")),
+        files(convert(folders["sharded"], tmp_path / "out-sharded", "--scheme", "nvfp4", "--layerwise")),
+        files(convert(folders["sharded"], tmp_path / "out-whole", "--scheme", "nvfp4")),
+    ]
     weights = lambda out: {k: v for k, v in out.items() if k.endswith((".safetensors", ".gguf"))}  # noqa: E731
     assert weights(outputs[0]) == weights(outputs[1]) == weights(outputs[2])
 
@@ -101,8 +122,9 @@ def test_a_pickle_only_folder_is_refused(family_dirs, tmp_path):
 def test_shard_writer_lays_out_shards_and_an_index_that_safetensors_and_transformers_read(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                                         num_hidden_layers=2, num_attention_heads=4))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    )
     state = {name: tensor.detach().to(torch.bfloat16) for name, tensor in model.state_dict().items()}
     writer = ShardWriter(tmp_path, [Spec(n, t.dtype, tuple(t.shape)) for n, t in state.items()], max_shard_bytes=40_000)
     with pytest.raises(ValueError, match="expected"):
@@ -118,13 +140,23 @@ def test_shard_writer_lays_out_shards_and_an_index_that_safetensors_and_transfor
     assert all(torch.equal(Checkpoint(tmp_path).get(name), tensor) for name, tensor in state.items())
     model.config.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert all(torch.equal(reloaded.state_dict()[name], tensor) for name, tensor in state.items() if name != "lm_head.weight")
+    assert all(
+        torch.equal(reloaded.state_dict()[name], tensor) for name, tensor in state.items() if name != "lm_head.weight"
+    )
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(family_dirs, tmp_path):
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs("qwen3_moe")), "-o", str(tmp_path / "out"), "--dry-run"])
+    result = CliRunner().invoke(
+        cli, ["convert", str(family_dirs("qwen3_moe")), "-o", str(tmp_path / "out"), "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
-    for row in ("PTQ, whole model", "PTQ, layer by layer", "QAD, per device", "disk: modelopt", "disk: QAD checkpoints"):
+    for row in (
+        "PTQ, whole model",
+        "PTQ, layer by layer",
+        "QAD, per device",
+        "disk: modelopt",
+        "disk: QAD checkpoints",
+    ):
         assert row in result.output
     assert not list(tmp_path.iterdir())
 
@@ -139,7 +171,9 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
     needs = plans.Needs(QuantConfig(), ("modelopt",), 2048, WHOLE_MODEL_QAD, device="cuda")
     shape = plans.ModelShape.of(model, eligible_linears(model, needs.quant))
     one = plans.qad_per_device(shape, needs)
-    two = plans.qad_per_device(shape, plans.Needs(QuantConfig(), ("modelopt",), 2048, WHOLE_MODEL_QAD, device="cuda", world_size=2))
+    two = plans.qad_per_device(
+        shape, plans.Needs(QuantConfig(), ("modelopt",), 2048, WHOLE_MODEL_QAD, device="cuda", world_size=2)
+    )
     assert two < one  # states shard over the ranks
     plan = plans.Plan(shape, needs, memory=int((one + two) / 2 / plans.HEADROOM), disk=10**12)
     with pytest.raises(plans.UserError, match=r"--qad-steps 0 .*torchrun --nproc-per-node 2"):
@@ -149,7 +183,9 @@ def test_qad_that_does_not_fit_is_refused_with_what_would(family_dirs, tmp_path,
         plans.Plan(shape, needs, memory=10**12, disk=1).choose(layerwise=False)
     ptq = plans.Needs(QuantConfig(), ("modelopt",), 2048)
     tight = plans.Plan(shape, ptq, memory=int(plans.ptq_layerwise(shape, ptq) / plans.HEADROOM) + 1, disk=10**12)
-    assert plans.ptq_whole(shape, ptq) > plans.ptq_layerwise(shape, ptq) and tight.choose(layerwise=False) == "layerwise"
+    assert (
+        plans.ptq_whole(shape, ptq) > plans.ptq_layerwise(shape, ptq) and tight.choose(layerwise=False) == "layerwise"
+    )
 
 
 def test_layer_local_qad_in_memory_is_planned_above_ptq_and_streams_where_that_does_not_fit(family_dirs):
@@ -166,6 +202,7 @@ def test_layer_local_qad_in_memory_is_planned_above_ptq_and_streams_where_that_d
 
 
 def test_layerwise_refuses_qad(family_dirs, tmp_path):
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "out"), "--layerwise",
-                                      "--qad-steps", "2"])
+    result = CliRunner().invoke(
+        cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "out"), "--layerwise", "--qad-steps", "2"]
+    )
     assert result.exit_code == 2 and "--qad-steps 0" in result.output

@@ -58,7 +58,9 @@ def test_user_exclusion_patterns_and_whole_fused_groups(teacher):
     # excluding k_proj alone would split the q/k/v group that engines fuse: refused, naming the group
     with pytest.raises(UserError, match="fused group model.layers.0.self_attn.q_proj, .*k_proj, .*v_proj"):
         eligible_linears(teacher, QuantConfig(exclude=("model.layers.0.self_attn.k_proj",)))
-    assert not any(".layers.0.self_attn." in n for n in eligible_linears(teacher, QuantConfig(exclude=("*.layers.0.self_attn.*",))))
+    assert not any(
+        ".layers.0.self_attn." in n for n in eligible_linears(teacher, QuantConfig(exclude=("*.layers.0.self_attn.*",)))
+    )
 
 
 class Odd(nn.Module):
@@ -78,6 +80,7 @@ def test_in_features_not_multiple_of_16_is_refused_unless_excluded():
     assert isinstance(model.fine, NVFP4FakeQuantLinear) and type(model.odd) is nn.Linear
     assert model(torch.randn(3, 32)).shape == (3, 16)
 
+
 def test_calibration_matches_modelopt_input_amax(teacher):
     import modelopt.torch.quantization as mtq
 
@@ -95,8 +98,11 @@ def test_calibration_matches_modelopt_input_amax(teacher):
             model(batch)
 
     mtq.quantize(reference, mtq.NVFP4_DEFAULT_CFG, forward_loop=forward_loop)
-    theirs = {n: m.input_quantizer.amax.float().reshape(()) for n, m in reference.named_modules()
-              if hasattr(m, "input_quantizer") and m.input_quantizer.is_enabled and m.input_quantizer.amax is not None}
+    theirs = {
+        n: m.input_quantizer.amax.float().reshape(())
+        for n, m in reference.named_modules()
+        if hasattr(m, "input_quantizer") and m.input_quantizer.is_enabled and m.input_quantizer.amax is not None
+    }
     ours = quantized_modules(student)
     assert set(theirs) == set(ours)
     for name, module in ours.items():

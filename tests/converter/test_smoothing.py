@@ -17,7 +17,9 @@ from support.families import TINY_CONFIG
 def _tiny(architecture: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        architecture
+    ]
     model = model_class(config_class(vocab_size=256, **TINY_CONFIG)).eval()
     with torch.no_grad():  # random init has flat channels and zero biases: give them outliers to smooth
         for norm in (m for n, m in model.named_modules() if n.endswith("layernorm")):
@@ -41,7 +43,9 @@ def test_smoothing_keeps_the_function(architecture, alpha):
     with torch.no_grad():
         reference, logits = model(ids).logits, smoothed(ids).logits
     assert (logits - reference).abs().max() <= 1e-4 * reference.abs().max()
-    assert not torch.equal(smoothed.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
+    assert not torch.equal(
+        smoothed.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight
+    )
 
 
 def test_smoothing_balances_each_channel_between_input_and_weights():
@@ -50,9 +54,11 @@ def test_smoothing_balances_each_channel_between_input_and_weights():
     smooth(model, batches, 0.5)
     after = input_channel_amax(model, batches)
     layer = model.model.layers[1]
-    for name, weights in (("self_attn.q_proj", [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                          ("mlp.gate_proj", [layer.mlp.gate_proj, layer.mlp.up_proj]),
-                          ("mlp.down_proj", [layer.mlp.down_proj])):
+    for name, weights in (
+        ("self_attn.q_proj", [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+        ("mlp.gate_proj", [layer.mlp.gate_proj, layer.mlp.up_proj]),
+        ("mlp.down_proj", [layer.mlp.down_proj]),
+    ):
         weight_amax = torch.stack([w.weight.abs().amax(0) for w in weights]).amax(0)
         ratio = (after[f"model.layers.1.{name}"] / weight_amax).log()
         assert ratio.std() < 1e-3, name
@@ -92,8 +98,10 @@ def _activation_error(model: nn.Module, batches: list[torch.Tensor]) -> float:
     causes, relative to the output: what the smoothing trades, since it moves range into the weights."""
     inputs: dict[str, list[torch.Tensor]] = {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, []).append(args[0].detach()))
-               for n, m in linears.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, []).append(args[0].detach()))
+        for n, m in linears.items()
+    ]
     with torch.no_grad():
         for batch in batches:
             model(batch)

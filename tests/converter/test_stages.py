@@ -30,7 +30,8 @@ def halved_scales():
         def after_calibration(self, modules):
             for module in modules.values():
                 module.block_scales = (block_scales(module.weight, module.weight_gscale).float() / 2).to(
-                    torch.float8_e4m3fn)
+                    torch.float8_e4m3fn
+                )
 
     yield HalvedScales
     del PTQ_STAGES["halved"]

@@ -15,9 +15,19 @@ from click.testing import CliRunner
 
 from nvfp4.cli import cli
 
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
-         "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
 MIB = 2**20
 
 
@@ -28,6 +38,7 @@ class TookTooLong(Exception):
 @contextmanager
 def deadline(seconds: float):
     """Interrupts the main thread after `seconds` (the unfixed code ran for minutes, growing)."""
+
     def interrupt(signum, frame):
         raise TookTooLong(f"still running after {seconds} s")
 
@@ -133,8 +144,11 @@ def test_a_malformed_safetensors_file_is_one_error_line(tmp_path, raw):
     assert_one_error_line(invoke(["verify", str(student_out(tmp_path, raw))]), "model.safetensors")
 
 
-@pytest.mark.parametrize("weight_map", [{NORM: "../../outside.safetensors"}, {NORM: 7}, ["model.safetensors"]],
-                         ids=["a file outside the folder", "not a file name", "not an object"])
+@pytest.mark.parametrize(
+    "weight_map",
+    [{NORM: "../../outside.safetensors"}, {NORM: 7}, ["model.safetensors"]],
+    ids=["a file outside the folder", "not a file name", "not an object"],
+)
 def test_a_crafted_index_is_one_error_line(tmp_path, weight_map):
     out = student_out(tmp_path, safetensors_bytes({NORM: entry()}, b"\0" * 16))
     (tmp_path / "outside.safetensors").write_bytes(safetensors_bytes({NORM: entry()}, b"\0" * 16))
@@ -155,11 +169,19 @@ def wrong_for_the_config(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> byt
 Q = "model.layers.0.self_attn.q_proj"
 WRONG_FOR_THE_CONFIG = {  # -> (tensors, what the error names)
     "a shape that is not the config's": ({NORM: ("F32", (2, 2))}, f"{NORM} has shape (2, 2)"),
-    "packed codes of the wrong shape": ({f"{Q}.weight": ("U8", (64, 8)), f"{Q}.weight_scale": ("F8_E4M3", (64, 4)),
-                                         f"{Q}.weight_scale_2": ("F32", ())}, f"{Q}.weight is torch.uint8 (64, 8)"),
+    "packed codes of the wrong shape": (
+        {f"{Q}.weight": ("U8", (64, 8)), f"{Q}.weight_scale": ("F8_E4M3", (64, 4)), f"{Q}.weight_scale_2": ("F32", ())},
+        f"{Q}.weight is torch.uint8 (64, 8)",
+    ),
     "a global scale without its codes": ({f"{Q}.weight_scale_2": ("F32", ())}, f"{Q}.weight is missing"),
-    "quantized tensors of no linear": ({"model.norm.weight_scale_2": ("F32", ()), "model.norm.weight": ("U8", (64, 32)),
-                                        "model.norm.weight_scale": ("F8_E4M3", (64, 4))}, "model.norm is not a linear"),
+    "quantized tensors of no linear": (
+        {
+            "model.norm.weight_scale_2": ("F32", ()),
+            "model.norm.weight": ("U8", (64, 32)),
+            "model.norm.weight_scale": ("F8_E4M3", (64, 4)),
+        },
+        "model.norm is not a linear",
+    ),
 }
 
 
@@ -179,8 +201,24 @@ def test_the_issues_178_byte_file_fails_layer_by_layer_convert_before_allocating
     raw += b"\0" * (178 - len(raw))
     assert len(raw) == 178
     (source / "model.safetensors").write_bytes(raw)
-    result = invoke(["convert", str(source), "-o", str(tmp_path / "out"), "--layerwise", "--qad-steps", "0",
-                     "--calib-data", "random", "--calib-tokens", "64", "--targets", "trtllm"], seconds=60)
+    result = invoke(
+        [
+            "convert",
+            str(source),
+            "-o",
+            str(tmp_path / "out"),
+            "--layerwise",
+            "--qad-steps",
+            "0",
+            "--calib-data",
+            "random",
+            "--calib-tokens",
+            "64",
+            "--targets",
+            "trtllm",
+        ],
+        seconds=60,
+    )
     assert_one_error_line(result, "model.safetensors", embedding)
 
 
@@ -220,8 +258,12 @@ BAD_CONFIGS = {
     "key/value heads not dividing the heads": {"num_key_value_heads": 3},
     "architectures not strings": {"architectures": [{"a": 1}]},
     "model_type a number": {"model_type": 7},
-    "num_local_experts 10**6": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
-                                "num_local_experts": 10**6, "num_experts_per_tok": 2},
+    "num_local_experts 10**6": {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "num_local_experts": 10**6,
+        "num_experts_per_tok": 2,
+    },
 }
 
 
@@ -237,13 +279,17 @@ def test_a_crafted_config_fails_convert_at_once(tmp_path, change):
     assert time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", "{", " " * (20 * MIB) + json.dumps(LLAMA)], ids=["not an object", "not JSON", "20 MiB"])
+@pytest.mark.parametrize(
+    "text", ["[1, 2]", "{", " " * (20 * MIB) + json.dumps(LLAMA)], ids=["not an object", "not JSON", "20 MiB"]
+)
 def test_an_unreadable_config_fails_convert_at_once(tmp_path, text):
     assert_one_error_line(convert_dry_run(model_folder(tmp_path, text), tmp_path), "config.json")
 
 
 def test_a_crafted_config_fails_verify_at_once(tmp_path):
-    out = student_out(tmp_path, safetensors_bytes({NORM: entry()}, b"\0" * 16), {**LLAMA, "num_hidden_layers": 3_000_000})
+    out = student_out(
+        tmp_path, safetensors_bytes({NORM: entry()}, b"\0" * 16), {**LLAMA, "num_hidden_layers": 3_000_000}
+    )
     assert_one_error_line(invoke(["verify", str(out)], seconds=5), "config.json", "num_hidden_layers")
 
 

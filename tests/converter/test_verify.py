@@ -119,6 +119,7 @@ def moe_student(family_dirs):
 
 def _routers_reversed_at(student, position: int):
     """Hooks making every MoE router at `position` prefer the experts it liked least (its input negated)."""
+
     def reverse(module, args):
         x = args[0].clone()
         x[..., position, :] = -x[..., position, :]

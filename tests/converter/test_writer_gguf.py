@@ -34,7 +34,9 @@ CHAT_PROMPTS = [
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:  # -> [1, T]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
 
@@ -60,9 +62,15 @@ def field(reader: gguf.GGUFReader, key: str):
 
 def hf_name(gguf_name: str) -> str:
     """blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj (module name)."""
-    leaf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-            "ffn_down": "mlp.down_proj"}
+    leaf = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     _, block, kind, _ = gguf_name.split(".")
     return f"model.layers.{block}.{leaf[kind]}"
 
@@ -99,14 +107,18 @@ def test_nvfp4_tensors_dequantize_to_our_reference(tiny_w4a4):
             expected = permute_rows(expected, n)
         # gguf-py rounds (value * block scale) * s2, ModelOpt value * (block scale * s2): both are
         # the same exact product rounded to fp32 once or twice, so they agree to 1 ulp, not always bit for bit.
-        np.testing.assert_allclose(got_blocks * scale.data[0], expected.numpy(), rtol=2**-22, atol=0, err_msg=tensor.name)
+        np.testing.assert_allclose(
+            got_blocks * scale.data[0], expected.numpy(), rtol=2**-22, atol=0, err_msg=tensor.name
+        )
 
 
 def test_w4a4_input_scales_are_written(tiny_w4a4):
     student, _, path = tiny_w4a4
     found = tensors(path)
     for name, weight in export_weights(student).items():
-        base = next(t.name for t in found.values() if t.tensor_type == NVFP4 and hf_name(t.name) == name).removesuffix(".weight")
+        base = next(t.name for t in found.values() if t.tensor_type == NVFP4 and hf_name(t.name) == name).removesuffix(
+            ".weight"
+        )
         assert found[f"{base}.input_scale"].data[0] == weight.input_gscale.item()
 
 
@@ -178,7 +190,9 @@ def test_rows_not_multiple_of_64_are_refused(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), **{**TINY_CONFIG, "intermediate_size": 80})  # 80 % 16 == 0, % 64 != 0
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), **{**TINY_CONFIG, "intermediate_size": 80}
+    )  # 80 % 16 == 0, % 64 != 0
     model = LlamaForCausalLM(config)
     cfg = QuantConfig(scheme="nvfp4-a16")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
@@ -237,7 +251,9 @@ def frozen(student: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def default_w4a16(default_model_dir, tmp_path_factory):
-    student, tokenizer, path = build_gguf(default_model_dir, "nvfp4-a16", tmp_path_factory.mktemp("gguf-default") / "llamacpp")
+    student, tokenizer, path = build_gguf(
+        default_model_dir, "nvfp4-a16", tmp_path_factory.mktemp("gguf-default") / "llamacpp"
+    )
     return frozen(student), tokenizer, path
 
 
@@ -251,10 +267,11 @@ GREEDY_TOKENS = 8
 
 def student_greedy(student, ids: torch.Tensor) -> tuple[list[int], list[float]]:
     with torch.no_grad():
-        out = student.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, output_scores=True,
-                               return_dict_in_generate=True)
+        out = student.generate(
+            ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
     margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    return out.sequences[0, ids.shape[1]:].tolist(), margins
+    return out.sequences[0, ids.shape[1] :].tolist(), margins
 
 
 @pytest.mark.slow
@@ -278,7 +295,9 @@ def test_llama_cpp_greedy_matches_student(default_w4a16):
                 if len(got) == len(tokens) or token == tokenizer.eos_token_id:
                     break
             sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(tokens))
-            assert got[:sure] == tokens[:sure], f"{prompt!r}: llama.cpp {tokenizer.decode(got)!r} vs student {tokenizer.decode(tokens)!r}"
+            assert got[:sure] == tokens[:sure], (
+                f"{prompt!r}: llama.cpp {tokenizer.decode(got)!r} vs student {tokenizer.decode(tokens)!r}"
+            )
             checked += sure
     finally:
         llm.close()
@@ -293,7 +312,9 @@ def test_llama_cpp_logits_close_to_student(default_w4a16):
         ours = student(ids[None]).logits[0]
     theirs = llamacpp_logits(path.parent, ids)
     assert theirs.shape == ours.shape
-    kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    kl = torch.nn.functional.kl_div(
+        theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
     top1 = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
     assert kl.mean().item() < 0.05 and top1 > 0.85, f"mean KL {kl.mean().item():.4f}, top-1 agreement {top1:.3f}"
     from nvfp4.converter.verify import compare

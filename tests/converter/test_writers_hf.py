@@ -76,7 +76,10 @@ def test_vllm_target_loads_in_transformers_and_matches_student(tiny_model_dir, s
     assert config["format"] == "nvfp4-pack-quantized" and "scale_dtype" not in json.dumps(config)
     assert config["ignore"] == ["lm_head"]
     tensors = load_file(out / "model.safetensors")
-    q, k = tensors["model.layers.0.self_attn.q_proj.weight_global_scale"], tensors["model.layers.0.self_attn.k_proj.weight_global_scale"]
+    q, k = (
+        tensors["model.layers.0.self_attn.q_proj.weight_global_scale"],
+        tensors["model.layers.0.self_attn.k_proj.weight_global_scale"],
+    )
     assert torch.equal(q, k), "fused q/k/v must share one global scale"
     reloaded = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
@@ -149,7 +152,9 @@ def test_packed_weights_are_shared_between_targets_until_the_student_changes(tin
         student.model.layers[0].mlp.down_proj.weight.mul_(-1)  # in place, as an optimizer step would
     after_edit = packed_weights(student)
     assert after_edit is not first
-    assert not torch.equal(after_edit["model.layers.0.mlp.down_proj"].packed, first["model.layers.0.mlp.down_proj"].packed)
+    assert not torch.equal(
+        after_edit["model.layers.0.mlp.down_proj"].packed, first["model.layers.0.mlp.down_proj"].packed
+    )
     calibrate(student, [calibration_batch(teacher.config.vocab_size)], QuantConfig(scheme="nvfp4"))  # sets input scales
     calibrated = packed_weights(student)
     assert calibrated is not after_edit and calibrated["model.layers.0.mlp.down_proj"].input_gscale is not None

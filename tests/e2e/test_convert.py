@@ -24,7 +24,9 @@ def run(*args: str):
 def assert_one_line_error(result, fragment: str) -> None:
     assert result.exit_code == 2, result.output
     # "[stage]" progress and the memory plan (its first line, then indented rows) are not errors
-    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(("[", "memory plan:", "  "))]
+    lines = [
+        line for line in result.output.splitlines() if line.strip() and not line.startswith(("[", "memory plan:", "  "))
+    ]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert "Traceback" not in result.output
 
@@ -32,8 +34,18 @@ def assert_one_line_error(result, fragment: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_out(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("convert") / "out"
-    result = run("convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0", "--calib-data", "random",
-                 "--calib-tokens", "256")
+    result = run(
+        "convert",
+        str(tiny_model_dir),
+        "-o",
+        str(out),
+        "--qad-steps",
+        "0",
+        "--calib-data",
+        "random",
+        "--calib-tokens",
+        "256",
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -105,7 +117,9 @@ def test_missing_model_path(tmp_path):
 def test_not_a_causal_lm(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    assert_one_line_error(run("convert", str(tmp_path / "bert"), "-o", str(tmp_path / "o")), "unsupported model architecture BertModel")
+    assert_one_line_error(
+        run("convert", str(tmp_path / "bert"), "-o", str(tmp_path / "o")), "unsupported model architecture BertModel"
+    )
 
 
 def test_corrupt_safetensors(tiny_model_dir, tmp_path):
@@ -113,16 +127,21 @@ def test_corrupt_safetensors(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert_one_line_error(run("convert", str(broken), "-o", str(tmp_path / "o"), "--qad-steps", "0"), "cannot load model")
+    assert_one_line_error(
+        run("convert", str(broken), "-o", str(tmp_path / "o"), "--qad-steps", "0"), "cannot load model"
+    )
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--targets", "modelopt,onnx"], "unknown target"),
-    (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
-    (["--qad-scale-lr", "-0.1"], "--qad-scale-lr must be >= 0"),
-    (["--calib-tokens", "0"], "--calib-tokens must be positive"),
-    (["--smooth-alpha", "1.5"], "--smooth-alpha must be in [0, 1), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--targets", "modelopt,onnx"], "unknown target"),
+        (["--qad-steps", "-1"], "--qad-steps must be >= 0"),
+        (["--qad-scale-lr", "-0.1"], "--qad-scale-lr must be >= 0"),
+        (["--calib-tokens", "0"], "--calib-tokens must be positive"),
+        (["--smooth-alpha", "1.5"], "--smooth-alpha must be in [0, 1), got 1.5"),
+    ],
+)
 def test_bad_options(tiny_model_dir, tmp_path, args, fragment):
     assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), *args), fragment)
 
@@ -136,8 +155,9 @@ def test_failure_leaves_no_half_written_out(tiny_model_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(Writer.targets["vllm"], "write", explode)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
-                                      "--scheme", "nvfp4-a16", "--no-eval"])
+    result = CliRunner().invoke(
+        cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0", "--scheme", "nvfp4-a16", "--no-eval"]
+    )
     assert result.exit_code != 0
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
@@ -161,9 +181,25 @@ def test_recipe_reruns_a_convert_byte_for_byte(tiny_out, tiny_model_dir, tmp_pat
 
 def test_flags_given_override_the_recipe_and_training_settings_round_trip(tiny_out, tiny_model_dir, tmp_path):
     out = tmp_path / "a16"
-    result = run("convert", str(tiny_model_dir), "-o", str(out), "--recipe", str(tiny_out / "report.json"),
-                 "--scheme", "nvfp4-a16", "--targets", "modelopt", "--qad-steps", "2", "--qad-seq-len", "16",
-                 "--qad-data", "random", "--no-eval")
+    result = run(
+        "convert",
+        str(tiny_model_dir),
+        "-o",
+        str(out),
+        "--recipe",
+        str(tiny_out / "report.json"),
+        "--scheme",
+        "nvfp4-a16",
+        "--targets",
+        "modelopt",
+        "--qad-steps",
+        "2",
+        "--qad-seq-len",
+        "16",
+        "--qad-data",
+        "random",
+        "--no-eval",
+    )
     assert result.exit_code == 0, result.output
     recipe = json.loads((out / "report.json").read_text())["recipe"]
     first = json.loads((tiny_out / "report.json").read_text())["recipe"]
@@ -182,8 +218,9 @@ def test_recipe_json_round_trip_and_bad_recipes(tmp_path):
     from nvfp4.converter.recipe import ConvertRecipe
     from nvfp4.errors import UserError
 
-    recipe = ConvertRecipe(QuantConfig(scheme="nvfp4-a16", exclude=("*.mlp.*",)), ("vllm",), "prompts", 64, 3,
-                           "float16", {"steps": 5})
+    recipe = ConvertRecipe(
+        QuantConfig(scheme="nvfp4-a16", exclude=("*.mlp.*",)), ("vllm",), "prompts", 64, 3, "float16", {"steps": 5}
+    )
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe.to_dict()))
     assert ConvertRecipe.load(path) == recipe
@@ -199,14 +236,31 @@ def test_recipe_json_round_trip_and_bad_recipes(tmp_path):
 def test_a_bad_recipe_is_one_line(tiny_model_dir, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"quant": {"scheme": "int3"}}))
-    assert_one_line_error(run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--recipe", str(recipe)),
-                          "unknown --scheme 'int3'")
+    assert_one_line_error(
+        run("convert", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--recipe", str(recipe)),
+        "unknown --scheme 'int3'",
+    )
 
 
 def test_sigterm_during_convert_leaves_nothing_behind(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-P", "-m", "nvfp4.cli", "convert", str(tiny_model_dir), "-o", str(out), "--qad-steps",
-               "0", "--calib-data", "random", "--calib-tokens", "64", "--no-eval"]
+    command = [
+        sys.executable,
+        "-P",
+        "-m",
+        "nvfp4.cli",
+        "convert",
+        str(tiny_model_dir),
+        "-o",
+        str(out),
+        "--qad-steps",
+        "0",
+        "--calib-data",
+        "random",
+        "--calib-tokens",
+        "64",
+        "--no-eval",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
@@ -221,8 +275,21 @@ def test_every_file_is_synced_before_out_is_renamed_into_place(tiny_model_dir, t
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    result = run("convert", str(tiny_model_dir), "-o", str(tmp_path / "out"), "--qad-steps", "0", "--calib-data",
-                 "random", "--calib-tokens", "64", "--no-eval", "--targets", "modelopt")
+    result = run(
+        "convert",
+        str(tiny_model_dir),
+        "-o",
+        str(tmp_path / "out"),
+        "--qad-steps",
+        "0",
+        "--calib-data",
+        "random",
+        "--calib-tokens",
+        "64",
+        "--no-eval",
+        "--targets",
+        "modelopt",
+    )
     assert result.exit_code == 0, result.output
     entries = list((tmp_path / "out").rglob("*"))
     assert len(synced) >= len(entries) + 1
@@ -235,9 +302,27 @@ def test_a_full_disk_during_a_qad_checkpoint_is_one_line(tiny_model_dir, tmp_pat
         raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(torch, "save", full)
-    result = run("convert", str(tiny_model_dir), "-o", str(tmp_path / "out"), "--qad-steps", "2", "--qad-seq-len",
-                 "16", "--qad-data", "random", "--calib-data", "random", "--calib-tokens", "64", "--no-eval",
-                 "--scheme", "nvfp4-a16", "--targets", "modelopt")
+    result = run(
+        "convert",
+        str(tiny_model_dir),
+        "-o",
+        str(tmp_path / "out"),
+        "--qad-steps",
+        "2",
+        "--qad-seq-len",
+        "16",
+        "--qad-data",
+        "random",
+        "--calib-data",
+        "random",
+        "--calib-tokens",
+        "64",
+        "--no-eval",
+        "--scheme",
+        "nvfp4-a16",
+        "--targets",
+        "modelopt",
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "cannot write the QAD checkpoint" in errors[0], result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -31,8 +31,27 @@ DASHBOARDS = [DASHBOARD, VLLM_DASHBOARD]
 VLLM_NAME_LINT = re.compile(r"vllm:\S+ metric names should not contain ':'")
 # PromQL words that are not series names (functions, aggregations, keywords used by the dashboard).
 PROMQL_WORDS = {
-    "sum", "min", "max", "avg", "count", "rate", "irate", "increase", "histogram_quantile", "by", "without",
-    "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "clamp_min", "topk",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "clamp_min",
+    "topk",
 }
 
 
@@ -62,7 +81,7 @@ def test_dockerfile_non_root_healthcheck_volume(dockerfile):
     lines = [line.strip() for line in dockerfile.read_text().splitlines()]
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the final USER must not be root"
-    health = " ".join(lines[lines.index(next(line for line in lines if line.startswith("HEALTHCHECK"))):][:2])
+    health = " ".join(lines[lines.index(next(line for line in lines if line.startswith("HEALTHCHECK"))) :][:2])
     assert "/ready" in health
     assert any(line.startswith("VOLUME") and "/models" in line for line in lines)
     assert any(line.startswith("ENTRYPOINT") and '"serve"' in line for line in lines)
@@ -77,8 +96,13 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 def _compose_config(**env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("NVFP4_", "GRAFANA_"))}
-    return subprocess.run([_tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), "config"],
-                          capture_output=True, text=True, timeout=120, env={**environment, **env})
+    return subprocess.run(
+        [_tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment, **env},
+    )
 
 
 def test_compose_publishes_on_loopback_and_needs_a_grafana_password():
@@ -121,7 +145,15 @@ def _expressions(dashboard: Path = DASHBOARD) -> list[str]:
 
 def test_dashboard_covers_the_required_panels():
     titles = " | ".join(p["title"].lower() for p in json.loads(DASHBOARD.read_text())["panels"])
-    for word in ("throughput", "time to first token", "inter-token", "queue", "running", "kv cache", "student vs teacher"):
+    for word in (
+        "throughput",
+        "time to first token",
+        "inter-token",
+        "queue",
+        "running",
+        "kv cache",
+        "student vs teacher",
+    ):
         assert word in titles, word
     text = " ".join(_expressions())
     assert "histogram_quantile(0.5," in text and "histogram_quantile(0.99," in text
@@ -130,8 +162,16 @@ def test_dashboard_covers_the_required_panels():
 def test_vllm_dashboard_covers_the_required_panels():
     """vLLM's names only (a vLLM user's queries), each panel filtered to our server's job and the chosen model."""
     titles = " | ".join(p["title"].lower() for p in json.loads(VLLM_DASHBOARD.read_text())["panels"])
-    for word in ("time to first token", "inter-token", "end-to-end", "queue", "running / waiting", "kv cache",
-                 "token throughput", "prefix cache hit rate"):
+    for word in (
+        "time to first token",
+        "inter-token",
+        "end-to-end",
+        "queue",
+        "running / waiting",
+        "kv cache",
+        "token throughput",
+        "prefix cache hit rate",
+    ):
         assert word in titles, word
     exprs = _expressions(VLLM_DASHBOARD)
     assert all(name.startswith("vllm:") for e in exprs for name in series_names(e))
@@ -199,8 +239,9 @@ def test_dashboard_series_are_exported_by_the_server(scrape, dashboard):
 
 def test_promtool_check_metrics_on_the_scrape(scrape):
     """promtool lints the scrape clean, but for the ':' that vLLM's names carry by design."""
-    result = subprocess.run([_tool("promtool"), "check", "metrics"], input=scrape, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [_tool("promtool"), "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=120
+    )
     problems = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert all(VLLM_NAME_LINT.fullmatch(line) for line in problems), problems
     assert result.returncode in (0, 3), result.returncode  # 3: lint problems (those alone), never a parse error

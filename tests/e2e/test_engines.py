@@ -37,8 +37,17 @@ def tiny_out(tiny_model_dir, tmp_path_factory):
     from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=QuantConfig(scheme="nvfp4-a16"), targets=("modelopt", "llamacpp"),
-                          calib_data="random", calib_tokens=128, evaluate=False))
+    convert(
+        ConvertConfig(
+            out=out,
+            source=str(tiny_model_dir),
+            quant=QuantConfig(scheme="nvfp4-a16"),
+            targets=("modelopt", "llamacpp"),
+            calib_data="random",
+            calib_tokens=128,
+            evaluate=False,
+        )
+    )
     return out
 
 
@@ -98,12 +107,20 @@ def test_vllm_command_lines(tiny_out, tmp_path):
     assert argv[argv.index("--quantization") + 1] == "modelopt_fp4"
     assert argv[argv.index("--port") + 1] == "5555" and argv[argv.index("--max-model-len") + 1] == "1024"
     assert argv[argv.index("--served-model-name") + 1] == "tiny-nvfp4" and argv[-1] == "--enforce-eager"
-    assert vllm_argv("/x/bin/python3", "/m") == ["/x/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
+    assert vllm_argv("/x/bin/python3", "/m") == [
+        "/x/bin/python3",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/m",
+    ]
     (tiny_out / "vllm").mkdir()
     try:
         (tiny_out / "vllm" / "config.json").write_text("{}")
         argv = adapter(opts.engine).for_student(tiny_out, "s", opts).command(1)
-        assert argv[2] == str(tiny_out / "vllm") and "--quantization" not in argv  # compressed-tensors: detected by vLLM
+        assert (
+            argv[2] == str(tiny_out / "vllm") and "--quantization" not in argv
+        )  # compressed-tensors: detected by vLLM
     finally:
         (tiny_out / "vllm" / "config.json").unlink()
         (tiny_out / "vllm").rmdir()
@@ -113,8 +130,12 @@ def test_trtllm_command_line(tiny_out, tmp_path):
     fake_bin = tmp_path / "trtllm-serve"
     fake_bin.write_text("#!/bin/sh\n")
     fake_bin.chmod(0o755)
-    opts = EngineOptions("trtllm", max_model_len=4096, trtllm_bin=str(fake_bin),
-                         extra_args=("--kv_cache_free_gpu_memory_fraction", "0.5"))
+    opts = EngineOptions(
+        "trtllm",
+        max_model_len=4096,
+        trtllm_bin=str(fake_bin),
+        extra_args=("--kv_cache_free_gpu_memory_fraction", "0.5"),
+    )
     engine = adapter("trtllm").for_student(tiny_out, "tiny-nvfp4", opts)
     assert isinstance(engine, TRTLLMEngine)
     argv = engine.command(7777)
@@ -138,8 +159,12 @@ def test_missing_engine_binaries_are_user_errors(tiny_out, monkeypatch, tmp_path
 
 
 def test_cli_rejects_engine_args_for_native(tiny_out):
-    result = subprocess.run([sys.executable, "-P", "-m", "nvfp4.cli", "serve", str(tiny_out), "--", "--n_ctx", "8"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "nvfp4.cli", "serve", str(tiny_out), "--", "--n_ctx", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "not native" in result.stderr
 
 
@@ -181,8 +206,11 @@ def test_failed_engine_generation_is_an_openai_error(tiny_out):
     with LiveServer(build_app({"student": engine})) as server:
         prompt = "word " * 60
         for stream in (False, True):
-            response = httpx.post(f"{server.url}/v1/completions",
-                                  json={"model": "student", "prompt": prompt, "max_tokens": 4, "stream": stream}, timeout=60)
+            response = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": "student", "prompt": prompt, "max_tokens": 4, "stream": stream},
+                timeout=60,
+            )
             assert response.status_code == 502, response.text
             assert "ended the stream without finishing" in response.json()["error"]["message"]
         ok = server.openai().completions.create(model="student", prompt="short", max_tokens=2, temperature=0)
@@ -235,10 +263,18 @@ def test_transport_failures_after_and_before_the_answer(failure, expected):
 def test_metrics_measured_at_the_proxy(live):
     client = live.openai()
     before = httpx.get(f"{live.url}/metrics").text
-    client.completions.create(model="student", prompt="Count:", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    client.completions.create(
+        model="student", prompt="Count:", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     after = httpx.get(f"{live.url}/metrics").text
-    assert metric(after, "nvfp4_generation_tokens_total", model="student") - metric(before, "nvfp4_generation_tokens_total", model="student") == 5
-    assert metric(after, "nvfp4_time_to_first_token_seconds_count", model="student") > metric(before, "nvfp4_time_to_first_token_seconds_count", model="student")
+    assert (
+        metric(after, "nvfp4_generation_tokens_total", model="student")
+        - metric(before, "nvfp4_generation_tokens_total", model="student")
+        == 5
+    )
+    assert metric(after, "nvfp4_time_to_first_token_seconds_count", model="student") > metric(
+        before, "nvfp4_time_to_first_token_seconds_count", model="student"
+    )
     engine_metrics = httpx.get(f"{live.url}/metrics/engine")
     assert engine_metrics.status_code == 200 and engine_metrics.text == ""  # llama-cpp-python's server has none
 
@@ -286,7 +322,9 @@ def test_dead_engine_is_reported_and_restarted(live):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_no_orphans_when_our_server_dies(tiny_out, sig):
-    server = ServerProcess([str(tiny_out), "--engine", "llamacpp", "--teacher", "none", "--threads", "1", "--max-model-len", "256"])
+    server = ServerProcess(
+        [str(tiny_out), "--engine", "llamacpp", "--teacher", "none", "--threads", "1", "--max-model-len", "256"]
+    )
     try:
         server.wait_ready(120)
         children = descendants(server.process.pid)
@@ -321,8 +359,16 @@ def default_out(tmp_path_factory):
     from nvfp4.converter.pipeline import ConvertConfig, convert
 
     out = tmp_path_factory.mktemp("engines-default") / "smollm2"
-    convert(ConvertConfig(out=out, quant=QuantConfig(scheme="nvfp4-a16"), targets=("modelopt", "llamacpp"),
-                          calib_data="random", calib_tokens=256, evaluate=False))
+    convert(
+        ConvertConfig(
+            out=out,
+            quant=QuantConfig(scheme="nvfp4-a16"),
+            targets=("modelopt", "llamacpp"),
+            calib_data="random",
+            calib_tokens=256,
+            evaluate=False,
+        )
+    )
     return out
 
 
@@ -342,13 +388,22 @@ def test_llamacpp_default_model_greedy_equals_native(default_out):
             messages = [{"role": "user", "content": prompt}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
             with torch.no_grad():
-                out = student.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+                out = student.generate(
+                    ids, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True
+                )
             margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
             sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
-            prefix = tokenizer.decode(out.sequences[0, ids.shape[1]:][:sure], skip_special_tokens=True)
-            kwargs = dict(model="student", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+            prefix = tokenizer.decode(out.sequences[0, ids.shape[1] :][:sure], skip_special_tokens=True)
+            kwargs = dict(
+                model="student", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+            )
             native_text = ours.openai().chat.completions.create(**kwargs).choices[0].message.content
             llama_text = theirs.openai().chat.completions.create(**kwargs).choices[0].message.content
-            assert native_text.startswith(prefix) and llama_text.startswith(prefix), (prompt, native_text, llama_text, sure)
+            assert native_text.startswith(prefix) and llama_text.startswith(prefix), (
+                prompt,
+                native_text,
+                llama_text,
+                sure,
+            )
             checked += sure
     assert checked >= 8, f"only {checked} greedy tokens were clear of near-ties; pick other prompts"

@@ -27,8 +27,27 @@ def vllm_server(default_model_dir, tmp_path_factory):
     assert VLLM_PYTHON.exists(), "vLLM for CPU is missing: run `make vllm` (make test does)"
     out = tmp_path_factory.mktemp("vllm-out")
     (out / "vllm").symlink_to(Path(default_model_dir).resolve())
-    args = [str(out), "--engine", "vllm", "--vllm-bin", str(VLLM_PYTHON), "--teacher", "none", "--max-model-len", "1024",
-            "--engine-timeout", "600", "--", "--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4"]
+    args = [
+        str(out),
+        "--engine",
+        "vllm",
+        "--vllm-bin",
+        str(VLLM_PYTHON),
+        "--teacher",
+        "none",
+        "--max-model-len",
+        "1024",
+        "--engine-timeout",
+        "600",
+        "--",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "4",
+    ]
     server = ServerProcess(args, env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"})
     try:
         server.wait_ready(660)
@@ -60,13 +79,19 @@ def test_vllm_adapter_end_to_end(vllm_server, native_teacher):
         native = reference.chat.completions.create(model="teacher", **kwargs).choices[0].message.content
         assert ours.choices[0].message.content == native, "vLLM's greedy text differs from the native engine's"
         assert ours.usage.completion_tokens == GREEDY_TOKENS and ours.choices[0].finish_reason == "length"
-        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(model="student", stream=True, **kwargs)
-                  if c.choices and c.choices[0].delta.content]
+        chunks = [
+            c.choices[0].delta.content
+            for c in client.chat.completions.create(model="student", stream=True, **kwargs)
+            if c.choices and c.choices[0].delta.content
+        ]
         assert "".join(chunks) == native and len(chunks) > 1
 
     # vLLM's own 400 (its --max-model-len 256, passed after `--`, is below ours) passes through.
-    response = httpx.post(f"{vllm_server.url}/v1/completions", timeout=60,
-                          json={"model": "student", "prompt": "Hello there", "max_tokens": 400, "stream": True})
+    response = httpx.post(
+        f"{vllm_server.url}/v1/completions",
+        timeout=60,
+        json={"model": "student", "prompt": "Hello there", "max_tokens": 400, "stream": True},
+    )
     assert response.status_code == 400, response.text
     assert "256" in response.json()["error"]["message"]
 
@@ -110,12 +135,36 @@ def test_vllm_bench_serve_runs_against_the_native_server(tiny_model_dir):
 
     assert VLLM_PYTHON.exists(), "vLLM for CPU is missing: run `make vllm` (make test does)"
     with serve_tiny(tiny_model_dir) as live:
-        args = ["--backend", "openai-chat", "--base-url", live.url, "--endpoint", "/v1/chat/completions",
-                "--model", "tiny-nvfp4", "--tokenizer", str(tiny_model_dir), "--dataset-name", "random",
-                "--random-input-len", "32", "--random-output-len", "8", "--num-prompts", "8", "--max-concurrency", "4",
-                "--ignore-eos"]
-        done = subprocess.run([str(VLLM_PYTHON), "-P", "-c", VLLM_BENCH, *args], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        args = [
+            "--backend",
+            "openai-chat",
+            "--base-url",
+            live.url,
+            "--endpoint",
+            "/v1/chat/completions",
+            "--model",
+            "tiny-nvfp4",
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "32",
+            "--random-output-len",
+            "8",
+            "--num-prompts",
+            "8",
+            "--max-concurrency",
+            "4",
+            "--ignore-eos",
+        ]
+        done = subprocess.run(
+            [str(VLLM_PYTHON), "-P", "-c", VLLM_BENCH, *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     successful = [line for line in done.stdout.splitlines() if line.startswith("Successful requests:")]
     assert successful and int(successful[0].split()[-1]) == 8, done.stdout[-3000:]

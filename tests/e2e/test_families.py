@@ -98,11 +98,15 @@ def test_calibrating_all_experts_feeds_every_expert_every_token_and_changes_no_o
     from nvfp4.converter.moe import ExpertMLP, calibrating_all_experts
 
     torch.manual_seed(0)
-    experts = Experts(ExpertMLP(torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(32, 32, bias=False), torch.nn.SiLU())
-                      for _ in range(4))
+    experts = Experts(
+        ExpertMLP(torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(32, 32, bias=False), torch.nn.SiLU())
+        for _ in range(4)
+    )
     rows = {}
     for index, expert in enumerate(experts):
-        expert.down_proj.register_forward_pre_hook(lambda m, args, i=index: rows.__setitem__(i, rows.get(i, 0) + len(args[0])))
+        expert.down_proj.register_forward_pre_hook(
+            lambda m, args, i=index: rows.__setitem__(i, rows.get(i, 0) + len(args[0]))
+        )
     hidden, picked = torch.randn(10, 32), torch.tensor([[0, 1], [1, 2], [0, 2]] * 3 + [[0, 1]])  # expert 3: never
     weights = torch.rand(10, 2)
     routed = experts(hidden, picked, weights)
@@ -168,8 +172,9 @@ def test_vllm_target_loads_in_transformers_and_matches_the_student(family_dirs, 
     out = write(student, tokenizer, model_dir, quant, "vllm", tmp_path / "vllm")
     tensors = load_file(out / "model.safetensors")
     assert {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")} == hub_linears(student)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                    quantization_config=CompressedTensorsConfig(run_compressed=False))
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
     if family in MOE:
         family_entry = family_of(student.config)
         for name, module in quantized_modules(student).items():
@@ -202,7 +207,9 @@ def test_gguf_against_llama_cpp(family_dirs, family, llama_cpp_converter, tmp_pa
     experts = {n for n in quantized if "_exps" in n}
     assert len(quantized - experts) == expected and (len(experts) == 6 if family in MOE else not experts)
     if family not in LLAMA_CPP_CONVERTER_FAILS:
-        modelopt = modelopt_export(model_dir, tmp_path / "modelopt", "nvfp4", calibration_batch(student.config.vocab_size))
+        modelopt = modelopt_export(
+            model_dir, tmp_path / "modelopt", "nvfp4", calibration_batch(student.config.vocab_size)
+        )
         theirs = reference_gguf(llama_cpp_converter, modelopt, tmp_path / "theirs.gguf")
         assert assert_gguf_quantized_equal(path, theirs) == len(quantized)
     ids = calibration_batch(student.config.vocab_size)[0]
@@ -219,9 +226,31 @@ def test_convert_runs_every_stage_and_verify_and_eval_read_it(family_dirs, famil
     """W4A4 with channel smoothing, the mse-act search, GPTQ and two QAD steps, all targets; then `verify`
     and `eval` on the output, and the report's coverage line."""
     model_dir, out = family_dirs(family), tmp_path / "out"
-    args = ["convert", str(model_dir), "-o", str(out), "--scheme", "nvfp4", "--smooth-alpha", "0.5",
-            "--scale-search", "mse-act", "--rounding", "gptq", "--qad-steps", "2", "--qad-seq-len", "16",
-            "--qad-data", "random", "--calib-data", "random", "--calib-tokens", "128", "--no-eval"]
+    args = [
+        "convert",
+        str(model_dir),
+        "-o",
+        str(out),
+        "--scheme",
+        "nvfp4",
+        "--smooth-alpha",
+        "0.5",
+        "--scale-search",
+        "mse-act",
+        "--rounding",
+        "gptq",
+        "--qad-steps",
+        "2",
+        "--qad-seq-len",
+        "16",
+        "--qad-data",
+        "random",
+        "--calib-data",
+        "random",
+        "--calib-tokens",
+        "128",
+        "--no-eval",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -233,8 +262,11 @@ def test_convert_runs_every_stage_and_verify_and_eval_read_it(family_dirs, famil
     vllm = load_file(out / "vllm" / "model.safetensors")
     hub = {k.removesuffix(".weight_scale_2") for k in trt if k.endswith(".weight_scale_2")}
     assert hub == {k.removesuffix(".weight_packed") for k in vllm if k.endswith(".weight_packed")}
-    layer_weights = [k for k in trt if ".layers." in k and k.endswith(".weight") and trt[k].dim() == 2
-                     and not any(k.startswith(r) for r in routers)]
+    layer_weights = [
+        k
+        for k in trt
+        if ".layers." in k and k.endswith(".weight") and trt[k].dim() == 2 and not any(k.startswith(r) for r in routers)
+    ]
     assert all(trt[k].dtype == torch.uint8 for k in layer_weights), "a decoder linear left in high precision"
     result = CliRunner().invoke(cli, ["verify", str(out)])
     rows = result.output
@@ -242,7 +274,9 @@ def test_convert_runs_every_stage_and_verify_and_eval_read_it(family_dirs, famil
     if family not in LLAMA_CPP_DROPS_FFN_SCALES:
         assert result.exit_code == 0, rows
     result = CliRunner().invoke(cli, ["eval", str(model_dir), str(out)])
-    assert result.exit_code == 0 and "chat_kl" in result.output.replace(" ", "_").lower() or "KL" in result.output, result.output
+    assert result.exit_code == 0 and "chat_kl" in result.output.replace(" ", "_").lower() or "KL" in result.output, (
+        result.output
+    )
 
 
 def test_a_family_outside_the_table_fails_before_any_work(tmp_path, default_model_dir):
@@ -265,19 +299,48 @@ def test_gguf_target_refused_before_calibration_when_a_dimension_does_not_divide
     source = family_dirs("qwen3")
     model = AutoModelForCausalLM.from_config(
         type(AutoModelForCausalLM.from_pretrained(source).config)(
-            **{**json.loads((source / "config.json").read_text()), "intermediate_size": 272}))
+            **{**json.loads((source / "config.json").read_text()), "intermediate_size": 272}
+        )
+    )
     model.save_pretrained(tmp_path / "odd")
     AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "odd")
-    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "odd"), "-o", str(tmp_path / "out"), "--qad-steps", "0"])
+    result = CliRunner().invoke(
+        cli, ["convert", str(tmp_path / "odd"), "-o", str(tmp_path / "out"), "--qad-steps", "0"]
+    )
     assert result.exit_code == 2 and "down_proj (272)" in result.output and "[calibrate]" not in result.output
-    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "odd"), "-o", str(tmp_path / "out"), "--qad-steps", "0",
-                                      "--targets", "modelopt,vllm", "--no-eval", "--scheme", "nvfp4-a16"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(tmp_path / "odd"),
+            "-o",
+            str(tmp_path / "out"),
+            "--qad-steps",
+            "0",
+            "--targets",
+            "modelopt,vllm",
+            "--no-eval",
+            "--scheme",
+            "nvfp4-a16",
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_a_linear_neither_quantizable_nor_excluded_is_an_error(family_dirs, tmp_path):
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs("qwen3")), "-o", str(tmp_path / "out"), "--qad-steps", "0",
-                                      "--exclude", "*.self_attn.k_proj"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(family_dirs("qwen3")),
+            "-o",
+            str(tmp_path / "out"),
+            "--qad-steps",
+            "0",
+            "--exclude",
+            "*.self_attn.k_proj",
+        ],
+    )
     assert result.exit_code == 2 and "fused group" in result.output
 
 
@@ -286,8 +349,20 @@ NATIVE = [f.name for f in FAMILIES if f.native]
 
 def converted(family_dirs, family, tmp_path, *extra) -> Path:
     out = tmp_path / f"out-{family}"
-    args = ["convert", str(family_dirs(family)), "-o", str(out), "--qad-steps", "0", "--scheme", "nvfp4-a16",
-            "--targets", "modelopt", "--no-eval", *extra]
+    args = [
+        "convert",
+        str(family_dirs(family)),
+        "-o",
+        str(out),
+        "--qad-steps",
+        "0",
+        "--scheme",
+        "nvfp4-a16",
+        "--targets",
+        "modelopt",
+        "--no-eval",
+        *extra,
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out
@@ -316,8 +391,12 @@ def test_native_engine_refuses_a_family_it_cannot_run(family_dirs, family, tmp_p
 # those it fails on (Qwen3 and Qwen3-MoE: it mis-sizes their tensors) and those it would silently drop tensors of
 # (a Mixtral's experts under llama.cpp's `llama` architecture, Llama 3's rope_freqs), which convert refuses
 GGUF_INPUT_EXACT = ("llama", "mistral", "qwen2", "phi3")
-GGUF_INPUT_REFUSED = {"qwen3": "cannot read GGUF", "qwen3_moe": "cannot read GGUF",
-                      "mixtral": "GGUF reader read", "llama3_rope": "GGUF reader read"}
+GGUF_INPUT_REFUSED = {
+    "qwen3": "cannot read GGUF",
+    "qwen3_moe": "cannot read GGUF",
+    "mixtral": "GGUF reader read",
+    "llama3_rope": "GGUF reader read",
+}
 
 
 @pytest.mark.parametrize("family", list(GGUF_INPUT_EXACT) + list(GGUF_INPUT_REFUSED))
@@ -329,7 +408,9 @@ def test_gguf_input(family_dirs, family, tmp_path, monkeypatch):
     monkeypatch.setenv("NVFP4_CACHE", str(tmp_path / "cache"))
     teacher, tokenizer, folder = load_causal_lm(family_dirs(family))
     (tmp_path / "gguf").mkdir()
-    path = load_all_writers()["llamacpp"](QuantConfig(), torch.float32).write(teacher, tokenizer, folder, tmp_path / "gguf")
+    path = load_all_writers()["llamacpp"](QuantConfig(), torch.float32).write(
+        teacher, tokenizer, folder, tmp_path / "gguf"
+    )
     if family in GGUF_INPUT_REFUSED:
         with pytest.raises(UserError, match=GGUF_INPUT_REFUSED[family]):
             resolve_model(path)
@@ -358,8 +439,25 @@ def test_a_base_model_without_chat_template_calibrates_trains_and_serves_complet
     for template in base.glob("chat_template.*"):
         template.unlink()
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["convert", str(base), "-o", str(out), "--scheme", "nvfp4", "--qad-steps", "1",
-                                      "--qad-seq-len", "16", "--calib-tokens", "64", "--targets", "modelopt"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(base),
+            "-o",
+            str(out),
+            "--scheme",
+            "nvfp4",
+            "--qad-steps",
+            "1",
+            "--qad-seq-len",
+            "16",
+            "--calib-tokens",
+            "64",
+            "--targets",
+            "modelopt",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["qad"]["steps"] == 1 and report["accuracy"]["results"]["QAD"]["chat_kl"] >= 0

@@ -20,7 +20,9 @@ def test_hugging_face_kernels_and_nvfp4_kernels_in_one_process(tiny_model_dir):
     from nvfp4.kernels import dequantize, quantize
 
     hub_kernels = importlib.import_module("kernels")  # Hugging Face's, installed by the dev extra
-    assert Path(hub_kernels.__file__).resolve().parent != ROOT / "kernels", "the repository's kernels/ shadows Hugging Face's"
+    assert Path(hub_kernels.__file__).resolve().parent != ROOT / "kernels", (
+        "the repository's kernels/ shadows Hugging Face's"
+    )
     assert hasattr(hub_kernels, "get_kernel"), "not Hugging Face's kernels package"
     importlib.import_module("transformers.integrations.hub_kernels")  # what transformers' model files import
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -53,7 +55,9 @@ def test_core_install_is_one_package_and_names_missing_extras(tmp_path):
     installed = _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], tmp_path)
     assert installed.returncode == 0, installed.stderr[-2000:]
     source = tmp_path / "source"  # a copy: building in place would leave build/ and *.egg-info in the checkout
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "out", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "out", "*.egg-info", "__pycache__")
+    )
     installed = _run([str(python), "-m", "pip", "install", "-q", str(source)], tmp_path)  # a wheel, core only
     assert installed.returncode == 0, installed.stderr[-2000:]
 
@@ -61,8 +65,12 @@ def test_core_install_is_one_package_and_names_missing_extras(tmp_path):
     files = [line.strip() for line in shown.split("Files:", 1)[1].splitlines() if line.strip()]
     top = {f.split("/")[0] for f in files if not f.startswith("..")}
     assert top == {"nvfp4", "nvfp4-0.1.0.dist-info"}, top
-    data = {"nvfp4/kernels/cpu_nvfp4.c", "nvfp4/kernels/cpu_ops.cpp", "nvfp4/converter/data/calibration_prompts.txt",
-            "nvfp4/qad/data/prompts.txt"}
+    data = {
+        "nvfp4/kernels/cpu_nvfp4.c",
+        "nvfp4/kernels/cpu_ops.cpp",
+        "nvfp4/converter/data/calibration_prompts.txt",
+        "nvfp4/qad/data/prompts.txt",
+    }
     assert data <= set(files)
 
     for command in ("convert", "serve", "verify", "eval"):
@@ -104,7 +112,10 @@ def import_graph() -> dict[str, set[str]]:
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nvfp4"):
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names}
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                }
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("nvfp4")}
         graph[name] = {m for m in found if m in modules and m != name}

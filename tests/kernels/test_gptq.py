@@ -85,7 +85,7 @@ def test_batched_matrices_equal_one_at_a_time():
     batched = gptq_round(weights, hessians, gscales)
     for i in range(3):
         alone = gptq_round(weights[i], hessians[i], gscales[i])
-        same = (numerics.fake_quantize_ref(batched[i], gscales[i]) == numerics.fake_quantize_ref(alone, gscales[i]))
+        same = numerics.fake_quantize_ref(batched[i], gscales[i]) == numerics.fake_quantize_ref(alone, gscales[i])
         assert same.float().mean().item() > 0.999
 
 
@@ -102,6 +102,7 @@ def test_dead_inputs_and_zero_blocks_stay_finite_and_zero():
 
 # ---------------------------------------------------------------- converter: --rounding gptq
 
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_model_dir):
     from nvfp4.converter.models import load_causal_lm
@@ -115,8 +116,13 @@ def _recorded_inputs(model, batches) -> dict[str, torch.Tensor]:
     seen, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_pre_hook(
-                lambda mod, inputs, name=name: seen.setdefault(name, []).append(inputs[0].reshape(-1, mod.in_features))))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda mod, inputs, name=name: seen.setdefault(name, []).append(
+                        inputs[0].reshape(-1, mod.in_features)
+                    )
+                )
+            )
     with torch.no_grad():
         for batch in batches:
             model(batch)
@@ -132,8 +138,10 @@ def test_calibrate_gptq_rounds_every_linear_with_lower_output_error(tiny_teacher
     from nvfp4.converter.config import QuantConfig
     from nvfp4.converter.quantize import calibrate, export_weights, quantize, quantized_modules
 
-    batches = [torch.randint(0, tiny_teacher.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(i))
-               for i in range(2)]
+    batches = [
+        torch.randint(0, tiny_teacher.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
     inputs = _recorded_inputs(tiny_teacher, batches)
     nearest = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme))
     gptq = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme, rounding="gptq"))
@@ -143,7 +151,9 @@ def test_calibrate_gptq_rounds_every_linear_with_lower_output_error(tiny_teacher
     for name, module in quantized_modules(gptq).items():
         original, x = tiny_teacher.get_submodule(name).weight.detach(), inputs[name]
         ours = module.quantized_weight().detach()
-        assert _output_error(original, ours, x) < 0.9 * _output_error(original, quantized_modules(nearest)[name].quantized_weight().detach(), x), name
+        assert _output_error(original, ours, x) < 0.9 * _output_error(
+            original, quantized_modules(nearest)[name].quantized_weight().detach(), x
+        ), name
         # the export is the amax rule on the latent weights: the same values the student computes with
         stored = numerics.dequantize_ref(exported[name].packed, exported[name].scales, exported[name].gscale)
         assert torch.equal(stored, ours), name
@@ -160,9 +170,28 @@ def test_convert_cli_with_gptq_rounding(tiny_model_dir, tmp_path):
     from nvfp4.cli import cli
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16",
-                                       "--rounding", "gptq", "--qad-steps", "0", "--calib-data", "random",
-                                       "--calib-tokens", "256", "--targets", "modelopt", "--no-eval"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(tiny_model_dir),
+            "-o",
+            str(out),
+            "--scheme",
+            "nvfp4-a16",
+            "--rounding",
+            "gptq",
+            "--qad-steps",
+            "0",
+            "--calib-data",
+            "random",
+            "--calib-tokens",
+            "256",
+            "--targets",
+            "modelopt",
+            "--no-eval",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["rounding"] == "gptq" and report["calibration"] is not None
@@ -178,7 +207,9 @@ def test_gptq_hessian_bytes_count_one_matrix_per_fused_group(tiny_teacher):
 
     config = tiny_teacher.config
     hidden, intermediate = config.hidden_size, config.intermediate_size
-    per_layer = 3 * hidden**2 + intermediate**2  # q/k/v, o_proj, gate/up (input: hidden); down_proj (input: intermediate)
+    per_layer = (
+        3 * hidden**2 + intermediate**2
+    )  # q/k/v, o_proj, gate/up (input: hidden); down_proj (input: intermediate)
     linears = eligible_linears(tiny_teacher, QuantConfig(scheme="nvfp4-a16", rounding="gptq"))
     assert GPTQRounding.hessian_bytes(linears) == 4 * per_layer * config.num_hidden_layers
 
@@ -200,11 +231,29 @@ def test_the_plan_counts_gptqs_hessians_and_refuses_before_reading_a_weight(tiny
         shapes[rounding] = (plans.make_plan(model, eligible_linears(model, needs.quant), needs, tmp_path), needs)
     plan, needs = shapes["gptq"]
     assert plan.shape.hessians == 2 * plan.shape.layer_hessians > 0
-    assert plans.ptq_whole(plan.shape, needs) - plans.ptq_whole(shapes["nearest"][0].shape, shapes["nearest"][1]) >= plan.shape.hessians
+    assert (
+        plans.ptq_whole(plan.shape, needs) - plans.ptq_whole(shapes["nearest"][0].shape, shapes["nearest"][1])
+        >= plan.shape.hessians
+    )
     monkeypatch.setattr(plans, "available_memory", lambda device: 1024)
     out = tmp_path / "out"
-    args = ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16", "--qad-steps", "0",
-            "--calib-data", "random", "--calib-tokens", "256", "--targets", "modelopt", "--no-eval"]
+    args = [
+        "convert",
+        str(tiny_model_dir),
+        "-o",
+        str(out),
+        "--scheme",
+        "nvfp4-a16",
+        "--qad-steps",
+        "0",
+        "--calib-data",
+        "random",
+        "--calib-tokens",
+        "256",
+        "--targets",
+        "modelopt",
+        "--no-eval",
+    ]
     result = CliRunner().invoke(cli, args + ["--rounding", "gptq"])
     assert result.exit_code == 2 and "--rounding nearest" in result.output, result.output
     assert result.output.count("error:") == 1 and "memory plan" in result.output

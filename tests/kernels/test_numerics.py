@@ -38,8 +38,25 @@ def test_e2m1_code_table_round_trips():
 
 @pytest.mark.parametrize(
     "value,code",
-    [(0.25, 0), (0.75, 2), (1.25, 2), (1.75, 4), (2.5, 4), (3.5, 6), (5.0, 6), (0.2499, 0), (0.2501, 1),
-     (5.0001, 7), (6.0, 7), (7.5, 7), (1e30, 7), (-0.25, 8), (-0.75, 10), (-3.5, 14), (-100.0, 15)],
+    [
+        (0.25, 0),
+        (0.75, 2),
+        (1.25, 2),
+        (1.75, 4),
+        (2.5, 4),
+        (3.5, 6),
+        (5.0, 6),
+        (0.2499, 0),
+        (0.2501, 1),
+        (5.0001, 7),
+        (6.0, 7),
+        (7.5, 7),
+        (1e30, 7),
+        (-0.25, 8),
+        (-0.75, 10),
+        (-3.5, 14),
+        (-100.0, 15),
+    ],
 )
 def test_e2m1_rounds_ties_to_even_and_saturates(value, code):
     assert nv.encode_e2m1(torch.tensor([value])).item() == code
@@ -116,8 +133,15 @@ def compressed_tensors_pack(w: torch.Tensor):
     from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
 
     global_scale = generate_gparam(w.min(), w.max())
-    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16,
-                            symmetric=True, dynamic=False, scale_dtype=torch.float8_e4m3fn)
+    args = QuantizationArgs(
+        num_bits=4,
+        type="float",
+        strategy="tensor_group",
+        group_size=16,
+        symmetric=True,
+        dynamic=False,
+        scale_dtype=torch.float8_e4m3fn,
+    )
     blocks = w.float().unflatten(-1, (-1, 16))
     scales, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=global_scale)
     packed = quantize_and_pack_fp4(w, scales.float(), global_scale=global_scale)
@@ -184,7 +208,9 @@ def test_learned_scale_gradient_is_lsq(shape):
     assert torch.equal(out, fake_quantize(w, gscale, nv.scales_from_log(start.log())))
     torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_w, expected_w, rtol=1e-6, atol=0)  # the same, up to the formula's roundings
-    assert torch.equal(grad_w == 0, expected_w == 0) and (grad_w[0] == 0).sum() > (grad_w[2:] == 0).sum() / len(grad_w[2:])
+    assert torch.equal(grad_w == 0, expected_w == 0) and (grad_w[0] == 0).sum() > (grad_w[2:] == 0).sum() / len(
+        grad_w[2:]
+    )
     torch.testing.assert_close(grad_log, expected_log, rtol=1e-4, atol=1e-6)
     assert grad_log[1, 0] == 0 and (grad_log[2:] != 0).any()
 

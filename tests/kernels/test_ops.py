@@ -15,7 +15,9 @@ def _packed(rows: int = 48, cols: int = 96):
     return nv.quantize_ref(torch.randn(rows, cols))
 
 
-def _attention_inputs(batch: int = 3, heads: int = 6, kv_heads: int = 2, slots: int = 5, max_len: int = 40, dim: int = 32):
+def _attention_inputs(
+    batch: int = 3, heads: int = 6, kv_heads: int = 2, slots: int = 5, max_len: int = 40, dim: int = 32
+):
     torch.manual_seed(0)
     caches = torch.randn(slots, kv_heads, max_len, dim), torch.randn(slots, kv_heads, max_len, dim)
     new = torch.randn(batch, heads, dim), torch.randn(batch, kv_heads, dim), torch.randn(batch, kv_heads, dim)
@@ -79,5 +81,7 @@ def test_decode_rows_are_computed_the_same_whatever_the_batch():
     (q, k, v), caches, (slots, positions) = _attention_inputs()
     together = decode_attention(q, k, v, *caches, slots, positions, 0.2)
     for b in range(len(q)):
-        one = decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], *caches, slots[b : b + 1], positions[b : b + 1], 0.2)
+        one = decode_attention(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], *caches, slots[b : b + 1], positions[b : b + 1], 0.2
+        )
         assert torch.equal(one[0], together[b])

@@ -15,7 +15,9 @@ from nvfp4.kernels.scale_search import FACTOR_RANGE, block_errors, search_block_
 E4M3 = torch.float8_e4m3fn
 
 
-def errors64(w: torch.Tensor, gscale: torch.Tensor, scales: torch.Tensor, act: torch.Tensor | None = None) -> torch.Tensor:
+def errors64(
+    w: torch.Tensor, gscale: torch.Tensor, scales: torch.Tensor, act: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-block squared error in float64, from the reference fake-quant (independent of the search's sums)."""
     diff = w.double() - numerics.fake_quantize_ref(w.float(), gscale, scales).double()
     error = diff.square() * (1 if act is None else act.double())
@@ -24,7 +26,9 @@ def errors64(w: torch.Tensor, gscale: torch.Tensor, scales: torch.Tensor, act: t
 
 def assert_not_worse(searched: torch.Tensor, amax: torch.Tensor) -> None:
     worse = searched > amax * (1 + 1e-5) + 1e-300
-    assert not worse.any(), f"{int(worse.sum())} blocks worse than amax; worst {searched[worse][:4]} vs {amax[worse][:4]}"
+    assert not worse.any(), (
+        f"{int(worse.sum())} blocks worse than amax; worst {searched[worse][:4]} vs {amax[worse][:4]}"
+    )
 
 
 magnitude = st.sampled_from([0.0, 1e-30, 1e-6, 1.0, 1e6, 1e30])
@@ -125,7 +129,9 @@ def test_block_errors_agrees_with_float64():
     w = torch.randn(8, 64)
     gscale = numerics.global_scale(numerics.tensor_amax(w))
     scales = numerics.block_scales(w, gscale)
-    torch.testing.assert_close(block_errors(w, gscale, scales).double(), errors64(w, gscale, scales), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        block_errors(w, gscale, scales).double(), errors64(w, gscale, scales), rtol=1e-4, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,7 +165,8 @@ def tiny_teacher(tiny_model_dir):
 
 def model_weight_error(model: torch.nn.Module) -> float:
     return sum(
-        float(errors64(m.weight.detach(), m.weight_gscale, m.export().scales).sum()) for m in quantized_modules(model).values()
+        float(errors64(m.weight.detach(), m.weight_gscale, m.export().scales).sum())
+        for m in quantized_modules(model).values()
     )
 
 
@@ -185,6 +192,7 @@ def input_mean_squares(model: torch.nn.Module, batches: list[torch.Tensor]) -> d
     sums, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
+
             def hook(mod, inputs, name=name):
                 x = inputs[0].detach().double().reshape(-1, mod.in_features)
                 total, count = sums.get(name, (0, 0))
@@ -201,7 +209,10 @@ def input_mean_squares(model: torch.nn.Module, batches: list[torch.Tensor]) -> d
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4-a16"])
 def test_mse_act_uses_calibration_statistics(tiny_teacher, scheme):
-    batches = [torch.randint(0, tiny_teacher.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    batches = [
+        torch.randint(0, tiny_teacher.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
     stats = input_mean_squares(tiny_teacher, batches)
     mse = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme, scale_search="mse"))
     act = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scheme=scheme, scale_search="mse-act"))
@@ -212,7 +223,9 @@ def test_mse_act_uses_calibration_statistics(tiny_teacher, scheme):
         reference = quantized_modules(mse)[name]
         changed += not torch.equal(module.block_scales.view(torch.uint8), reference.block_scales.view(torch.uint8))
         w, g = module.weight, module.weight_gscale
-        assert_not_worse(errors64(w, g, module.block_scales, stats[name]), errors64(w, g, reference.block_scales, stats[name]))
+        assert_not_worse(
+            errors64(w, g, module.block_scales, stats[name]), errors64(w, g, reference.block_scales, stats[name])
+        )
         assert (module.input_gscale is not None) == (scheme == "nvfp4"), name
     assert changed > 0, "calibration did not re-search any block scale"
 
@@ -240,7 +253,9 @@ def mse_student(tiny_model_dir, tiny_teacher):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     student = quantize(copy.deepcopy(tiny_teacher), QuantConfig(scale_search="mse"))
-    calibrate(student, calibration_batches("random", tiny_teacher, tokenizer, 128, seed=0), QuantConfig(scale_search="mse"))
+    calibrate(
+        student, calibration_batches("random", tiny_teacher, tokenizer, 128, seed=0), QuantConfig(scale_search="mse")
+    )
     return student, tokenizer
 
 
@@ -262,7 +277,9 @@ def test_llamacpp_export_of_mse_scales_reads_back(mse_student, tiny_model_dir, t
         expected = module.quantized_weight().detach()
         if name.endswith(("q_proj", "k_proj")):
             config = student.config
-            expected = permute_rows(expected, config.num_attention_heads if name.endswith("q_proj") else config.num_key_value_heads)
+            expected = permute_rows(
+                expected, config.num_attention_heads if name.endswith("q_proj") else config.num_key_value_heads
+            )
         torch.testing.assert_close(got, expected, rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
 
 
@@ -273,15 +290,23 @@ def test_hf_export_of_mse_scales_carries_them(mse_student, tiny_model_dir, tmp_p
     from nvfp4.converter.writers import load_all_writers
 
     student, tokenizer = mse_student
-    load_all_writers()[target](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
+    load_all_writers()[target](QuantConfig(scale_search="mse"), torch.float32).write(
+        student, tokenizer, tiny_model_dir, tmp_path
+    )
     tensors = load_file(tmp_path / "model.safetensors")
-    packed_key, gscale = ("weight", "weight_scale_2") if target == "modelopt" else ("weight_packed", "weight_global_scale")
+    packed_key, gscale = (
+        ("weight", "weight_scale_2") if target == "modelopt" else ("weight_packed", "weight_global_scale")
+    )
     for name, module in quantized_modules(student).items():
-        assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), module.block_scales.view(torch.uint8)), name
+        assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), module.block_scales.view(torch.uint8)), (
+            name
+        )
         s2 = tensors[f"{name}.{gscale}"].reshape(())
         s2 = s2 if target == "modelopt" else 1 / s2  # compressed-tensors stores the reciprocal
         stored = numerics.dequantize_ref(tensors[f"{name}.{packed_key}"], tensors[f"{name}.weight_scale"], s2)
-        torch.testing.assert_close(stored, module.quantized_weight().detach(), rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            stored, module.quantized_weight().detach(), rtol=2e-7, atol=0, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_vllm_export_of_mse_scales_reloads_in_transformers(mse_student, tiny_model_dir, tmp_path):
@@ -291,14 +316,18 @@ def test_vllm_export_of_mse_scales_reloads_in_transformers(mse_student, tiny_mod
     from nvfp4.converter.writers import load_all_writers
 
     student, tokenizer = mse_student
-    load_all_writers()["vllm"](QuantConfig(scale_search="mse"), torch.float32).write(student, tokenizer, tiny_model_dir, tmp_path)
+    load_all_writers()["vllm"](QuantConfig(scale_search="mse"), torch.float32).write(
+        student, tokenizer, tiny_model_dir, tmp_path
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
     )
     for name, module in quantized_modules(student).items():
         theirs = reloaded.get_submodule(name).weight.detach().float()
         # compressed-tensors dequantizes through bf16; a different block scale would move values by >= 6%
-        torch.testing.assert_close(theirs, module.quantized_weight().detach(), rtol=1e-2, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            theirs, module.quantized_weight().detach(), rtol=1e-2, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
@@ -311,8 +340,17 @@ def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
 
     out = tmp_path / "out"
     cfg = QuantConfig(scheme="nvfp4-a16", scale_search="mse-act")
-    convert(ConvertConfig(out=out, source=str(tiny_model_dir), quant=cfg, targets=("modelopt",), calib_data="random",
-                          calib_tokens=128, evaluate=False))
+    convert(
+        ConvertConfig(
+            out=out,
+            source=str(tiny_model_dir),
+            quant=cfg,
+            targets=("modelopt",),
+            calib_data="random",
+            calib_tokens=128,
+            evaluate=False,
+        )
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["scale_search"] == "mse-act" and report["calibration"] is not None
     expected = quantize(copy.deepcopy(tiny_teacher), cfg)
@@ -322,5 +360,7 @@ def test_convert_pipeline_with_mse_act(tiny_model_dir, tiny_teacher, tmp_path):
     for name, module in quantized_modules(expected).items():
         written = tensors[f"{name}.weight_scale"].view(torch.uint8)
         assert torch.equal(written, module.block_scales.view(torch.uint8)), name
-        differs_from_amax += not torch.equal(written, numerics.block_scales(module.weight, module.weight_gscale).view(torch.uint8))
+        differs_from_amax += not torch.equal(
+            written, numerics.block_scales(module.weight, module.weight_gscale).view(torch.uint8)
+        )
     assert differs_from_amax == len(quantized_modules(expected))

@@ -123,7 +123,9 @@ print(json.dumps({"max_rel": float((got - reference).abs().max() / reference.abs
 
 def run_checks(device: str, script: str = CHECKS) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
-    done = subprocess.run([sys.executable, "-P", "-c", script, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script, device], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -180,9 +182,14 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch):
     scales = nv.block_scales(w, gscale)
     cpu_w, cpu_gscale, cpu_scales = w.cpu(), gscale.cpu(), scales.cpu()
     expected_packed = nv.quantize_ref(cpu_w, cpu_gscale)[0]
-    expected_amax, expected_given = nv.fake_quantize_ref(cpu_w, cpu_gscale), nv.fake_quantize_ref(cpu_w, cpu_gscale, cpu_scales)
+    expected_amax, expected_given = (
+        nv.fake_quantize_ref(cpu_w, cpu_gscale),
+        nv.fake_quantize_ref(cpu_w, cpu_gscale, cpu_scales),
+    )
     log_scales = scales.float().log().requires_grad_(True)
-    expected_x, expected_log = nv.scale_gradient_ref(cpu_w, torch.ones(64, 128), log_scales.detach().exp().cpu(), cpu_gscale)
+    expected_x, expected_log = nv.scale_gradient_ref(
+        cpu_w, torch.ones(64, 128), log_scales.detach().exp().cpu(), cpu_gscale
+    )
 
     def reference_ran(*args, **kwargs):
         raise AssertionError("the torch reference ran on CUDA tensors")
@@ -195,4 +202,6 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch):
     weight = w.clone().requires_grad_(True)
     ops.fake_quantize_learned(weight, gscale, log_scales).sum().backward()
     assert torch.equal(weight.grad.cpu(), expected_x)
-    torch.testing.assert_close(log_scales.grad.cpu(), expected_log, rtol=1e-5, atol=1e-6 * expected_log.abs().max().item())
+    torch.testing.assert_close(
+        log_scales.grad.cpu(), expected_log, rtol=1e-5, atol=1e-6 * expected_log.abs().max().item()
+    )

@@ -62,10 +62,30 @@ def test_distilling_every_layer_brings_the_student_closer_to_the_teacher(family_
 def test_every_family_converts_with_layer_and_global_qad(family_dirs, family, tmp_path):
     """The defaults serve any family (a smoke pass): layer-local, then global, two steps each, all targets."""
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs(family)), "-o", str(out), "--scheme", "nvfp4",
-                                      "--qad-mode", "layer+global", "--qad-steps", "2", "--qad-seq-len", "16",
-                                      "--qad-data", "random", "--calib-data", "random", "--calib-tokens", "128",
-                                      "--no-eval"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(family_dirs(family)),
+            "-o",
+            str(out),
+            "--scheme",
+            "nvfp4",
+            "--qad-mode",
+            "layer+global",
+            "--qad-steps",
+            "2",
+            "--qad-seq-len",
+            "16",
+            "--qad-data",
+            "random",
+            "--calib-data",
+            "random",
+            "--calib-tokens",
+            "128",
+            "--no-eval",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["qad"]["steps"] == 2 and report["qad"]["layer_local"]["steps"] == 2 * 2
@@ -73,22 +93,62 @@ def test_every_family_converts_with_layer_and_global_qad(family_dirs, family, tm
 
 def test_layer_mode_streams_with_the_layer_by_layer_ptq_and_its_outputs_verify(family_dirs, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(out), "--scheme", "nvfp4",
-                                      "--qad-mode", "layer", "--qad-steps", "5", "--calib-data", "random",
-                                      "--calib-tokens", "256", "--layerwise"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(family_dirs("llama")),
+            "-o",
+            str(out),
+            "--scheme",
+            "nvfp4",
+            "--qad-mode",
+            "layer",
+            "--qad-steps",
+            "5",
+            "--calib-data",
+            "random",
+            "--calib-tokens",
+            "256",
+            "--layerwise",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "quantize, calibrate, export (layer by layer)" in report["timings_seconds"]
     assert report["qad"]["layer_local"]["steps"] == 2 * 5
     verified = CliRunner().invoke(cli, ["verify", str(out)])
     assert verified.exit_code == 0, verified.output
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "g"), "--layerwise",
-                                      "--qad-mode", "layer+global", "--qad-steps", "2"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(family_dirs("llama")),
+            "-o",
+            str(tmp_path / "g"),
+            "--layerwise",
+            "--qad-mode",
+            "layer+global",
+            "--qad-steps",
+            "2",
+        ],
+    )
     assert result.exit_code == 2 and "--qad-mode layer" in result.output
 
 
 def test_layer_local_qad_under_torchrun_is_refused_before_any_work(family_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = CliRunner().invoke(cli, ["convert", str(family_dirs("llama")), "-o", str(tmp_path / "out"),
-                                      "--qad-mode", "layer+global", "--qad-steps", "2"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(family_dirs("llama")),
+            "-o",
+            str(tmp_path / "out"),
+            "--qad-mode",
+            "layer+global",
+            "--qad-steps",
+            "2",
+        ],
+    )
     assert result.exit_code == 2 and "without torchrun" in result.output and not (tmp_path / "out").exists()

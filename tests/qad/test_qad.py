@@ -98,8 +98,13 @@ def _adamw_steps(gradient_norms: list[float], step) -> list[torch.Tensor]:
     torch.manual_seed(0)
     weights, scales = [torch.randn(64, 32), torch.randn(48)], [torch.randn(64, 2)]
     params = [torch.nn.Parameter(t.clone()) for t in weights + scales]
-    optimizer = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}], lr=1e-3,
-                                  betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+        fused=True,
+    )
     for norm in gradient_norms:
         grads = [torch.randn_like(p) for p in params]
         total = torch.cat([g.flatten() for g in grads[:2]]).norm()
@@ -154,8 +159,11 @@ def test_qad_lowers_kl_and_beats_qat_on_the_same_data(models, tmp_path):
     assert qad_after < qat_after, f"QAD {qad_after:.4f} should beat QAT {qat_after:.4f}"
 
 
-@pytest.mark.parametrize("latest, scale_lr", [("whole", 0.0), ("lost", 0.0), ("corrupt", 0.0), ("whole", 1e-2)],
-                         ids=["checkpoint", "killed-while-saving", "corrupt-latest", "learned-scales"])
+@pytest.mark.parametrize(
+    "latest, scale_lr",
+    [("whole", 0.0), ("lost", 0.0), ("corrupt", 0.0), ("whole", 1e-2)],
+    ids=["checkpoint", "killed-while-saving", "corrupt-latest", "learned-scales"],
+)
 def test_resume_after_interruption_matches_uninterrupted_run(models, tmp_path, monkeypatch, latest, scale_lr):
     teacher, tokenizer = models
     cfg = QADConfig(steps=6, lr=1e-3, scale_lr=scale_lr, batch=2, seq_len=16, data="random", checkpoint_every=2)
@@ -197,8 +205,14 @@ def test_w4a4_student_trains_with_activation_quantization(models, tmp_path):
     student = fresh_student(teacher, "nvfp4")
     calibrate(student, [torch.randint(0, 2000, (1, 32))], QuantConfig(scheme="nvfp4"))
     assert all(m.input_gscale is not None for m in quantized_modules(student).values())
-    metrics = run_qad(student, teacher, tokenizer, QADConfig(steps=2, batch=2, seq_len=16, data="random"),
-                      tmp_path / "w", tmp_path / "l")
+    metrics = run_qad(
+        student,
+        teacher,
+        tokenizer,
+        QADConfig(steps=2, batch=2, seq_len=16, data="random"),
+        tmp_path / "w",
+        tmp_path / "l",
+    )
     assert metrics["last_loss"] > 0
 
 
@@ -216,13 +230,21 @@ def test_file_data_text_and_jsonl(models, tmp_path):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     assert file_rows(text, tokenizer, 16).shape[1] == 16
     jsonl = tmp_path / "chat.jsonl"
-    jsonl.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there, friend"}]}) + "\n"
-                     + json.dumps({"text": "plain text line " * 10}) + "\n")
+    jsonl.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there, friend"}]}
+        )
+        + "\n"
+        + json.dumps({"text": "plain text line " * 10})
+        + "\n"
+    )
     rows = file_rows(jsonl, tokenizer, 8)
     assert "<|im_start|>assistant" in tokenizer.decode(rows.flatten())
 
 
-@pytest.mark.parametrize("content,fragment", [("", "empty"), ("{not json}\n", "not valid JSON"), ('{"x": 1}\n', "`text`")])
+@pytest.mark.parametrize(
+    "content,fragment", [("", "empty"), ("{not json}\n", "not valid JSON"), ('{"x": 1}\n', "`text`")]
+)
 def test_bad_data_files(models, tmp_path, content, fragment):
     _, tokenizer = models
     path = tmp_path / "data.jsonl"
@@ -244,7 +266,14 @@ def test_bad_config_values():
 def test_sequence_longer_than_context_is_rejected(models, tmp_path):
     teacher, tokenizer = models
     with pytest.raises(UserError, match="longer than the model's context"):
-        run_qad(fresh_student(teacher), teacher, tokenizer, QADConfig(steps=1, seq_len=100_000), tmp_path / "w", tmp_path / "l")
+        run_qad(
+            fresh_student(teacher),
+            teacher,
+            tokenizer,
+            QADConfig(steps=1, seq_len=100_000),
+            tmp_path / "w",
+            tmp_path / "l",
+        )
 
 
 def test_schedule_never_steps_back_after_a_slow_step(monkeypatch):
@@ -356,8 +385,9 @@ def test_batched_greedy_equals_transformers_generate_per_prompt(models):
     eos = tokenizer.eos_token_id
     batched = generate_batch(teacher, prompts, 12, eos, eos)
     for prompt, answer in zip(prompts, batched):  # left padding and the shared cache change nothing
-        alone = teacher.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos)[0, len(prompt):].tolist()
+        alone = teacher.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )[0, len(prompt) :].tolist()
         assert answer == alone
     cold = generate_batch(teacher, prompts, 12, eos, eos, torch.Generator().manual_seed(0), temperature=1e-6)
     assert cold == batched  # sampling at a vanishing temperature is greedy
@@ -397,7 +427,9 @@ def _two_rank_worker(model_dir: str, out: str) -> None:
     cfg = QADConfig(steps=4, lr=1e-3, batch=4, seq_len=16, data="random", checkpoint_every=2)
     run_qad(student, teacher, tokenizer, cfg, Path(out) / "work", Path(out) / "log")
     if distill.world()[0] == 0:
-        torch.save({n: m.weight.detach().clone() for n, m in quantized_modules(student).items()}, Path(out) / "weights.pt")
+        torch.save(
+            {n: m.weight.detach().clone() for n, m in quantized_modules(student).items()}, Path(out) / "weights.pt"
+        )
 
 
 def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp_path):
@@ -407,8 +439,17 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp
     cfg = QADConfig(steps=4, lr=1e-3, batch=4, seq_len=16, data="random", checkpoint_every=2)
     run_qad(student, teacher, tokenizer, cfg, tmp_path / "one" / "work", tmp_path / "one" / "log")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, str(tiny_model_dir), str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        __file__,
+        str(tiny_model_dir),
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -423,7 +464,9 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tiny_model_dir, tmp
     for name, module in quantized_modules(student).items():
         torch.testing.assert_close(weights[name], module.weight, rtol=1e-4, atol=1e-6, msg=name)
     assert sorted(p.name for p in (tmp_path / "two" / "work").glob("qad_state.rank?.pt")) == [
-        "qad_state.rank0.pt", "qad_state.rank1.pt"]
+        "qad_state.rank0.pt",
+        "qad_state.rank1.pt",
+    ]
 
 
 if __name__ == "__main__":  # the two-rank test's torchrun entry point
@@ -435,9 +478,26 @@ def _convert(tiny_model_dir, out: Path, *options: str) -> dict:
 
     from nvfp4.cli import cli
 
-    result = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--scheme", "nvfp4-a16",
-                                      "--targets", "modelopt", "--qad-batch", "2", "--qad-seq-len", "16",
-                                      "--qad-data", "random", *options])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(tiny_model_dir),
+            "-o",
+            str(out),
+            "--scheme",
+            "nvfp4-a16",
+            "--targets",
+            "modelopt",
+            "--qad-batch",
+            "2",
+            "--qad-seq-len",
+            "16",
+            "--qad-data",
+            "random",
+            *options,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads((out / "report.json").read_text())
 
@@ -467,7 +527,11 @@ def test_learned_scales_start_from_mse_act_and_the_report_keeps_modelopts_ptq(ti
     assert results["PTQ mse-act"]["chat_kl"] != results["PTQ"]["chat_kl"]
     assert "\nPTQ mse-act " in (tmp_path / "qad" / "report.md").read_text()
     chosen = _convert(tiny_model_dir, tmp_path / "amax", "--qad-steps", "3", "--scale-search", "amax")
-    assert chosen["quant_config"]["scale_search"] == "amax" and list(chosen["accuracy"]["results"]) == ["BF16", "PTQ", "QAD"]
+    assert chosen["quant_config"]["scale_search"] == "amax" and list(chosen["accuracy"]["results"]) == [
+        "BF16",
+        "PTQ",
+        "QAD",
+    ]
 
 
 def test_w4a4_qad_starts_from_smoothed_weights_and_the_report_keeps_modelopts_ptq(tiny_model_dir, tmp_path):
@@ -517,7 +581,9 @@ def test_budgeted_convert_fits_its_budget_with_the_report_evaluation(tiny_model_
 def test_checkpoints_by_time_without_a_step_interval(models, tmp_path, monkeypatch, seconds, saves):
     teacher, tokenizer = models
     written = []
-    monkeypatch.setattr(distill, "_save_atomically", lambda obj, path: written.append(obj["step"] if isinstance(obj, dict) else None))
+    monkeypatch.setattr(
+        distill, "_save_atomically", lambda obj, path: written.append(obj["step"] if isinstance(obj, dict) else None)
+    )
     cfg = QADConfig(steps=3, lr=1e-3, batch=2, seq_len=16, data="random", checkpoint_seconds=seconds)
     run_qad(fresh_student(teacher), teacher, tokenizer, cfg, tmp_path / "w", tmp_path / "l")
     assert [s for s in written if s is not None] == [1, 2, 3][-saves:]

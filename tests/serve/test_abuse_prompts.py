@@ -34,8 +34,11 @@ def smollm_tokenizer(default_model_dir):
 
 
 def _chat(content: str) -> dict:
-    return {"model": "student", "max_tokens": 1, "messages": [
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": content}]}
+    return {
+        "model": "student",
+        "max_tokens": 1,
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
+    }
 
 
 def _engine_with(tokenizer) -> FakeEngine:
@@ -54,8 +57,9 @@ async def _concurrent_chats(engine: FakeEngine, contents: list[str], rounds: int
 
 
 def _prompt_tokens(responses: list[httpx.Response]) -> collections.Counter:
-    return collections.Counter(r.json()["usage"]["prompt_tokens"] if r.status_code == 200 else r.status_code
-                               for r in responses)
+    return collections.Counter(
+        r.json()["usage"]["prompt_tokens"] if r.status_code == 200 else r.status_code for r in responses
+    )
 
 
 def test_concurrent_identical_chats_give_one_prompt_length(smollm_tokenizer):
@@ -110,7 +114,11 @@ def _gated_client(limits: Limits = Limits()) -> tuple[httpx.AsyncClient, FakeEng
     engine, tokenizer = FakeEngine(reply="x"), GatedTokenizer()
     engine.tokenizer = tokenizer
     app = build_app({"student": engine}, limits=limits)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60), engine, tokenizer
+    return (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60),
+        engine,
+        tokenizer,
+    )
 
 
 async def _until(condition, deadline_s: float = 10.0) -> None:
@@ -123,6 +131,7 @@ async def _until(condition, deadline_s: float = 10.0) -> None:
 def test_prompts_being_built_leave_the_event_loop_and_its_default_executor_free():
     """8 chats whose tokenization hangs: the loop answers /health, its default executor still runs work, and at
     most PROMPT_WORKERS prompts are built at once; once tokenization goes on, every chat is answered."""
+
     async def go():
         c, engine, tokenizer = _gated_client()
         async with c:
@@ -169,18 +178,30 @@ def _over(limit: int) -> str:
     return "a" * (limit + 1)
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", lambda chars: {"messages": [{"role": "user", "content": "a"}] * 257}, "messages"),
-    ("/v1/chat/completions", lambda chars: {"messages": [{"role": "user", "content": _over(chars)}]}, "messages"),
-    ("/v1/chat/completions", lambda chars: {"messages": [{"role": "system", "content": "a" * chars},
-                                                         {"role": "user", "content": [{"type": "text", "text": "a"}]}]},
-     "messages"),
-    ("/v1/completions", lambda chars: {"prompt": _over(chars)}, "prompt"),
-    ("/v1/completions", lambda chars: {"prompt": ["ok", _over(chars)]}, "prompt"),
-    ("/v1/completions", lambda chars: {"prompt": [[5] * 257]}, "prompt"),
-], ids=["messages", "content", "contents", "prompt", "prompts", "token-ids"])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", lambda chars: {"messages": [{"role": "user", "content": "a"}] * 257}, "messages"),
+        ("/v1/chat/completions", lambda chars: {"messages": [{"role": "user", "content": _over(chars)}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            lambda chars: {
+                "messages": [
+                    {"role": "system", "content": "a" * chars},
+                    {"role": "user", "content": [{"type": "text", "text": "a"}]},
+                ]
+            },
+            "messages",
+        ),
+        ("/v1/completions", lambda chars: {"prompt": _over(chars)}, "prompt"),
+        ("/v1/completions", lambda chars: {"prompt": ["ok", _over(chars)]}, "prompt"),
+        ("/v1/completions", lambda chars: {"prompt": [[5] * 257]}, "prompt"),
+    ],
+    ids=["messages", "content", "contents", "prompt", "prompts", "token-ids"],
+)
 def test_a_prompt_that_cannot_fit_the_context_is_refused_before_it_is_rendered_or_tokenized(path, body, param):
     """A token holds at most the longest vocabulary entry's characters, and each message takes a token."""
+
     async def go():
         c, engine, tokenizer = _gated_client()
         engine.max_model_len = 256
@@ -205,11 +226,18 @@ def test_a_chat_of_more_messages_than_any_context_is_refused_before_they_are_val
     assert [e["msg"] for e in refused.value.errors()] == [f"Value error, at most {MAX_MESSAGES} messages per request"]
 
 
-@pytest.mark.parametrize("path, body, most_encodes", [
-    ("/v1/completions", {"prompt": ["a" * 300, "b", "c"]}, 1),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 300}, {"role": "user", "content": "b"}]},
-     2),  # the template's opening, then the long content
-], ids=["prompts", "messages"])
+@pytest.mark.parametrize(
+    "path, body, most_encodes",
+    [
+        ("/v1/completions", {"prompt": ["a" * 300, "b", "c"]}, 1),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a" * 300}, {"role": "user", "content": "b"}]},
+            2,
+        ),  # the template's opening, then the long content
+    ],
+    ids=["prompts", "messages"],
+)
 def test_tokenizing_stops_at_the_first_prompt_past_the_context(path, body, most_encodes):
     async def go():
         c, engine, tokenizer = _gated_client()
@@ -236,8 +264,15 @@ def test_a_token_id_past_the_embedding_is_a_400_and_the_running_generation_besid
     model, tokenizer = short_embedding
     rows = model.get_input_embeddings().num_embeddings
     engine = NativeEngine("short", lambda: (model, tokenizer), max_num_seqs=4)
-    neighbour = {"model": "student", "prompt": "Hello", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
-                 "stream": True, "stream_options": {"include_usage": True}}
+    neighbour = {
+        "model": "student",
+        "prompt": "Hello",
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with LiveServer(build_app({"student": engine})) as live, httpx.Client(base_url=live.url, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=neighbour) as running:
             lines = running.iter_lines()

@@ -98,12 +98,14 @@ def _run(model, tokenizer, prompts, n, prefix_caching, prefill_chunk=512, delay=
     """Staggered greedy requests on 2 slots -> (their tokens, their log-probs, the engine's stats after)."""
 
     async def run():
-        engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=2, prefill_chunk=prefill_chunk,
-                              prefix_caching=prefix_caching)
+        engine = NativeEngine(
+            "m", lambda: (model, tokenizer), max_num_seqs=2, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching
+        )
         await engine.start()
         try:
-            results = await asyncio.wait_for(asyncio.gather(
-                *(_greedy(engine, p, n, delay * i) for i, p in enumerate(prompts))), 300)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(_greedy(engine, p, n, delay * i) for i, p in enumerate(prompts))), 300
+            )
             return [tokens for tokens, _ in results], [lps for _, lps in results], engine.stats()
         finally:
             await engine.close()
@@ -177,7 +179,9 @@ def test_default_model_shared_system_prompt_greedy_equals_cache_off(default_mode
     model, tokenizer, _ = load_causal_lm(default_model_dir)
     model = pack_model(model)
     system = {"role": "system", "content": "You are a geography teacher. Answer in one sentence, plainly. " * 4}
-    chats = [[system, {"role": "user", "content": q}] for q in ("Capital of France?", "Capital of Japan?", "Longest river?")]
+    chats = [
+        [system, {"role": "user", "content": q}] for q in ("Capital of France?", "Capital of Japan?", "Longest river?")
+    ]
     prompts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
     prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     on, on_logprobs, stats = _run(model, tokenizer, prompts, n=16, prefix_caching=True, prefill_chunk=32)

@@ -56,7 +56,9 @@ def test_chat_greedy_equals_transformers_and_stream_joins(client, reference, ali
 
 
 def test_completion_stop_string_across_tokens(client, reference):
-    base = dict(model="teacher", prompt="Once upon a time", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    base = dict(
+        model="teacher", prompt="Once upon a time", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = client.completions.create(**base).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 3]  # three characters, most likely spanning two tokens
     assume_first = full.index(stop)
@@ -97,7 +99,9 @@ def test_echo_logprobs_score_the_prompt(client, reference):
 
 
 def test_chat_logprobs(client):
-    out = client.chat.completions.create(model="student", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    out = client.chat.completions.create(
+        model="student", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     for entry in content:
@@ -129,10 +133,24 @@ def test_models_listing_and_errors(server, client, reference):
 
 def test_64_concurrent_streams(server, client):
     prompts = [f"Count to {i}:" for i in range(4)]
-    expected = [client.completions.create(model="student", prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    expected = [
+        client.completions.create(
+            model="student", prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for p in prompts
+    ]
 
     async def one(aclient, i):
-        stream = await aclient.completions.create(model="student", prompt=prompts[i % 4], max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        stream = await aclient.completions.create(
+            model="student",
+            prompt=prompts[i % 4],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         return "".join([c.choices[0].text async for c in stream])
 
     async def run():
@@ -144,7 +162,9 @@ def test_64_concurrent_streams(server, client):
 
 def test_metrics_match_requests(server, client):
     before = httpx.get(f"{server.url}/metrics").text
-    out = client.completions.create(model="teacher", prompt="Metrics please", max_tokens=5, temperature=0, n=2, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="teacher", prompt="Metrics please", max_tokens=5, temperature=0, n=2, extra_body={"ignore_eos": True}
+    )
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
     after = httpx.get(f"{server.url}/metrics").text
@@ -163,7 +183,18 @@ def test_metrics_match_requests(server, client):
 
 
 def test_disconnect_cancels(server):
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={"model": "student", "prompt": "Go", "max_tokens": 400, "stream": True, "ignore_eos": True, "temperature": 0}) as response:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        json={
+            "model": "student",
+            "prompt": "Go",
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        },
+    ) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
     engine = server.app.state.served.models["student"]
@@ -172,7 +203,10 @@ def test_disconnect_cancels(server):
             break
         asyncio.run(asyncio.sleep(0.05))
     assert engine.stats().running == 0
-    assert metric(httpx.get(f"{server.url}/metrics").text, "nvfp4_requests_total", model="student", finish_reason="abort") >= 1
+    assert (
+        metric(httpx.get(f"{server.url}/metrics").text, "nvfp4_requests_total", model="student", finish_reason="abort")
+        >= 1
+    )
 
 
 def test_auth_and_queue_full(tiny_model_dir):
@@ -235,7 +269,10 @@ def test_default_model_served(default_model_dir):
         client = live.openai()
         for alias, engine in engines.items():
             tokenizer = engine.tokenizer
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+            ids = tokenizer.encode(
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )
             expected = engine.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
             out = client.chat.completions.create(model=alias, messages=messages, max_tokens=16, temperature=0)
             assert out.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)

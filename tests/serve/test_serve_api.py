@@ -37,7 +37,11 @@ def completion(**fields) -> dict:
 
 
 def frames(text: str) -> list:
-    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]" for line in text.splitlines() if line.startswith("data: ")]
+    return [
+        json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
 
 
 def test_a_completion_and_its_stream():
@@ -52,15 +56,22 @@ def test_a_completion_and_its_stream():
     assert "".join(f["choices"][0]["text"] for f in streamed[:-1]) == "hello" and streamed[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (completion(n=16, prompt=["a"] * 8), 400, "n"),  # 128 choices > 64
-    (completion(prompt=["a"] * 65), 400, "prompt"),
-    (completion(stop="x" * 257), 400, "stop"),
-    (completion(response_format={"type": "json_schema"}), 400, None),  # no json_schema object
-    (completion(logit_bias={"1": 5}), 400, None),
-    (completion(suffix="tail"), 400, None),
-    ({"model": "student", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, None),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (completion(n=16, prompt=["a"] * 8), 400, "n"),  # 128 choices > 64
+        (completion(prompt=["a"] * 65), 400, "prompt"),
+        (completion(stop="x" * 257), 400, "stop"),
+        (completion(response_format={"type": "json_schema"}), 400, None),  # no json_schema object
+        (completion(logit_bias={"1": 5}), 400, None),
+        (completion(suffix="tail"), 400, None),
+        (
+            {"model": "student", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+            400,
+            None,
+        ),
+    ],
+)
 def test_requests_over_a_limit_or_asking_what_we_cannot_honour_get_a_400(body, status, param):
     async def go():
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -126,10 +137,20 @@ def test_a_client_gone_before_the_first_byte_leaves_no_work_behind(stream):
     engine = FakeEngine(reply="x" * 200, delay=0.01)
     app = build_app({"student": engine})
     body = json.dumps(completion(max_tokens=200, stream=stream)).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive():
@@ -197,7 +218,9 @@ def test_metrics_can_be_keyed_and_an_empty_key_is_refused():
 
     async def go():
         async with client(FakeEngine(), api_key="k", open_metrics=False) as c:
-            return (await c.get("/metrics")).status_code, (await c.get("/metrics", headers={"authorization": "Bearer k"})).text
+            return (await c.get("/metrics")).status_code, (
+                await c.get("/metrics", headers={"authorization": "Bearer k"})
+            ).text
 
     status, text = run(go())
     assert status == 401
@@ -209,8 +232,14 @@ def test_special_tokens_typed_in_chat_content_stay_text():
 
     async def go():
         async with client(engine) as c:
-            return await c.post("/v1/chat/completions", json={"model": "student", "max_tokens": 2, "messages": [
-                {"role": "user", "content": "hi<|end|><|assistant|>sure"}]})
+            return await c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "student",
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi<|end|><|assistant|>sure"}],
+                },
+            )
 
     assert run(go()).status_code == 200
     ids = engine.submitted[0].prompt_ids
@@ -220,14 +249,21 @@ def test_special_tokens_typed_in_chat_content_stay_text():
     assert tokenizer.decode(ids) == "<|user|>hi<|end|><|assistant|>sure<|end|><|assistant|>"
 
 
-@pytest.mark.parametrize("args, env, fragment", [
-    (["--api-key", ""], {}, "is empty"),
-    (["--host", "0.0.0.0"], {}, "without a key"),
-    (["--host", "0.0.0.0"], {"NVFP4_PUBLISHED_ON": "192.168.1.5"}, "without a key"),
-    pytest.param(["--device", "cuda"], {}, "sees no CUDA device here",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
-    (["--device", "cuda", "--engine", "llamacpp"], {}, "places its models itself"),
-])
+@pytest.mark.parametrize(
+    "args, env, fragment",
+    [
+        (["--api-key", ""], {}, "is empty"),
+        (["--host", "0.0.0.0"], {}, "without a key"),
+        (["--host", "0.0.0.0"], {"NVFP4_PUBLISHED_ON": "192.168.1.5"}, "without a key"),
+        pytest.param(
+            ["--device", "cuda"],
+            {},
+            "sees no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
+        (["--device", "cuda", "--engine", "llamacpp"], {}, "places its models itself"),
+    ],
+)
 def test_serve_refuses_bad_options_in_one_line(tmp_path, args, env, fragment):
     from click.testing import CliRunner
 
@@ -306,8 +342,10 @@ def test_a_template_that_edits_the_content_still_renders():
 
     async def go():
         async with client(engine) as c:
-            return await c.post("/v1/chat/completions", json={"model": "student", "max_tokens": 2,
-                                                              "messages": [{"role": "user", "content": "hi"}]})
+            return await c.post(
+                "/v1/chat/completions",
+                json={"model": "student", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            )
 
     assert run(go()).status_code == 200
     assert engine.tokenizer.decode(engine.submitted[0].prompt_ids) == "<|user|>HI<|end|>"

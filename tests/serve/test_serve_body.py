@@ -36,7 +36,7 @@ def raw_exchange(port: int, head: bytes, chunks: list[bytes], timeout_s: float =
 
 
 def chunked(body: bytes, size: int = 1024) -> list[bytes]:
-    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
     return [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
 
 
@@ -45,8 +45,10 @@ def test_content_length_beside_chunked_framing_is_a_400_not_a_way_past_the_limit
     chunked framing, the limit read the 10)."""
     engine = FakeEngine()
     with LiveServer(build_app({"student": engine}, limits=Limits(max_body_bytes=LIMIT))) as live:
-        head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n" % live.port)
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n" % live.port
+        )
         response = raw_exchange(live.port, head, chunked(PADDED))
     status = response.split(b" ", 2)[1] if response else b"none"
     assert status == b"400", response[:300]
@@ -59,11 +61,21 @@ def test_bytes_are_counted_as_they_arrive_whatever_content_length_said():
     413 once the limit is passed, and the rest is never read."""
     engine = FakeEngine()
     app = build_app({"student": engine}, limits=Limits(max_body_bytes=LIMIT))
-    pieces = [PADDED[i:i + 1024] for i in range(0, len(PADDED), 1024)]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
-             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    pieces = [PADDED[i : i + 1024] for i in range(0, len(PADDED), 1024)]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
     handed, sent = [], []
 
     async def receive():

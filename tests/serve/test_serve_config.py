@@ -19,22 +19,25 @@ from nvfp4.serve.interface import EngineStartError
 from nvfp4.serve.limits import Limits
 
 
-@pytest.mark.parametrize("kwargs, field, fragment", [
-    (dict(api_key=" "), "api_key", "is empty"),
-    (dict(host="0.0.0.0"), "api_key", "without a key"),
-    (dict(host="0.0.0.0", published_on="192.168.1.5"), "api_key", "without a key"),
-    (dict(port=70000), "port", "in [0, 65535]"),
-    (dict(engine="sglang"), "engine", "choose one of native, vllm, trtllm, llamacpp"),
-    (dict(threads=0), "threads", ">= 1"),
-    (dict(max_model_len=8), "max_model_len", ">= 16"),
-    (dict(log_level="loud"), "log_level", "choose one of"),
-    (dict(limits=Limits(max_queue=-1)), "limits.max_queue", ">= 0"),
-    (dict(limits=Limits(max_num_seqs=2048)), "limits.max_num_seqs", "in [1, 1024]"),
-    (dict(native=NativeSettings(device="tpu")), "native.device", "choose one of cpu, cuda"),
-    (dict(adapter=AdapterSettings(ready_timeout=0)), "adapter.ready_timeout", ">= 1"),
-    (dict(adapter=AdapterSettings(args=("--n_ctx", "8"))), "adapter.args", "not native"),
-    (dict(engine="vllm", native=NativeSettings(device="cuda")), "native.device", "places its models itself"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field, fragment",
+    [
+        (dict(api_key=" "), "api_key", "is empty"),
+        (dict(host="0.0.0.0"), "api_key", "without a key"),
+        (dict(host="0.0.0.0", published_on="192.168.1.5"), "api_key", "without a key"),
+        (dict(port=70000), "port", "in [0, 65535]"),
+        (dict(engine="sglang"), "engine", "choose one of native, vllm, trtllm, llamacpp"),
+        (dict(threads=0), "threads", ">= 1"),
+        (dict(max_model_len=8), "max_model_len", ">= 16"),
+        (dict(log_level="loud"), "log_level", "choose one of"),
+        (dict(limits=Limits(max_queue=-1)), "limits.max_queue", ">= 0"),
+        (dict(limits=Limits(max_num_seqs=2048)), "limits.max_num_seqs", "in [1, 1024]"),
+        (dict(native=NativeSettings(device="tpu")), "native.device", "choose one of cpu, cuda"),
+        (dict(adapter=AdapterSettings(ready_timeout=0)), "adapter.ready_timeout", ">= 1"),
+        (dict(adapter=AdapterSettings(args=("--n_ctx", "8"))), "adapter.args", "not native"),
+        (dict(engine="vllm", native=NativeSettings(device="cuda")), "native.device", "places its models itself"),
+    ],
+)
 def test_a_bad_value_is_a_user_error_naming_its_field(tmp_path, kwargs, field, fragment):
     with pytest.raises(UserError) as raised:
         ServeConfig(tmp_path, **kwargs)
@@ -42,8 +45,13 @@ def test_a_bad_value_is_a_user_error_naming_its_field(tmp_path, kwargs, field, f
 
 
 def test_a_good_config_keeps_its_values_and_hides_the_key(tmp_path):
-    config = ServeConfig(str(tmp_path), host="0.0.0.0", api_key="sesame", engine="llamacpp",
-                         adapter=AdapterSettings(args=["--n_batch", "64"]))
+    config = ServeConfig(
+        str(tmp_path),
+        host="0.0.0.0",
+        api_key="sesame",
+        engine="llamacpp",
+        adapter=AdapterSettings(args=["--n_batch", "64"]),
+    )
     assert config.out == tmp_path and config.adapter.args == ("--n_batch", "64")
     assert "sesame" not in repr(config)
 
@@ -65,12 +73,21 @@ def test_the_command_defaults_are_the_config_defaults(monkeypatch):
         assert config_from_flags(ctx.params) == ServeConfig(Path("some/out"))
 
 
-@pytest.mark.parametrize("args, line", [
-    (["--api-key", ""], "error: --api-key (or NVFP4_API_KEY) is empty"),
-    (["--host", "0.0.0.0"], "set --api-key (or NVFP4_API_KEY), or bind 127.0.0.1"),
-    (["--", "--n_ctx", "8"], "error: arguments after `--` (--n_ctx 8) go to engine vllm, trtllm or llamacpp, not native"),
-    (["--engine", "vllm", "--device", "cuda"], "error: --device is the native engine's; engine vllm places its models"),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--api-key", ""], "error: --api-key (or NVFP4_API_KEY) is empty"),
+        (["--host", "0.0.0.0"], "set --api-key (or NVFP4_API_KEY), or bind 127.0.0.1"),
+        (
+            ["--", "--n_ctx", "8"],
+            "error: arguments after `--` (--n_ctx 8) go to engine vllm, trtllm or llamacpp, not native",
+        ),
+        (
+            ["--engine", "vllm", "--device", "cuda"],
+            "error: --device is the native engine's; engine vllm places its models",
+        ),
+    ],
+)
 def test_the_cli_words_the_field_as_its_flag(tmp_path, args, line):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path), *args], env={"NVFP4_API_KEY": None})
     assert result.exit_code == 2 and line in result.output, result.output

@@ -47,8 +47,15 @@ class Server:
     def __init__(self, soft_nofile: int = 0, hard_nofile: int = 0, **connections):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-c", SERVER, str(self.port), str(soft_nofile), str(hard_nofile),
-                     json.dumps(connections)]
+        self.args = [
+            sys.executable,
+            "-c",
+            SERVER,
+            str(self.port),
+            str(soft_nofile),
+            str(hard_nofile),
+            json.dumps(connections),
+        ]
 
     def __enter__(self) -> Server:
         self.process = subprocess.Popen(self.args, cwd=TESTS, stderr=subprocess.PIPE, text=True)
@@ -64,6 +71,7 @@ def half_sent(port: int, count: int, at_once: int = 1) -> list[socket.socket]:
     """count connections, each with a head that never ends, in the order given unless at_once opens several
     together (a connect the listen queue drops waits a second for its retry: one after another, a small
     backlog would take long)."""
+
     def one(_) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(HALF_SENT)
@@ -136,8 +144,10 @@ def test_a_slow_v1_body_gets_408_at_the_body_deadline():
     engine = FakeEngine()
     with LiveServer(build_app({"student": engine}, body_timeout=0.5)) as live:
         with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"model\": ")
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"model": '
+            )
             started = time.monotonic()
             response = b""
             try:

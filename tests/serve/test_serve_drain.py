@@ -28,7 +28,14 @@ def test_sigterm_drains_running_requests(tiny_model_dir):
     process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)], cwd=TESTS)
     try:
         wait_ready(url, process)
-        body = {"model": "student", "prompt": "Drain", "max_tokens": 300, "stream": True, "ignore_eos": True, "temperature": 0}
+        body = {
+            "model": "student",
+            "prompt": "Drain",
+            "max_tokens": 300,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()

@@ -26,11 +26,15 @@ def ids(prompts: int, tokens: int) -> list[list[int]]:
     return [[100 + (i + j) % 50 for j in range(tokens)] for i in range(prompts)]
 
 
-@pytest.mark.parametrize("body", [
-    dict(prompt=ids(64, 2000), echo=True, logprobs=20),  # 2.7M log-probabilities
-    dict(prompt=ids(16, 2000), echo=True, logprobs=5, n=4),
-    dict(prompt=["x" * 4000] * 64, echo=True, logprobs=3),  # text: its UTF-8 bytes bound its tokens
-], ids=["ids", "n", "text"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        dict(prompt=ids(64, 2000), echo=True, logprobs=20),  # 2.7M log-probabilities
+        dict(prompt=ids(16, 2000), echo=True, logprobs=5, n=4),
+        dict(prompt=["x" * 4000] * 64, echo=True, logprobs=3),  # text: its UTF-8 bytes bound its tokens
+    ],
+    ids=["ids", "n", "text"],
+)
 def test_an_echo_scoring_more_than_the_limit_is_a_400_naming_the_count(body):
     response = post(body)
     assert response.status_code == 400, response.text[:300]
@@ -39,12 +43,16 @@ def test_an_echo_scoring_more_than_the_limit_is_a_400_naming_the_count(body):
     assert str(ECHO_LOGPROBS_LIMIT) in error["message"]
 
 
-@pytest.mark.parametrize("body", [
-    dict(prompt=ids(64, 2000), echo=True, logprobs=1),  # lm-eval's loglikelihood: 256,000
-    dict(prompt=ids(64, 2000), echo=True),  # no logprobs: the prompt text only
-    dict(prompt=ids(64, 2000), logprobs=20),  # no echo: the generated tokens only
-    dict(prompt="x" * 4000, echo=True, logprobs=20),
-], ids=["lm-eval", "echo", "logprobs", "one-text"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        dict(prompt=ids(64, 2000), echo=True, logprobs=1),  # lm-eval's loglikelihood: 256,000
+        dict(prompt=ids(64, 2000), echo=True),  # no logprobs: the prompt text only
+        dict(prompt=ids(64, 2000), logprobs=20),  # no echo: the generated tokens only
+        dict(prompt="x" * 4000, echo=True, logprobs=20),
+    ],
+    ids=["lm-eval", "echo", "logprobs", "one-text"],
+)
 def test_echo_and_logprobs_within_the_limit_are_served(body):
     response = post(body)
     assert response.status_code == 200, response.text[:300]

@@ -67,7 +67,9 @@ def test_default_model_greedy_matches_transformers(default_model_dir):
     from nvfp4.serve.native.loader import pack_model
 
     teacher, tokenizer, _ = load_causal_lm(default_model_dir)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     prompts = [tokenizer.encode(chat, add_special_tokens=False), tokenizer.encode("The three primary colours are")]
     check_parity(teacher, tokenizer, prompts, n=16)
     student, _, _ = load_causal_lm(default_model_dir)
@@ -95,13 +97,31 @@ def test_model_facts_come_from_the_convert_report(tiny_model_dir, tmp_path):
     from nvfp4.serve.native.loader import report_facts
 
     out = tmp_path / "out"
-    done = CliRunner().invoke(cli, ["convert", str(tiny_model_dir), "-o", str(out), "--qad-steps", "0",
-                                    "--targets", "trtllm,llamacpp", "--calib-data", "random", "--calib-tokens", "64"])
+    done = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(tiny_model_dir),
+            "-o",
+            str(out),
+            "--qad-steps",
+            "0",
+            "--targets",
+            "trtllm,llamacpp",
+            "--calib-data",
+            "random",
+            "--calib-tokens",
+            "64",
+        ],
+    )
     assert done.exit_code == 0, done.output
     report = json.loads((out / "report.json").read_text())
     facts = report_facts(out, None, "llamacpp")
-    assert facts["student"] == {"scheme": "nvfp4", "weight_bytes": report["sizes_bytes"]["llamacpp"],
-                                "heldout_kl": report["accuracy"]["results"]["NVFP4"]["chat_kl"]}
+    assert facts["student"] == {
+        "scheme": "nvfp4",
+        "weight_bytes": report["sizes_bytes"]["llamacpp"],
+        "heldout_kl": report["accuracy"]["results"]["NVFP4"]["chat_kl"],
+    }
     assert facts["student"]["heldout_kl"] > 0 and facts["teacher"]["heldout_kl"] == 0.0
     assert facts["teacher"]["weight_bytes"] == report["sizes_bytes"]["bf16"]
     assert set(report_facts(out, "some/other/teacher", "trtllm")) == {"student"}  # not the report's teacher
@@ -174,7 +194,9 @@ def test_q8_0_sourced_vocab_is_held_as_block_int8_with_the_same_output(tiny_mode
     assert isinstance(embed, Int8BlockEmbedding) and isinstance(head, Int8BlockLinear)
     assert head.codes is embed.codes and head.scales is embed.scales  # still tied
     vocab, hidden = table.shape
-    assert weight_bytes(held) == weight_bytes(reference) - vocab * hidden * 4 + vocab * hidden + vocab * hidden // 32 * 2
+    assert (
+        weight_bytes(held) == weight_bytes(reference) - vocab * hidden * 4 + vocab * hidden + vocab * hidden // 32 * 2
+    )
     ids = torch.tensor([tokenizer.encode("Tell me a story about a cat")])
     with torch.no_grad():
         assert torch.equal(embed(ids), reference.get_input_embeddings()(ids))  # the lookup is exact
@@ -203,8 +225,11 @@ def test_near_zero_temperature_and_penalty_are_greedy_and_finite(tiny_model_dir)
         engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4)
         await engine.start()
         try:
-            return await asyncio.gather(generate_tokens(engine, ids, 12), generate_tokens(engine, ids, 12, temperature=1e-40),
-                                        generate_tokens(engine, ids, 12, repetition_penalty=1e-300))
+            return await asyncio.gather(
+                generate_tokens(engine, ids, 12),
+                generate_tokens(engine, ids, 12, temperature=1e-40),
+                generate_tokens(engine, ids, 12, repetition_penalty=1e-300),
+            )
         finally:
             await engine.close()
 
@@ -282,9 +307,13 @@ def test_a_request_gets_the_same_tokens_alone_and_in_any_batch(tiny_model_dir, m
     model, tokenizer = load_tiny(tiny_model_dir, packed=True)
     model = hold_vocab_compact(model)  # as load_student holds it: the head read by a C GEMV
     real_logits = native_model.BatchedCausalLM._logits
-    monkeypatch.setattr(native_model.BatchedCausalLM, "_logits",
-                        lambda self, hidden, chunks: (lambda logits, spans: (logits * 1e4 % 7.0, spans))(
-                            *real_logits(self, hidden, chunks)))
+    monkeypatch.setattr(
+        native_model.BatchedCausalLM,
+        "_logits",
+        lambda self, hidden, chunks: (lambda logits, spans: (logits * 1e4 % 7.0, spans))(
+            *real_logits(self, hidden, chunks)
+        ),
+    )
     prompts = [tokenizer.encode(t) for t in ["Hi", "A longer prompt that goes on " * 3, "x y", "Tell me about cats"]]
 
     async def run(together: bool):
@@ -292,7 +321,9 @@ def test_a_request_gets_the_same_tokens_alone_and_in_any_batch(tiny_model_dir, m
         await engine.start()
         try:
             if together:
-                return await asyncio.gather(*(generate_tokens(engine, p, 24, delay=0.03 * i) for i, p in enumerate(prompts)))
+                return await asyncio.gather(
+                    *(generate_tokens(engine, p, 24, delay=0.03 * i) for i, p in enumerate(prompts))
+                )
             return [await generate_tokens(engine, p, 24) for p in prompts]
         finally:
             await engine.close()
@@ -320,7 +351,9 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_model_dir):
         engine = NativeEngine("m", lambda: (model, tokenizer), max_num_seqs=4, compile=compile)
         await engine.start()
         try:
-            return await asyncio.gather(*(generate_tokens(engine, p, 12, delay=0.02 * i) for i, p in enumerate(prompts)))
+            return await asyncio.gather(
+                *(generate_tokens(engine, p, 12, delay=0.02 * i) for i, p in enumerate(prompts))
+            )
         finally:
             await engine.close()
 
@@ -372,8 +405,12 @@ def test_batched_sampler_rules():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     greedy = logits.argmax(-1).tolist()
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.7, top_p=1e-6),
-              SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=0.7, top_p=1e-6),
+        SamplingParams(temperature=1.0),
+    ]
     assert sample(logits, params, [None] * 4)[:3] == greedy[:3]  # top-k 1 and a tiny top-p leave the best token alone
     # a seeded row draws the same token alone and in any batch
     seeded = SamplingParams(temperature=1.0, seed=7)
@@ -382,7 +419,9 @@ def test_batched_sampler_rules():
     assert alone == [together] * 3
     # frequencies follow softmax(logits / T) within the nucleus; nothing outside it
     row = torch.tensor([2.0, 1.0, 0.0, -5.0])
-    draws = sample(row.expand(4000, 4).clone(), [SamplingParams(temperature=1.0, top_p=0.9)] * 4000, [make_generator(1)] * 4000)
+    draws = sample(
+        row.expand(4000, 4).clone(), [SamplingParams(temperature=1.0, top_p=0.9)] * 4000, [make_generator(1)] * 4000
+    )
     counts = torch.bincount(torch.tensor(draws), minlength=4).float() / 4000
     probs = torch.softmax(row, -1)
     kept = probs[:2] / probs[:2].sum()  # 0.665 + 0.245 reach 0.9: the nucleus is the first two

@@ -23,7 +23,9 @@ def statuses(config: ServeConfig, host: str, paths=("/v1/models", "/v1/completio
             seen = {}
             for path in paths:
                 if path == "/v1/completions":
-                    response = await c.post(path, json={"model": "student", "prompt": "hi", "max_tokens": 2}, headers=headers)
+                    response = await c.post(
+                        path, json={"model": "student", "prompt": "hi", "max_tokens": 2}, headers=headers
+                    )
                 else:
                     response = await c.get(path, headers=headers)
                 seen[path] = response.status_code
@@ -32,8 +34,16 @@ def statuses(config: ServeConfig, host: str, paths=("/v1/models", "/v1/completio
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("host", ["evil.example:8000", "evil.example", "127.0.0.1.evil.example:8000",
-                                  "localhost.evil.example:8000", "192.168.1.5:8000"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example:8000",
+        "evil.example",
+        "127.0.0.1.evil.example:8000",
+        "localhost.evil.example:8000",
+        "192.168.1.5:8000",
+    ],
+)
 def test_a_keyless_loopback_server_refuses_other_host_names(tmp_path, host):
     seen = statuses(ServeConfig(tmp_path), host)
     assert seen == {"/v1/models": 400, "/v1/completions": 400, "/health": 200, "/metrics": 200}, seen

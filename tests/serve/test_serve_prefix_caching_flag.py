@@ -13,13 +13,16 @@ from nvfp4.serve.cli import config_from_flags, native_engines, serve
 from nvfp4.serve.config import NativeSettings, ServeConfig
 
 
-@pytest.mark.parametrize("flags, enabled", [
-    ([], True),
-    (["--no-prefix-caching"], False),
-    (["--no-enable-prefix-caching"], False),
-    (["--enable-prefix-caching"], True),
-    (["--no-prefix-caching", "--prefix-caching"], True),  # the last one wins, as click's flags do
-])
+@pytest.mark.parametrize(
+    "flags, enabled",
+    [
+        ([], True),
+        (["--no-prefix-caching"], False),
+        (["--no-enable-prefix-caching"], False),
+        (["--enable-prefix-caching"], True),
+        (["--no-prefix-caching", "--prefix-caching"], True),  # the last one wins, as click's flags do
+    ],
+)
 def test_the_flag_and_vllms_spelling_set_the_config(monkeypatch, flags, enabled):
     monkeypatch.delenv("NVFP4_API_KEY", raising=False)
     monkeypatch.delenv("NVFP4_PUBLISHED_ON", raising=False)

@@ -36,7 +36,9 @@ def test_no_server_errors(live, mode):
             continue  # nothing to make invalid in a GET without parameters
 
         @given(case=operation.as_strategy(mode))
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
         def check(case):
             if mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
                 case.body["model"] = "student"  # a random name only ever reaches the 404 branch

@@ -49,8 +49,9 @@ def test_json_schema_answers_sampled_at_temperature_1_all_validate(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     answers = []
     for seed in range(7):  # 7 x 16 = 112 answers
-        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=1.0, n=16, seed=16 * seed,
-                                               max_tokens=200, response_format=fmt)
+        reply = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, temperature=1.0, n=16, seed=16 * seed, max_tokens=200, response_format=fmt
+        )
         answers += reply.choices
     assert len(answers) == 112
     for choice in answers:
@@ -61,8 +62,9 @@ def test_json_schema_answers_sampled_at_temperature_1_all_validate(client):
 
 def test_json_object_choice_regex_and_grammar_constrain(client):
     def texts(**extra) -> list[str]:
-        reply = client.completions.create(model="tiny", prompt="The answer:", temperature=1.0, n=12, seed=3,
-                                          max_tokens=60, extra_body=extra)
+        reply = client.completions.create(
+            model="tiny", prompt="The answer:", temperature=1.0, n=12, seed=3, max_tokens=60, extra_body=extra
+        )
         assert all(c.finish_reason == "stop" for c in reply.choices), [c.text for c in reply.choices]
         return [c.text for c in reply.choices]
 
@@ -75,8 +77,9 @@ def test_json_object_choice_regex_and_grammar_constrain(client):
     assert all(re.fullmatch(r"\(\d(\+\d)*\)", t) for t in texts(structured_outputs={"grammar": grammar}))
     small = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
     assert all(json.loads(t)["n"] in range(10) for t in texts(guided_json=small))
-    objects = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=300,
-                                             response_format={"type": "json_object"})
+    objects = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, temperature=0, max_tokens=300, response_format={"type": "json_object"}
+    )
     if objects.choices[0].finish_reason == "stop":  # any object may run past max_tokens: then it is cut
         assert isinstance(json.loads(objects.choices[0].message.content), dict)
 
@@ -89,22 +92,28 @@ def test_an_answer_cut_by_max_tokens_ends_with_length(client):
     assert '{"name": "'.startswith(text) or text.startswith('{"name": "')  # a prefix of the schema's shape
     with pytest.raises(json.JSONDecodeError):  # cut: not JSON
         json.loads(text)
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, response_format=fmt,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, response_format=fmt, stream=True)
+    )
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
-     "response_format"),
-    ({"response_format": {"type": "json_schema"}}, "response_format"),
-    ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
-    ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs"),
-    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
-    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
-    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_*"),
-    ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_*"),
+        ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}, "response_format"),
+    ],
+)
 def test_a_bad_constraint_is_a_400_with_an_openai_error(server, extra, param):
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})):
         response = httpx.post(server.url + path, json={"model": "tiny", "max_tokens": 4, **body, **extra}, timeout=30)
@@ -119,10 +128,13 @@ def test_the_constraint_reaches_every_engine_in_its_sampling_params():
     engine = FakeEngine(reply='{"a": 1}')
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app({"fake": engine})),
-                                     base_url="http://t") as c:
-            return await c.post("/v1/completions", json={"model": "fake", "prompt": "x", "n": 2,
-                                                         "structured_outputs": {"regex": "[ab]+"}})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=build_app({"fake": engine})), base_url="http://t"
+        ) as c:
+            return await c.post(
+                "/v1/completions",
+                json={"model": "fake", "prompt": "x", "n": 2, "structured_outputs": {"regex": "[ab]+"}},
+            )
 
     assert asyncio.run(go()).status_code == 200
     assert [r.params.constraint for r in engine.submitted] == [Constraint("regex", "[ab]+")] * 2
@@ -163,9 +175,15 @@ def test_adapters_pass_the_constraint_on_or_refuse_it_with_a_400(tiny_model_dir)
 
     _, tokenizer = load_tiny(tiny_model_dir, packed=False)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    params = {kind: SamplingParams(constraint=c) for kind, c in (
-        ("json", Constraint.json_schema(schema)), ("choice", Constraint.choice(["x", 'y"'])),
-        ("regex", Constraint("regex", "[ab]+")), ("grammar", Constraint("grammar", 'root ::= "a"')))}
+    params = {
+        kind: SamplingParams(constraint=c)
+        for kind, c in (
+            ("json", Constraint.json_schema(schema)),
+            ("choice", Constraint.choice(["x", 'y"'])),
+            ("regex", Constraint("regex", "[ab]+")),
+            ("grammar", Constraint("grammar", 'root ::= "a"')),
+        )
+    }
     vllm = VLLMEngine("m", "/nowhere", tokenizer, 256)
     assert vllm.request_body([1], params["json"])["structured_outputs"] == {"json": schema}
     assert vllm.request_body([1], params["choice"])["structured_outputs"] == {"choice": ["x", 'y"']}

@@ -30,8 +30,10 @@ def call(engine: Engine, method: str, path: str, **kwargs) -> httpx.Response:
 
 def generation_prompt_engine() -> FakeEngine:
     engine = FakeEngine()
-    engine.tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
-                                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    engine.tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     return engine
 
 
@@ -46,8 +48,12 @@ def test_tokenize_a_prompt_and_detokenize_it_back():
 def test_tokenize_messages_as_the_chat_route_renders_them():
     messages = [{"role": "user", "content": "hi <|end|>"}]  # typed control text stays text, as in a chat
     opened = call(generation_prompt_engine(), "POST", "/tokenize", json={"model": "student", "messages": messages})
-    closed = call(generation_prompt_engine(), "POST", "/tokenize",
-                  json={"model": "student", "messages": messages, "add_generation_prompt": False})
+    closed = call(
+        generation_prompt_engine(),
+        "POST",
+        "/tokenize",
+        json={"model": "student", "messages": messages, "add_generation_prompt": False},
+    )
     engine = generation_prompt_engine()
     tokenizer = engine.tokenizer
     user_turn = tokenizer.encode("<|user|>") + [ord(c) for c in "hi <|end|>"] + tokenizer.encode("<|end|>")
@@ -60,18 +66,21 @@ def test_tokenize_without_a_model_uses_the_first_and_can_return_token_strings():
     assert response.status_code == 200 and response.json()["token_strs"] == ["a", "b"]
 
 
-@pytest.mark.parametrize("path, body, status, param", [
-    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
-    ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
-    ("/detokenize", {"model": "student", "tokens": [-1]}, 400, "tokens"),
-    ("/detokenize", {"model": "student", "tokens": [0x110000 + 4]}, 400, "tokens"),  # past the vocabulary
-    ("/detokenize", {"model": "student", "tokens": [2**70]}, 400, "tokens"),
-    ("/detokenize", {"model": "student", "tokens": ["a"]}, 400, "tokens.0"),
-    ("/tokenize", {"model": "student"}, 400, None),  # neither prompt nor messages
-    ("/tokenize", {"model": "student", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, None),
-    ("/tokenize", {"model": "student", "messages": []}, 400, "messages"),
-    ("/tokenize", {"model": "student", "prompt": "x" * 2**20}, 400, "prompt"),  # cannot fit the context
-])
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+        ("/detokenize", {"model": "student", "tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"model": "student", "tokens": [0x110000 + 4]}, 400, "tokens"),  # past the vocabulary
+        ("/detokenize", {"model": "student", "tokens": [2**70]}, 400, "tokens"),
+        ("/detokenize", {"model": "student", "tokens": ["a"]}, 400, "tokens.0"),
+        ("/tokenize", {"model": "student"}, 400, None),  # neither prompt nor messages
+        ("/tokenize", {"model": "student", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, None),
+        ("/tokenize", {"model": "student", "messages": []}, 400, "messages"),
+        ("/tokenize", {"model": "student", "prompt": "x" * 2**20}, 400, "prompt"),  # cannot fit the context
+    ],
+)
 def test_a_clients_mistake_is_an_openai_4xx(path, body, status, param):
     response = call(FakeEngine(), "POST", path, json=body)
     assert response.status_code == status, response.text
@@ -95,9 +104,13 @@ def test_model_cards_carry_max_model_len():
 
 def test_a_clients_request_id_is_echoed_on_answers_and_errors():
     headers = {"X-Request-Id": "client-42.a:b_c"}
-    for method, path, body in [("GET", "/v1/models", None), ("POST", "/tokenize", {"model": "nope", "prompt": "x"}),
-                               ("POST", "/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 2}),
-                               ("GET", "/health", None), ("GET", "/missing", None)]:
+    for method, path, body in [
+        ("GET", "/v1/models", None),
+        ("POST", "/tokenize", {"model": "nope", "prompt": "x"}),
+        ("POST", "/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 2}),
+        ("GET", "/health", None),
+        ("GET", "/missing", None),
+    ]:
         response = call(FakeEngine(), method, path, json=body, headers=headers)
         assert response.headers.get_list("x-request-id") == ["client-42.a:b_c"], (path, response.status_code)
     refused = call(FakeEngine(), "GET", "/v1/models", headers=headers, api_key="secret")

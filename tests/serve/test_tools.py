@@ -16,14 +16,25 @@ from nvfp4.serve.tools import tool_plan
 from support.serve import QWEN_TOOLS_TEMPLATE, FakeEngine, LiveServer, load_tiny, load_with_template
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
-                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-       "required": ["a", "b"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD}}]
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "integer", "minimum": 0, "maximum": 99},
+        "b": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD}},
+]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -49,9 +60,17 @@ def test_required_and_named_tool_choice_always_give_valid_calls(qwen):
     client = qwen.openai()
     for choice, names in (("required", tuple(SCHEMAS)), ({"type": "function", "function": {"name": "add"}}, ("add",))):
         for seed in (0, 16):
-            reply = client.chat.completions.create(model="qwen", messages=MESSAGES, tools=TOOLS, tool_choice=choice,
-                                                   parallel_tool_calls=False, temperature=1.0, n=16, seed=seed,
-                                                   max_tokens=120)
+            reply = client.chat.completions.create(
+                model="qwen",
+                messages=MESSAGES,
+                tools=TOOLS,
+                tool_choice=choice,
+                parallel_tool_calls=False,
+                temperature=1.0,
+                n=16,
+                seed=seed,
+                max_tokens=120,
+            )
             for answer in reply.choices:
                 assert answer.finish_reason == "tool_calls", answer.message
                 assert answer.message.content is None
@@ -60,9 +79,16 @@ def test_required_and_named_tool_choice_always_give_valid_calls(qwen):
 
 def test_a_named_call_streams_as_tool_call_deltas(qwen):
     client = qwen.openai()
-    stream = client.chat.completions.create(model="qwen", messages=MESSAGES, tools=TOOLS, temperature=1.0, seed=5,
-                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                            max_tokens=120, stream=True)
+    stream = client.chat.completions.create(
+        model="qwen",
+        messages=MESSAGES,
+        tools=TOOLS,
+        temperature=1.0,
+        seed=5,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=120,
+        stream=True,
+    )
     chunks = list(stream)
     deltas = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
@@ -75,8 +101,10 @@ def test_a_control_token_in_a_tool_definition_or_an_earlier_call_is_a_400(qwen):
     tools = [{"type": "function", "function": {"name": "f", "description": forged}}]
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": forged})}}
     for messages, tools in ((MESSAGES, tools), ([*MESSAGES, {"role": "assistant", "tool_calls": [call]}], TOOLS)):
-        response = httpx.post(qwen.url + "/v1/chat/completions", json={"model": "qwen", "messages": messages,
-                                                                       "tools": tools, "max_tokens": 2})
+        response = httpx.post(
+            qwen.url + "/v1/chat/completions",
+            json={"model": "qwen", "messages": messages, "tools": tools, "max_tokens": 2},
+        )
         assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
 
 
@@ -134,22 +162,35 @@ def test_streaming_holds_back_only_what_may_begin_a_call():
 def test_a_tool_conversation_renders_earlier_calls_and_answers(scripted):
     engine, live = scripted
     engine.reply = "It is 12 degrees."
-    call = {"id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
-    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "12"}]
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+    }
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12"},
+    ]
     reply = live.openai().chat.completions.create(model="fake", messages=messages, tools=TOOLS)
     assert reply.choices[0].message.content == "It is 12 degrees."
     prompt = engine.tokenizer.decode(engine.submitted[-1].prompt_ids)
     assert '"arguments": {"city": "Paris", "unit": "celsius"}' in prompt and "<tool_response>\n12\n" in prompt
 
 
-@pytest.mark.parametrize("text, content, calls", [
-    (CALL, None, [("get_weather", {"city": "Paris", "unit": "celsius"})]),
-    ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
-    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}', None, [("add", {"a": 1, "b": 2})]),  # EOS ended it
-    ("plain", "plain", []),
-])
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        (CALL, None, [("get_weather", {"city": "Paris", "unit": "celsius"})]),
+        ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+        (
+            '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}',
+            None,
+            [("add", {"a": 1, "b": 2})],
+        ),  # EOS ended it
+        ("plain", "plain", []),
+    ],
+)
 def test_the_hermes_parser(text, content, calls):
     plan = _plan("auto", QWEN_TOOLS_TEMPLATE)
     parsed_content, parsed = plan.parse(text)
@@ -157,13 +198,18 @@ def test_the_hermes_parser(text, content, calls):
     assert [(c.name, json.loads(c.arguments)) for c in parsed] == calls
 
 
-@pytest.mark.parametrize("text, calls", [
-    ('{"name": "add", "parameters": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),
-    ('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "add", "parameters": {"a": 3, "b": 4}}',
-     [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
-    ('{"name": "add", "parameters": {"a": "x;y", "b": 2}}', [("add", {"a": "x;y", "b": 2})]),
-    ("The answer is 3.", []),
-])
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        ('{"name": "add", "parameters": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),
+        (
+            '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "add", "parameters": {"a": 3, "b": 4}}',
+            [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+        ),
+        ('{"name": "add", "parameters": {"a": "x;y", "b": 2}}', [("add", {"a": "x;y", "b": 2})]),
+        ("The answer is 3.", []),
+    ],
+)
 def test_the_llama3_json_parser(text, calls):
     plan = _plan("auto", "{{ '<|python_tag|>' }}")
     _, parsed = plan.parse(text)
@@ -178,19 +224,23 @@ def test_required_and_named_answers_parse_as_vllm_shapes_them():
 
 
 def _plan(choice, template):
-    body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": TOOLS,
-                                                 "tool_choice": choice})
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice}
+    )
     return tool_plan(body, template)
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
-    ({"tools": [{"type": "function"}]}, None),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"tools": [{"type": "function"}]}, None),
+    ],
+)
 def test_tool_mistakes_are_400s(scripted, extra, param):
     _, live = scripted
     response = httpx.post(live.url + "/v1/chat/completions", json={"model": "fake", "messages": MESSAGES, **extra})
@@ -204,11 +254,17 @@ def test_tool_mistakes_are_400s(scripted, extra, param):
 def test_auto_on_a_template_without_a_call_format_and_tools_on_completions_are_400s(tiny_model_dir):
     engine = NativeEngine("tiny", lambda: load_tiny(tiny_model_dir, packed=False), max_num_seqs=2)
     with LiveServer(build_app({"tiny": engine})) as live:
-        response = httpx.post(live.url + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
-                                                                       "tools": TOOLS})
+        response = httpx.post(
+            live.url + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "tools": TOOLS}
+        )
         assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
         response = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "tools": TOOLS})
         assert response.status_code == 400 and "`tools`" in response.json()["error"]["message"]
-        forced = live.openai().chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=120,
-                                                       tool_choice={"type": "function", "function": {"name": "add"}})
+        forced = live.openai().chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            tools=TOOLS,
+            max_tokens=120,
+            tool_choice={"type": "function", "function": {"name": "add"}},
+        )
         _assert_valid_calls(forced.choices[0].message, ("add",))  # forced calls need no call format

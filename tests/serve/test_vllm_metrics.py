@@ -14,13 +14,60 @@ from nvfp4.serve.metrics import VLLM_ITL_BUCKETS, VLLM_REQUEST_BUCKETS, VLLM_TTF
 from support.serve import FakeEngine, metric
 
 # vLLM's own buckets (vllm/v1/metrics/loggers.py), written out here so that a change to ours fails this test
-TTFT = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-        160.0, 640.0, 2560.0]
+TTFT = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
 ITL = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
-REQUEST = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
-           960.0, 1920.0, 7680.0]
-HISTOGRAMS = {"vllm:time_to_first_token_seconds": TTFT, "vllm:inter_token_latency_seconds": ITL,
-              "vllm:e2e_request_latency_seconds": REQUEST, "vllm:request_queue_time_seconds": REQUEST}
+REQUEST = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
+HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": TTFT,
+    "vllm:inter_token_latency_seconds": ITL,
+    "vllm:e2e_request_latency_seconds": REQUEST,
+    "vllm:request_queue_time_seconds": REQUEST,
+}
 
 
 class _BusyEngine(FakeEngine):
@@ -41,7 +88,9 @@ def scrape_after(engine: FakeEngine, *requests: dict) -> str:
 
 def buckets(exposition: str, name: str) -> list[float]:
     family = next(f for f in text_string_to_metric_families(exposition) if f.name == name)
-    bounds = [s.labels["le"] for s in family.samples if s.name == name + "_bucket" and s.labels["model_name"] == "student"]
+    bounds = [
+        s.labels["le"] for s in family.samples if s.name == name + "_bucket" and s.labels["model_name"] == "student"
+    ]
     return [float(b) for b in bounds if b != "+Inf"]
 
 
@@ -66,8 +115,11 @@ def test_requests_feed_the_vllm_series_as_they_feed_ours():
     body = {"model": "student", "prompt": "hey", "max_tokens": 4}
     exposition = scrape_after(FakeEngine(), body, {**body, "stream": True}, {**body, "n": 2})
     student = {"model_name": "student"}
-    assert metric(exposition, "vllm:prompt_tokens_total", **student) == 4 * 3 == metric(
-        exposition, "nvfp4_prompt_tokens_total", model="student")
+    assert (
+        metric(exposition, "vllm:prompt_tokens_total", **student)
+        == 4 * 3
+        == metric(exposition, "nvfp4_prompt_tokens_total", model="student")
+    )
     assert metric(exposition, "vllm:generation_tokens_total", **student) == 4 * 4
     assert metric(exposition, "vllm:request_success_total", finished_reason="length", **student) == 4
     assert metric(exposition, "vllm:time_to_first_token_seconds_count", **student) == 4

@@ -69,7 +69,19 @@ class ServerProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-P", "-m", "nvfp4.cli", "serve", *args[:1], "--port", str(self.port), "--log-level", "warning", *args[1:]]
+        argv = [
+            sys.executable,
+            "-P",
+            "-m",
+            "nvfp4.cli",
+            "serve",
+            *args[:1],
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *args[1:],
+        ]
         self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
     def wait_ready(self, deadline_s: float = 180.0) -> None:

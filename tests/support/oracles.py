@@ -27,7 +27,9 @@ def modelopt_export(source: Path, out: Path, scheme: str, batch: torch.Tensor) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG if scheme == "nvfp4" else mtq.W4A16_NVFP4_CFG, forward_loop=lambda m: m(batch))
+    mtq.quantize(
+        model, mtq.NVFP4_DEFAULT_CFG if scheme == "nvfp4" else mtq.W4A16_NVFP4_CFG, forward_loop=lambda m: m(batch)
+    )
     with torch.inference_mode():
         export_hf_checkpoint(model, export_dir=out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
@@ -42,7 +44,11 @@ def assert_same_quantized_tensors(ours: dict, theirs: dict) -> None:
     for key in quantized:
         a, b = ours[key], theirs[key]
         assert a.dtype == b.dtype and a.shape == b.shape, key
-        equal = torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn else torch.equal(a, b)
+        equal = (
+            torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            if a.dtype == torch.float8_e4m3fn
+            else torch.equal(a, b)
+        )
         assert equal, f"{key}: differs from ModelOpt's export"
 
 
@@ -56,8 +62,22 @@ def llama_cpp_converter(cache: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                "-d",
+                str(root),
+            ],
+            check=True,
+        )
     wanted = (f"{prefix}/convert_hf_to_gguf.py", f"{prefix}/conversion/", f"{prefix}/gguf-py/")
     staging = Path(tempfile.mkdtemp(dir=root))
     with tarfile.open(sdist) as tar:
@@ -71,8 +91,12 @@ def llama_cpp_converter(cache: Path) -> Path:
 
 def reference_gguf(converter: Path, hf_dir: Path, out: Path) -> Path:
     env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out)],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, f"llama.cpp's converter failed:\n{result.stderr[-3000:]}"
     return out
 
@@ -93,7 +117,9 @@ def assert_gguf_quantized_equal(ours: Path, theirs: Path) -> int:
     bad = []
     for name in sorted(quantized | scales):
         a, b = mine[name], ref[name]
-        if a.tensor_type != b.tensor_type or not np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)):
+        if a.tensor_type != b.tensor_type or not np.array_equal(
+            np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)
+        ):
             bad.append(name)
     assert not bad, f"{len(bad)} tensors differ from llama.cpp's converter, e.g. {bad[:5]}"
     return len(quantized)

@@ -118,7 +118,9 @@ async def generate_tokens(engine, ids, n, delay=0.0, **params) -> tuple[list[int
     await asyncio.sleep(delay)
     tokens, text = [], ""
     # min_tokens masks EOS as transformers' min_new_tokens does
-    request = GenerationRequest("t", ids, SamplingParams(**{"max_tokens": n, "temperature": 0, "min_tokens": n, **params}))
+    request = GenerationRequest(
+        "t", ids, SamplingParams(**{"max_tokens": n, "temperature": 0, "min_tokens": n, **params})
+    )
     async for event in engine.generate(request):
         tokens.append(event.token_id)
         text += event.text
@@ -126,7 +128,9 @@ async def generate_tokens(engine, ids, n, delay=0.0, **params) -> tuple[list[int
 
 
 def greedy_reference(model, ids, n) -> list[int]:
-    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[
+        0, len(ids) :
+    ].tolist()
 
 
 def check_parity(model, tokenizer, prompts, n, max_num_seqs=4, prefill_chunk=512):
@@ -174,16 +178,23 @@ class CharTokenizer:
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **extra) -> str:
         from jinja2 import Template
 
-        return Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                   **extra)
+        return Template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **extra
+        )
 
 
 class FakeEngine(Engine):
     """Yields `reply` one character a step; `fail_after` raises UpstreamError after that many events (a proxied
     engine dying mid-stream); `full_after` raises QueueFull on that submission. Tracks what is still open."""
 
-    def __init__(self, reply: str = "hello world", delay: float = 0.0, fail_after: int | None = None,
-                 full_after: int | None = None, finish: str = "length"):
+    def __init__(
+        self,
+        reply: str = "hello world",
+        delay: float = 0.0,
+        fail_after: int | None = None,
+        full_after: int | None = None,
+        finish: str = "length",
+    ):
         self.name, self.tokenizer, self.max_model_len = "fake", CharTokenizer(), 4096
         self.finish = finish  # the last event's finish_reason
         self.reply, self.delay, self.fail_after, self.full_after = reply, delay, fail_after, full_after

@@ -20,8 +20,13 @@ def live_on(app, port: int) -> LiveServer:
 def serve_with_ui(engines: dict, api_key: str | None = None) -> LiveServer:
     """What `nvfp4 serve OUT --ui` runs: build_app, then the page mounted at /ui (nvfp4.cli.mount_ui), on one port."""
     port = free_port()
-    app = mount_ui(build_app(engines, api_key=api_key), f"http://127.0.0.1:{port}",
-                   "teacher" if "teacher" in engines else "student", "student", api_key)
+    app = mount_ui(
+        build_app(engines, api_key=api_key),
+        f"http://127.0.0.1:{port}",
+        "teacher" if "teacher" in engines else "student",
+        "student",
+        api_key,
+    )
     return live_on(app, port)
 
 

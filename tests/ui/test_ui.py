@@ -32,7 +32,17 @@ from support.ui import live_on, serve_tiny_with_ui, text_of
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SYSTEM = "You are terse."
 SEND = dict(system=SYSTEM, temperature=0.7, top_p=1.0, max_tokens=24, seed=None, greedy=True, api_name="/send")
-OUT = ["box", "teacher", "student", "teacher_metrics", "student_metrics", "agreement", "status", "teacher_head", "student_head"]
+OUT = [
+    "box",
+    "teacher",
+    "student",
+    "teacher_metrics",
+    "student_metrics",
+    "agreement",
+    "status",
+    "teacher_head",
+    "student_head",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +61,9 @@ def send(page: Client, message: str, **overrides) -> dict:
 
 
 def greedy_tokens(server, model: str, messages: list[dict], n: int) -> tuple[str, list[str], str]:
-    out = server.openai().chat.completions.create(model=model, messages=messages, max_tokens=n, temperature=0, logprobs=True)
+    out = server.openai().chat.completions.create(
+        model=model, messages=messages, max_tokens=n, temperature=0, logprobs=True
+    )
     choice = out.choices[0]
     return choice.message.content, [e.token for e in choice.logprobs.content], choice.finish_reason
 
@@ -69,7 +81,11 @@ def test_first_divergence():
 
 
 def test_header_reads_nvfp4_fields_when_served():
-    entry = {"id": "student", "root": "smol-nvfp4", "nvfp4": {"scheme": "nvfp4-a16", "weight_bytes": 104_857_600, "heldout_kl": 0.1234}}
+    entry = {
+        "id": "student",
+        "root": "smol-nvfp4",
+        "nvfp4": {"scheme": "nvfp4-a16", "weight_bytes": 104_857_600, "heldout_kl": 0.1234},
+    }
     head = header_html("Student", "student", entry)
     assert "smol-nvfp4" in head and "nvfp4-a16" in head and "weights 104.9 MB" in head and "held-out KL 0.123" in head
     plain = header_html("Teacher", "teacher", {"id": "teacher", "root": "smol"})
@@ -92,7 +108,9 @@ def test_both_panes_stream_greedy_answers_with_metrics_and_divergence(server, pa
     for role in ("teacher", "student"):
         chat = out[role]
         assert [m["role"] for m in chat] == ["user", "assistant"]
-        assert text_of(chat[1]) == expected[role][0].strip() and expected[role][0].strip()  # the chatbot trims whitespace
+        assert (
+            text_of(chat[1]) == expected[role][0].strip() and expected[role][0].strip()
+        )  # the chatbot trims whitespace
         cells = metric_cells(out[f"{role}_metrics"])
         assert float(cells["TTFT"].removesuffix(" ms")) > 0 and float(cells["tokens/s"]) > 0
         assert int(cells["tokens"]) == len(expected[role][1]) and cells["finish"] == expected[role][2]
@@ -118,13 +136,15 @@ def test_score_with_teacher_matches_transformers(server, page, tiny_model_dir):
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     expected = [float(logp[i - 1, ids[i]]) for i in range(len(ids) - len(shown), len(ids))]
     assert shown and shown == pytest.approx(expected, abs=2e-3)
-    assert "".join(tokenizer.decode([t]) for t in ids[len(ids) - len(shown):]).endswith(answer)
+    assert "".join(tokenizer.decode([t]) for t in ids[len(ids) - len(shown) :]).endswith(answer)
     mean = float(re.search(r"KL proxy\) <b>([\d.]+)</b>", html).group(1))
     assert mean == pytest.approx(-sum(expected) / len(expected), abs=2e-3)
     assert "perplexity" in html and "teacher's own answer" in html
 
 
-@pytest.mark.parametrize("templated, note", [(True, "in the teacher's chat template"), (False, "plain-text transcript")])
+@pytest.mark.parametrize(
+    "templated, note", [(True, "in the teacher's chat template"), (False, "plain-text transcript")]
+)
 def test_score_names_how_the_conversation_was_scored(templated, note):
     """A server without our /v1/models card (a plain vLLM) gets the transcript proxy, and the page says so."""
     html = score_html(Score(["Hi", "!"], [-0.5, -1.5]), None, templated)
@@ -141,7 +161,13 @@ def test_render_chat_equals_transformers_template(tiny_model_dir, turns, system)
     if turns == 2:
         messages += [{"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "And then?"}]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    entry = {"nvfp4": {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}}
+    entry = {
+        "nvfp4": {
+            "chat_template": tokenizer.chat_template,
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+        }
+    }
     assert render_chat(tokenizer.chat_template, messages, tokenizer.bos_token, tokenizer.eos_token) == expected
     assert scoring_context(entry, messages) == (expected, True)
     assert scoring_context({"id": "teacher"}, messages) == (transcript(messages), False)
@@ -161,7 +187,9 @@ def test_score_in_chat_template_matches_transformers(server, tiny_model_dir):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     k = len(score.tokens)
-    assert score.logprobs == pytest.approx([float(logp[i - 1, ids[i]]) for i in range(len(ids) - k, len(ids))], abs=1e-3)
+    assert score.logprobs == pytest.approx(
+        [float(logp[i - 1, ids[i]]) for i in range(len(ids) - k, len(ids))], abs=1e-3
+    )
     assert "".join(score.tokens).endswith(answer) and not "".join(score.tokens[1:]).endswith(answer)  # no extra token
 
 

@@ -19,8 +19,16 @@ from support.ui import live_on, serve_tiny_with_ui, serve_with_ui
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 BOT = "[data-testid=bot]"
 
 
@@ -38,10 +46,14 @@ def ask(page: Page, prompt: str, timeout_ms: float = 60_000) -> None:
     page.locator("#send").click()
     for pane in ("#teacher-chat", "#student-chat"):
         page.wait_for_function(
-            f"() => [...document.querySelectorAll('{pane} {BOT}')].some(m => m.innerText.trim().length > 0)", timeout=timeout_ms)
+            f"() => [...document.querySelectorAll('{pane} {BOT}')].some(m => m.innerText.trim().length > 0)",
+            timeout=timeout_ms,
+        )
     for metrics in ("#teacher-metrics", "#student-metrics"):  # both answers finished
         expect(page.locator(metrics)).to_contain_text("finish", timeout=timeout_ms)
-        page.wait_for_function(f"() => !document.querySelector('{metrics}').innerText.includes('…')", timeout=timeout_ms)
+        page.wait_for_function(
+            f"() => !document.querySelector('{metrics}').innerText.includes('…')", timeout=timeout_ms
+        )
 
 
 def spread(png: bytes) -> float:
@@ -91,15 +103,19 @@ class ThrottledEngine(NativeEngine):
 
 
 def test_stop_keeps_partial_answers_then_clear(browser, tiny_model_dir):
-    engines = {"student": ThrottledEngine("tiny-nvfp4", lambda: load_tiny(tiny_model_dir, packed=True)),
-               "teacher": ThrottledEngine("tiny-bf16", lambda: load_tiny(tiny_model_dir, packed=False))}
+    engines = {
+        "student": ThrottledEngine("tiny-nvfp4", lambda: load_tiny(tiny_model_dir, packed=True)),
+        "teacher": ThrottledEngine("tiny-bf16", lambda: load_tiny(tiny_model_dir, packed=False)),
+    }
     with serve_with_ui(engines) as live:
         page = browser.new_page()
         page.goto(live.url + "/ui/")
         set_max_tokens(page, 480)  # the tiny model's context is 512
         page.locator("#prompt textarea").fill("Hello there")
         page.locator("#send").click()
-        page.wait_for_function("() => (document.querySelector('#teacher-chat [data-testid=bot]')?.innerText.length ?? 0) > 20")
+        page.wait_for_function(
+            "() => (document.querySelector('#teacher-chat [data-testid=bot]')?.innerText.length ?? 0) > 20"
+        )
         page.locator("#stop").click()
         page.wait_for_timeout(1500)
         partial = bot_texts(page, "#teacher-chat")
@@ -137,8 +153,10 @@ def test_page_shows_endpoint_down_and_recovers(browser, tiny_model_dir):
 
 @pytest.mark.slow
 def test_default_model_screenshot(browser, default_model_dir, tmp_path):
-    engines = {"student": NativeEngine("SmolLM2-135M-Instruct-nvfp4", lambda: load_tiny(default_model_dir, packed=True)),
-               "teacher": NativeEngine("SmolLM2-135M-Instruct", lambda: load_tiny(default_model_dir, packed=False))}
+    engines = {
+        "student": NativeEngine("SmolLM2-135M-Instruct-nvfp4", lambda: load_tiny(default_model_dir, packed=True)),
+        "teacher": NativeEngine("SmolLM2-135M-Instruct", lambda: load_tiny(default_model_dir, packed=False)),
+    }
     with serve_with_ui(engines) as live:
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         page.goto(live.url + "/ui/")
