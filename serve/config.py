@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from nvfp4.errors import UserError
+from nvfp4.exposure import check_key
 from nvfp4.serve.limits import Limits
 
 ENGINES = ("native", "vllm", "trtllm", "llamacpp")  # all but native: serve/adapters/
 DEVICES = ("cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LIMIT_RANGES = {  # Limits field -> (lowest, highest or None)
     "max_body_bytes": (1024, None),
     "max_choices": (1, None),
@@ -116,19 +116,6 @@ class ServeConfig:
                 f"`native.device` is the native engine's; engine {self.engine} places its models itself",
                 field="native.device",
             )
-
-
-def check_key(api_key: str | None, host: str, published_on: str | None) -> None:
-    """An empty key is a mistake; no key is one too where other machines reach the server."""
-    if api_key is not None and not api_key.strip():
-        raise UserError("`api_key` is empty: set a real key, or leave it unset on a loopback host", field="api_key")
-    reachable_on = published_on or host
-    if api_key is None and reachable_on not in LOOPBACK:
-        raise UserError(
-            f"serving on {reachable_on} without a key lets any machine that reaches it use the models: "
-            f"set `api_key`, or bind 127.0.0.1",
-            field="api_key",
-        )
 
 
 def _one_of(value, choices: tuple, name: str) -> None:

@@ -7,7 +7,7 @@ import secrets
 import click
 
 from nvfp4.errors import UserError, require
-from nvfp4.serve.config import check_key
+from nvfp4.exposure import check_key
 
 UI_FLAGS = {"api_key": "--api-key (or NVFP4_API_KEY)"}  # check_key's field -> the flag, as errors name it
 

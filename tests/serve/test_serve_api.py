@@ -274,7 +274,7 @@ def test_serve_refuses_bad_options_in_one_line(tmp_path, args, env, fragment):
 
 
 def test_a_container_published_on_loopback_needs_no_key():
-    from nvfp4.serve.config import check_key
+    from nvfp4.exposure import check_key
 
     check_key(None, "0.0.0.0", "127.0.0.1")  # compose's default: only this machine reaches the port
     check_key("k", "0.0.0.0", None)
