@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import secrets
@@ -248,8 +249,26 @@ class _BodyLimit:
             self.metrics.error(None, status)
             answer = error_body(status, message, None, code)
             answer["error"]["type"] = "invalid_request_error"  # a client's mistake (error_body has no type for 408)
-            # the body is not read to its end: the connection closes with the answer
+            if status != 408:
+                await self._drain(receive)
+            # whatever is left of the body is not read: the connection closes with the answer
             await JSONResponse(answer, status_code=status, headers={"connection": "close"})(scope, receive, send)
+
+    async def _drain(self, receive, seconds: float = 2.0) -> None:
+        """Read and drop what the client still sends, up to four limits' bytes and `seconds` (a lingering close,
+        as web servers make one): a client that sends a body before it reads the answer then reads its 4xx
+        instead of a reset, which HTTP clients retry; a flood past that is cut off. Nothing read is kept."""
+
+        async def drain() -> None:
+            left = 4 * self.limit
+            while left > 0:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                left -= len(message.get("body", b""))
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drain(), seconds)
 
     def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str] | None:
         length = headers.get(b"content-length")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import httpx
+
 from nvfp4.serve.app import build_app
 from nvfp4.serve.limits import Limits
 from support.serve import FakeEngine, LiveServer
@@ -58,7 +60,7 @@ def test_content_length_beside_chunked_framing_is_a_400_not_a_way_past_the_limit
 
 def test_bytes_are_counted_as_they_arrive_whatever_content_length_said():
     """A server (or proxy) that hands over more body than Content-Length announced still meets the limit:
-    413 once the limit is passed, and the rest is never read."""
+    413 once the limit is passed; past it, at most four limits' bytes are drained unkept before the close."""
     engine = FakeEngine()
     app = build_app({"student": engine}, limits=Limits(max_body_bytes=LIMIT))
     pieces = [PADDED[i : i + 1024] for i in range(0, len(PADDED), 1024)]
@@ -89,4 +91,19 @@ def test_bytes_are_counted_as_they_arrive_whatever_content_length_said():
 
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413, sent[:1]
-    assert len(handed) <= LIMIT // 1024 + 1 and not engine.submitted
+    assert len(handed) <= 5 * (LIMIT // 1024 + 1) < len(pieces) and not engine.submitted
+
+
+def test_a_client_that_sends_an_oversized_body_first_reads_its_413_not_a_reset():
+    """HTTP clients send the whole body before they read the answer: the server drains it (bounded) so that the
+    client sees the 413 (a reset would be retried by the OpenAI SDK)."""
+    limit = 4 * 2**20  # the default: bodies past it outgrow the loopback socket buffers
+    with LiveServer(build_app({"student": FakeEngine()}, limits=Limits(max_body_bytes=limit))) as live:
+        for size in (limit + 2**20, 3 * limit):
+            response = httpx.post(
+                f"{live.url}/v1/completions",
+                content=b"x" * size,
+                timeout=10,
+                headers={"content-type": "application/json"},
+            )
+            assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large", size
