@@ -54,24 +54,13 @@ class TRTLLMEngine(VLLMEngine):
             str(folder),
             tokenizer_of(folder),
             opts.max_model_len,
-            executable=find_trtllm(opts.trtllm_bin),
+            executable=cls.find_executable(opts),
             **opts.common(),
         )
 
     @classmethod
-    def for_teacher(cls, source: str | None, name: str, opts) -> TRTLLMEngine:
-        from nvfp4.converter.models import resolve_model
-        from nvfp4.serve.adapters import tokenizer_of
-
-        folder = resolve_model(source)
-        return cls(
-            name,
-            str(folder),
-            tokenizer_of(folder),
-            opts.max_model_len,
-            executable=find_trtllm(opts.trtllm_bin),
-            **opts.common(),
-        )
+    def find_executable(cls, opts) -> str:
+        return find_trtllm(opts.trtllm_bin)
 
     def command(self, port: int) -> list[str]:
         return [

@@ -73,7 +73,7 @@ class VLLMEngine(ProxyEngine):
             tokenizer_of(student_tokenizer_dir(out)),
             opts.max_model_len,
             model_args=tuple(model_args),
-            executable=find_vllm(opts.vllm_bin),
+            executable=cls.find_executable(opts),
             **opts.common(),
         )
 
@@ -88,9 +88,13 @@ class VLLMEngine(ProxyEngine):
             str(folder),
             tokenizer_of(folder),
             opts.max_model_len,
-            executable=find_vllm(opts.vllm_bin),
+            executable=cls.find_executable(opts),
             **opts.common(),
         )
+
+    @classmethod
+    def find_executable(cls, opts) -> str:
+        return find_vllm(opts.vllm_bin)
 
     def command(self, port: int) -> list[str]:
         return [
