@@ -46,17 +46,7 @@ class TRTLLMEngine(VLLMEngine):
 
     @classmethod
     def for_student(cls, out: Path, name: str, opts) -> TRTLLMEngine:
-        from nvfp4.serve.adapters import tokenizer_of
-
-        folder = student_checkpoint(out)
-        return cls(
-            name,
-            str(folder),
-            tokenizer_of(folder),
-            opts.max_model_len,
-            executable=cls.find_executable(opts),
-            **opts.common(),
-        )
+        return cls.on_folder(student_checkpoint(out), name, opts)
 
     @classmethod
     def find_executable(cls, opts) -> str:

@@ -80,17 +80,16 @@ class VLLMEngine(ProxyEngine):
     @classmethod
     def for_teacher(cls, source: str | None, name: str, opts) -> VLLMEngine:
         from nvfp4.converter.models import resolve_model
+
+        return cls.on_folder(resolve_model(source), name, opts)
+
+    @classmethod
+    def on_folder(cls, folder: Path, name: str, opts) -> VLLMEngine:
+        """The engine on a Hugging Face folder that holds its own tokenizer."""
         from nvfp4.serve.adapters import tokenizer_of
 
-        folder = resolve_model(source)
-        return cls(
-            name,
-            str(folder),
-            tokenizer_of(folder),
-            opts.max_model_len,
-            executable=cls.find_executable(opts),
-            **opts.common(),
-        )
+        executable = cls.find_executable(opts)
+        return cls(name, str(folder), tokenizer_of(folder), opts.max_model_len, executable=executable, **opts.common())
 
     @classmethod
     def find_executable(cls, opts) -> str:
