@@ -357,17 +357,15 @@ class NativeEngine(Engine):
             return fn(*args)
         except Exception as error:
             log.exception("request %s failed", seq.request.request_id)
-            self._finish(
-                seq,
-                TokenEvent(
-                    None,
-                    "",
-                    finish_reason="error",
-                    num_generated=len(seq.generated),
-                    error=f"{type(error).__name__}: {error}",
-                ),
-            )
+            self._fail(seq, f"{type(error).__name__}: {error}")
             return _FAILED
+
+    def _fail(self, seq: _Sequence, error: str, status: int | None = None) -> None:
+        """End `seq` alone with an error (`status`: a client's mistake's HTTP status; None: the engine's failure)."""
+        event = TokenEvent(
+            None, "", finish_reason="error", num_generated=len(seq.generated), error=error, error_status=status
+        )
+        self._finish(seq, event)
 
     def _choose(self, choosing: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
         """Next tokens for every sequence at once: penalties on the rows that have them, then one batched sampler;
@@ -414,17 +412,7 @@ class NativeEngine(Engine):
         try:
             seq.guide.mask(logits[row])
         except GrammarStuck as error:  # the client's grammar, not a failure of the engine
-            self._finish(
-                seq,
-                TokenEvent(
-                    None,
-                    "",
-                    finish_reason="error",
-                    error=str(error),
-                    error_status=error.status,
-                    num_generated=len(seq.generated),
-                ),
-            )
+            self._fail(seq, str(error), error.status)
             return False
         return True
 
